@@ -1,0 +1,231 @@
+"""
+Masked distillation (MD) pretraining:
+
+    L = mean over masked patches of R( N(T(I)), D(S(M(I))) )
+
+T a frozen teacher, N whitening, S the student ViT (masked patches replaced by a mask
+token), D a decoder head, M the mask, R the loss. Defaults: the BEiT v2 base column of the
+paper's Table 1 (300 epochs, batch 2048, lr 1.5e-3, block masking of 75/196 patches).
+
+Embedded demo (2 CPU cores, no network, about 3 minutes):
+    python train_md.py config/md_embedded.py
+The paper's run on 8 GPUs (ImageNet in data/imagenet/{train,val}/class/*.JPEG):
+    torchrun --nproc_per_node=8 train_md.py --teacher=clip
+Resume a stopped run with the same command plus --resume=True.
+"""
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, load_resume, log,
+                    micro_batches, peak_flops, rng_state, save_checkpoint, set_rng_state)
+from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
+from data.masks import BEIT_RATIO, MaskGenerator
+from model import ViT, ViTConfig, make_decoder_head
+from teacher import CheckpointError, load_teacher, whiten
+
+# -----------------------------------------------------------------------------
+# defaults (override with a config file and/or --key=value)
+# I/O
+out_dir = "out/md"            # checkpoint ckpt.pt goes here
+data_dir = "data/imagenet"    # ImageFolder root with train/ and val/; 'embedded' = the generated demo set
+num_workers = 8               # DataLoader workers per process
+eval_interval = 2000          # iterations between evaluation + checkpoint (and at the end)
+eval_images = 10000           # val images for the MD eval loss (0 = all)
+log_interval = 20             # iterations between log lines
+resume = False                # continue from out_dir/ckpt.pt
+stop_iter = 0                 # stop (and save) after this iteration without changing the schedule; 0 = run to the end
+# teacher T and whitening N
+teacher = "clip"              # clip | dino | deit | embedded | path to a checkpoint
+teacher_path = ""             # local copy of the official teacher file (no download)
+teacher_layer = -1            # -1: last block after the final norm; k: raw output of block k
+teacher_bf16 = True           # teacher forward under bf16 autocast (it is frozen and runs without grad)
+whitening = "ln"              # ln (non-parametric LayerNorm per token, as FD) | none
+# student S, head D, loss R, mask M
+model = "B/16"                # size preset: Ti/16, S/16, B/16, L/16, tiny/4, nano/4
+img_size = 224                # input resolution (student and teacher)
+layer_scale = 0.1             # layer scale init (BEiT v2 base)
+drop_path = 0.0               # stochastic depth rate
+head = "linear"               # decoder head: linear | mlp
+loss = "smooth_l1"            # smooth_l1 | mse | cosine
+smooth_l1_beta = 2.0          # FD's beta
+mask = "block"                # block (BEiT) | random
+mask_ratio = BEIT_RATIO       # fraction of patches masked: 75/196
+# optimization (paper Table 1, BEiT v2 base column)
+epochs = 300                  # schedule length
+warmup_epochs = 10            # linear warmup
+total_batch_size = 2048       # images per optimizer step over all GPUs and accumulation steps
+micro_batch_size = 128        # images per GPU per forward
+lr = 1.5e-3                   # peak learning rate
+min_lr = 1e-5                 # end of the cosine
+weight_decay = 0.05           # AdamW; none on biases, norms, tokens, position tables
+beta1 = 0.98                  # AdamW betas as printed in Table 1
+beta2 = 0.999
+grad_clip = 3.0               # max global grad norm; 0 = off
+# augmentation
+min_crop_scale = 0.2          # RandomResizedCrop scale (0.2, 1)
+color_jitter = 0.4            # brightness/contrast/saturation strength
+flip = 0.5                    # horizontal flip probability
+# system
+seed = 0                      # model init, data order, augmentations, masks
+device = "auto"               # auto | cpu | cuda | cuda:1 ...
+dtype = "bfloat16"            # autocast dtype for the student: bfloat16 | float16 | float32
+compile = True                # torch.compile the student + head
+backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
+# -----------------------------------------------------------------------------
+config = apply_overrides(globals(), sys.argv[1:])
+
+
+class MaskedDistillation(nn.Module):
+    """Student + decoder head; forward returns the loss R on masked patches only."""
+
+    def __init__(self, student, head, loss, beta):
+        super().__init__()
+        self.student, self.head, self.loss, self.beta = student, head, loss, beta
+
+    def forward(self, images, masks, targets):
+        """images (B, 3, H, W), masks (B, N) bool, targets (B, N, D_t) whitened teacher tokens"""
+        pred = self.head(self.student.forward_features(images, masks)[:, 1:]).float()  # (B, N, D_t)
+        if self.loss == "smooth_l1":
+            per_token = F.smooth_l1_loss(pred, targets, beta=self.beta, reduction="none").mean(-1)
+        elif self.loss == "mse":
+            per_token = F.mse_loss(pred, targets, reduction="none").mean(-1)
+        else:  # cosine
+            per_token = 1 - F.cosine_similarity(pred, targets, dim=-1)
+        m = masks.float()
+        return (per_token * m).sum() / m.sum().clamp(min=1)  # mean over masked patches
+
+
+def main():
+    if loss not in ("smooth_l1", "mse", "cosine"):
+        raise SystemExit(f"error: unknown loss '{loss}': choose smooth_l1, mse or cosine")
+    ctx = Context(device, dtype, backend)
+    accum = accumulation_steps(total_batch_size, micro_batch_size, ctx.world_size)
+    torch.manual_seed(seed + ctx.rank)
+
+    # teacher and student must see the same patch grid: targets are per patch
+    try:
+        tch = load_teacher(teacher, teacher_path or None, teacher_layer, torch.bfloat16 if teacher_bf16 else None)
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: teacher: {e}")
+    tch.to(ctx.device)
+    cfg = ViTConfig.from_name(model, img_size=img_size, abs_pos=False, rel_pos="shared", qkv_bias="qv",
+                              layer_scale=layer_scale, drop_path=drop_path, mask_token=True)
+    if tch.vit.config.img_size != img_size or tch.vit.config.patch_size != cfg.patch_size:
+        raise SystemExit(f"error: teacher '{teacher}' takes {tch.vit.config.img_size} px / patch {tch.vit.config.patch_size}, "
+                         f"student {img_size} px / patch {cfg.patch_size}: the patch grids must match")
+
+    try:
+        root = resolve_data_dir(data_dir)
+        mask_fn = MaskGenerator(mask, cfg.grid, mask_ratio)
+        train_set = ImageFolder(os.path.join(root, "train"), TrainTransform(img_size, min_crop_scale, flip, color_jitter), mask_fn, seed)
+        val_set = ImageFolder(os.path.join(root, "val"), EvalTransform(img_size), mask_fn, seed + 1) if os.path.isdir(os.path.join(root, "val")) else None
+    except (DataError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    train_loader, train_sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed, num_workers)
+    iters_per_epoch = len(train_sampler) // micro_batch_size // accum
+    if iters_per_epoch == 0:
+        raise SystemExit(f"error: {len(train_set)} training images are fewer than one batch of {total_batch_size}: lower total_batch_size")
+    max_iters, warmup_iters = epochs * iters_per_epoch, warmup_epochs * iters_per_epoch
+    end_iter = min(stop_iter, max_iters) if stop_iter else max_iters
+
+    student = ViT(cfg).to(ctx.device)
+    head_module = make_decoder_head(head, cfg.embed_dim, tch.out_dim).to(ctx.device)
+    md = MaskedDistillation(student, head_module, loss, smooth_l1_beta)
+    optimizer = student.configure_optimizers(weight_decay, lr, (beta1, beta2),
+                                             extra=[("decoder." + n, p) for n, p in head_module.named_parameters()])
+    iter_num, best_val_loss = 0, float("inf")
+    if resume:
+        ckpt = load_resume(out_dir)
+        student.load_state_dict(ckpt["model"])
+        head_module.load_state_dict(ckpt["decoder"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        set_rng_state(ckpt["rng"])
+        log(ctx, f"resumed from {out_dir}/ckpt.pt at iteration {iter_num}")
+    train_model = torch.compile(md) if compile else md
+    if ctx.ddp:
+        train_model = DDP(train_model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
+
+    def targets_of(images):
+        return whiten(tch(images)[:, 1:], whitening)  # (B, N, D_t): drop CLS, whiten per token
+
+    @torch.no_grad()
+    def evaluate():
+        """mean MD loss over (a fixed subset of) the val split, all ranks together"""
+        md.eval()
+        loader, _ = make_loader(val_set, micro_batch_size, False, ctx.rank, ctx.world_size, seed, num_workers, eval_images)
+        total = torch.zeros(2, device=ctx.device)  # (sum of loss x images, images)
+        for images, _, masks, _ in loader:
+            if images is None:
+                continue
+            images, masks = images.to(ctx.device), masks.to(ctx.device)
+            with ctx.autocast():
+                total += torch.stack([md(images, masks, targets_of(images)) * len(images), torch.tensor(float(len(images)), device=ctx.device)])
+        ctx.all_reduce_sum(total)
+        md.train()
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def checkpoint():
+        save_checkpoint(dict(model=student.state_dict(), decoder=head_module.state_dict(), model_args=cfg.to_dict(),
+                             config=config, optimizer=optimizer.state_dict(), iter_num=iter_num,
+                             best_val_loss=best_val_loss, rng=rng_state()), os.path.join(out_dir, "ckpt.pt"))
+
+    log(ctx, f"MD: teacher {teacher} -> student {model} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params), "
+             f"{len(train_set)} train images, {iters_per_epoch} iters/epoch, {max_iters} iters, accumulation {accum}, {ctx.world_size} process(es) on {ctx.device}")
+    flops = (3 * student.flops_per_image() + tch.vit.flops_per_image())  # student fwd+bwd, teacher fwd
+    meter = Meter(flops, peak_flops(ctx.device))
+    batches = micro_batches(train_loader, train_sampler, iter_num, accum, iters_per_epoch)
+    skipped = 0
+    bar = tqdm(total=end_iter, initial=iter_num, disable=not ctx.master, desc="MD", dynamic_ncols=True)
+    md.train()
+    while iter_num < end_iter:
+        lr_now = cosine_lr(iter_num, max_iters, warmup_iters, lr, min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now * group["lr_scale"]
+        for micro in range(accum):
+            images, _, masks, n_skipped = next(batches)
+            skipped += n_skipped
+            if images is None:
+                continue
+            images, masks = images.to(ctx.device, non_blocking=True), masks.to(ctx.device, non_blocking=True)
+            targets = targets_of(images)
+            if ctx.ddp:
+                train_model.require_backward_grad_sync = micro == accum - 1
+            with ctx.autocast():
+                loss_value = train_model(images, masks, targets)
+            (loss_value / accum).backward()
+            meter.update(len(images) * ctx.world_size)
+            if not torch.isfinite(loss_value):
+                raise SystemExit(f"error: iteration {iter_num}: loss is {loss_value.item()}; stopping, the last good checkpoint is in {out_dir}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(md.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise SystemExit(f"error: iteration {iter_num}: gradient norm is {grad_norm.item()}; stopping, the last good checkpoint is in {out_dir}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value.item():.4f}")
+        if iter_num % log_interval == 0 and ctx.master:
+            bar.write(f"iter {iter_num}: loss {loss_value.item():.4f}, lr {lr_now:.2e}, {meter.read(log_interval)}"
+                      + (f", {skipped} unreadable images skipped" if skipped else ""))
+        if iter_num % eval_interval == 0 or iter_num == end_iter:
+            if val_set is not None:
+                val_loss = evaluate()
+                best_val_loss = min(best_val_loss, val_loss)
+                if ctx.master:
+                    bar.write(f"iter {iter_num}: val loss {val_loss:.4f}")
+            if ctx.master:
+                checkpoint()
+    bar.close()
+    log(ctx, f"done: {iter_num} iterations, checkpoint {os.path.join(out_dir, 'ckpt.pt')}")
+    ctx.close()
+
+
+if __name__ == "__main__":
+    main()
