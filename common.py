@@ -35,7 +35,7 @@ def apply_overrides(config, argv):
     """Update `config` (a script's globals) in place from config files (python files of
     assignments) and --key=value arguments, then return the settings as a plain dict. Keys must
     exist; values keep the default's type. Anything wrong exits with one line."""
-    keys = sorted(k for k, v in config.items() if not k.startswith("_") and isinstance(v, (bool, int, float, str)))
+    keys = sorted(k for k, v in config.items() if not k.startswith("_") and not k.isupper() and isinstance(v, (bool, int, float, str)))
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
@@ -138,6 +138,37 @@ def micro_batches(loader, sampler, start_iter, accum, iters_per_epoch):
                 break
             yield batch
         epoch, start = epoch + 1, 0
+
+
+def train_iteration(ctx, train_model, optimizer, batches, accum, lr_now, grad_clip, step_loss, iter_num, out_dir, meter):
+    """One optimizer step: lr = lr_now x each group's lr_scale; `accum` micro-batches with the
+    gradient all-reduce only on the last one under DDP; global grad-norm clip; AdamW step.
+    step_loss(images, labels, masks) -> scalar loss. A non-finite loss or gradient stops the
+    run with one line (the last checkpoint, written before, stays good).
+    Returns (loss of the last micro-batch, number of unreadable images skipped)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_now * group["lr_scale"]
+    loss, skipped = torch.zeros(()), 0
+    for micro in range(accum):
+        images, labels, masks, n_skipped = next(batches)
+        skipped += n_skipped
+        if images is None:
+            continue
+        if ctx.ddp:
+            train_model.require_backward_grad_sync = micro == accum - 1
+        to = dict(device=ctx.device, non_blocking=True)
+        loss = step_loss(images.to(**to), labels.to(**to), masks.to(**to) if masks is not None else None)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"error: iteration {iter_num}: loss is {loss.item()}; stopping, the last good checkpoint is in {out_dir}")
+        (loss / accum).backward()
+        meter.update(len(images) * ctx.world_size)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if not torch.isfinite(grad_norm):
+        raise SystemExit(f"error: iteration {iter_num}: gradient norm is {grad_norm.item()}; stopping, the last good checkpoint is in {out_dir}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), skipped
 
 
 # ----------------------------------------------------------------------------------------

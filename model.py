@@ -344,11 +344,87 @@ class ViT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
+# carrying pretrained weights to a fine-tuning configuration
+
+def resize_pos_embed(pos_embed, grid):
+    """(1, 1 + G*G, D) -> (1, 1 + grid*grid, D): bicubic over the patch grid, CLS kept."""
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    G, D = int(round(patches.shape[1] ** 0.5)), patches.shape[-1]
+    if G == grid:
+        return pos_embed
+    patches = patches.reshape(1, G, G, D).permute(0, 3, 1, 2).float()
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos_embed.dtype)], dim=1)
+
+
+def resize_rel_pos_table(table, grid):
+    """((2G-1)^2 + 3, heads) -> ((2g-1)^2 + 3, heads). The table is a (2G-1) x (2G-1) image of
+    biases per relative offset (dy, dx); it is resized bicubically to (2g-1) x (2g-1) (offset 0
+    stays at the center), and the 3 CLS rows are kept as they are."""
+    offsets, heads = table.shape[0] - 3, table.shape[1]
+    S, s = int(round(offsets ** 0.5)), 2 * grid - 1
+    if S == s:
+        return table
+    image = table[:offsets].T.reshape(1, heads, S, S).float()
+    image = F.interpolate(image, size=(s, s), mode="bicubic", align_corners=True)
+    return torch.cat([image.reshape(heads, s * s).T.to(table.dtype), table[offsets:]], dim=0)
+
+
+def adapt_state_dict(sd, cfg):
+    """Fit pretrained weights to `cfg` (a fine-tuning configuration): a shared relative position
+    table is copied into every layer when cfg wants per-layer tables (layers without one start
+    at zero, the model's init); position tables are resized to cfg's grid; the mask token and
+    anything cfg has no place for (mask token, old head) is dropped."""
+    sd = dict(sd)
+    shared = sd.pop("rel_pos_bias.relative_position_bias_table", None)
+    if shared is not None and cfg.rel_pos == "layer":
+        for i in range(cfg.depth):
+            sd[f"blocks.{i}.attn.rel_pos.relative_position_bias_table"] = shared.clone()
+    elif shared is not None and cfg.rel_pos == "shared":
+        sd["rel_pos_bias.relative_position_bias_table"] = shared
+    for k in list(sd):
+        if k == "pos_embed" and cfg.abs_pos:
+            sd[k] = resize_pos_embed(sd[k], cfg.grid)
+        elif k.endswith("relative_position_bias_table"):
+            sd[k] = resize_rel_pos_table(sd[k], cfg.grid)
+    if not cfg.mask_token:
+        sd.pop("mask_token", None)
+    return sd
+
+
+# ----------------------------------------------------------------------------------------
 # MD decoder heads D: student tokens (B, N, D_s) -> teacher feature space (B, N, D_t)
+
+DECODER_HEADS = ("linear", "mlp")
+MD_LOSSES = ("smooth_l1", "mse", "cosine")
+
 
 def make_decoder_head(kind, in_dim, out_dim):
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp":
         return nn.Sequential(nn.Linear(in_dim, in_dim * 4), nn.GELU(), nn.Linear(in_dim * 4, out_dim))
-    raise ValueError(f"unknown decoder head '{kind}': choose linear or mlp")
+    raise ValueError(f"unknown decoder head '{kind}': choose {', '.join(DECODER_HEADS)}")
+
+
+class MaskedDistillation(nn.Module):
+    """Student S + decoder head D; forward returns the loss R on masked patches only:
+    mean over masked patches of R(target, D(S(masked image))). R: smooth_l1 (beta), mse, cosine."""
+
+    def __init__(self, student, head, loss="smooth_l1", beta=2.0):
+        super().__init__()
+        if loss not in MD_LOSSES:
+            raise ValueError(f"unknown loss '{loss}': choose {', '.join(MD_LOSSES)}")
+        self.student, self.head, self.loss, self.beta = student, head, loss, beta
+
+    def forward(self, images, masks, targets):
+        """images (B, 3, H, W), masks (B, N) bool, targets (B, N, D_t) whitened teacher tokens"""
+        pred = self.head(self.student.forward_features(images, masks)[:, 1:]).float()  # (B, N, D_t)
+        if self.loss == "smooth_l1":
+            per_token = F.smooth_l1_loss(pred, targets, beta=self.beta, reduction="none").mean(-1)
+        elif self.loss == "mse":
+            per_token = F.mse_loss(pred, targets, reduction="none").mean(-1)
+        else:  # cosine
+            per_token = 1 - F.cosine_similarity(pred, targets, dim=-1)
+        m = masks.float()
+        return (per_token * m).sum() / m.sum().clamp(min=1)  # mean over masked patches

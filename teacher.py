@@ -82,8 +82,9 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"'{path}' holds more than plain tensors and was not loaded (weights_only): {first}") from None
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if "WeightsUnpickler error:" in str(e) else type(e).__name__
+        raise CheckpointError(f"'{path}' is not a plain-data checkpoint (objects or code, or not a checkpoint at all), "
+                              f"refused by torch.load(weights_only=True): {detail}") from None
     except Exception as e:
         raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
@@ -124,7 +125,7 @@ def convert_clip(sd):
     patch = sd["conv1.weight"].shape[-1]
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
     grid = int(round((sd["positional_embedding"].shape[0] - 1) ** 0.5))
-    cfg = ViTConfig(img_size=grid * patch, patch_size=patch, embed_dim=D, depth=depth, num_heads=D // 64,
+    cfg = ViTConfig(img_size=grid * patch, patch_size=patch, embed_dim=D, depth=depth, num_heads=max(1, D // 64),
                     patch_bias=False, act="quick_gelu", norm_eps=1e-5, pre_norm=True, global_pool="cls",
                     mean=CLIP_MEAN, std=CLIP_STD)
     renames = [("ln_1.", "norm1."), ("ln_2.", "norm2."), ("attn.in_proj_weight", "attn.qkv.weight"),
@@ -145,13 +146,14 @@ def convert_clip(sd):
 
 
 def convert_timm(sd):
-    """timm layout (DINO, DeiT, timm vit_*): the key names are already ours."""
+    """timm layout (DINO, DeiT, timm vit_*): the key names are already ours. Shapes do not tell
+    the number of heads: like CLIP's, it is taken as embed_dim / 64 (true for every official ViT)."""
     D = sd["cls_token"].shape[-1]
     patch = sd["patch_embed.proj.weight"].shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     grid = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
     num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
-    cfg = ViTConfig(img_size=grid * patch, patch_size=patch, embed_dim=D, depth=depth, num_heads=D // 64,
+    cfg = ViTConfig(img_size=grid * patch, patch_size=patch, embed_dim=D, depth=depth, num_heads=max(1, D // 64),
                     num_classes=num_classes, global_pool="cls",
                     mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D)
     return cfg, {k: v for k, v in sd.items() if not k.startswith(("head_dist", "dist_token"))}
@@ -234,17 +236,21 @@ class Teacher(nn.Module):
         """(B, 3, H, W) in [0, 1] -> (B, N+1, D)"""
         with torch.autocast(images.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             if self.layer == self.vit.config.depth:
-                return self.vit.forward_features(images)
-            x = self.vit.embed(images)
-            bias = self.vit.rel_pos_bias() if self.vit.rel_pos_bias is not None else None
-            for block in self.vit.blocks[:self.layer]:
-                x, _ = block(x, bias)
-            return x
+                x = self.vit.forward_features(images)
+            else:
+                x = self.vit.embed(images)
+                bias = self.vit.rel_pos_bias() if self.vit.rel_pos_bias is not None else None
+                for block in self.vit.blocks[:self.layer]:
+                    x, _ = block(x, bias)
+        return x.to(self.dtype) if self.dtype is not None else x
 
 
 def load_teacher(name_or_path, path=None, layer=-1, dtype=None, cache_dir=CACHE_DIR):
     vit, _ = load_model(name_or_path, path, cache_dir)
     return Teacher(vit, layer, dtype)
+
+
+WHITENINGS = ("ln", "none")
 
 
 def whiten(features, kind="ln", eps=1e-6):
@@ -254,4 +260,22 @@ def whiten(features, kind="ln", eps=1e-6):
         return F.layer_norm(features.float(), features.shape[-1:], eps=eps)
     if kind == "none":
         return features.float()
-    raise ValueError(f"unknown whitening '{kind}': choose ln or none")
+    raise ValueError(f"unknown whitening '{kind}': choose {', '.join(WHITENINGS)}")
+
+
+def export_weights(src, dst):
+    """A project checkpoint reduced to what a teacher needs (weights, model_args, config): no
+    optimizer or RNG state. This is how data/embedded_teacher.pt is made from a finetune.py run."""
+    obj = read_checkpoint(src)
+    if not (isinstance(obj, dict) and "model_args" in obj):
+        raise CheckpointError(f"'{src}' is not a project checkpoint")
+    torch.save({k: obj[k] for k in ("model", "model_args", "config", "classes") if k in obj}, dst)
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) != 4 or sys.argv[1] != "export":
+        raise SystemExit("usage: python teacher.py export SRC_CKPT DST_FILE")
+    export_weights(sys.argv[2], sys.argv[3])
+    print(f"wrote {sys.argv[3]}")
+

@@ -17,17 +17,15 @@ import os
 import sys
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, load_resume, log,
-                    micro_batches, peak_flops, rng_state, save_checkpoint, set_rng_state)
+                    micro_batches, peak_flops, rng_state, save_checkpoint, set_rng_state, train_iteration)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.masks import BEIT_RATIO, MaskGenerator
-from model import ViT, ViTConfig, make_decoder_head
-from teacher import CheckpointError, load_teacher, whiten
+from model import DECODER_HEADS, MD_LOSSES, MaskedDistillation, ViT, ViTConfig, make_decoder_head
+from teacher import WHITENINGS, CheckpointError, load_teacher, whiten
 
 # -----------------------------------------------------------------------------
 # defaults (override with a config file and/or --key=value)
@@ -81,52 +79,28 @@ backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 config = apply_overrides(globals(), sys.argv[1:])
 
 
-class MaskedDistillation(nn.Module):
-    """Student + decoder head; forward returns the loss R on masked patches only."""
-
-    def __init__(self, student, head, loss, beta):
-        super().__init__()
-        self.student, self.head, self.loss, self.beta = student, head, loss, beta
-
-    def forward(self, images, masks, targets):
-        """images (B, 3, H, W), masks (B, N) bool, targets (B, N, D_t) whitened teacher tokens"""
-        pred = self.head(self.student.forward_features(images, masks)[:, 1:]).float()  # (B, N, D_t)
-        if self.loss == "smooth_l1":
-            per_token = F.smooth_l1_loss(pred, targets, beta=self.beta, reduction="none").mean(-1)
-        elif self.loss == "mse":
-            per_token = F.mse_loss(pred, targets, reduction="none").mean(-1)
-        else:  # cosine
-            per_token = 1 - F.cosine_similarity(pred, targets, dim=-1)
-        m = masks.float()
-        return (per_token * m).sum() / m.sum().clamp(min=1)  # mean over masked patches
-
-
 def main():
-    if loss not in ("smooth_l1", "mse", "cosine"):
-        raise SystemExit(f"error: unknown loss '{loss}': choose smooth_l1, mse or cosine")
     ctx = Context(device, dtype, backend)
     accum = accumulation_steps(total_batch_size, micro_batch_size, ctx.world_size)
     torch.manual_seed(seed + ctx.rank)
 
-    # teacher and student must see the same patch grid: targets are per patch
+    # settings and data first (cheap); the teacher (maybe a download) after them
     try:
-        tch = load_teacher(teacher, teacher_path or None, teacher_layer, torch.bfloat16 if teacher_bf16 else None)
-    except (CheckpointError, ValueError) as e:
-        raise SystemExit(f"error: teacher: {e}")
-    tch.to(ctx.device)
-    cfg = ViTConfig.from_name(model, img_size=img_size, abs_pos=False, rel_pos="shared", qkv_bias="qv",
-                              layer_scale=layer_scale, drop_path=drop_path, mask_token=True)
-    if tch.vit.config.img_size != img_size or tch.vit.config.patch_size != cfg.patch_size:
-        raise SystemExit(f"error: teacher '{teacher}' takes {tch.vit.config.img_size} px / patch {tch.vit.config.patch_size}, "
-                         f"student {img_size} px / patch {cfg.patch_size}: the patch grids must match")
-
-    try:
+        cfg = ViTConfig.from_name(model, img_size=img_size, abs_pos=False, rel_pos="shared", qkv_bias="qv",
+                                  layer_scale=layer_scale, drop_path=drop_path, mask_token=True)
+        for name, value, choices in (("loss", loss, MD_LOSSES), ("head", head, DECODER_HEADS), ("whitening", whitening, WHITENINGS)):
+            if value not in choices:
+                raise ValueError(f"unknown {name} '{value}': choose {', '.join(choices)}")
         root = resolve_data_dir(data_dir)
         mask_fn = MaskGenerator(mask, cfg.grid, mask_ratio)
         train_set = ImageFolder(os.path.join(root, "train"), TrainTransform(img_size, min_crop_scale, flip, color_jitter), mask_fn, seed)
         val_set = ImageFolder(os.path.join(root, "val"), EvalTransform(img_size), mask_fn, seed + 1) if os.path.isdir(os.path.join(root, "val")) else None
-    except (DataError, ValueError) as e:
+        tch = load_teacher(teacher, teacher_path or None, teacher_layer, torch.bfloat16 if teacher_bf16 else None).to(ctx.device)
+    except (DataError, CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    if tch.vit.config.img_size != img_size or tch.vit.config.patch_size != cfg.patch_size:  # targets are per patch
+        raise SystemExit(f"error: teacher '{teacher}' takes {tch.vit.config.img_size} px / patch {tch.vit.config.patch_size}, "
+                         f"student {img_size} px / patch {cfg.patch_size}: the patch grids must match")
     train_loader, train_sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed, num_workers)
     iters_per_epoch = len(train_sampler) // micro_batch_size // accum
     if iters_per_epoch == 0:
@@ -184,35 +158,21 @@ def main():
     skipped = 0
     bar = tqdm(total=end_iter, initial=iter_num, disable=not ctx.master, desc="MD", dynamic_ncols=True)
     md.train()
+    def step_loss(images, labels, masks):
+        targets = targets_of(images)
+        with ctx.autocast():
+            return train_model(images, masks, targets)
+
     while iter_num < end_iter:
         lr_now = cosine_lr(iter_num, max_iters, warmup_iters, lr, min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now * group["lr_scale"]
-        for micro in range(accum):
-            images, _, masks, n_skipped = next(batches)
-            skipped += n_skipped
-            if images is None:
-                continue
-            images, masks = images.to(ctx.device, non_blocking=True), masks.to(ctx.device, non_blocking=True)
-            targets = targets_of(images)
-            if ctx.ddp:
-                train_model.require_backward_grad_sync = micro == accum - 1
-            with ctx.autocast():
-                loss_value = train_model(images, masks, targets)
-            (loss_value / accum).backward()
-            meter.update(len(images) * ctx.world_size)
-            if not torch.isfinite(loss_value):
-                raise SystemExit(f"error: iteration {iter_num}: loss is {loss_value.item()}; stopping, the last good checkpoint is in {out_dir}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(md.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise SystemExit(f"error: iteration {iter_num}: gradient norm is {grad_norm.item()}; stopping, the last good checkpoint is in {out_dir}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_value, n_skipped = train_iteration(ctx, train_model, optimizer, batches, accum, lr_now, grad_clip,
+                                                step_loss, iter_num, out_dir, meter)
+        skipped += n_skipped
         iter_num += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value.item():.4f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}")
         if iter_num % log_interval == 0 and ctx.master:
-            bar.write(f"iter {iter_num}: loss {loss_value.item():.4f}, lr {lr_now:.2e}, {meter.read(log_interval)}"
+            bar.write(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {meter.read(log_interval)}"
                       + (f", {skipped} unreadable images skipped" if skipped else ""))
         if iter_num % eval_interval == 0 or iter_num == end_iter:
             if val_set is not None:

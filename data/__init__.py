@@ -88,11 +88,13 @@ def color_jitter(img, rng, strength):
 
 
 class TrainTransform:
-    """RandomResizedCrop (bicubic) -> horizontal flip -> color jitter -> optional extra
-    augmentation (RandAugment for fine-tuning) -> tensor in [0, 1]."""
+    """RandomResizedCrop (bicubic) -> horizontal flip -> color jitter -> optional `extra`
+    (PIL, rng) -> PIL (RandAugment for fine-tuning) -> tensor in [0, 1] -> optional
+    `tensor_extra` (tensor, rng) -> tensor (random erasing)."""
 
-    def __init__(self, size, min_scale=0.08, flip=0.5, jitter=0.4, extra=None):
-        self.size, self.min_scale, self.flip, self.jitter, self.extra = size, min_scale, flip, jitter, extra
+    def __init__(self, size, min_scale=0.08, flip=0.5, jitter=0.4, extra=None, tensor_extra=None):
+        self.size, self.min_scale, self.flip, self.jitter = size, min_scale, flip, jitter
+        self.extra, self.tensor_extra = extra, tensor_extra
 
     def __call__(self, img, rng):
         box = random_resized_crop_box(*img.size, rng, scale=(self.min_scale, 1.0))
@@ -103,7 +105,8 @@ class TrainTransform:
             img = color_jitter(img, rng, self.jitter)
         if self.extra is not None:
             img = self.extra(img, rng)
-        return to_tensor(img)
+        image = to_tensor(img)
+        return self.tensor_extra(image, rng) if self.tensor_extra is not None else image
 
 
 class EvalTransform:

@@ -82,12 +82,12 @@ def draw(shape, tex, rng):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def generate(root, seed=0):
+def generate(root, seed=0, splits=SPLITS, per_pair=CUE_CONFLICT_PER_PAIR):
     """Write every split under root (atomically: a temp dir, then rename)."""
     tmp = root + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     rng = np.random.default_rng(seed)
-    for split, per_class in SPLITS.items():
+    for split, per_class in splits.items():
         for c, name in enumerate(CLASSES):
             os.makedirs(os.path.join(tmp, split, name))
             for k in range(per_class):
@@ -95,9 +95,9 @@ def generate(root, seed=0):
     for s, shape in enumerate(CLASSES):
         os.makedirs(os.path.join(tmp, "cue_conflict", shape))
         for t, tex_class in enumerate(CLASSES):
-            for k in range(CUE_CONFLICT_PER_PAIR):
+            for k in range(per_pair):
                 img = draw(shape, TEXTURES[t], rng)
-                Image.fromarray(img).save(os.path.join(tmp, "cue_conflict", shape, f"{shape}{t * CUE_CONFLICT_PER_PAIR + k:04d}_{tex_class}.png"))
+                Image.fromarray(img).save(os.path.join(tmp, "cue_conflict", shape, f"{shape}{t * per_pair + k:04d}_{tex_class}.png"))
     with open(os.path.join(tmp, "VERSION"), "w") as f:
         f.write(f"{VERSION} {seed}\n")
     shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,280 @@
+"""
+Supervised fine-tuning, frozen-block runs, linear probe and training from scratch, with the
+recipe of the paper's Table 1, column CLIP/ViT-B/16 (the "better baseline": CLIP fine-tuned
+directly at lr 5e-5 with layer decay 0.6 reaches 84.8% top-1 on ImageNet).
+
+    torchrun --nproc_per_node=8 finetune.py --init=clip                  # the better baseline
+    torchrun --nproc_per_node=8 finetune.py --init=out/md/ckpt.pt        # an MD checkpoint
+    python finetune.py config/ft_embedded.py --init=out/md_embedded/ckpt.pt   # CPU, minutes
+    python finetune.py config/embedded_teacher.py                          # makes the embedded teacher
+    python finetune.py --summarize=out/sweep                               # lr / frozen blocks -> top-1
+
+--freeze_blocks=k freezes the embedding and the first k blocks (k = depth: linear probe).
+"""
+import glob
+import json
+import os
+import sys
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, load_resume, log,
+                    micro_batches, peak_flops, rng_state, save_checkpoint, set_rng_state, train_iteration)
+from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
+from data.augment import RandAugment, RandomErasing, mixup_cutmix
+from model import ViT, ViTConfig, adapt_state_dict
+from teacher import CheckpointError, load_model
+
+# -----------------------------------------------------------------------------
+# defaults (override with a config file and/or --key=value)
+# I/O
+out_dir = "out/finetune"      # ckpt.pt and result.json go here
+data_dir = "data/imagenet"    # ImageFolder root with train/ and val/; 'embedded' = the generated demo set
+num_workers = 8               # DataLoader workers per process
+eval_interval = 0             # iterations between evaluations + checkpoints; 0 = once per epoch
+log_interval = 20             # iterations between log lines
+resume = False                # continue from out_dir/ckpt.pt
+stop_iter = 0                 # stop (and save) after this iteration without changing the schedule; 0 = run to the end
+summarize = ""                # a directory of runs: print (and plot) lr / freeze_blocks -> top-1, then exit
+# model
+init = "clip"                 # clip | dino | deit | embedded | checkpoint path | scratch
+init_path = ""                # local copy of the official file for clip/dino/deit
+model = "B/16"                # size preset, for init=scratch only
+img_size = 224                # fine-tuning resolution; position tables are resized to it
+rel_pos = True                # add per-layer relative position bias (zero init, or copied from a shared table)
+layer_scale = 0.1             # for init=scratch only
+drop_path = 0.0               # stochastic depth rate
+keep_head = False             # reuse the checkpoint's classifier (its class count must match the data)
+freeze_patch_embed = True     # frozen patch projection (ignored for init=scratch)
+freeze_blocks = 0             # freeze the embedding and the first k blocks; k = depth is a linear probe
+# optimization (paper Table 1, CLIP/ViT-B/16 column)
+epochs = 50                   # schedule length
+warmup_epochs = 10            # linear warmup
+total_batch_size = 1024       # images per optimizer step over all GPUs and accumulation steps
+micro_batch_size = 128        # images per GPU per forward
+lr = 5e-5                     # peak learning rate (the lowered lr of the better baseline)
+min_lr = 1e-7                 # end of the cosine
+layer_decay = 0.6             # layer-wise lr decay: scale decay ** (depth + 1 - layer id); 1.0 = off
+weight_decay = 0.05           # AdamW; none on biases, norms, tokens, position tables
+beta1 = 0.9                   # AdamW betas
+beta2 = 0.95
+grad_clip = 0.0               # max global grad norm; 0 = off
+label_smoothing = 0.1         # target = (1 - e) one-hot + e / classes
+# augmentation
+min_crop_scale = 0.08         # RandomResizedCrop scale (0.08, 1)
+color_jitter = 0.4            # used only without RandAugment (timm disables jitter when RandAugment is on)
+randaug = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; "" = off
+reprob = 0.25                 # random erasing probability (mode pixel, count 1)
+recount = 1                   # random erasing rectangles
+mixup = 0.0                   # mixup alpha; 0 = off
+cutmix = 0.0                  # cutmix alpha; 0 = off
+crop_pct = 0.875              # eval: resize to img_size / crop_pct, center crop
+# system
+seed = 0                      # init, data order, augmentations
+device = "auto"               # auto | cpu | cuda | cuda:1 ...
+dtype = "bfloat16"            # autocast dtype: bfloat16 | float16 | float32
+compile = True                # torch.compile the model
+backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
+# -----------------------------------------------------------------------------
+config = apply_overrides(globals(), sys.argv[1:])
+
+
+def build_model(num_classes):
+    """The ViT to fine-tune and a note on where its weights came from."""
+    if init == "scratch":
+        cfg = ViTConfig.from_name(model, img_size=img_size, abs_pos=False, rel_pos="layer", qkv_bias="qv",
+                                  layer_scale=layer_scale, drop_path=drop_path, num_classes=num_classes, global_pool="mean")
+        return ViT(cfg), "random init"
+    source, _ = load_model(init, init_path or None)
+    src_cfg = source.config
+    if keep_head and src_cfg.num_classes != num_classes:
+        raise CheckpointError(f"'{init}' has a head for {src_cfg.num_classes} classes but the data has {num_classes}: "
+                              f"drop --keep_head to start a new head")
+    cfg = replace(src_cfg, img_size=img_size, drop_path=drop_path, num_classes=num_classes, mask_token=False,
+                  global_pool=src_cfg.global_pool if keep_head else "mean",
+                  rel_pos="layer" if rel_pos else src_cfg.rel_pos)
+    sd = adapt_state_dict(source.state_dict(), cfg)
+    if not keep_head:
+        sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
+    vit = ViT(cfg)
+    missing, unexpected = vit.load_state_dict(sd, strict=False)
+    fresh = [k for k in missing if not k.startswith(("head.", "fc_norm.")) and "attn.rel_pos." not in k]
+    if fresh or unexpected:
+        raise CheckpointError(f"'{init}' does not fit the fine-tuning model: missing {fresh[:4]}, unexpected {unexpected[:4]}")
+    if not keep_head:  # BEiT: a near-zero new head, so the first steps do not disturb the features
+        vit.head.weight.data.mul_(0.001)
+    for name, p in vit.named_parameters():  # per-layer tables the checkpoint lacked start at zero
+        if "attn.rel_pos." in name and name in missing:
+            p.data.zero_()
+    return vit, f"from {init}"
+
+
+def freeze(vit):
+    """Freeze the patch projection and/or the embedding plus the first freeze_blocks blocks."""
+    depth = vit.config.depth
+    if not 0 <= freeze_blocks <= depth:
+        raise SystemExit(f"error: freeze_blocks={freeze_blocks} must be in 0..{depth} ({depth} = linear probe)")
+    if freeze_patch_embed and init != "scratch":
+        vit.patch_embed.requires_grad_(False)
+    if freeze_blocks > 0:
+        for name, p in vit.named_parameters():
+            if vit.layer_id(name) <= freeze_blocks or (freeze_blocks == depth and name.startswith("norm.")):
+                p.requires_grad_(False)
+
+
+def soft_targets(labels, num_classes):
+    """one-hot with label smoothing: (1 - e) at the label + e / classes everywhere"""
+    return F.one_hot(labels, num_classes).float() * (1 - label_smoothing) + label_smoothing / num_classes
+
+
+def print_summary(root):
+    """lr and freeze_blocks -> top-1 of every run under root (each run's result.json)."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(root, "**", "result.json"), recursive=True)):
+        r = json.load(open(path))
+        runs.append((r["config"]["init"], r["config"]["freeze_blocks"], r["config"]["lr"], r["top1"], r["top5"], os.path.dirname(path)))
+    if not runs:
+        raise SystemExit(f"error: no result.json found under '{root}'")
+    print(f"{'init':<28} {'frozen':>6} {'lr':>9} {'top-1':>7} {'top-5':>7}  run")
+    for init_, frozen, lr_, top1, top5, run in sorted(runs):
+        print(f"{init_[-28:]:<28} {frozen:>6} {lr_:>9.2e} {top1:>7.2f} {top5:>7.2f}  {run}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib for the figure)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for init_ in sorted({r[0] for r in runs}):
+        by_lr = sorted((r[2], r[3]) for r in runs if r[0] == init_ and r[1] == 0)
+        by_frozen = sorted((r[1], r[3]) for r in runs if r[0] == init_)
+        if by_lr:
+            axes[0].plot(*zip(*by_lr), marker="o", label=os.path.basename(init_))
+        if len({f for f, _ in by_frozen}) > 1:
+            axes[1].plot(*zip(*by_frozen), marker="o", label=os.path.basename(init_))
+    axes[0].set(xscale="log", xlabel="learning rate", ylabel="top-1 (%)", title="top-1 vs learning rate (Fig. 8b)")
+    axes[1].set(xlabel="frozen blocks (depth = linear probe)", ylabel="top-1 (%)", title="top-1 vs frozen blocks (Fig. 8c)")
+    for ax in axes:
+        ax.legend() if ax.lines else None
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "summary.png"), dpi=120)
+    print(f"figure: {os.path.join(root, 'summary.png')}")
+
+
+def main():
+    if summarize:
+        return print_summary(summarize)
+    ctx = Context(device, dtype, backend)
+    accum = accumulation_steps(total_batch_size, micro_batch_size, ctx.world_size)
+    torch.manual_seed(seed)  # same init on every rank
+
+    try:
+        root = resolve_data_dir(data_dir)
+        augment = RandAugment(randaug) if randaug else None
+        train_set = ImageFolder(os.path.join(root, "train"), None, None, seed)
+        val_set = ImageFolder(os.path.join(root, "val"), EvalTransform(img_size, crop_pct), None, seed)
+        if val_set.classes != train_set.classes:
+            raise DataError(f"train/ and val/ under '{root}' have different classes")
+        vit, origin = build_model(len(train_set.classes))
+    except (DataError, CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    erase = RandomErasing(reprob, vit.config.mean, vit.config.std, recount) if reprob > 0 else None
+    train_set.transform = TrainTransform(img_size, min_crop_scale, 0.5, 0.0 if augment else color_jitter, augment, erase)
+    num_classes = len(train_set.classes)
+    freeze(vit)
+    vit.to(ctx.device)
+    optimizer = vit.configure_optimizers(weight_decay, lr, (beta1, beta2), layer_decay if layer_decay < 1 else None)
+
+    train_loader, train_sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed, num_workers)
+    iters_per_epoch = len(train_sampler) // micro_batch_size // accum
+    if iters_per_epoch == 0:
+        raise SystemExit(f"error: {len(train_set)} training images are fewer than one batch of {total_batch_size}: lower total_batch_size")
+    max_iters, warmup_iters = epochs * iters_per_epoch, warmup_epochs * iters_per_epoch
+    end_iter = min(stop_iter, max_iters) if stop_iter else max_iters
+    every = eval_interval or iters_per_epoch
+
+    iter_num, best_top1 = 0, 0.0
+    if resume:
+        ckpt = load_resume(out_dir)
+        vit.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iter_num, best_top1 = ckpt["iter_num"], ckpt["best_top1"]
+        set_rng_state(ckpt["rng"])
+        log(ctx, f"resumed from {out_dir}/ckpt.pt at iteration {iter_num}")
+    train_model = torch.compile(vit) if compile else vit
+    if ctx.ddp:
+        train_model = DDP(train_model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
+    mix_generator = torch.Generator().manual_seed(seed * 7919 + ctx.rank)
+
+    @torch.no_grad()
+    def evaluate():
+        """top-1 / top-5 (%) over the whole val split; each image counted once over all ranks"""
+        vit.eval()
+        loader, _ = make_loader(val_set, micro_batch_size, False, ctx.rank, ctx.world_size, seed, num_workers)
+        counts = torch.zeros(3, device=ctx.device)  # top-1 hits, top-5 hits, images
+        for images, labels, _, _ in loader:
+            if images is None:
+                continue
+            images, labels = images.to(ctx.device), labels.to(ctx.device)
+            with ctx.autocast():
+                logits = vit(images)
+            top = logits.topk(min(5, num_classes), dim=-1).indices  # (B, k)
+            hits = top == labels[:, None]
+            counts += torch.tensor([hits[:, 0].sum().item(), hits.any(-1).sum().item(), len(labels)], device=ctx.device)
+        ctx.all_reduce_sum(counts)
+        vit.train()
+        return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
+
+    def step_loss(images, labels, masks):
+        targets = soft_targets(labels, num_classes)
+        if mixup > 0 or cutmix > 0:
+            images, targets = mixup_cutmix(images, targets, mixup, cutmix, mix_generator)
+        with ctx.autocast():
+            logits = train_model(images)
+        return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+    trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
+    log(ctx, f"fine-tune {origin}: {vit.config.embed_dim}-d x {vit.config.depth} blocks, {trainable / 1e6:.2f}M trainable params, "
+             f"{num_classes} classes, {len(train_set)} train / {len(val_set)} val images, {iters_per_epoch} iters/epoch, "
+             f"{max_iters} iters, accumulation {accum}, {ctx.world_size} process(es) on {ctx.device}")
+    meter = Meter(3 * vit.flops_per_image(), peak_flops(ctx.device))
+    batches = micro_batches(train_loader, train_sampler, iter_num, accum, iters_per_epoch)
+    skipped, top1, top5 = 0, 0.0, 0.0
+    bar = tqdm(total=end_iter, initial=iter_num, disable=not ctx.master, desc="fine-tune", dynamic_ncols=True)
+    vit.train()
+    while iter_num < end_iter:
+        lr_now = cosine_lr(iter_num, max_iters, warmup_iters, lr, min_lr)
+        loss_value, n_skipped = train_iteration(ctx, train_model, optimizer, batches, accum, lr_now, grad_clip,
+                                                step_loss, iter_num, out_dir, meter)
+        skipped += n_skipped
+        iter_num += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if iter_num % log_interval == 0 and ctx.master:
+            bar.write(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {meter.read(log_interval)}"
+                      + (f", {skipped} unreadable images skipped" if skipped else ""))
+        if iter_num % every == 0 or iter_num == end_iter:
+            top1, top5 = evaluate()
+            best_top1 = max(best_top1, top1)
+            if ctx.master:
+                bar.write(f"iter {iter_num} (epoch {iter_num / iters_per_epoch:.1f}): val top-1 {top1:.2f}%, top-5 {top5:.2f}%")
+                save_checkpoint(dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config=config,
+                                     optimizer=optimizer.state_dict(), iter_num=iter_num, best_top1=best_top1,
+                                     rng=rng_state(), classes=train_set.classes), os.path.join(out_dir, "ckpt.pt"))
+    bar.close()
+    if ctx.master:
+        result = dict(top1=top1, top5=top5, best_top1=best_top1, iter_num=iter_num, config=config)
+        with open(os.path.join(out_dir, "result.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        log(ctx, f"done: top-1 {top1:.2f}%, top-5 {top5:.2f}% ({os.path.join(out_dir, 'result.json')})")
+    ctx.close()
+
+
+if __name__ == "__main__":
+    main()

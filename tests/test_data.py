@@ -1,0 +1,173 @@
+"""data/: masks, transforms, decoding of awkward files, sampling, the embedded dataset."""
+import io
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import (DataError, EpochSampler, EvalTransform, ImageFolder, TrainTransform, collate, load_image,
+                  random_resized_crop_box, resolve_data_dir)
+from data.embedded import CLASSES, generate
+from data.masks import BEIT_RATIO, MaskGenerator, block_mask, random_mask
+
+
+def masked_neighbours(mask):
+    """mean number of masked 4-neighbours of a masked patch"""
+    m = mask.astype(int)
+    n = np.zeros_like(m)
+    n[1:] += m[:-1]; n[:-1] += m[1:]; n[:, 1:] += m[:, :-1]; n[:, :-1] += m[:, 1:]
+    return (n * m).sum() / m.sum()
+
+
+def test_block_mask_count_and_blockiness():
+    rng = np.random.default_rng(0)
+    block = [block_mask(14, 14, BEIT_RATIO, rng) for _ in range(200)]
+    rand = [random_mask(14, 14, BEIT_RATIO, rng) for _ in range(200)]
+    assert all(m.shape == (14, 14) and m.dtype == bool and m.sum() == 75 for m in block + rand)
+    # 75 random patches of 196: a masked patch has about 4 * 74/195 ~ 1.4 masked neighbours (less at the border);
+    # BEiT blocks of >= 16 patches give far more
+    assert np.mean([masked_neighbours(m) for m in rand]) < 1.6
+    assert np.mean([masked_neighbours(m) for m in block]) > 2.5
+    small = [block_mask(8, 8, BEIT_RATIO, rng) for _ in range(50)]
+    assert all(m.sum() == round(BEIT_RATIO * 64) for m in small)
+
+
+def test_random_mask_is_uniform():
+    rng = np.random.default_rng(1)
+    freq = np.mean([random_mask(8, 8, 0.25, rng) for _ in range(4000)], axis=0)
+    assert np.abs(freq - 0.25).max() < 0.04  # 4000 draws: std of a frequency ~ 0.007
+
+
+def test_mask_generator_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"mask ratio 1.5 must be in \(0, 1\)"):
+        MaskGenerator("block", 14, 1.5)
+    with pytest.raises(ValueError, match="unknown mask kind"):
+        MaskGenerator("blocks", 14, 0.4)
+
+
+def test_random_resized_crop_box_within_scale_and_ratio():
+    rng = np.random.default_rng(2)
+    for _ in range(500):
+        l, t, r, b = random_resized_crop_box(200, 100, rng, scale=(0.2, 1.0))
+        w, h = r - l, b - t
+        assert 0 <= l and 0 <= t and r <= 200 and b <= 100
+        if (w, h) != (133, 100) and (w, h) != (200, 100):  # not the fallback center crop
+            assert 0.2 * 20000 * 0.9 <= w * h <= 20000 * 1.05
+            assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
+
+
+def test_transforms_give_floats_in_unit_range():
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    x = TrainTransform(32, 0.2)(img, np.random.default_rng(0))
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    y = EvalTransform(32)(img)
+    assert y.shape == (3, 32, 32)
+    same = Image.fromarray(np.full((32, 32, 3), 51, dtype=np.uint8))
+    assert torch.allclose(EvalTransform(32)(same), torch.full((3, 32, 32), 0.2))  # 51 / 255
+
+
+def test_same_seed_same_sample_regardless_of_order():
+    tf = TrainTransform(32, 0.2)
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    a = tf(img, np.random.default_rng([0, 1, 5]))
+    tf(img, np.random.default_rng([0, 1, 6]))
+    assert torch.equal(a, tf(img, np.random.default_rng([0, 1, 5])))
+
+
+def save(img, path, **kw):
+    img.save(path, **kw)
+    return str(path)
+
+
+def test_awkward_images_decode(tmp_path):
+    gray = save(Image.fromarray(np.full((8, 8), 100, dtype=np.uint8), "L"), tmp_path / "g.png")
+    assert np.asarray(load_image(gray)).tolist() == np.full((8, 8, 3), 100).tolist()
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 0] = 255
+    rgba[:4, ..., 3] = 255  # top half opaque red, bottom half transparent
+    out = np.asarray(load_image(save(Image.fromarray(rgba, "RGBA"), tmp_path / "a.png")))
+    assert out[0, 0].tolist() == [255, 0, 0] and out[7, 7].tolist() == [255, 255, 255]  # composited on white
+    cmyk = save(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), tmp_path / "c.jpg")
+    r, g, b = np.asarray(load_image(cmyk)).reshape(-1, 3).mean(0)
+    assert r > 200 and g < 60 and b < 60
+    deep = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
+    assert np.asarray(load_image(save(deep, tmp_path / "d.png"))).min() == 255  # scaled, not clipped to 255 by accident
+    half = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))
+    assert abs(int(np.asarray(load_image(save(half, tmp_path / "h.png")))[0, 0, 0]) - 128) <= 1
+    pal = Image.new("P", (8, 8), 3)
+    pal.putpalette([0, 0, 0] * 3 + [10, 20, 30] + [0, 0, 0] * 252)
+    assert np.asarray(load_image(save(pal, tmp_path / "p.png")))[0, 0].tolist() == [10, 20, 30]
+
+
+def test_huge_jpeg_decodes_reduced(tmp_path):
+    big = Image.new("RGB", (6000, 4000), (10, 200, 30))
+    path = save(big, tmp_path / "big.jpg", quality=50)
+    img = load_image(path)
+    # JPEG draft mode: the strongest 1/2, 1/4, 1/8 reduction that keeps both sides >= 1024
+    assert img.size == (3000, 2000)
+    assert EvalTransform(224)(img).shape == (3, 224, 224)
+
+
+def test_corrupt_files_are_skipped_with_their_path(tmp_path, capsys):
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    save(Image.new("RGB", (16, 16), (1, 2, 3)), root / "a" / "good.png")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (5, 5, 5)).save(buf, "JPEG")
+    (root / "a" / "truncated.jpg").write_bytes(buf.getvalue()[:200])
+    (root / "a" / "empty.jpg").write_bytes(b"")
+    (root / "a" / "text.png").write_text("not an image")
+    ds = ImageFolder(str(root), EvalTransform(16))
+    items = [ds[(i, 0)] for i in range(len(ds))]
+    assert sum(item is None for item in items) == 3
+    err = capsys.readouterr().err
+    for name in ("truncated.jpg", "empty.jpg", "text.png"):
+        assert f"skipping unreadable image {root / 'a' / name}" in err
+    images, labels, masks, skipped = collate(items)
+    assert images.shape == (1, 3, 16, 16) and skipped == 3 and masks is None
+
+
+def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        ImageFolder(str(tmp_path / "missing"), EvalTransform(8))
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images found under"):
+        ImageFolder(str(tmp_path / "empty"), EvalTransform(8))
+    with pytest.raises(DataError, match="data directory"):
+        resolve_data_dir(str(tmp_path / "nowhere"))
+
+
+def test_sampler_shards_cover_each_sample_once():
+    train = [EpochSampler(103, r, 4, shuffle=True, seed=5) for r in range(4)]
+    for s in train:
+        s.set_epoch(2)
+    seen = [i for s in train for i, e in s]
+    assert len(seen) == 100 and len(set(seen)) == 100  # cut to a multiple of the world size, no repeats
+    evals = [EpochSampler(103, r, 4, shuffle=False, drop_last=False) for r in range(4)]
+    assert sorted(i for s in evals for i, _ in s) == list(range(103))  # every val image exactly once
+    full = EpochSampler(50, shuffle=True, seed=1)
+    full.set_epoch(3)
+    order = [i for i, _ in full]
+    full.set_epoch(3, start=20)
+    assert [i for i, _ in full] == order[20:]
+    full.set_epoch(4)
+    assert [i for i, _ in full] != order
+
+
+def test_embedded_dataset_is_deterministic_and_laid_out(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    generate(a, seed=7, splits={"train": 2, "val": 1}, per_pair=1)
+    generate(b, seed=7, splits={"train": 2, "val": 1}, per_pair=1)
+    for split in ("train", "val", "cue_conflict"):
+        assert sorted(os.listdir(os.path.join(a, split))) == sorted(CLASSES)
+    files = sorted(os.path.relpath(os.path.join(d, f), a) for d, _, fs in os.walk(a) for f in fs)
+    assert files == sorted(os.path.relpath(os.path.join(d, f), b) for d, _, fs in os.walk(b) for f in fs)
+    for f in files:
+        assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read()
+    cue = sorted(os.listdir(os.path.join(a, "cue_conflict", "star")))
+    assert len(cue) == len(CLASSES)  # every texture once (per_pair=1), the agreeing pair included
+    assert {name.split("_")[1][:-4] for name in cue} == set(CLASSES)
+    assert all(name.startswith("star") for name in cue)

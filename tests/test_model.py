@@ -1,0 +1,200 @@
+"""model.py against independent definitions: explicit math, closed forms, BEiT's layer ids."""
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import ViT, ViTConfig, QuickGELU, resize_pos_embed, resize_rel_pos_table, adapt_state_dict
+
+
+def beit_student(name="nano/4", **kw):
+    return ViTConfig.from_name(name, abs_pos=False, rel_pos="shared", qkv_bias="qv", layer_scale=0.1, mask_token=True, **kw)
+
+
+def randomize(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("cfg", [beit_student(), ViTConfig.from_name("nano/4", rel_pos="layer", act="quick_gelu", pre_norm=True),
+                                 ViTConfig.from_name("nano/4")])
+def test_fused_and_explicit_attention_agree(cfg):
+    model = randomize(ViT(cfg)).eval()
+    x = torch.rand(3, 3, 32, 32)
+    fused = model.forward_features(x)
+    out = model.forward_all(x)
+    assert torch.allclose(fused, out["features"], atol=1e-5)
+    assert len(out["hidden"]) == cfg.depth + 1 and len(out["attn"]) == cfg.depth
+    assert out["attn"][0].shape == (3, cfg.num_heads, 65, 65)
+    assert torch.allclose(out["attn"][0].sum(-1), torch.ones(3, cfg.num_heads, 65), atol=1e-5)
+
+
+def test_explicit_attention_matches_textbook_formula():
+    """softmax(q k^T / sqrt(d) + bias) v per head, computed with plain loops."""
+    cfg = ViTConfig.from_name("nano/4", rel_pos="layer", qkv_bias="qv")
+    attn = randomize(ViT(cfg)).blocks[0].attn
+    x = torch.randn(2, 65, cfg.embed_dim)
+    y, maps = attn(x, return_attn=True)
+    D, H = cfg.embed_dim, cfg.num_heads
+    hs = D // H
+    W = attn.qkv.weight
+    bias = torch.cat([attn.q_bias, torch.zeros(D), attn.v_bias])
+    qkv = x @ W.T + bias
+    table = attn.rel_pos.relative_position_bias_table
+    grid = cfg.grid
+    out = torch.zeros(2, 65, D)
+    for h in range(H):
+        q = qkv[..., h * hs:(h + 1) * hs]
+        k = qkv[..., D + h * hs:D + (h + 1) * hs]
+        v = qkv[..., 2 * D + h * hs:2 * D + (h + 1) * hs]
+        rel = torch.zeros(65, 65)
+        for i in range(65):
+            for j in range(65):
+                if i == 0 and j == 0:
+                    row = (2 * grid - 1) ** 2 + 2
+                elif i == 0:
+                    row = (2 * grid - 1) ** 2
+                elif j == 0:
+                    row = (2 * grid - 1) ** 2 + 1
+                else:
+                    (yi, xi), (yj, xj) = divmod(i - 1, grid), divmod(j - 1, grid)
+                    row = (yi - yj + grid - 1) * (2 * grid - 1) + (xi - xj + grid - 1)
+                rel[i, j] = table[row, h]
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hs) + rel, dim=-1)
+        assert torch.allclose(maps[:, h], a, atol=1e-5)
+        out[..., h * hs:(h + 1) * hs] = a @ v
+    assert torch.allclose(y, attn.proj(out), atol=1e-5)
+
+
+def test_masked_positions_get_the_mask_token():
+    cfg = ViTConfig.from_name("nano/4", mask_token=True)  # absolute positions on
+    model = randomize(ViT(cfg))
+    x = torch.rand(2, 3, 32, 32)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[0, [0, 5, 63]] = True
+    mask[1, 10:20] = True
+    tokens = model.embed(x, mask)  # (B, 65, D)
+    # patch embedding written out: normalize, cut 4x4 patches, one matmul
+    xn = (x - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.std).view(1, 3, 1, 1)
+    patches = F.unfold(xn, kernel_size=4, stride=4).transpose(1, 2)  # (B, 64, 48)
+    emb = patches @ model.patch_embed.proj.weight.reshape(cfg.embed_dim, -1).T + model.patch_embed.proj.bias
+    pos = model.pos_embed[0]
+    for b in range(2):
+        for n in range(64):
+            expected = (model.mask_token[0, 0] if mask[b, n] else emb[b, n]) + pos[n + 1]
+            assert torch.allclose(tokens[b, n + 1], expected, atol=1e-5)
+        assert torch.allclose(tokens[b, 0], model.cls_token[0, 0] + pos[0], atol=1e-6)
+
+
+def test_quick_gelu_closed_form():
+    x = torch.linspace(-5, 5, 101)
+    assert torch.allclose(QuickGELU()(x), x / (1 + torch.exp(-1.702 * x)), atol=1e-6)
+
+
+def test_relative_position_table_size_and_sharing():
+    cfg = beit_student()
+    model = ViT(cfg)
+    assert model.rel_pos_bias.relative_position_bias_table.shape == ((2 * 8 - 1) ** 2 + 3, cfg.num_heads)
+    assert all(b.attn.rel_pos is None for b in model.blocks)
+    per_layer = ViT(ViTConfig.from_name("nano/4", rel_pos="layer"))
+    assert per_layer.rel_pos_bias is None and all(b.attn.rel_pos is not None for b in per_layer.blocks)
+
+
+def expected_beit_layer_id(name, depth):
+    """BEiT optim_factory.get_num_layer_for_vit, written from its description."""
+    if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    m = re.match(r"blocks\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) + 1
+    return depth + 1
+
+
+def test_layer_decay_groups_match_beit_for_vit_b():
+    cfg = ViTConfig.from_name("B/16", abs_pos=False, rel_pos="layer", qkv_bias="qv", layer_scale=0.1, num_classes=1000)
+    model = ViT(cfg)
+    groups = model.param_groups(0.05, layer_decay=0.6)
+    seen = set()
+    for g in groups:
+        for name in g["names"]:
+            lid = expected_beit_layer_id(name, 12)
+            assert g["lr_scale"] == pytest.approx(0.6 ** (13 - lid)), name
+            p = dict(model.named_parameters())[name]
+            no_decay = p.ndim == 1 or name in ("cls_token", "pos_embed") or "relative_position_bias_table" in name
+            assert g["weight_decay"] == (0.0 if no_decay else 0.05), name
+            seen.add(name)
+    assert seen == {n for n, _ in model.named_parameters()}
+    # patch (w, b) and cls; 16 tensors per block; final norm, fc_norm and head (w, b each)
+    assert len(seen) == 3 + 12 * 16 + 6
+    # spot checks on the closed form
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert scale["patch_embed.proj.weight"] == pytest.approx(0.6 ** 13)
+    assert scale["blocks.11.mlp.fc2.weight"] == pytest.approx(0.6)
+    assert scale["head.weight"] == 1.0
+
+
+def test_flops_estimate_matches_counted_matmuls():
+    cfg = ViTConfig.from_name("S/16")
+    model = ViT(cfg).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.forward_all(torch.rand(1, 3, 224, 224))  # explicit attention: the matmuls are visible
+    counted = counter.get_total_flops()
+    assert model.flops_per_image() == pytest.approx(counted, rel=0.01)
+
+
+def test_drop_path_is_identity_in_eval_and_unbiased_in_train():
+    cfg = ViTConfig.from_name("nano/4", drop_path=0.5)
+    block = ViT(cfg).blocks[-1]
+    assert block.drop_path.p == 0.5
+    x = torch.ones(20000, 1, 1)
+    torch.manual_seed(0)
+    block.drop_path.train()
+    y = block.drop_path(x)
+    assert set(y.unique().tolist()) == {0.0, 2.0}
+    assert y.mean().item() == pytest.approx(1.0, abs=0.03)
+    block.drop_path.eval()
+    assert torch.equal(block.drop_path(x), x)
+
+
+def test_resize_pos_embed_keeps_constants_and_cls():
+    """interpolation weights sum to one: a constant grid stays that constant; CLS is untouched"""
+    pe = torch.cat([torch.full((1, 1, 3), 7.0), torch.full((1, 16, 3), -1.5)], dim=1)  # 4 x 4 grid
+    out = resize_pos_embed(pe, 7)
+    assert out.shape == (1, 50, 3)
+    assert torch.equal(out[0, 0], torch.full((3,), 7.0))
+    assert torch.allclose(out[0, 1:], torch.full((49, 3), -1.5), atol=1e-5)
+    same = torch.randn(1, 17, 3)
+    assert torch.equal(resize_pos_embed(same, 4), same)
+
+
+def test_resize_rel_pos_table_keeps_center_and_cls_rows():
+    heads, G, g = 2, 4, 6
+    S, s = 2 * G - 1, 2 * g - 1
+    dy, dx = torch.meshgrid(torch.arange(S).float() - (G - 1), torch.arange(S).float() - (G - 1), indexing="ij")
+    plane = (dx + 3 * dy).reshape(S * S, 1).repeat(1, heads)
+    table = torch.cat([plane, torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])])
+    out = resize_rel_pos_table(table, g)
+    assert out.shape == (s * s + 3, heads)
+    assert torch.equal(out[-3:], table[-3:])
+    center = (s * s) // 2
+    assert out[center].abs().max() < 1e-4  # offset (0, 0) stays 0 for a plane through the origin
+
+
+def test_adapt_state_dict_copies_shared_table_to_every_layer():
+    src = randomize(ViT(beit_student()))
+    dst_cfg = ViTConfig.from_name("nano/4", abs_pos=False, rel_pos="layer", qkv_bias="qv", layer_scale=0.1, num_classes=6)
+    sd = adapt_state_dict(src.state_dict(), dst_cfg)
+    assert "mask_token" not in sd
+    dst = ViT(dst_cfg)
+    missing, unexpected = dst.load_state_dict(sd, strict=False)
+    assert set(missing) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"} and not unexpected
+    for block in dst.blocks:
+        assert torch.equal(block.attn.rel_pos.relative_position_bias_table, src.rel_pos_bias.relative_position_bias_table)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(dst.eval().forward_features(x), src.eval().forward_features(x), atol=1e-5)

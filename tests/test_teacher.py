@@ -1,0 +1,213 @@
+"""teacher.py: official layouts load into our ViT and compute what the reference libraries compute."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from model import ViT, ViTConfig
+from teacher import CheckpointError, load_model, load_teacher, whiten
+
+try:
+    import timm
+except ImportError:
+    timm = None
+try:
+    import open_clip
+except ImportError:
+    open_clip = None
+
+IMAGENET = (torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+CLIP = (torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1), torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1))
+
+
+def randomized_state_dict(module, seed):
+    """random values in the module's own key layout (weights small, LayerNorm gains near 1)"""
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(v.shape, generator=g) * 0.05 + (1.0 if k.endswith(("ln_1.weight", "ln_2.weight", "norm1.weight", "norm2.weight", "norm.weight", "ln_pre.weight", "ln_post.weight", "fc_norm.weight")) else 0.0))
+            if v.is_floating_point() else v for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def timm_vit():
+    if timm is None:
+        pytest.skip("timm not installed (pip install -r requirements-dev.txt)")
+    m = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    m.load_state_dict(randomized_state_dict(m, 1))
+    return m
+
+
+@pytest.fixture(scope="module")
+def clip_model():
+    if open_clip is None:
+        pytest.skip("open_clip not installed (pip install -r requirements-dev.txt)")
+    m = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).eval()
+    m.load_state_dict(randomized_state_dict(m, 2))
+    return m
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("layout", ["dino", "deit", "dino_full"])
+def test_timm_layouts_match_timm(timm_vit, images, tmp_path, layout):
+    sd = timm_vit.state_dict()
+    path = str(tmp_path / f"{layout}.pth")
+    if layout == "dino":  # DINO: plain state dict, no head
+        torch.save({k: v for k, v in sd.items() if not k.startswith("head")}, path)
+    elif layout == "deit":  # DeiT: under "model", with the 1000-class head
+        torch.save({"model": sd}, path)
+    else:  # DINO's full training checkpoint
+        torch.save({"teacher": {"module.backbone." + k: v for k, v in sd.items() if not k.startswith("head")},
+                    "student": {}, "epoch": 100}, path)
+    name = "deit" if layout == "deit" else "dino"
+    t = load_teacher(name, path=path)
+    with torch.no_grad():
+        expected = timm_vit.forward_features((images - IMAGENET[0]) / IMAGENET[1])
+        out = t(images)
+    assert out.shape == (2, 197, 768)
+    assert (out - expected).abs().max().item() < 1e-4
+    if layout == "deit":
+        vit, _ = load_model(path)
+        with torch.no_grad():
+            logits = vit(images)
+            ref = timm_vit((images - IMAGENET[0]) / IMAGENET[1])
+        assert (logits - ref).abs().max().item() < 1e-4
+
+
+def test_clip_matches_open_clip(clip_model, images, tmp_path):
+    sd = clip_model.state_dict()
+    path = str(tmp_path / "clip_fp16.pt")
+    torch.save({k: v.half() for k, v in sd.items()}, path)  # OpenAI stores fp16
+    fp32_path = str(tmp_path / "clip_fp32.pt")
+    torch.save(sd, fp32_path)
+    visual = clip_model.visual
+    visual.output_tokens = True
+    with torch.no_grad():
+        pooled, tokens = visual((images - CLIP[0]) / CLIP[1])
+        out = load_teacher("clip", path=fp32_path)(images)
+        out16 = load_teacher("clip", path=path)(images)
+    assert out.shape == (2, 197, 768)
+    # ln_post on every token, no projection; the CLS token projected is open_clip's image embedding
+    assert (out[:, 1:] - tokens).abs().max().item() < 1e-4
+    assert (out[:, 0] @ sd["visual.proj"] - pooled).abs().max().item() < 1e-4
+    # from fp16 weights: the same function up to fp16 rounding of the weights
+    assert (out16 - out).abs().max().item() < 5e-2
+
+
+def test_clip_torchscript_archive(clip_model, images, tmp_path):
+    """OpenAI ships a TorchScript archive whose state dict has 'visual.*' keys."""
+    class Holder(torch.nn.Module):
+        def __init__(self, visual):
+            super().__init__()
+            self.visual = visual
+
+        def forward(self, x):
+            return self.visual.conv1(x)
+
+    visual = clip_model.visual
+    visual.output_tokens = False
+    archive = torch.jit.trace(Holder(visual), images[:1])
+    path = str(tmp_path / "ViT-B-16.pt")
+    torch.jit.save(archive, path)
+    visual.output_tokens = True
+    with torch.no_grad():
+        _, tokens = visual((images - CLIP[0]) / CLIP[1])
+        out = load_teacher("clip", path=path)(images)
+    assert (out[:, 1:] - tokens).abs().max().item() < 1e-4
+
+
+def test_project_checkpoint_as_teacher_and_layer_choice(tiny_teacher):
+    obj = torch.load(tiny_teacher, weights_only=True)
+    vit = ViT(ViTConfig.from_dict(obj["model_args"]))
+    vit.load_state_dict(obj["model"])
+    vit.eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(load_teacher(tiny_teacher)(x), vit.forward_features(x), atol=1e-6)
+        hidden = vit.forward_all(x)["hidden"]
+        assert torch.allclose(load_teacher(tiny_teacher, layer=1)(x), hidden[1], atol=1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        load_teacher(tiny_teacher, layer=7)
+
+
+def test_teacher_is_frozen_and_stays_in_eval(tiny_teacher):
+    t = load_teacher(tiny_teacher)
+    t.train()
+    assert not t.vit.training and not any(p.requires_grad for p in t.parameters())
+    out = t(torch.rand(1, 3, 32, 32))
+    assert not out.requires_grad
+
+
+def test_teacher_bf16(tiny_teacher):
+    x = torch.rand(2, 3, 32, 32)
+    fp32 = load_teacher(tiny_teacher)(x)
+    bf16 = load_teacher(tiny_teacher, dtype=torch.bfloat16)(x)
+    assert bf16.dtype == torch.bfloat16
+    assert (bf16.float() - fp32).abs().max().item() < 0.1
+
+
+def test_whitening_gives_zero_mean_unit_variance_per_token():
+    x = torch.randn(2, 5, 64) * 7 + 3
+    w = whiten(x)
+    assert torch.allclose(w.mean(-1), torch.zeros(2, 5), atol=1e-5)
+    assert torch.allclose(w.var(-1, unbiased=False), torch.ones(2, 5), atol=1e-4)
+    assert torch.equal(whiten(x, "none"), x)
+
+
+# ---- bad input: one clear line each -------------------------------------------------------
+
+def test_unknown_teacher_name():
+    with pytest.raises(CheckpointError, match="unknown model 'clp': choose clip, dino, deit, embedded or a checkpoint path"):
+        load_teacher("clp")
+
+
+def test_missing_file_and_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_teacher(str(tmp_path / "nope.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(1000))
+    with pytest.raises(CheckpointError, match="not a plain-data checkpoint"):
+        load_teacher(str(junk))
+    weird = tmp_path / "weird.pt"
+    torch.save({"foo.weight": torch.zeros(3)}, weird)
+    with pytest.raises(CheckpointError, match="not a CLIP, DINO/DeiT"):
+        load_teacher(str(weird))
+
+
+def test_wrong_architecture_and_wrong_layout(tmp_path, tiny_teacher):
+    vit = ViT(ViTConfig.from_name("nano/4"))
+    sd = vit.state_dict()
+    sd["blocks.0.mlp.fc1.weight"] = torch.zeros(5, 48)  # shapes that do not fit together
+    path = tmp_path / "bad.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match="wrong shapes"):
+        load_teacher(str(path))
+    good = tmp_path / "timm.pth"
+    torch.save(vit.state_dict(), good)
+    with pytest.raises(CheckpointError, match="has the timm layout, but teacher 'clip' needs the clip layout"):
+        load_teacher("clip", path=str(good))
+    obj = torch.load(tiny_teacher, weights_only=True)
+    obj["model_args"]["depth"] = 3  # a project checkpoint whose weights do not fit its own config
+    bad_project = tmp_path / "project.pt"
+    torch.save(obj, bad_project)
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_teacher(str(bad_project))
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (open, (os.environ["MDLAB_PWNED"], "w"))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("MDLAB_PWNED", str(marker))
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": RunsCode()}, f)
+    with pytest.raises(CheckpointError, match="not a plain-data checkpoint"):
+        load_teacher(str(path))
+    assert not marker.exists()

@@ -1,0 +1,175 @@
+"""MD pretraining: the loss, one step, exact resume, DDP, and the command line."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import MaskedDistillation, ViT, ViTConfig, make_decoder_head
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def md_model(loss="smooth_l1"):
+    torch.manual_seed(0)
+    cfg = ViTConfig.from_name("nano/4", abs_pos=False, rel_pos="shared", qkv_bias="qv", layer_scale=0.1, mask_token=True)
+    student = ViT(cfg)
+    return MaskedDistillation(student, make_decoder_head("linear", cfg.embed_dim, 16), loss, 2.0)
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(4, 3, 32, 32, generator=g)
+    masks = torch.zeros(4, 64, dtype=torch.bool)
+    for b in range(4):
+        masks[b, torch.randperm(64, generator=g)[:25]] = True
+    targets = torch.randn(4, 64, 16, generator=g)
+    return images, masks, targets
+
+
+def test_loss_ignores_visible_patches():
+    md = md_model().eval()
+    images, masks, targets = batch()
+    base = md(images, masks, targets)
+    visible = targets.clone()
+    visible[~masks] = 100.0  # every visible target changed
+    assert torch.equal(md(images, masks, visible), base)
+    hidden = targets.clone()
+    b, n = masks.nonzero()[0]
+    hidden[b, n] += 5.0  # one masked target changed
+    assert md(images, masks, hidden) != base
+
+
+@pytest.mark.parametrize("loss", ["smooth_l1", "mse", "cosine"])
+def test_loss_closed_form_with_zero_prediction_head(loss):
+    md = md_model(loss).eval()
+    torch.nn.init.zeros_(md.head.weight)
+    with torch.no_grad():
+        md.head.bias.copy_(torch.linspace(-1, 1, 16))
+    images, masks, targets = batch(1)
+    pred = torch.linspace(-1, 1, 16)  # the head outputs only its bias
+    d = (pred - targets[masks]).abs()  # (M, 16)
+    if loss == "smooth_l1":  # beta 2: 0.5 d^2 / beta below beta, d - beta / 2 above
+        expected = torch.where(d < 2.0, 0.5 * d ** 2 / 2.0, d - 1.0).mean()
+    elif loss == "mse":
+        expected = (d ** 2).mean()
+    else:
+        t = targets[masks]
+        expected = (1 - (t @ pred) / (t.norm(dim=-1) * pred.norm())).mean()
+    assert md(images, masks, targets).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_one_step_lowers_the_loss_on_a_fixed_batch():
+    md = md_model()
+    images, masks, targets = batch(2)
+    opt = md.student.configure_optimizers(0.05, 1e-3, (0.9, 0.98), extra=[("decoder." + n, p) for n, p in md.head.named_parameters()])
+    before = md(images, masks, targets)
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = md(images, masks, targets)
+    assert after < before
+
+
+# ---- the script, end to end ----------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_md(args, tiny_data, tiny_teacher, launcher=()):
+    cmd = [*launcher] if launcher else [sys.executable]
+    cmd += [os.path.join(ROOT, "train_md.py"), f"--data_dir={tiny_data}", f"--teacher={tiny_teacher}", "--model=nano/4",
+            "--img_size=32", "--epochs=4", "--warmup_epochs=1", "--total_batch_size=16", "--micro_batch_size=8", "--num_workers=0", "--device=cpu",
+            "--dtype=float32", "--compile=False", "--teacher_bf16=False", "--eval_images=24", "--log_interval=1", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return result
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_resume_equals_uninterrupted_run(tiny_data, tiny_teacher, tmp_path):
+    # 144 images, total batch 32: 4 iterations per epoch; stop at 3, resume to 6 (across an epoch boundary)
+    common = ["--total_batch_size=32", "--eval_interval=100"]
+    straight = run_md([*common, f"--out_dir={tmp_path / 'a'}", "--stop_iter=6"], tiny_data, tiny_teacher)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = run_md([*common, f"--out_dir={tmp_path / 'b'}", "--stop_iter=3"], tiny_data, tiny_teacher)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert load(tmp_path / "b" / "ckpt.pt")["iter_num"] == 3
+    second = run_md([*common, f"--out_dir={tmp_path / 'b'}", "--stop_iter=6", "--resume=True"], tiny_data, tiny_teacher)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from" in second.stdout
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    assert a["iter_num"] == b["iter_num"] == 6
+    for part in ("model", "decoder"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), k
+    # the checkpoint: plain data, no compile/DDP prefixes, no teacher, the teacher named in the config
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in a["model"])
+    assert set(a) >= {"model", "decoder", "model_args", "config", "optimizer", "iter_num", "rng"}
+    assert a["config"]["teacher"] == tiny_teacher
+    n_student = sum(v.numel() for v in a["model"].values())
+    assert n_student == sum(p.numel() for p in ViT(ViTConfig.from_dict(a["model_args"])).parameters())
+
+
+def test_loss_falls_and_is_logged(tiny_data, tiny_teacher, tmp_path):
+    result = run_md(["--total_batch_size=16", "--lr=2e-3", "--eval_interval=9", f"--out_dir={tmp_path}", "--stop_iter=18"],
+                    tiny_data, tiny_teacher)
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [float(line.split("val loss ")[1]) for line in (result.stdout + result.stderr).splitlines() if "val loss" in line]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert "img/s" in result.stdout + result.stderr
+
+
+def test_ddp_two_processes_match_one_process(tiny_data, tiny_teacher, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo, CPU), micro 8 each, against one process with accumulation 2:
+    the same total batch of 16 gives the same weights and the same val loss."""
+    common = ["--total_batch_size=16", "--eval_interval=100", "--stop_iter=2"]
+    single = run_md([*common, f"--out_dir={tmp_path / 'one'}"], tiny_data, tiny_teacher)
+    assert single.returncode == 0, single.stderr[-2000:]
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}")
+    double = run_md([*common, f"--out_dir={tmp_path / 'two'}"], tiny_data, tiny_teacher, launcher)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "2 process(es)" in double.stdout
+    a, b = load(tmp_path / "one" / "ckpt.pt"), load(tmp_path / "two" / "ckpt.pt")
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=2e-5), k
+    assert a["best_val_loss"] == pytest.approx(b["best_val_loss"], rel=1e-5)
+
+
+def test_corrupt_training_image_is_skipped(tiny_data, tiny_teacher, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    bad = data / "train" / "circle" / "circle9999.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    result = run_md(["--total_batch_size=8", "--epochs=1", f"--out_dir={tmp_path / 'out'}"], str(data), tiny_teacher)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"skipping unreadable image {bad}" in result.stderr
+    assert "unreadable images skipped" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--foo=1"], "error: unknown option '--foo': valid options are"),
+    (["--epochs=abc"], "error: --epochs=abc: 'epochs' must be int"),
+    (["--mask_ratio=1.5"], "error: mask ratio 1.5 must be in (0, 1)"),
+    (["--total_batch_size=20"], "error: total_batch_size 20 is not divisible by micro_batch_size x world size = 8 x 1"),
+    (["--data_dir=/nonexistent"], "error: data directory '/nonexistent' not found"),
+    (["--teacher=clp"], "error: unknown model 'clp': choose clip, dino, deit, embedded or a checkpoint path"),
+    (["--loss=l3"], "error: unknown loss 'l3': choose smooth_l1, mse, cosine"),
+    (["--resume=True"], "error: --resume=True but there is no checkpoint"),
+])
+def test_bad_input_is_one_clear_line(tiny_data, tiny_teacher, tmp_path, args, message):
+    result = run_md([f"--out_dir={tmp_path}", *args], tiny_data, tiny_teacher)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line]
+    assert lines[-1].startswith(message), result.stderr[-1000:]
+    assert "Traceback" not in result.stderr
