@@ -25,7 +25,7 @@ from tqdm import tqdm
 from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, load_resume, log,
                     micro_batches, peak_flops, rng_state, save_checkpoint, set_rng_state, train_iteration)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
-from data.augment import RandAugment, RandomErasing, mixup_cutmix
+from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
 from model import ViT, ViTConfig, adapt_state_dict
 from teacher import CheckpointError, load_model
 
@@ -124,11 +124,6 @@ def freeze(vit):
         for name, p in vit.named_parameters():
             if vit.layer_id(name) <= freeze_blocks or (freeze_blocks == depth and name.startswith("norm.")):
                 p.requires_grad_(False)
-
-
-def soft_targets(labels, num_classes):
-    """one-hot with label smoothing: (1 - e) at the label + e / classes everywhere"""
-    return F.one_hot(labels, num_classes).float() * (1 - label_smoothing) + label_smoothing / num_classes
 
 
 def print_summary(root):
@@ -232,7 +227,7 @@ def main():
         return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
 
     def step_loss(images, labels, masks):
-        targets = soft_targets(labels, num_classes)
+        targets = smooth_one_hot(labels, num_classes, label_smoothing)
         if mixup > 0 or cutmix > 0:
             images, targets = mixup_cutmix(images, targets, mixup, cutmix, mix_generator)
         with ctx.autocast():

@@ -115,6 +115,11 @@ class RandomErasing:
         return image
 
 
+def smooth_one_hot(labels, num_classes, smoothing):
+    """soft targets (B, C): 1 - smoothing + smoothing / C at the label, smoothing / C elsewhere"""
+    return torch.nn.functional.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes
+
+
 def mixup_cutmix(images, targets, mixup_alpha, cutmix_alpha, generator=None):
     """Batch mixing (timm Mixup, mode 'batch', 50/50 between the two when both are on):
     images are mixed with the flipped batch; targets (B, C) soft labels likewise with lam."""

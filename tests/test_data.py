@@ -171,3 +171,15 @@ def test_embedded_dataset_is_deterministic_and_laid_out(tmp_path):
     assert len(cue) == len(CLASSES)  # every texture once (per_pair=1), the agreeing pair included
     assert {name.split("_")[1][:-4] for name in cue} == set(CLASSES)
     assert all(name.startswith("star") for name in cue)
+
+
+def test_imagenette_archive_extracts_to_imagefolder(tmp_path, tiny_data):
+    import tarfile
+    from data.prepare_imagenette import extract
+    archive = tmp_path / "imagenette2-320.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(os.path.join(tiny_data, "train"), arcname="imagenette2-320/train")
+        tar.add(os.path.join(tiny_data, "val"), arcname="imagenette2-320/val")
+    root = extract(str(archive), str(tmp_path / "imagenette"))
+    assert len(ImageFolder(os.path.join(root, "train"), EvalTransform(32))) == 6 * 24
+    assert ImageFolder(os.path.join(root, "val"), EvalTransform(32)).classes == sorted(CLASSES)

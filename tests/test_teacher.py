@@ -211,3 +211,20 @@ def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="not a plain-data checkpoint"):
         load_teacher(str(path))
     assert not marker.exists()
+
+
+def test_shipped_embedded_teacher_is_far_better_than_chance():
+    """data/embedded_teacher.pt on the held-out val split of the embedded dataset (6 classes: chance 16.7%)."""
+    from data import EvalTransform, ImageFolder, collate
+    from data.embedded import ensure_embedded
+    vit, info = load_model("embedded")
+    assert info["kind"] == "project" and vit.config.num_classes == 6
+    val = ImageFolder(os.path.join(ensure_embedded(), "val"), EvalTransform(32))
+    loader = torch.utils.data.DataLoader(val, batch_size=200, collate_fn=collate)
+    correct = 0
+    with torch.no_grad():
+        for images, labels, _, _ in loader:
+            correct += (vit(images).argmax(-1) == labels).sum().item()
+    assert correct / len(val) > 0.8
+    # as an MD teacher it gives (B, 65, 96) tokens for 32 px images
+    assert load_teacher("embedded")(torch.rand(2, 3, 32, 32)).shape == (2, 65, 96)

@@ -1,0 +1,40 @@
+"""
+Imagenette (10 easy ImageNet classes, 9469 train / 3925 val images, 320 px short side): a real
+small dataset in the ImageFolder layout, for users with internet.
+
+    python -m data.prepare_imagenette                       # download + extract to data/imagenette
+    python -m data.prepare_imagenette --archive=FILE.tgz    # extract a copy you already have
+    python train_md.py --data_dir=data/imagenette --teacher=clip ...
+"""
+import os
+import shutil
+import sys
+import tarfile
+
+URL = "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-320.tgz"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def extract(archive, root):
+    """Unpack imagenette2-320/{train,val}/<wnid>/*.JPEG into root/{train,val} (atomic rename)."""
+    tmp = root + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data")  # the 'data' filter refuses absolute paths and links out of tmp
+    top = [d for d in os.listdir(tmp) if os.path.isdir(os.path.join(tmp, d, "train"))]
+    if not top:
+        raise SystemExit(f"error: '{archive}' has no <dir>/train folder: is it imagenette2-320.tgz?")
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(os.path.join(tmp, top[0]), root)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+if __name__ == "__main__":
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+    root = args.get("root", os.path.join(HERE, "imagenette"))
+    archive = args.get("archive")
+    if archive is None:
+        from teacher import download
+        archive = download(URL, cache_dir=os.path.join(HERE, "downloads"))
+    print(f"wrote {extract(archive, root)}")
