@@ -26,6 +26,7 @@ from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_
                     micro_batches, peak_flops, rng_state, save_checkpoint, set_rng_state, train_iteration)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
+from hessian import hutchinson_trace, top_eigenvalues
 from model import ViT, ViTConfig, adapt_state_dict
 from teacher import CheckpointError, load_model
 
@@ -40,6 +41,8 @@ log_interval = 20             # iterations between log lines
 resume = False                # continue from out_dir/ckpt.pt
 stop_iter = 0                 # stop (and save) after this iteration without changing the schedule; 0 = run to the end
 summarize = ""                # a directory of runs: print (and plot) lr / freeze_blocks -> top-1, then exit
+hessian_every = 0             # every N iterations log the top Hessian eigenvalue and trace on a fixed val batch
+                              # to out_dir/sharpness.json (Fig. 7c, 7f; plot: analyze.py --metric sharpness); 0 = off
 # model
 init = "clip"                 # clip | dino | deit | embedded | checkpoint path | scratch
 init_path = ""                # local copy of the official file for clip/dino/deit
@@ -226,6 +229,25 @@ def main():
         vit.train()
         return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
 
+    sharpness_path = os.path.join(out_dir, "sharpness.json")
+    sharpness_log = json.load(open(sharpness_path)) if resume and os.path.exists(sharpness_path) else []
+
+    def log_sharpness():
+        """top eigenvalue and Hutchinson trace of the loss on the first val batch, model in eval mode"""
+        loader, _ = make_loader(val_set, micro_batch_size, False, num_workers=0)
+        images, labels, _, _ = next(iter(loader))
+        batch = [(images.to(ctx.device), labels.to(ctx.device))]
+        vit.eval()
+        (value,), _ = top_eigenvalues(vit, batch, k=1, max_iter=20)
+        trace, stderr = hutchinson_trace(vit, batch, samples=10)
+        vit.train()
+        sharpness_log.append(dict(iter=iter_num, eigenvalue=value, trace=trace, trace_stderr=stderr))
+        os.makedirs(out_dir, exist_ok=True)
+        with open(sharpness_path + ".tmp", "w") as f:
+            json.dump(sharpness_log, f)
+        os.replace(sharpness_path + ".tmp", sharpness_path)
+        return value, trace
+
     def step_loss(images, labels, masks):
         targets = smooth_one_hot(labels, num_classes, label_smoothing)
         if mixup > 0 or cutmix > 0:
@@ -241,7 +263,7 @@ def main():
     meter = Meter(3 * vit.flops_per_image(), peak_flops(ctx.device))
     batches = micro_batches(train_loader, train_sampler, iter_num, accum, iters_per_epoch)
     skipped, top1, top5 = 0, 0.0, 0.0
-    bar = tqdm(total=end_iter, initial=iter_num, disable=not ctx.master, desc="fine-tune", dynamic_ncols=True)
+    bar = tqdm(total=end_iter, initial=iter_num, disable=None if ctx.master else True, desc="fine-tune", dynamic_ncols=True)  # no bar in logs (non-tty)
     vit.train()
     while iter_num < end_iter:
         lr_now = cosine_lr(iter_num, max_iters, warmup_iters, lr, min_lr)
@@ -254,6 +276,9 @@ def main():
         if iter_num % log_interval == 0 and ctx.master:
             bar.write(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {meter.read(log_interval)}"
                       + (f", {skipped} unreadable images skipped" if skipped else ""))
+        if hessian_every and iter_num % hessian_every == 0 and ctx.master:
+            value, trace = log_sharpness()
+            bar.write(f"iter {iter_num}: sharpness (top Hessian eigenvalue) {value:.4g}, trace {trace:.4g}")
         if iter_num % every == 0 or iter_num == end_iter:
             top1, top5 = evaluate()
             best_top1 = max(best_top1, top1)

@@ -194,7 +194,7 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR):
         except TypeError as e:
             raise CheckpointError(f"'{source}' has model_args this version cannot read: {e}") from None
         model = build_vit(cfg, obj["model"], f"'{source}'")
-        return model.eval(), dict(source=source, kind="project", config=obj.get("config", {}))
+        return model.eval(), dict(source=source, kind="project", config=obj.get("config", {}), classes=obj.get("classes"))
     try:
         sd = unwrap_state_dict(obj)
     except CheckpointError as e:

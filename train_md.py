@@ -156,7 +156,7 @@ def main():
     meter = Meter(flops, peak_flops(ctx.device))
     batches = micro_batches(train_loader, train_sampler, iter_num, accum, iters_per_epoch)
     skipped = 0
-    bar = tqdm(total=end_iter, initial=iter_num, disable=not ctx.master, desc="MD", dynamic_ncols=True)
+    bar = tqdm(total=end_iter, initial=iter_num, disable=None if ctx.master else True, desc="MD", dynamic_ncols=True)  # no bar in logs (non-tty)
     md.train()
     def step_loss(images, labels, masks):
         targets = targets_of(images)

@@ -33,6 +33,12 @@ def _affine(img, matrix):
     return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BICUBIC, fillcolor=FILL)
 
 
+def _posterize(img, bits):
+    """keep the `bits` most significant bits (0 bits: black, which PIL's posterize refuses)"""
+    mask = (0xFF << (8 - bits)) & 0xFF
+    return img.point([v & mask for v in range(256)] * len(img.getbands()))
+
+
 def _solarize_add(img, add):
     lut = [min(255, i + add) if i < 128 else i for i in range(256)]
     return img.point(lut * len(img.getbands()))
@@ -43,7 +49,7 @@ RAND_OPS = {
     "Equalize": lambda img, level, rng: ImageOps.equalize(img),
     "Invert": lambda img, level, rng: ImageOps.invert(img),
     "Rotate": lambda img, level, rng: img.rotate(_sign(rng) * 30.0 * level, resample=Image.BICUBIC, fillcolor=FILL),
-    "PosterizeIncreasing": lambda img, level, rng: ImageOps.posterize(img, 4 - int(4 * level)),
+    "PosterizeIncreasing": lambda img, level, rng: _posterize(img, 4 - int(4 * level)),
     "SolarizeIncreasing": lambda img, level, rng: ImageOps.solarize(img, 256 - min(256, int(256 * level))),
     "SolarizeAdd": lambda img, level, rng: _solarize_add(img, min(128, int(110 * level))),
     "ColorIncreasing": lambda img, level, rng: ImageEnhance.Color(img).enhance(max(0.1, 1 + _sign(rng) * 0.9 * level)),

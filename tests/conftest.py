@@ -30,9 +30,10 @@ def tiny_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
     """A random nano/4 project checkpoint (32 px, patch 4), used as an MD teacher."""
+    from data.embedded import CLASSES
     from model import ViT, ViTConfig
     torch.manual_seed(123)
     cfg = ViTConfig.from_name("nano/4", num_classes=6)
     path = str(tmp_path_factory.mktemp("teacher") / "teacher.pt")
-    torch.save(dict(model=ViT(cfg).state_dict(), model_args=cfg.to_dict(), config={}), path)
+    torch.save(dict(model=ViT(cfg).state_dict(), model_args=cfg.to_dict(), config={}, classes=sorted(CLASSES)), path)
     return path

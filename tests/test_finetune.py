@@ -47,6 +47,7 @@ def test_randaugment_ops_follow_their_definitions():
     assert np.array_equal(np.asarray(RAND_OPS["SolarizeAdd"](img, level, None)), np.where(a < 128, np.minimum(a + 99, 255), a))
     # Posterize: keep 4 - int(4 * 0.9) = 1 bit
     assert np.array_equal(np.asarray(RAND_OPS["PosterizeIncreasing"](img, level, None)), a & 0b10000000)
+    assert np.asarray(RAND_OPS["PosterizeIncreasing"](img, 1.0, None)).max() == 0  # m = 10: no bits kept
     # Brightness: factor 1 +- 0.81 (sign by the rng): blend with black
     bright = np.asarray(RAND_OPS["BrightnessIncreasing"](img, level, Fixed(0.0))).astype(int)
     assert np.abs(bright - np.clip(np.round(a * 1.81), 0, 255)).max() <= 1
@@ -211,3 +212,10 @@ def test_dataset_without_images_is_one_clear_line(tmp_path):
     (tmp_path / "val" / "a").mkdir(parents=True)
     result = run_ft(["--init=scratch", "--model=nano/4"], str(tmp_path))
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: no images found under")
+
+
+def test_every_randaugment_op_runs_at_both_ends_of_the_magnitude_range():
+    for name, op in RAND_OPS.items():
+        for level in (0.0, 1.0):
+            out = op(gradient_image(), level, np.random.default_rng(0))
+            assert out.size == (64, 64) and out.mode == "RGB", name

@@ -1,0 +1,152 @@
+"""analyze.py part 2: shape bias, error consistency, the 16-category mapping, Hessian and landscape CLI."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from analyze import IMAGENET_16, category_decisions, cue_conflict_labels, error_consistency, shape_bias
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_shape_bias_closed_forms():
+    shapes = ["cat", "cat", "dog", "dog", "car"]
+    textures = ["dog", "car", "cat", "dog", "cat"]  # the 4th agrees and must be excluded
+    assert shape_bias(shapes, shapes, textures)[0] == 1.0
+    assert shape_bias(textures, shapes, textures)[0] == 0.0
+    decisions = ["cat", "car", "dog", "cat", "boat"]  # shape, texture, shape, (excluded), neither
+    overall, per_class = shape_bias(decisions, shapes, textures)
+    assert overall == pytest.approx(2 / 3)
+    assert per_class == {"car": None, "cat": 0.5, "dog": 1.0}
+
+
+def test_cue_conflict_file_names():
+    assert cue_conflict_labels("stimuli/cat/cat3-elephant1.png") == ("cat", "elephant")
+    assert cue_conflict_labels("cue_conflict/star/star0007_circle.png") == ("star", "circle")
+
+
+def test_error_consistency_hand_computed():
+    a, b = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]
+    # p1 = p2 = 0.6, c_obs = 3/5, c_exp = 0.36 + 0.16 = 0.52, kappa = 0.08 / 0.48
+    assert error_consistency(a, b) == pytest.approx(1 / 6)
+    assert error_consistency(a, a) == pytest.approx(1.0)
+    assert error_consistency([1, 0, 1, 0], [0, 1, 0, 1]) == pytest.approx(-1.0)
+
+
+def test_sixteen_category_mapping_sizes():
+    sizes = {c: len(v) for c, v in IMAGENET_16.items()}
+    assert len(sizes) == 16 and sum(sizes.values()) == 207
+    assert sizes["knife"] == sizes["airplane"] == sizes["oven"] == 1 and sizes["truck"] == 8 and sizes["bear"] == 4
+    flat = [i for v in IMAGENET_16.values() for i in v]
+    assert len(set(flat)) == 207 and all(0 <= i < 1000 for i in flat)
+
+
+def test_imagenet_decisions_average_probability_over_a_category():
+    logits = torch.full((2, 1000), -10.0)
+    logits[0, IMAGENET_16["knife"][0]] = 5.0  # one knife class, very likely
+    logits[1, IMAGENET_16["dog"]] = 3.0  # all 117 dog classes likely, none above knife's ...
+    logits[1, IMAGENET_16["knife"][0]] = 4.0  # ... but knife has only 1 index: the mean decides
+    cats = sorted(IMAGENET_16)
+    d = category_decisions(logits, cats).tolist()
+    assert cats[d[0]] == "knife"
+    probs = logits[1].softmax(-1)
+    assert probs[IMAGENET_16["knife"]].mean() > probs[IMAGENET_16["dog"]].mean()
+    assert cats[d[1]] == "knife"
+
+
+def run_analyze(args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "analyze.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=600)
+
+
+def test_shape_bias_and_hessian_from_the_command_line(tiny_data, tiny_teacher, tmp_path):
+    r = run_analyze(["--metric=shape_bias", tiny_teacher, f"--data={tiny_data}", f"--out={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    sb = json.load(open(tmp_path / "shape_bias.json"))["models"]["teacher"]
+    assert sb["images"] == 30 and sb["excluded_agreeing"] == 6  # 6 x 6 pairs, one image each; 6 agree
+    assert sb["shape_bias"] is None or 0 <= sb["shape_bias"] <= 1
+    assert os.path.getsize(tmp_path / "shape_bias.png") > 5000
+    r = run_analyze(["--metric=landscape", tiny_teacher, f"--data={tiny_data}", "--n_images=12", "--steps=5", "--span=0.2",
+                     "--power_iters=10", f"--out={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    land = json.load(open(tmp_path / "landscape.json"))["models"]["teacher"]
+    assert land["loss"][2][2] == pytest.approx(land["center_loss"], abs=1e-5)  # the grid center is the model's loss
+    assert os.path.getsize(tmp_path / "landscape.png") > 5000
+
+
+def test_hessian_runs_on_vit_b_at_224_for_one_batch(tiny_data, tmp_path):
+    from model import ViT, ViTConfig
+    cfg = ViTConfig.from_name("B/16", num_classes=6, global_pool="cls")
+    path = tmp_path / "vitb.pt"
+    torch.save(dict(model=ViT(cfg).state_dict(), model_args=cfg.to_dict(), config={}), path)
+    r = run_analyze(["--metric=hessian", str(path), f"--data={tiny_data}", "--n_images=2", "--batch_size=2", "--top_k=1",
+                     "--power_iters=2", "--trace_samples=2", f"--out={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    h = json.load(open(tmp_path / "hessian.json"))["models"]["vitb"]
+    assert len(h["eigenvalues"]) == 1 and np.isfinite(h["trace"]) and h["images"] == 2
+
+
+def test_ood_accuracy_and_error_consistency(tiny_data, tiny_teacher, tmp_path):
+    """two model-vs-human style datasets; a 'human' whose right/wrong trials copy the model's has kappa 1"""
+    from data import EvalTransform, load_image
+    from teacher import load_model
+    model, info = load_model(tiny_teacher)
+    root, human = tmp_path / "ood", tmp_path / "raw"
+    expected = {}
+    for dataset in ("colour", "sketch"):
+        (root / dataset / "dnn" / "session-1").mkdir(parents=True)
+        (human / dataset).mkdir(parents=True)
+        rows, correct = [], []
+        for i, cls in enumerate(info["classes"]):
+            for k in range(2):
+                src = os.path.join(tiny_data, "val", cls, f"{cls}{k + (dataset == 'sketch') * 2:04d}.png")
+                name = f"{i * 2 + k:04d}_cl_dnn_c{k}_{cls}_00_n000_{k}.png"
+                Image.open(src).save(root / dataset / "dnn" / "session-1" / name)
+                with torch.no_grad():
+                    pred = info["classes"][model(EvalTransform(32)(load_image(src))[None]).argmax().item()]
+                correct.append(pred == cls)
+                human_name = name.replace("_dnn_", "_s01_")
+                rows.append(dict(subj="subject-01", session="1", trial=str(len(rows)), rt="1",
+                                 object_response=cls if pred == cls else "other", category=cls, condition=f"c{k}", imagename=human_name))
+        with open(human / dataset / f"{dataset}_subject-01_session_1.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        expected[dataset] = np.mean(correct)
+    r = run_analyze(["--metric=ood", tiny_teacher, f"--data={root}", f"--human={human}", f"--out={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.load(open(tmp_path / "ood.json"))["models"]["teacher"]["datasets"]
+    assert set(result) == {"colour", "sketch"}
+    for dataset, acc in expected.items():
+        assert result[dataset]["accuracy"] == pytest.approx(acc)
+        assert result[dataset]["images"] == 12 and result[dataset]["subjects"] == 1
+        if 0 < acc < 1:
+            assert result[dataset]["error_consistency"] == pytest.approx(1.0)
+
+
+def test_sharpness_logged_during_finetuning_and_plotted(tiny_data, tiny_teacher, tmp_path):
+    r = subprocess.run([sys.executable, "finetune.py", f"--data_dir={tiny_data}", f"--init={tiny_teacher}", "--img_size=32",
+                        "--epochs=1", "--total_batch_size=16", "--micro_batch_size=8", "--num_workers=0", "--device=cpu",
+                        "--dtype=float32", "--compile=False", "--stop_iter=4", "--hessian_every=2", f"--out_dir={tmp_path / 'ft'}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = json.load(open(tmp_path / "ft" / "sharpness.json"))
+    assert [e["iter"] for e in log] == [2, 4] and all(np.isfinite(e["eigenvalue"]) and np.isfinite(e["trace"]) for e in log)
+    r = run_analyze(["--metric=sharpness", str(tmp_path / "ft" / "sharpness.json"), "--labels=run", f"--out={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.path.getsize(tmp_path / "sharpness.png") > 5000
+
+
+def test_hessian_needs_a_classifier_for_the_data(tiny_data, tmp_path):
+    from model import ViT, ViTConfig
+    cfg = ViTConfig.from_name("nano/4", num_classes=10)
+    path = tmp_path / "ten.pt"
+    torch.save(dict(model=ViT(cfg).state_dict(), model_args=cfg.to_dict(), config={}), path)
+    r = run_analyze(["--metric=hessian", str(path), f"--data={tiny_data}", f"--out={tmp_path}"])
+    assert r.returncode != 0 and "the Hessian needs a classifier for the data's 6 classes; this model has 10 outputs" in r.stderr
