@@ -188,17 +188,23 @@ def set_rng_state(state):
 
 
 def save_checkpoint(checkpoint, path):
-    """Atomic: write a temp file, fsync, rename. Refuses to save non-finite weights."""
+    """Atomic: write a temp file, fsync, rename over the old one. A crash or a full disk leaves the
+    previous checkpoint as it was; non-finite weights are never written."""
     for name, t in checkpoint["model"].items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise FloatingPointError(f"not saving {path}: weight '{name}' is not finite")
+            raise SystemExit(f"error: not saving {path}: weight '{name}' is not finite; the last good checkpoint is kept")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"error: could not write {path} ({e.strerror or e}); the previous checkpoint is kept") from None
 
 
 def load_resume(out_dir):

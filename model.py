@@ -118,6 +118,7 @@ class Attention(nn.Module):
             self.v_bias = nn.Parameter(torch.zeros(D))
         self.proj = nn.Linear(D, D)
         self.rel_pos = RelativePositionBias(cfg.grid, cfg.num_heads) if cfg.rel_pos == "layer" else None
+        self.fused = True  # False: always the explicit softmax path (benchmarks, debugging)
 
     def forward(self, x, bias=None, return_attn=False):
         """x: (B, N, D); bias: (heads, N, N) added to the logits. With return_attn the explicit
@@ -133,7 +134,7 @@ class Attention(nn.Module):
         if bias is not None:
             bias = bias.to(q.dtype)
         attn = None
-        if return_attn:
+        if return_attn or not self.fused:
             logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, nh, N, N)
             if bias is not None:
                 logits = logits + bias
