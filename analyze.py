@@ -58,7 +58,8 @@ DEFAULTS = dict(
 # metrics on tensors: each takes attention maps (B, H, N+1, N+1) with CLS first, or tokens
 
 def patch_attention(attn):
-    """drop the CLS row and column, renormalize each query row: (B, H, N+1, N+1) -> (B, H, N, N)"""
+    """drop the CLS row and column, renormalize each query row: (B, H, N+1, N+1) -> (B, H, N, N).
+    The attention metrics below take these patch-to-patch maps."""
     a = attn[..., 1:, 1:].float()
     return a / a.sum(-1, keepdim=True).clamp_min(1e-12)
 
@@ -70,26 +71,29 @@ def patch_distances(grid, patch_size):
     return patch_size * torch.cdist(coords, coords)
 
 
-def attention_distance(attn, grid, patch_size):
+def attention_distance(a, grid, patch_size):
     """average attention distance: per query sum_k a[q,k] D[q,k], mean over queries -> (B, H) pixels"""
-    a = patch_attention(attn)
     return (a * patch_distances(grid, patch_size).to(a.device)).sum(-1).mean(-1)
 
 
-def attention_entropy(attn):
+def row_entropy(a):
+    """-sum_k a[q,k] log a[q,k] for every query row (nats) -> (B, H, N)"""
+    return -(a * torch.log(a.clamp_min(1e-30))).sum(-1)
+
+
+def attention_entropy(a, rows=None):
     """-sum_k a[q,k] log a[q,k] (nats), mean over queries -> (B, H)"""
-    a = patch_attention(attn)
-    return -(a * torch.log(a.clamp_min(1e-30))).sum(-1).mean(-1)
+    return (row_entropy(a) if rows is None else rows).mean(-1)
 
 
-def attention_nmi(attn):
+def attention_nmi(a, rows=None):
     """NMI between queries and keys with p(q) = 1/N: p(k) = mean_q a[q,k],
-    I = sum_{q,k} p(q) a[q,k] log(a[q,k] / p(k)), NMI = I / sqrt(H(q) H(k)), H(q) = log N -> (B, H)"""
-    a = patch_attention(attn)
+    I = sum_{q,k} p(q) a[q,k] log(a[q,k] / p(k)), NMI = I / sqrt(H(q) H(k)), H(q) = log N -> (B, H).
+    Computed as I = H(k) - mean_q H(a[q,:]) (the same sum, rearranged), reusing the row entropies."""
     N = a.shape[-1]
     p_k = a.mean(-2)  # (B, H, N)
-    mutual = (a * (torch.log(a.clamp_min(1e-30)) - torch.log(p_k.clamp_min(1e-30))[..., None, :])).sum((-2, -1)) / N
     h_k = -(p_k * torch.log(p_k.clamp_min(1e-30))).sum(-1)
+    mutual = (h_k - attention_entropy(a, rows)).clamp_min(0)
     return mutual / torch.sqrt(math.log(N) * h_k).clamp_min(1e-12)
 
 
@@ -106,18 +110,24 @@ def relative_log_amplitude(tokens, grid):
 
 
 def relative_log_singular_values(x):
-    """x (M, C) samples: singular values of the covariance, log, minus the log of the largest -> (C,)
-    (at most M-1 are nonzero; zeros are floored at 1e-12 of the largest, so their value is about -27.6)"""
-    x = x.double() - x.double().mean(0)
-    cov = x.T @ x / max(x.shape[0] - 1, 1)
-    s = torch.linalg.svdvals(cov)
-    return torch.log(s.clamp_min(s[0] * 1e-12 + 1e-300)) - torch.log(s[0].clamp_min(1e-300))
+    """x (..., M, C) samples: singular values of the covariance, log, minus the log of the largest -> (..., C)
+    (at most M-1 are nonzero; zeros are floored at 1e-12 of the largest, so their value is about -27.6).
+    The covariance is symmetric PSD, so its singular values are its eigenvalues, and its nonzero ones
+    are those of the smaller Gram matrix x x^T when M < C (the same numbers, much cheaper)."""
+    x = x.double() - x.double().mean(-2, keepdim=True)
+    M, C = x.shape[-2:]
+    gram = x @ x.transpose(-1, -2) if M < C else x.transpose(-1, -2) @ x
+    s = torch.linalg.eigvalsh(gram / max(M - 1, 1)).flip(-1).clamp_min(0)  # descending
+    if M < C:
+        s = torch.cat([s, s.new_zeros(*s.shape[:-1], C - M)], dim=-1)
+    top = s[..., :1].clamp_min(1e-300)
+    return torch.log(torch.maximum(s, top * 1e-12)) - torch.log(top)
 
 
 def token_singular_spectrum(tokens):
     """token level: per image, the relative log singular values of its patch-token covariance -> (B, C);
     the svd headline per layer is the mean of the first min(N-1, C) (the nonzero ones): higher = fuller"""
-    return torch.stack([relative_log_singular_values(t) for t in tokens])
+    return relative_log_singular_values(tokens)
 
 
 # ----------------------------------------------------------------------------------------
@@ -215,12 +225,16 @@ def collect(model, loader, device, want, map_request=None):
         out = model.forward_all(images)
         count += len(images)
         for layer, attn in enumerate(out["attn"]):
-            if want & {"attn_distance"}:
-                add(("attn_distance", layer), attention_distance(attn, cfg.grid, cfg.patch_size))
-            if want & {"attn_entropy"}:
-                add(("attn_entropy", layer), attention_entropy(attn))
-            if want & {"nmi"}:
-                add(("nmi", layer), attention_nmi(attn))
+            if want & {"attn_distance", "attn_entropy", "nmi"}:
+                a = patch_attention(attn)
+            if want & {"attn_entropy", "nmi"}:
+                rows = row_entropy(a)  # shared by both
+            if "attn_distance" in want:
+                add(("attn_distance", layer), attention_distance(a, cfg.grid, cfg.patch_size))
+            if "attn_entropy" in want:
+                add(("attn_entropy", layer), attention_entropy(a, rows))
+            if "nmi" in want:
+                add(("nmi", layer), attention_nmi(a, rows))
         for layer, hidden in enumerate(out["hidden"]):  # 0 = embeddings, l = after block l
             tokens = hidden[:, 1:]
             if "fourier" in want:

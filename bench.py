@@ -23,8 +23,8 @@ from common import peak_flops
 from data import TrainTransform, load_image
 from data.masks import BEIT_RATIO, MaskGenerator
 from hessian import hessian_vector_product
-from model import MaskedDistillation, ViT, ViTConfig, make_decoder_head
-from teacher import Teacher, whiten
+from model import DecoderHead, MaskedDistillation, ViT, ViTConfig
+from teacher import Teacher, Whitening
 
 args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "1") for a in sys.argv[1:])
 QUICK = "quick" in args
@@ -69,7 +69,7 @@ def md_setup(size, fused=True):
     for m in (student, teacher_vit):
         for block in m.blocks:
             block.attn.fused = fused
-    head = make_decoder_head("linear", cfg.embed_dim, cfg.embed_dim).to(DEVICE)
+    head = DecoderHead("linear", cfg.embed_dim, cfg.embed_dim).to(DEVICE)
     md = MaskedDistillation(student, head)
     opt = student.configure_optimizers(0.05, 1e-4, (0.9, 0.98), extra=[("decoder." + n, p) for n, p in head.named_parameters()])
     B = batch_for(size)
@@ -90,6 +90,8 @@ def bench_md(size, dtype="fp32", compiled=False, fused=True, teacher_bf16=True):
 
     def teacher_only():
         return whiten(teacher(images)[:, 1:])
+
+    whiten = Whitening("ln", teacher_vit.config.embed_dim)
 
     def step():
         targets = teacher_only()
@@ -119,18 +121,24 @@ def bench_timm(size, dtype):
     ref = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=cfg.img_size, patch_size=cfg.patch_size,
                             embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads).to(DEVICE)
     ours = ViT(cfg).to(DEVICE)
-    result = []
+    steps = []
     for model in (ours, ref):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-        def step():
+        def step(model=model, opt=opt):
             with autocast(dtype):
                 loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        result.append(timeit(step))
-    return result
+        steps.append(step)
+    times = [[], []]
+    for i in range(2 * STEPS + 2):  # alternate the two, so that drifts of the machine hit both alike
+        for j in (0, 1):
+            seconds = timeit(steps[j], steps=1, warmup=0)
+            if i >= 2:
+                times[j].append(seconds)
+    return [float(np.median(t)) for t in times]
 
 
 def bench_data(n=16):
@@ -154,7 +162,7 @@ def bench_data(n=16):
         return n / timeit(load_all)
 
 
-def bench_analysis(size="tiny/4", n=64):
+def bench_analysis(size, n):
     """collect() for every representation metric vs plain forwards over the same images"""
     from analyze import collect
     model = ViT(ViTConfig.from_name(size)).to(DEVICE).eval()
@@ -211,7 +219,9 @@ def main():
     best = max(B / s for s, _, _, B in [bench_md(SIZES[-1], "bf16")])
     print(f"\ndata: {per_worker:.0f} img/s per worker (JPEG 500x375 decode + crop + flip + jitter + block mask); "
           f"{int(np.ceil(best / per_worker))} worker(s) feed the {SIZES[-1]} bf16 step ({best:.0f} img/s)")
-    print(f"analysis: analyze.py --metric all costs {bench_analysis():.2f}x the plain forwards over the same images")
+    for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
+        n = 64 if size == "tiny/4" else 16
+        print(f"analysis: analyze.py --metric all on {size} costs {bench_analysis(size, n):.2f}x the plain forwards over the same {n} images")
     print(f"Hessian-vector product: {bench_hvp():.2f}x one forward+backward")
 
 

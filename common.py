@@ -171,6 +171,33 @@ def train_iteration(ctx, train_model, optimizer, batches, accum, lr_now, grad_cl
     return loss.item(), skipped
 
 
+def train_loop(ctx, desc, iter_num, end_iter, schedule, step, meter, log_interval, eval_every, on_eval, hooks=()):
+    """The loop both scripts run: step(iter_num, lr) -> (loss, skipped images) is one optimizer
+    step (train_iteration); a log line every log_interval; on_eval(iter_num, write) evaluates and
+    checkpoints every eval_every iterations and at the end; hooks are (every, fn(iter_num, write))
+    run on the master process. A progress bar shows on a terminal, not in logs."""
+    from tqdm import tqdm
+    skipped = 0
+    bar = tqdm(total=end_iter, initial=iter_num, disable=None if ctx.master else True, desc=desc, dynamic_ncols=True)
+    while iter_num < end_iter:
+        lr_now = schedule(iter_num)
+        loss, n_skipped = step(iter_num, lr_now)
+        skipped += n_skipped
+        iter_num += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if iter_num % log_interval == 0 and ctx.master:
+            bar.write(f"iter {iter_num}: loss {loss:.4f}, lr {lr_now:.2e}, {meter.read(log_interval)}"
+                      + (f", {skipped} unreadable images skipped" if skipped else ""))
+        for every, hook in hooks:
+            if every and iter_num % every == 0 and ctx.master:
+                hook(iter_num, bar.write)
+        if iter_num % eval_every == 0 or iter_num == end_iter:
+            on_eval(iter_num, bar.write)
+    bar.close()
+    return iter_num
+
+
 # ----------------------------------------------------------------------------------------
 # checkpoints
 
@@ -207,9 +234,9 @@ def save_checkpoint(checkpoint, path):
         raise SystemExit(f"error: could not write {path} ({e.strerror or e}); the previous checkpoint is kept") from None
 
 
-def load_resume(out_dir):
+def load_resume(out_dir, name="ckpt.pt"):
     from teacher import read_checkpoint
-    path = os.path.join(out_dir, "ckpt.pt")
+    path = os.path.join(out_dir, name)
     if not os.path.exists(path):
         raise SystemExit(f"error: --resume=True but there is no checkpoint at {path}: start without --resume")
     return read_checkpoint(path)

@@ -20,10 +20,9 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, load_resume, log,
-                    micro_batches, peak_flops, rng_state, save_checkpoint, set_rng_state, train_iteration)
+                    micro_batches, peak_flops, rng_state, save_checkpoint, set_rng_state, train_iteration, train_loop)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
 from hessian import hutchinson_trace, top_eigenvalues
@@ -232,7 +231,7 @@ def main():
     sharpness_path = os.path.join(out_dir, "sharpness.json")
     sharpness_log = json.load(open(sharpness_path)) if resume and os.path.exists(sharpness_path) else []
 
-    def log_sharpness():
+    def log_sharpness(it, write):
         """top eigenvalue and Hutchinson trace of the loss on the first val batch, model in eval mode"""
         loader, _ = make_loader(val_set, micro_batch_size, False, num_workers=0)
         images, labels, _, _ = next(iter(loader))
@@ -241,20 +240,12 @@ def main():
         (value,), _ = top_eigenvalues(vit, batch, k=1, max_iter=20)
         trace, stderr = hutchinson_trace(vit, batch, samples=10)
         vit.train()
-        sharpness_log.append(dict(iter=iter_num, eigenvalue=value, trace=trace, trace_stderr=stderr))
+        sharpness_log.append(dict(iter=it, eigenvalue=value, trace=trace, trace_stderr=stderr))
         os.makedirs(out_dir, exist_ok=True)
         with open(sharpness_path + ".tmp", "w") as f:
             json.dump(sharpness_log, f)
         os.replace(sharpness_path + ".tmp", sharpness_path)
-        return value, trace
-
-    def step_loss(images, labels, masks):
-        targets = smooth_one_hot(labels, num_classes, label_smoothing)
-        if mixup > 0 or cutmix > 0:
-            images, targets = mixup_cutmix(images, targets, mixup, cutmix, mix_generator)
-        with ctx.autocast():
-            logits = train_model(images)
-        return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        write(f"iter {it}: sharpness (top Hessian eigenvalue) {value:.4g}, trace {trace:.4g}")
 
     trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
     log(ctx, f"fine-tune {origin}: {vit.config.embed_dim}-d x {vit.config.depth} blocks, {trainable / 1e6:.2f}M trainable params, "
@@ -262,32 +253,32 @@ def main():
              f"{max_iters} iters, accumulation {accum}, {ctx.world_size} process(es) on {ctx.device}")
     meter = Meter(3 * vit.flops_per_image(), peak_flops(ctx.device))
     batches = micro_batches(train_loader, train_sampler, iter_num, accum, iters_per_epoch)
-    skipped, top1, top5 = 0, 0.0, 0.0
-    bar = tqdm(total=end_iter, initial=iter_num, disable=None if ctx.master else True, desc="fine-tune", dynamic_ncols=True)  # no bar in logs (non-tty)
+
+    def step(it, lr_now):
+        def step_loss(images, labels, masks):
+            targets = smooth_one_hot(labels, num_classes, label_smoothing)
+            if mixup > 0 or cutmix > 0:
+                images, targets = mixup_cutmix(images, targets, mixup, cutmix, mix_generator)
+            with ctx.autocast():
+                logits = train_model(images)
+            return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        return train_iteration(ctx, train_model, optimizer, batches, accum, lr_now, grad_clip, step_loss, it, out_dir, meter)
+
+    top1 = top5 = 0.0
+
+    def evaluate_and_save(it, write):
+        nonlocal top1, top5, best_top1
+        top1, top5 = evaluate()
+        best_top1 = max(best_top1, top1)
+        if ctx.master:
+            write(f"iter {it} (epoch {it / iters_per_epoch:.1f}): val top-1 {top1:.2f}%, top-5 {top5:.2f}%")
+            save_checkpoint(dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config=config,
+                                 optimizer=optimizer.state_dict(), iter_num=it, best_top1=best_top1,
+                                 rng=rng_state(), classes=train_set.classes), os.path.join(out_dir, "ckpt.pt"))
+
     vit.train()
-    while iter_num < end_iter:
-        lr_now = cosine_lr(iter_num, max_iters, warmup_iters, lr, min_lr)
-        loss_value, n_skipped = train_iteration(ctx, train_model, optimizer, batches, accum, lr_now, grad_clip,
-                                                step_loss, iter_num, out_dir, meter)
-        skipped += n_skipped
-        iter_num += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        if iter_num % log_interval == 0 and ctx.master:
-            bar.write(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {meter.read(log_interval)}"
-                      + (f", {skipped} unreadable images skipped" if skipped else ""))
-        if hessian_every and iter_num % hessian_every == 0 and ctx.master:
-            value, trace = log_sharpness()
-            bar.write(f"iter {iter_num}: sharpness (top Hessian eigenvalue) {value:.4g}, trace {trace:.4g}")
-        if iter_num % every == 0 or iter_num == end_iter:
-            top1, top5 = evaluate()
-            best_top1 = max(best_top1, top1)
-            if ctx.master:
-                bar.write(f"iter {iter_num} (epoch {iter_num / iters_per_epoch:.1f}): val top-1 {top1:.2f}%, top-5 {top5:.2f}%")
-                save_checkpoint(dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config=config,
-                                     optimizer=optimizer.state_dict(), iter_num=iter_num, best_top1=best_top1,
-                                     rng=rng_state(), classes=train_set.classes), os.path.join(out_dir, "ckpt.pt"))
-    bar.close()
+    iter_num = train_loop(ctx, "fine-tune", iter_num, end_iter, lambda it: cosine_lr(it, max_iters, warmup_iters, lr, min_lr),
+                          step, meter, log_interval, every, evaluate_and_save, hooks=[(hessian_every, log_sharpness)])
     if ctx.master:
         result = dict(top1=top1, top5=top5, best_top1=best_top1, iter_num=iter_num, config=config)
         with open(os.path.join(out_dir, "result.json"), "w") as f:

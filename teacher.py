@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ViT, ViTConfig
+from model import VQKD, ViT, ViTConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -250,17 +250,46 @@ def load_teacher(name_or_path, path=None, layer=-1, dtype=None, cache_dir=CACHE_
     return Teacher(vit, layer, dtype)
 
 
-WHITENINGS = ("ln", "none")
+WHITENINGS = ("ln", "bn", "none")
 
 
-def whiten(features, kind="ln", eps=1e-6):
-    """N: per-token non-parametric LayerNorm over channels (FD's whitening), in fp32;
-    kind='none' returns the features unchanged."""
-    if kind == "ln":
-        return F.layer_norm(features.float(), features.shape[-1:], eps=eps)
-    if kind == "none":
-        return features.float()
-    raise ValueError(f"unknown whitening '{kind}': choose {', '.join(WHITENINGS)}")
+class Whitening(nn.Module):
+    """N, applied to teacher tokens (B, N, D), in fp32:
+    'ln'   per token: LayerNorm over channels, no affine (FD). Every target token has mean 0 and
+           variance 1 over its channels; token norms (how salient a patch is) are discarded.
+    'bn'   per channel: standardized by statistics over tokens and images (the batch's while
+           training, running averages in eval). Keeps the relative sizes of tokens; depends on the
+           batch (per process under DDP) and needs its running statistics saved with the run.
+    'none' raw teacher features (their scale differs a lot between CLIP, DINO and DeiT)."""
+
+    def __init__(self, kind, dim, eps=1e-6, momentum=0.1):
+        super().__init__()
+        if kind not in WHITENINGS:
+            raise ValueError(f"unknown whitening '{kind}': choose {', '.join(WHITENINGS)}")
+        self.kind, self.eps, self.momentum = kind, eps, momentum
+        if kind == "bn":
+            self.register_buffer("running_mean", torch.zeros(dim))
+            self.register_buffer("running_var", torch.ones(dim))
+
+    def forward(self, features):
+        x = features.float()
+        if self.kind == "ln":
+            return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        if self.kind == "bn":
+            flat = F.batch_norm(x.reshape(-1, x.shape[-1]), self.running_mean, self.running_var,
+                                training=self.training, momentum=self.momentum, eps=self.eps)
+            return flat.view_as(x)
+        return x
+
+
+def load_tokenizer(path):
+    """a VQ-KD tokenizer written by train_vqkd.py, frozen, in eval mode"""
+    obj = read_checkpoint(path)
+    if not (isinstance(obj, dict) and "vqkd_args" in obj):
+        raise CheckpointError(f"'{path}' is not a VQ-KD tokenizer written by train_vqkd.py")
+    vq = VQKD(ViTConfig.from_dict(obj["model_args"]), **obj["vqkd_args"])
+    vq.load_state_dict(obj["model"])
+    return vq.eval().requires_grad_(False)
 
 
 def export_weights(src, dst):

@@ -18,14 +18,13 @@ import sys
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, load_resume, log,
-                    micro_batches, peak_flops, rng_state, save_checkpoint, set_rng_state, train_iteration)
+                    micro_batches, peak_flops, rng_state, save_checkpoint, set_rng_state, train_iteration, train_loop)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.masks import BEIT_RATIO, MaskGenerator
-from model import DECODER_HEADS, MD_LOSSES, MaskedDistillation, ViT, ViTConfig, make_decoder_head
-from teacher import WHITENINGS, CheckpointError, load_teacher, whiten
+from model import DECODER_HEADS, MD_LOSSES, DecoderHead, MaskedDistillation, ViT, ViTConfig
+from teacher import WHITENINGS, CheckpointError, Whitening, load_teacher, load_tokenizer
 
 # -----------------------------------------------------------------------------
 # defaults (override with a config file and/or --key=value)
@@ -38,20 +37,26 @@ eval_images = 10000           # val images for the MD eval loss (0 = all)
 log_interval = 20             # iterations between log lines
 resume = False                # continue from out_dir/ckpt.pt
 stop_iter = 0                 # stop (and save) after this iteration without changing the schedule; 0 = run to the end
-# teacher T and whitening N
+# targets: whitened teacher features N(T(I)), or the codes of a VQ-KD tokenizer
+target = "features"           # features | vqkd (code indices from `tokenizer`, cross-entropy; no teacher needed)
+tokenizer = ""                # train_vqkd.py's tokenizer.pt, for target=vqkd
 teacher = "clip"              # clip | dino | deit | embedded | path to a checkpoint
 teacher_path = ""             # local copy of the official teacher file (no download)
 teacher_layer = -1            # -1: last block after the final norm; k: raw output of block k
 teacher_bf16 = True           # teacher forward under bf16 autocast (it is frozen and runs without grad)
-whitening = "ln"              # ln (non-parametric LayerNorm per token, as FD) | none
+whitening = "ln"              # ln (LayerNorm per token, no affine, as FD) | bn (per-channel running standardization) | none
 # student S, head D, loss R, mask M
 model = "B/16"                # size preset: Ti/16, S/16, B/16, L/16, tiny/4, nano/4
 img_size = 224                # input resolution (student and teacher)
 layer_scale = 0.1             # layer scale init (BEiT v2 base)
 drop_path = 0.0               # stochastic depth rate
-head = "linear"               # decoder head: linear | mlp
+head = "linear"               # decoder head: linear | mlp | transformer
+decoder_width = 256           # transformer head: width
+decoder_depth = 2             # transformer head: blocks
+decoder_heads = 8             # transformer head: attention heads
 loss = "smooth_l1"            # smooth_l1 | mse | cosine
 smooth_l1_beta = 2.0          # FD's beta
+loss_on = "masked"            # masked (MD) | all (every patch, FD-style)
 mask = "block"                # block (BEiT) | random
 mask_ratio = BEIT_RATIO       # fraction of patches masked: 75/196
 # optimization (paper Table 1, BEiT v2 base column)
@@ -88,19 +93,27 @@ def main():
     try:
         cfg = ViTConfig.from_name(model, img_size=img_size, abs_pos=False, rel_pos="shared", qkv_bias="qv",
                                   layer_scale=layer_scale, drop_path=drop_path, mask_token=True)
-        for name, value, choices in (("loss", loss, MD_LOSSES), ("head", head, DECODER_HEADS), ("whitening", whitening, WHITENINGS)):
+        for name, value, choices in (("loss", loss, MD_LOSSES[:3]), ("head", head, DECODER_HEADS), ("whitening", whitening, WHITENINGS),
+                                     ("loss_on", loss_on, ("masked", "all"))):
             if value not in choices:
                 raise ValueError(f"unknown {name} '{value}': choose {', '.join(choices)}")
         root = resolve_data_dir(data_dir)
         mask_fn = MaskGenerator(mask, cfg.grid, mask_ratio)
         train_set = ImageFolder(os.path.join(root, "train"), TrainTransform(img_size, min_crop_scale, flip, color_jitter), mask_fn, seed)
         val_set = ImageFolder(os.path.join(root, "val"), EvalTransform(img_size), mask_fn, seed + 1) if os.path.isdir(os.path.join(root, "val")) else None
-        tch = load_teacher(teacher, teacher_path or None, teacher_layer, torch.bfloat16 if teacher_bf16 else None).to(ctx.device)
+        if target == "vqkd":
+            tok = load_tokenizer(tokenizer).to(ctx.device)
+            source_cfg, out_dim, target_flops = tok.encoder.config, tok.config["codebook_size"], tok.encoder.flops_per_image()
+        elif target == "features":
+            tch = load_teacher(teacher, teacher_path or None, teacher_layer, torch.bfloat16 if teacher_bf16 else None).to(ctx.device)
+            source_cfg, out_dim, target_flops = tch.vit.config, tch.out_dim, tch.vit.flops_per_image()
+        else:
+            raise ValueError(f"unknown target '{target}': choose features or vqkd")
     except (DataError, CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    if tch.vit.config.img_size != img_size or tch.vit.config.patch_size != cfg.patch_size:  # targets are per patch
-        raise SystemExit(f"error: teacher '{teacher}' takes {tch.vit.config.img_size} px / patch {tch.vit.config.patch_size}, "
-                         f"student {img_size} px / patch {cfg.patch_size}: the patch grids must match")
+    if source_cfg.img_size != img_size or source_cfg.patch_size != cfg.patch_size:  # targets are per patch
+        raise SystemExit(f"error: the {'tokenizer' if target == 'vqkd' else f'teacher {teacher!r}'} takes {source_cfg.img_size} px / patch "
+                         f"{source_cfg.patch_size}, the student {img_size} px / patch {cfg.patch_size}: the patch grids must match")
     train_loader, train_sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed, num_workers)
     iters_per_epoch = len(train_sampler) // micro_batch_size // accum
     if iters_per_epoch == 0:
@@ -109,8 +122,9 @@ def main():
     end_iter = min(stop_iter, max_iters) if stop_iter else max_iters
 
     student = ViT(cfg).to(ctx.device)
-    head_module = make_decoder_head(head, cfg.embed_dim, tch.out_dim).to(ctx.device)
-    md = MaskedDistillation(student, head_module, loss, smooth_l1_beta)
+    head_module = DecoderHead(head, cfg.embed_dim, out_dim, cfg.num_patches + 1, decoder_width, decoder_depth, decoder_heads).to(ctx.device)
+    md = MaskedDistillation(student, head_module, "ce" if target == "vqkd" else loss, smooth_l1_beta, loss_on)
+    whitener = Whitening(whitening, out_dim).to(ctx.device)
     optimizer = student.configure_optimizers(weight_decay, lr, (beta1, beta2),
                                              extra=[("decoder." + n, p) for n, p in head_module.named_parameters()])
     iter_num, best_val_loss = 0, float("inf")
@@ -118,6 +132,7 @@ def main():
         ckpt = load_resume(out_dir)
         student.load_state_dict(ckpt["model"])
         head_module.load_state_dict(ckpt["decoder"])
+        whitener.load_state_dict(ckpt["whitening"])
         optimizer.load_state_dict(ckpt["optimizer"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         set_rng_state(ckpt["rng"])
@@ -127,12 +142,16 @@ def main():
         train_model = DDP(train_model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
 
     def targets_of(images):
-        return whiten(tch(images)[:, 1:], whitening)  # (B, N, D_t): drop CLS, whiten per token
+        if target == "vqkd":
+            with torch.no_grad():
+                return tok.encode(images)[1]  # (B, N) code indices
+        return whitener(tch(images)[:, 1:])  # (B, N, D_t): drop CLS, whiten
 
     @torch.no_grad()
     def evaluate():
         """mean MD loss over (a fixed subset of) the val split, all ranks together"""
         md.eval()
+        whitener.eval()
         loader, _ = make_loader(val_set, micro_batch_size, False, ctx.rank, ctx.world_size, seed, num_workers, eval_images)
         total = torch.zeros(2, device=ctx.device)  # (sum of loss x images, images)
         for images, _, masks, _ in loader:
@@ -143,46 +162,37 @@ def main():
                 total += torch.stack([md(images, masks, targets_of(images)) * len(images), torch.tensor(float(len(images)), device=ctx.device)])
         ctx.all_reduce_sum(total)
         md.train()
+        whitener.train()
         return (total[0] / total[1].clamp(min=1)).item()
 
-    def checkpoint():
-        save_checkpoint(dict(model=student.state_dict(), decoder=head_module.state_dict(), model_args=cfg.to_dict(),
-                             config=config, optimizer=optimizer.state_dict(), iter_num=iter_num,
-                             best_val_loss=best_val_loss, rng=rng_state()), os.path.join(out_dir, "ckpt.pt"))
-
-    log(ctx, f"MD: teacher {teacher} -> student {model} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params), "
+    log(ctx, f"MD: {'tokenizer ' + tokenizer if target == 'vqkd' else 'teacher ' + teacher} -> student {model} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params), "
              f"{len(train_set)} train images, {iters_per_epoch} iters/epoch, {max_iters} iters, accumulation {accum}, {ctx.world_size} process(es) on {ctx.device}")
-    flops = (3 * student.flops_per_image() + tch.vit.flops_per_image())  # student fwd+bwd, teacher fwd
+    flops = 3 * student.flops_per_image() + target_flops  # student fwd+bwd, teacher (or tokenizer) fwd
     meter = Meter(flops, peak_flops(ctx.device))
     batches = micro_batches(train_loader, train_sampler, iter_num, accum, iters_per_epoch)
-    skipped = 0
-    bar = tqdm(total=end_iter, initial=iter_num, disable=None if ctx.master else True, desc="MD", dynamic_ncols=True)  # no bar in logs (non-tty)
-    md.train()
-    def step_loss(images, labels, masks):
-        targets = targets_of(images)
-        with ctx.autocast():
-            return train_model(images, masks, targets)
 
-    while iter_num < end_iter:
-        lr_now = cosine_lr(iter_num, max_iters, warmup_iters, lr, min_lr)
-        loss_value, n_skipped = train_iteration(ctx, train_model, optimizer, batches, accum, lr_now, grad_clip,
-                                                step_loss, iter_num, out_dir, meter)
-        skipped += n_skipped
-        iter_num += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        if iter_num % log_interval == 0 and ctx.master:
-            bar.write(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {meter.read(log_interval)}"
-                      + (f", {skipped} unreadable images skipped" if skipped else ""))
-        if iter_num % eval_interval == 0 or iter_num == end_iter:
-            if val_set is not None:
-                val_loss = evaluate()
-                best_val_loss = min(best_val_loss, val_loss)
-                if ctx.master:
-                    bar.write(f"iter {iter_num}: val loss {val_loss:.4f}")
+    def step(it, lr_now):
+        def step_loss(images, labels, masks):
+            targets = targets_of(images)
+            with ctx.autocast():
+                return train_model(images, masks, targets)
+        return train_iteration(ctx, train_model, optimizer, batches, accum, lr_now, grad_clip, step_loss, it, out_dir, meter)
+
+    def evaluate_and_save(it, write):
+        nonlocal best_val_loss
+        if val_set is not None:
+            val_loss = evaluate()
+            best_val_loss = min(best_val_loss, val_loss)
             if ctx.master:
-                checkpoint()
-    bar.close()
+                write(f"iter {it}: val loss {val_loss:.4f}")
+        if ctx.master:
+            save_checkpoint(dict(model=student.state_dict(), decoder=head_module.state_dict(), whitening=whitener.state_dict(), model_args=cfg.to_dict(),
+                                 config=config, optimizer=optimizer.state_dict(), iter_num=it,
+                                 best_val_loss=best_val_loss, rng=rng_state()), os.path.join(out_dir, "ckpt.pt"))
+
+    md.train()
+    iter_num = train_loop(ctx, "MD", iter_num, end_iter, lambda it: cosine_lr(it, max_iters, warmup_iters, lr, min_lr),
+                          step, meter, log_interval, eval_interval, evaluate_and_save)
     log(ctx, f"done: {iter_num} iterations, checkpoint {os.path.join(out_dir, 'ckpt.pt')}")
     ctx.close()
 

@@ -41,11 +41,11 @@ def test_patch_attention_drops_cls_and_renormalizes():
 
 def test_attention_distance_closed_forms():
     grid, patch = 4, 16
-    assert torch.allclose(attention_distance(identity_attention(grid), grid, patch), torch.zeros(1, 2))
+    assert torch.allclose(attention_distance(patch_attention(identity_attention(grid)), grid, patch), torch.zeros(1, 2))
     # uniform: the mean Euclidean distance over all ordered pairs of grid cells (self included), in pixels
     cells = [(y, x) for y in range(grid) for x in range(grid)]
     mean = sum(math.dist(p, q) for p in cells for q in cells) / len(cells) ** 2
-    assert torch.allclose(attention_distance(uniform_attention(grid), grid, patch), torch.full((1, 2), patch * mean), atol=1e-4)
+    assert torch.allclose(attention_distance(patch_attention(uniform_attention(grid)), grid, patch), torch.full((1, 2), patch * mean), atol=1e-4)
     # all attention on the right-hand neighbour (wrapping rows at the edge): distance = 1 patch for interior queries
     N = grid * grid
     a = torch.zeros(1, 1, N, N)
@@ -53,32 +53,32 @@ def test_attention_distance_closed_forms():
         y, x = divmod(q, grid)
         a[0, 0, q, y * grid + (x + 1) % grid] = 1.0
     expected = patch * ((grid - 1) * 1 + 1 * (grid - 1)) / grid  # grid-1 neighbours at 1, one wrap at grid-1 per row
-    assert attention_distance(with_cls(a), grid, patch).item() == pytest.approx(expected, rel=1e-5)
+    assert attention_distance(patch_attention(with_cls(a)), grid, patch).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_attention_entropy_closed_forms():
-    assert torch.allclose(attention_entropy(identity_attention(4)), torch.zeros(1, 2), atol=1e-6)
-    assert torch.allclose(attention_entropy(uniform_attention(4)), torch.full((1, 2), math.log(16)), atol=1e-5)
+    assert torch.allclose(attention_entropy(patch_attention(identity_attention(4))), torch.zeros(1, 2), atol=1e-6)
+    assert torch.allclose(attention_entropy(patch_attention(uniform_attention(4))), torch.full((1, 2), math.log(16)), atol=1e-5)
     # each query splits attention evenly over 2 keys: log 2
     N = 16
     a = torch.zeros(1, 1, N, N)
     for q in range(N):
         a[0, 0, q, q] = a[0, 0, q, (q + 1) % N] = 0.5
-    assert attention_entropy(with_cls(a)).item() == pytest.approx(math.log(2), rel=1e-5)
+    assert attention_entropy(patch_attention(with_cls(a))).item() == pytest.approx(math.log(2), rel=1e-5)
 
 
 def test_nmi_closed_forms():
-    assert torch.allclose(attention_nmi(identity_attention(4)), torch.ones(1, 2), atol=1e-5)
-    assert torch.allclose(attention_nmi(uniform_attention(4)), torch.zeros(1, 2), atol=1e-6)
+    assert torch.allclose(attention_nmi(patch_attention(identity_attention(4))), torch.ones(1, 2), atol=1e-5)
+    assert torch.allclose(attention_nmi(patch_attention(uniform_attention(4))), torch.zeros(1, 2), atol=1e-6)
     # every query attends to key 0 only: p(k) is a point mass, H(k) = 0, I = 0 -> NMI 0 (guarded, not NaN)
     a = torch.zeros(1, 1, 16, 16)
     a[..., 0] = 1.0
-    assert attention_nmi(with_cls(a)).item() == pytest.approx(0.0, abs=1e-6)
+    assert attention_nmi(patch_attention(with_cls(a))).item() == pytest.approx(0.0, abs=1e-6)
     # two blocks of 8 queries each spreading uniformly over their own 8 keys: I = log 2, H(k) = log 16, H(q) = log 16
     a = torch.zeros(1, 1, 16, 16)
     a[0, 0, :8, :8] = 1 / 8
     a[0, 0, 8:, 8:] = 1 / 8
-    assert attention_nmi(with_cls(a)).item() == pytest.approx(math.log(2) / math.log(16), rel=1e-5)
+    assert attention_nmi(patch_attention(with_cls(a))).item() == pytest.approx(math.log(2) / math.log(16), rel=1e-5)
 
 
 def test_fourier_single_cosine():

@@ -1,6 +1,5 @@
 """data/: masks, transforms, decoding of awkward files, sampling, the embedded dataset."""
 import io
-import math
 import os
 
 import numpy as np

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import ViT, ViTConfig
-from teacher import CheckpointError, load_model, load_teacher, whiten
+from teacher import CheckpointError, Whitening, load_model, load_teacher
 
 try:
     import timm
@@ -151,10 +151,29 @@ def test_teacher_bf16(tiny_teacher):
 
 def test_whitening_gives_zero_mean_unit_variance_per_token():
     x = torch.randn(2, 5, 64) * 7 + 3
-    w = whiten(x)
+    w = Whitening("ln", 64)(x)
     assert torch.allclose(w.mean(-1), torch.zeros(2, 5), atol=1e-5)
     assert torch.allclose(w.var(-1, unbiased=False), torch.ones(2, 5), atol=1e-4)
-    assert torch.equal(whiten(x, "none"), x)
+    assert torch.equal(Whitening("none", 64)(x), x)
+
+
+def test_batch_whitening_standardizes_each_channel_and_tracks_running_statistics():
+    g = torch.Generator().manual_seed(0)
+    scale, shift = torch.linspace(0.5, 5, 8), torch.linspace(-3, 3, 8)
+    bn = Whitening("bn", 8, momentum=0.5)
+    x = torch.randn(4, 50, 8, generator=g) * scale + shift
+    w = bn(x)  # training: this batch's statistics over images and tokens
+    assert torch.allclose(w.reshape(-1, 8).mean(0), torch.zeros(8), atol=1e-5)
+    assert torch.allclose(w.reshape(-1, 8).var(0, unbiased=False), torch.ones(8), atol=1e-3)
+    # running estimates move halfway (momentum 0.5) from (0, 1) to the batch's mean and unbiased variance
+    flat = x.reshape(-1, 8)
+    assert torch.allclose(bn.running_mean, 0.5 * flat.mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, 0.5 + 0.5 * flat.var(0), atol=1e-4)
+    bn.eval()  # eval: the running statistics, the same for every batch
+    y = torch.randn(1, 3, 8, generator=g)
+    assert torch.allclose(bn(y), (y - bn.running_mean) / torch.sqrt(bn.running_var + 1e-6), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown whitening"):
+        Whitening("zca", 8)
 
 
 # ---- bad input: one clear line each -------------------------------------------------------

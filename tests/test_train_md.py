@@ -1,4 +1,5 @@
 """MD pretraining: the loss, one step, exact resume, DDP, and the command line."""
+import math
 import os
 import socket
 import subprocess
@@ -6,9 +7,8 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from model import MaskedDistillation, ViT, ViTConfig, make_decoder_head
+from model import DecoderHead, MaskedDistillation, ViT, ViTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +17,7 @@ def md_model(loss="smooth_l1"):
     torch.manual_seed(0)
     cfg = ViTConfig.from_name("nano/4", abs_pos=False, rel_pos="shared", qkv_bias="qv", layer_scale=0.1, mask_token=True)
     student = ViT(cfg)
-    return MaskedDistillation(student, make_decoder_head("linear", cfg.embed_dim, 16), loss, 2.0)
+    return MaskedDistillation(student, DecoderHead("linear", cfg.embed_dim, 16), loss, 2.0)
 
 
 def batch(seed=0):
@@ -46,9 +46,9 @@ def test_loss_ignores_visible_patches():
 @pytest.mark.parametrize("loss", ["smooth_l1", "mse", "cosine"])
 def test_loss_closed_form_with_zero_prediction_head(loss):
     md = md_model(loss).eval()
-    torch.nn.init.zeros_(md.head.weight)
+    torch.nn.init.zeros_(md.head.out.weight)
     with torch.no_grad():
-        md.head.bias.copy_(torch.linspace(-1, 1, 16))
+        md.head.out.bias.copy_(torch.linspace(-1, 1, 16))
     images, masks, targets = batch(1)
     pred = torch.linspace(-1, 1, 16)  # the head outputs only its bias
     d = (pred - targets[masks]).abs()  # (M, 16)
@@ -173,3 +173,83 @@ def test_bad_input_is_one_clear_line(tiny_data, tiny_teacher, tmp_path, args, me
     lines = [line for line in result.stderr.strip().splitlines() if line]
     assert lines[-1].startswith(message), result.stderr[-1000:]
     assert "Traceback" not in result.stderr
+
+
+def test_optimized_paths_compute_the_same_loss():
+    """performance switches change no numbers: explicit vs fused attention, and torch.compile"""
+    md = md_model().eval()
+    images, masks, targets = batch(3)
+    with torch.no_grad():
+        fused = md(images, masks, targets)
+        for block in md.student.blocks:
+            block.attn.fused = False
+        explicit = md(images, masks, targets)
+        for block in md.student.blocks:
+            block.attn.fused = True
+    assert explicit.item() == pytest.approx(fused.item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager():
+    md = md_model()
+    images, masks, targets = batch(4)
+    eager = md(images, masks, targets)
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in md.named_parameters()}
+    md.zero_grad()
+    compiled = torch.compile(md)(images, masks, targets)
+    compiled.backward()
+    assert compiled.item() == pytest.approx(eager.item(), rel=1e-4)
+    for n, p in md.named_parameters():
+        assert torch.allclose(p.grad, grads[n], atol=1e-5, rtol=1e-3), n
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp", "transformer"])
+@pytest.mark.parametrize("loss", ["smooth_l1", "mse", "cosine", "ce"])
+def test_every_head_and_objective_trains_a_step(head, loss):
+    torch.manual_seed(0)
+    cfg = ViTConfig.from_name("nano/4", abs_pos=False, rel_pos="shared", qkv_bias="qv", layer_scale=0.1, mask_token=True)
+    out = 32 if loss == "ce" else 16  # ce: logits over a codebook of 32 codes
+    md = MaskedDistillation(ViT(cfg), DecoderHead(head, cfg.embed_dim, out, cfg.num_patches + 1, width=32, depth=1, heads=2), loss)
+    images, masks, targets = batch(5)
+    if loss == "ce":
+        targets = torch.randint(0, 32, (4, 64), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(md.parameters(), lr=3e-3)
+    before = md(images, masks, targets)
+    for _ in range(3):
+        opt.zero_grad()
+        md(images, masks, targets).backward()
+        opt.step()
+    with torch.no_grad():
+        assert md(images, masks, targets) < before
+
+
+def test_cross_entropy_on_codes_and_loss_on_all_patches():
+    md = md_model().eval()
+    md.loss = "ce"
+    torch.nn.init.zeros_(md.head.out.weight)
+    torch.nn.init.zeros_(md.head.out.bias)  # uniform logits over 16 codes: CE = log 16 for every patch
+    images, masks, _ = batch(6)
+    codes = torch.randint(0, 16, (4, 64))
+    assert md(images, masks, codes).item() == pytest.approx(math.log(16), rel=1e-6)
+    # loss_on='all' averages over every patch: a visible-patch target now matters
+    md.loss, md.loss_on = "mse", "all"
+    targets = torch.zeros(4, 64, 16)
+    with torch.no_grad():
+        md.head.out.bias.fill_(1.0)  # prediction 1 everywhere
+    assert md(images, masks, targets).item() == pytest.approx(1.0)
+    targets[~masks] = 1.0  # visible targets now equal the prediction: only masked patches (25 of 64) err
+    assert md(images, masks, targets).item() == pytest.approx(25 / 64)
+
+
+def test_transformer_head_sees_all_tokens():
+    """its output at a patch depends on other tokens (attention), unlike the linear head"""
+    torch.manual_seed(0)
+    head = DecoderHead("transformer", 8, 4, num_tokens=5, width=16, depth=1, heads=2).eval()
+    x = torch.randn(1, 5, 8)
+    y = x.clone()
+    y[0, 3] += 1.0  # change one token
+    a, b = head(x), head(y)
+    assert a.shape == (1, 4, 4) and not torch.allclose(a[0, 0], b[0, 0])
+    linear = DecoderHead("linear", 8, 4).eval()
+    assert torch.equal(linear(x)[0, 0], linear(y)[0, 0])

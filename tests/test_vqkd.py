@@ -1,0 +1,111 @@
+"""VQ-KD tokenizer: straight-through gradient, EMA codebook, dead codes, usage."""
+import math
+
+import pytest
+import torch
+
+from model import VQKD, ViTConfig, codebook_usage
+
+
+def tokenizer(K=16, **kw):
+    torch.manual_seed(0)
+    return VQKD(ViTConfig.from_name("nano/4"), teacher_dim=12, codebook_size=K, code_dim=4, **kw)
+
+
+def test_codes_are_the_nearest_entries_by_cosine():
+    vq = tokenizer()
+    z, codes = vq.encode(torch.rand(2, 3, 32, 32))
+    assert z.shape == (2, 64, 4) and codes.shape == (2, 64)
+    assert torch.allclose(z.norm(dim=-1), torch.ones(2, 64), atol=1e-5)
+    sims = torch.einsum("bnc,kc->bnk", z, vq.codebook)
+    assert torch.equal(codes, sims.argmax(-1))
+
+
+def test_straight_through_passes_the_gradient_to_the_encoder():
+    vq = tokenizer()
+    vq.eval()  # no EMA update: the codebook stays fixed during the check
+    images, targets = torch.rand(2, 3, 32, 32), torch.randn(2, 64, 12)
+    z, codes = vq.encode(images)
+    q = vq.codebook[codes]
+    z_leaf = z.detach().requires_grad_(True)
+    q_leaf = q.clone().requires_grad_(True)
+    # the reconstruction loss through the straight-through value ...
+    loss_st = 1 - torch.nn.functional.cosine_similarity(vq.decode(z_leaf + (q - z_leaf).detach()), targets, dim=-1).mean()
+    loss_st.backward()
+    # ... has, at z, exactly the gradient the same loss has at q
+    loss_q = 1 - torch.nn.functional.cosine_similarity(vq.decode(q_leaf), targets, dim=-1).mean()
+    loss_q.backward()
+    assert z_leaf.grad.abs().sum() > 0 and torch.allclose(z_leaf.grad, q_leaf.grad, atol=1e-6)
+    # and the whole loss reaches the encoder's weights
+    vq.zero_grad()
+    vq(images, targets)[0].backward()
+    assert vq.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_ema_moves_a_code_toward_its_assigned_vectors():
+    vq = tokenizer(K=4, decay=0.5, dead_threshold=0.0)
+    direction = torch.nn.functional.normalize(torch.tensor([1.0, 1.0, 0.0, 0.0]), dim=0)
+    z = direction.expand(1, 10, 4).clone()
+    k = int((z[0, 0] @ vq.codebook.T).argmax())
+    before = float(vq.codebook[k] @ direction)
+    old_sum = vq.ema_sum[k].clone()
+    vq.ema_update(z, torch.full((1, 10), k))
+    after = float(vq.codebook[k] @ direction)
+    assert after > before
+    # decay 0.5: the new sum is half the old sum plus half the sum of the 10 assigned vectors
+    expected = torch.nn.functional.normalize(0.5 * old_sum + 0.5 * 10 * direction, dim=0)
+    assert torch.allclose(vq.codebook[k], expected, atol=1e-6)
+
+
+def test_dead_codes_are_restarted_on_batch_vectors():
+    vq = tokenizer(K=8, decay=0.5, dead_threshold=0.5)
+    z = torch.nn.functional.normalize(torch.randn(1, 20, 4), dim=-1)
+    for _ in range(10):  # every assignment goes to code 0: the others starve
+        vq.ema_update(z, torch.zeros(1, 20, dtype=torch.long))
+    restarted = vq.codebook[1:]
+    # each restarted code is one of the batch vectors
+    assert all(torch.isclose(restarted[i] @ z[0].T, torch.tensor(1.0), atol=1e-5).any() for i in range(7))
+
+
+def test_codebook_usage_and_perplexity():
+    used, perplexity = codebook_usage(torch.tensor([5, 5, 0, 0]))
+    assert used == 0.5 and perplexity == pytest.approx(2.0)
+    used, perplexity = codebook_usage(torch.tensor([1, 1, 1, 1]))
+    assert used == 1.0 and perplexity == pytest.approx(4.0)
+    assert codebook_usage(torch.tensor([9, 0, 0, 0]))[1] == pytest.approx(1.0)
+
+
+def test_tokenizer_training_lowers_its_loss():
+    vq = tokenizer(K=32)
+    images, targets = torch.rand(4, 3, 32, 32), torch.randn(4, 64, 12)
+    opt = torch.optim.AdamW(vq.parameters(), lr=3e-3)
+    first = vq(images, targets)[0].item()
+    for _ in range(15):
+        opt.zero_grad()
+        loss, _ = vq(images, targets)
+        loss.backward()
+        opt.step()
+    assert vq(images, targets)[0].item() < first
+    assert math.isfinite(first)
+
+
+def test_tokenizer_then_md_on_codes_from_the_command_line(tiny_data, tiny_teacher, tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    common = [f"--data_dir={tiny_data}", "--img_size=32", "--total_batch_size=16", "--micro_batch_size=8", "--num_workers=0",
+              "--device=cpu", "--dtype=float32", "--log_interval=2", "--epochs=1"]
+    r = subprocess.run([sys.executable, "train_vqkd.py", *common, f"--teacher={tiny_teacher}", "--model=nano/4", "--codebook_size=64",
+                        "--stop_iter=4", "--collapse_threshold=0.99", f"--out_dir={tmp_path / 'tok'}"],
+                       capture_output=True, text=True, cwd=root, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout + r.stderr
+    assert "codebook usage" in out and "perplexity" in out and "COLLAPSE" in out  # 64 codes, threshold 99%: reported
+    r = subprocess.run([sys.executable, "train_md.py", *common, "--target=vqkd", f"--tokenizer={tmp_path / 'tok' / 'tokenizer.pt'}",
+                        "--model=nano/4", "--compile=False", "--stop_iter=2", f"--out_dir={tmp_path / 'md'}"],
+                       capture_output=True, text=True, cwd=root, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "md" / "ckpt.pt", weights_only=True)
+    assert ckpt["decoder"]["out.weight"].shape[0] == 64  # logits over the 64 codes
+    assert 0 < ckpt["best_val_loss"] < 2 * math.log(64)
