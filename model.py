@@ -484,6 +484,7 @@ class VQKD(nn.Module):
         self.register_buffer("codebook", F.normalize(torch.randn(codebook_size, code_dim), dim=-1))
         self.register_buffer("ema_count", torch.ones(codebook_size) / codebook_size)
         self.register_buffer("ema_sum", self.codebook.clone())
+        self.register_buffer("initialized", torch.tensor(False))  # the codebook starts on the first batch's vectors
         self.decoder_in = nn.Linear(code_dim, D)
         self.decoder_pos = nn.Parameter(torch.randn(1, cfg.num_patches, D) * 0.02)
         self.decoder = nn.ModuleList([Block(cfg) for _ in range(decoder_depth)])
@@ -516,6 +517,14 @@ class VQKD(nn.Module):
     def ema_update(self, z, codes):
         K, decay = self.codebook.shape[0], self.config["decay"]
         flat, idx = z.reshape(-1, z.shape[-1]), codes.reshape(-1)
+        if not self.initialized:  # data-dependent init: random encoder vectors, not random directions
+            pick = torch.randint(0, flat.shape[0], (K,), device=flat.device)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.broadcast(flat, 0)
+            self.codebook.copy_(flat[pick])
+            self.ema_sum.copy_(flat[pick])
+            self.initialized.fill_(True)
+            return
         count = torch.bincount(idx, minlength=K).to(flat.dtype)
         total = torch.zeros_like(self.ema_sum).index_add_(0, idx, flat)
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -8,6 +8,7 @@ teacher = "embedded"
 model = "tiny/4"
 img_size = 32
 codebook_size = 512
+ema_decay = 0.9               # faster than 0.99: a short run, and dead codes restart sooner
 epochs = 8
 warmup_epochs = 1
 total_batch_size = 64

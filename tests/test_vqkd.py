@@ -7,9 +7,19 @@ import torch
 from model import VQKD, ViTConfig, codebook_usage
 
 
-def tokenizer(K=16, **kw):
+def tokenizer(K=16, initialized=True, **kw):
     torch.manual_seed(0)
-    return VQKD(ViTConfig.from_name("nano/4"), teacher_dim=12, codebook_size=K, code_dim=4, **kw)
+    vq = VQKD(ViTConfig.from_name("nano/4"), teacher_dim=12, codebook_size=K, code_dim=4, **kw)
+    vq.initialized.fill_(initialized)
+    return vq
+
+
+def test_codebook_starts_on_the_first_batch_vectors():
+    vq = tokenizer(K=8, initialized=False)
+    z = torch.nn.functional.normalize(torch.randn(1, 20, 4), dim=-1)
+    vq.ema_update(z, torch.zeros(1, 20, dtype=torch.long))
+    assert bool(vq.initialized)
+    assert all(torch.isclose(vq.codebook[i] @ z[0].T, torch.tensor(1.0), atol=1e-5).any() for i in range(8))
 
 
 def test_codes_are_the_nearest_entries_by_cosine():
