@@ -427,15 +427,20 @@ def plot_classifier(plt, metric, results):
 def parse_args(argv):
     """--key=value options (defaults above) and positional model arguments; one clear line on error"""
     opts, models = dict(DEFAULTS), []
-    for arg in argv:
+    args = iter(argv)
+    for arg in args:
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
-            if key not in opts or not eq:
-                raise SystemExit(f"error: unknown option '{arg}': use --key=value with key in {', '.join(opts)}")
+            if key not in opts:
+                raise SystemExit(f"error: unknown option '--{key}': options are {', '.join('--' + k for k in opts)}")
+            if not eq:  # --key value
+                value = next(args, None)
+                if value is None:
+                    raise SystemExit(f"error: option '--{key}' needs a value")
             try:
                 opts[key] = type(DEFAULTS[key])(value)
             except ValueError:
-                raise SystemExit(f"error: {arg}: '{key}' must be {type(DEFAULTS[key]).__name__}") from None
+                raise SystemExit(f"error: --{key}={value}: '{key}' must be {type(DEFAULTS[key]).__name__}") from None
         else:
             models.append(arg)
     if opts["metric"] not in METRICS + ("all",):

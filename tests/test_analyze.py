@@ -163,7 +163,14 @@ def test_metric_runs_on_vit_b_at_224(tmp_path):
     (["--metric=svd", "{teacher}", "--n_images=1"], "error: the image-level spectrum needs at least 2 images (n_images=1)"),
     (["--metric=nmi", "/no/such.pt"], "error: checkpoint '/no/such.pt' not found"),
     (["--metric=nmi"], "error: no model given"),
+    (["--metric=nmi", "{teacher}", "--n_imgs=3"], "error: unknown option '--n_imgs': options are --metric, --data"),
 ])
 def test_bad_input(tiny_teacher, tiny_data, args, message):
     result = run_analyze([a.format(teacher=tiny_teacher) for a in args] + [f"--data={tiny_data}"])
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-1000:]
+
+
+def test_options_take_the_value_after_a_space(tiny_data, tiny_teacher, tmp_path):
+    result = run_analyze(["--metric", "nmi", tiny_teacher, "--data", tiny_data, "--n_images", "4", "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert json.load(open(tmp_path / "nmi.json"))["settings"]["n_images"] == 4
