@@ -115,8 +115,27 @@ def accumulation_steps(total_batch_size, micro_batch_size, world_size):
     return total_batch_size // per_step
 
 
+def wrap_for_training(model, ctx, compile):
+    """torch.compile (optional), then DDP under torchrun; the unwrapped model is what gets saved"""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    wrapped = torch.compile(model) if compile else model
+    if ctx.ddp:
+        wrapped = DDP(wrapped, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
+    return wrapped
+
+
 # ----------------------------------------------------------------------------------------
 # schedule and data position
+
+def schedule_lengths(sampler, micro_batch_size, accum, epochs, warmup_epochs, stop_iter):
+    """-> iterations per epoch (whole optimizer steps), total, warmup, and where this run stops"""
+    iters_per_epoch = len(sampler) // micro_batch_size // accum
+    if iters_per_epoch == 0:
+        raise SystemExit(f"error: {len(sampler)} training images per process are fewer than one optimizer step "
+                         f"({micro_batch_size} x {accum} accumulation steps): lower total_batch_size")
+    max_iters = epochs * iters_per_epoch
+    return iters_per_epoch, max_iters, warmup_epochs * iters_per_epoch, min(stop_iter, max_iters) if stop_iter else max_iters
+
 
 def cosine_lr(it, max_iters, warmup_iters, lr, min_lr):
     """linear warmup from 0 to lr, then cosine to min_lr at max_iters"""

@@ -19,10 +19,10 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, load_resume, log,
-                    micro_batches, peak_flops, rng_state, save_checkpoint, set_rng_state, train_iteration, train_loop)
+                    micro_batches, peak_flops, rng_state, save_checkpoint, schedule_lengths, set_rng_state, train_iteration,
+                    train_loop, wrap_for_training)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
 from hessian import hutchinson_trace, top_eigenvalues
@@ -189,11 +189,7 @@ def main():
     optimizer = vit.configure_optimizers(weight_decay, lr, (beta1, beta2), layer_decay if layer_decay < 1 else None)
 
     train_loader, train_sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed, num_workers)
-    iters_per_epoch = len(train_sampler) // micro_batch_size // accum
-    if iters_per_epoch == 0:
-        raise SystemExit(f"error: {len(train_set)} training images are fewer than one batch of {total_batch_size}: lower total_batch_size")
-    max_iters, warmup_iters = epochs * iters_per_epoch, warmup_epochs * iters_per_epoch
-    end_iter = min(stop_iter, max_iters) if stop_iter else max_iters
+    iters_per_epoch, max_iters, warmup_iters, end_iter = schedule_lengths(train_sampler, micro_batch_size, accum, epochs, warmup_epochs, stop_iter)
     every = eval_interval or iters_per_epoch
 
     iter_num, best_top1 = 0, 0.0
@@ -204,9 +200,7 @@ def main():
         iter_num, best_top1 = ckpt["iter_num"], ckpt["best_top1"]
         set_rng_state(ckpt["rng"])
         log(ctx, f"resumed from {out_dir}/ckpt.pt at iteration {iter_num}")
-    train_model = torch.compile(vit) if compile else vit
-    if ctx.ddp:
-        train_model = DDP(train_model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
+    train_model = wrap_for_training(vit, ctx, compile)
     mix_generator = torch.Generator().manual_seed(seed * 7919 + ctx.rank)
 
     @torch.no_grad()

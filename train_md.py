@@ -17,10 +17,10 @@ import os
 import sys
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, load_resume, log,
-                    micro_batches, peak_flops, rng_state, save_checkpoint, set_rng_state, train_iteration, train_loop)
+                    micro_batches, peak_flops, rng_state, save_checkpoint, schedule_lengths, set_rng_state, train_iteration,
+                    train_loop, wrap_for_training)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.masks import BEIT_RATIO, MaskGenerator
 from model import DECODER_HEADS, MD_LOSSES, DecoderHead, MaskedDistillation, ViT, ViTConfig
@@ -115,11 +115,7 @@ def main():
         raise SystemExit(f"error: the {'tokenizer' if target == 'vqkd' else f'teacher {teacher!r}'} takes {source_cfg.img_size} px / patch "
                          f"{source_cfg.patch_size}, the student {img_size} px / patch {cfg.patch_size}: the patch grids must match")
     train_loader, train_sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed, num_workers)
-    iters_per_epoch = len(train_sampler) // micro_batch_size // accum
-    if iters_per_epoch == 0:
-        raise SystemExit(f"error: {len(train_set)} training images are fewer than one batch of {total_batch_size}: lower total_batch_size")
-    max_iters, warmup_iters = epochs * iters_per_epoch, warmup_epochs * iters_per_epoch
-    end_iter = min(stop_iter, max_iters) if stop_iter else max_iters
+    iters_per_epoch, max_iters, warmup_iters, end_iter = schedule_lengths(train_sampler, micro_batch_size, accum, epochs, warmup_epochs, stop_iter)
 
     student = ViT(cfg).to(ctx.device)
     head_module = DecoderHead(head, cfg.embed_dim, out_dim, cfg.num_patches + 1, decoder_width, decoder_depth, decoder_heads).to(ctx.device)
@@ -137,9 +133,7 @@ def main():
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         set_rng_state(ckpt["rng"])
         log(ctx, f"resumed from {out_dir}/ckpt.pt at iteration {iter_num}")
-    train_model = torch.compile(md) if compile else md
-    if ctx.ddp:
-        train_model = DDP(train_model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
+    train_model = wrap_for_training(md, ctx, compile)
 
     def targets_of(images):
         if target == "vqkd":

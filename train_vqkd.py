@@ -14,10 +14,10 @@ import os
 import sys
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, load_resume, log, micro_batches,
-                    peak_flops, rng_state, save_checkpoint, set_rng_state, train_iteration, train_loop)
+                    peak_flops, rng_state, save_checkpoint, schedule_lengths, set_rng_state, train_iteration,
+                    train_loop, wrap_for_training)
 from data import DataError, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from model import VQKD, ViTConfig, codebook_usage
 from teacher import CheckpointError, load_teacher
@@ -78,11 +78,7 @@ def main():
     optimizer = vq.encoder.configure_optimizers(weight_decay, lr, (beta1, beta2),
                                                 extra=[(n, p) for n, p in vq.named_parameters() if not n.startswith("encoder.")])
     loader, sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed, num_workers)
-    iters_per_epoch = len(sampler) // micro_batch_size // accum
-    if iters_per_epoch == 0:
-        raise SystemExit(f"error: {len(train_set)} training images are fewer than one batch of {total_batch_size}: lower total_batch_size")
-    max_iters, warmup_iters = epochs * iters_per_epoch, warmup_epochs * iters_per_epoch
-    end_iter = min(stop_iter, max_iters) if stop_iter else max_iters
+    iters_per_epoch, max_iters, warmup_iters, end_iter = schedule_lengths(sampler, micro_batch_size, accum, epochs, warmup_epochs, stop_iter)
     path = os.path.join(out_dir, "tokenizer.pt")
     iter_num = 0
     if resume:
@@ -92,9 +88,7 @@ def main():
         iter_num = ckpt["iter_num"]
         set_rng_state(ckpt["rng"])
         log(ctx, f"resumed from {path} at iteration {iter_num}")
-    train_model = torch.compile(vq) if compile else vq
-    if ctx.ddp:
-        train_model = DDP(train_model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
+    train_model = wrap_for_training(vq, ctx, compile)
     meter = Meter(3 * vq.encoder.flops_per_image() + tch.vit.flops_per_image(), peak_flops(ctx.device))
     batches = micro_batches(loader, sampler, iter_num, accum, iters_per_epoch)
     counts = torch.zeros(codebook_size, device=ctx.device)  # code assignments since the last log line

@@ -153,9 +153,11 @@ def test_metric_runs_on_vit_b_at_224(tmp_path):
     cfg = ViTConfig.from_name("B/16")
     path = tmp_path / "vitb.pt"
     torch.save(dict(model=ViT(cfg).state_dict(), model_args=cfg.to_dict(), config={}), path)
-    result = run_analyze(["--metric=nmi", str(path), "--n_images=2", "--batch_size=2", f"--out={tmp_path}"])
+    result = run_analyze(["--metric=all", str(path), "--n_images=2", "--batch_size=2", f"--out={tmp_path}"])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert len(json.load(open(tmp_path / "nmi.json"))["models"]["vitb"]["per_layer"]) == 12
+    for metric in ("attn_distance", "attn_entropy", "nmi", "fourier", "svd"):
+        assert len(json.load(open(tmp_path / f"{metric}.json"))["models"]["vitb"]["per_layer"]) == 12
+    assert json.load(open(tmp_path / "fourier.json"))["models"]["vitb"]["frequencies_pi"][-1] == pytest.approx(6 / 7)
 
 
 @pytest.mark.parametrize("args, message", [
