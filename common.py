@@ -253,12 +253,19 @@ def save_checkpoint(checkpoint, path):
         raise SystemExit(f"error: could not write {path} ({e.strerror or e}); the previous checkpoint is kept") from None
 
 
-def load_resume(out_dir, name="ckpt.pt"):
+def resume_from(ctx, path, optimizer, **modules):
+    """Load a run's checkpoint: each module from the entry of its name, the optimizer, the RNG.
+    -> the checkpoint (for iter_num and the rest)."""
     from teacher import read_checkpoint
-    path = os.path.join(out_dir, name)
     if not os.path.exists(path):
         raise SystemExit(f"error: --resume=True but there is no checkpoint at {path}: start without --resume")
-    return read_checkpoint(path)
+    ckpt = read_checkpoint(path)
+    for key, module in modules.items():
+        module.load_state_dict(ckpt[key])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    log(ctx, f"resumed from {path} at iteration {ckpt['iter_num']}")
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------

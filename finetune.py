@@ -20,8 +20,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, load_resume, log,
-                    micro_batches, peak_flops, rng_state, save_checkpoint, schedule_lengths, set_rng_state, train_iteration,
+from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, log,
+                    micro_batches, peak_flops, rng_state, resume_from, save_checkpoint, schedule_lengths, train_iteration,
                     train_loop, wrap_for_training)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
@@ -194,12 +194,8 @@ def main():
 
     iter_num, best_top1 = 0, 0.0
     if resume:
-        ckpt = load_resume(out_dir)
-        vit.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = resume_from(ctx, os.path.join(out_dir, "ckpt.pt"), optimizer, model=vit)
         iter_num, best_top1 = ckpt["iter_num"], ckpt["best_top1"]
-        set_rng_state(ckpt["rng"])
-        log(ctx, f"resumed from {out_dir}/ckpt.pt at iteration {iter_num}")
     train_model = wrap_for_training(vit, ctx, compile)
     mix_generator = torch.Generator().manual_seed(seed * 7919 + ctx.rank)
 

@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, load_resume, log,
-                    micro_batches, peak_flops, rng_state, save_checkpoint, schedule_lengths, set_rng_state, train_iteration,
+from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, log,
+                    micro_batches, peak_flops, rng_state, resume_from, save_checkpoint, schedule_lengths, train_iteration,
                     train_loop, wrap_for_training)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.masks import BEIT_RATIO, MaskGenerator
@@ -125,14 +125,8 @@ def main():
                                              extra=[("decoder." + n, p) for n, p in head_module.named_parameters()])
     iter_num, best_val_loss = 0, float("inf")
     if resume:
-        ckpt = load_resume(out_dir)
-        student.load_state_dict(ckpt["model"])
-        head_module.load_state_dict(ckpt["decoder"])
-        whitener.load_state_dict(ckpt["whitening"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = resume_from(ctx, os.path.join(out_dir, "ckpt.pt"), optimizer, model=student, decoder=head_module, whitening=whitener)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        set_rng_state(ckpt["rng"])
-        log(ctx, f"resumed from {out_dir}/ckpt.pt at iteration {iter_num}")
     train_model = wrap_for_training(md, ctx, compile)
 
     def targets_of(images):

@@ -15,8 +15,8 @@ import sys
 
 import torch
 
-from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, load_resume, log, micro_batches,
-                    peak_flops, rng_state, save_checkpoint, schedule_lengths, set_rng_state, train_iteration,
+from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, log, micro_batches,
+                    peak_flops, rng_state, resume_from, save_checkpoint, schedule_lengths, train_iteration,
                     train_loop, wrap_for_training)
 from data import DataError, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from model import VQKD, ViTConfig, codebook_usage
@@ -82,12 +82,7 @@ def main():
     path = os.path.join(out_dir, "tokenizer.pt")
     iter_num = 0
     if resume:
-        ckpt = load_resume(out_dir, "tokenizer.pt")
-        vq.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        iter_num = ckpt["iter_num"]
-        set_rng_state(ckpt["rng"])
-        log(ctx, f"resumed from {path} at iteration {iter_num}")
+        iter_num = resume_from(ctx, path, optimizer, model=vq)["iter_num"]
     train_model = wrap_for_training(vq, ctx, compile)
     meter = Meter(3 * vq.encoder.flops_per_image() + tch.vit.flops_per_image(), peak_flops(ctx.device))
     batches = micro_batches(loader, sampler, iter_num, accum, iters_per_epoch)

@@ -253,3 +253,15 @@ def test_transformer_head_sees_all_tokens():
     assert a.shape == (1, 4, 4) and not torch.allclose(a[0, 0], b[0, 0])
     linear = DecoderHead("linear", 8, 4).eval()
     assert torch.equal(linear(x)[0, 0], linear(y)[0, 0])
+
+
+def test_ablation_flags_reach_the_run(tiny_data, tiny_teacher, tmp_path):
+    """--head, --decoder_*, --whitening=bn, --loss_on, --mask, --teacher_layer end up in the trained objects"""
+    result = run_md(["--head=transformer", "--decoder_depth=1", "--decoder_width=24", "--decoder_heads=2", "--whitening=bn",
+                     "--loss_on=all", "--mask=random", "--mask_ratio=0.5", "--teacher_layer=1", "--stop_iter=2",
+                     f"--out_dir={tmp_path}"], tiny_data, tiny_teacher)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = load(tmp_path / "ckpt.pt")
+    assert ckpt["decoder"]["proj_in.weight"].shape == (24, 48) and "blocks.1.norm1.weight" not in ckpt["decoder"]
+    assert ckpt["whitening"]["running_var"].shape == (48,) and not torch.equal(ckpt["whitening"]["running_var"], torch.ones(48))
+    assert ckpt["config"]["loss_on"] == "all" and ckpt["config"]["teacher_layer"] == 1
