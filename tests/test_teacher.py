@@ -28,22 +28,23 @@ def randomized_state_dict(module, seed):
             if v.is_floating_point() else v for k, v in module.state_dict().items()}
 
 
+def reference_model(library, name, build, seed):
+    """a model of a reference library with random weights; the test skips where it is not installed"""
+    if library is None:
+        pytest.skip(f"{name} not installed (pip install -r requirements-dev.txt)")
+    m = build().eval()
+    m.load_state_dict(randomized_state_dict(m, seed))
+    return m
+
+
 @pytest.fixture(scope="module")
 def timm_vit():
-    if timm is None:
-        pytest.skip("timm not installed (pip install -r requirements-dev.txt)")
-    m = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
-    m.load_state_dict(randomized_state_dict(m, 1))
-    return m
+    return reference_model(timm, "timm", lambda: timm.create_model("vit_base_patch16_224", pretrained=False), 1)
 
 
 @pytest.fixture(scope="module")
 def clip_model():
-    if open_clip is None:
-        pytest.skip("open_clip not installed (pip install -r requirements-dev.txt)")
-    m = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).eval()
-    m.load_state_dict(randomized_state_dict(m, 2))
-    return m
+    return reference_model(open_clip, "open_clip", lambda: open_clip.create_model("ViT-B-16-quickgelu", pretrained=None), 2)
 
 
 @pytest.fixture(scope="module")
