@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common import pyplot
 from data import IMAGE_EXTENSIONS, DataError, EvalTransform, ImageFolder, collate, load_image, resolve_data_dir
 from hessian import hutchinson_trace, loss_landscape, mean_loss, top_eigenvalues
 from teacher import CheckpointError, load_model
@@ -279,16 +280,6 @@ def summarize(metric, stats, cfg):
 
 # ----------------------------------------------------------------------------------------
 # figures (matplotlib is optional: without it only the JSON is written)
-
-def pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        return None
-
 
 def plot(metric, results, path, maps=None, settings=None):
     plt = pyplot()

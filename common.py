@@ -5,7 +5,6 @@ torchrun/DDP set-up, the lr schedule, resumable data position, atomic checkpoint
 import ast
 import math
 import os
-import sys
 import time
 
 import torch
@@ -311,4 +310,14 @@ class Meter:
 def log(ctx, *args):
     if ctx.master:
         print(*args, flush=True)
-        sys.stdout.flush()
+
+
+def pyplot():
+    """matplotlib's pyplot (headless), or None where the optional extra is not installed"""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        return None

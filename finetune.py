@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, log,
-                    micro_batches, peak_flops, rng_state, resume_from, save_checkpoint, schedule_lengths, train_iteration,
+                    micro_batches, peak_flops, pyplot, rng_state, resume_from, save_checkpoint, schedule_lengths, train_iteration,
                     train_loop, wrap_for_training)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
@@ -109,9 +109,6 @@ def build_model(num_classes):
         raise CheckpointError(f"'{init}' does not fit the fine-tuning model: missing {fresh[:4]}, unexpected {unexpected[:4]}")
     if not keep_head:  # BEiT: a near-zero new head, so the first steps do not disturb the features
         vit.head.weight.data.mul_(0.001)
-    for name, p in vit.named_parameters():  # per-layer tables the checkpoint lacked start at zero
-        if "attn.rel_pos." in name and name in missing:
-            p.data.zero_()
     return vit, f"from {init}"
 
 
@@ -139,11 +136,8 @@ def print_summary(root):
     print(f"{'init':<28} {'frozen':>6} {'lr':>9} {'top-1':>7} {'top-5':>7}  run")
     for init_, frozen, lr_, top1, top5, run in sorted(runs):
         print(f"{init_[-28:]:<28} {frozen:>6} {lr_:>9.2e} {top1:>7.2f} {top5:>7.2f}  {run}")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("(pip install matplotlib for the figure)")
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
