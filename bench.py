@@ -23,8 +23,9 @@ from common import peak_flops
 from data import TrainTransform, load_image
 from data.masks import BEIT_RATIO, MaskGenerator
 from hessian import hessian_vector_product
-from model import DecoderHead, MaskedDistillation, ViT, ViTConfig
+from model import DecoderHead, MDStudent, ViT, ViTConfig
 from teacher import Teacher, Whitening
+from train_md import md_loss
 
 args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "1") for a in sys.argv[1:])
 QUICK = "quick" in args
@@ -62,7 +63,7 @@ def batch_for(size):
 
 
 def md_setup(size, fused=True):
-    cfg = ViTConfig.from_name(size, abs_pos=False, rel_pos="shared", qkv_bias="qv", layer_scale=0.1, mask_token=True)
+    cfg = ViTConfig.beit_v2(size, mask_token=True)
     torch.manual_seed(0)
     student = ViT(cfg).to(DEVICE)
     teacher_vit = ViT(ViTConfig.from_name(size)).to(DEVICE)  # a DeiT-like teacher of the same size
@@ -70,8 +71,9 @@ def md_setup(size, fused=True):
         for block in m.blocks:
             block.attn.fused = fused
     head = DecoderHead("linear", cfg.embed_dim, cfg.embed_dim).to(DEVICE)
-    md = MaskedDistillation(student, head)
-    opt = student.configure_optimizers(0.05, 1e-4, (0.9, 0.98), extra=[("decoder." + n, p) for n, p in head.named_parameters()])
+    md = MDStudent(student, head)
+    head_params = [("decoder." + n, p) for n, p in head.named_parameters()]
+    opt = student.configure_optimizers(0.05, 1e-4, (0.9, 0.98), extra=head_params)
     B = batch_for(size)
     g = np.random.default_rng(0)
     images = torch.rand(B, 3, cfg.img_size, cfg.img_size, device=DEVICE)
@@ -96,7 +98,8 @@ def bench_md(size, dtype="fp32", compiled=False, fused=True, teacher_bf16=True):
     def step():
         targets = teacher_only()
         with autocast(dtype):
-            loss = model(images, masks, targets)
+            pred = model(images, masks)
+        loss = md_loss(pred, targets, masks)  # train_md.py's R (its defaults: smooth L1, masked patches)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -1,11 +1,17 @@
 """
-The training skeleton shared by train_md.py and finetune.py: --key=value overrides,
-torchrun/DDP set-up, the lr schedule, resumable data position, atomic checkpoints, MFU.
+Leaf helpers the scripts share, values in and values out: --key=value overrides, the torchrun/DDP
+context, the lr schedule, the data position, the non-finite flag, checkpoint write / read / resume,
+the download with its SHA-256 check, the MFU meter, logging. Nothing here imports the project and
+nothing here runs a training loop: each script writes its own.
 """
 import ast
+import hashlib
 import math
 import os
+import pickle
 import time
+import urllib.request
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -34,7 +40,8 @@ def apply_overrides(config, argv):
     """Update `config` (a script's globals) in place from config files (python files of
     assignments) and --key=value arguments, then return the settings as a plain dict. Keys must
     exist; values keep the default's type. Anything wrong exits with one line."""
-    keys = sorted(k for k, v in config.items() if not k.startswith("_") and not k.isupper() and isinstance(v, (bool, int, float, str)))
+    keys = sorted(k for k, v in config.items()
+                  if not k.startswith("_") and not k.isupper() and isinstance(v, (bool, int, float, str)))
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
@@ -45,7 +52,8 @@ def apply_overrides(config, argv):
             try:
                 config[key] = parse_value(raw, config[key])
             except (ValueError, SyntaxError):
-                raise SystemExit(f"error: {arg}: '{key}' must be {type(config[key]).__name__} like the default {config[key]!r}") from None
+                kind = type(config[key]).__name__
+                raise SystemExit(f"error: {arg}: '{key}' must be {kind} like the default {config[key]!r}") from None
         else:
             if not os.path.isfile(arg):
                 raise SystemExit(f"error: config file '{arg}' not found (options are --key=value)")
@@ -55,11 +63,13 @@ def apply_overrides(config, argv):
                 if key.startswith("_"):
                     continue
                 if key not in keys:
-                    raise SystemExit(f"error: unknown option '{key}' in {arg}: valid options are {', '.join(keys)}")
+                    valid = ", ".join(keys)
+                    raise SystemExit(f"error: unknown option '{key}' in {arg}: valid options are {valid}")
                 if isinstance(config[key], float) and type(value) is int:
                     value = float(value)
                 if type(value) is not type(config[key]):
-                    raise SystemExit(f"error: {arg}: '{key}' must be {type(config[key]).__name__}, got {value!r}")
+                    kind = type(config[key]).__name__
+                    raise SystemExit(f"error: {arg}: '{key}' must be {kind}, got {value!r}")
                 config[key] = value
     return {k: config[k] for k in keys}
 
@@ -75,11 +85,14 @@ class Context:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.ddp:
-            self.rank, self.local_rank, self.world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+            self.rank = int(os.environ["RANK"])
+            self.local_rank = int(os.environ["LOCAL_RANK"])
+            self.world_size = int(os.environ["WORLD_SIZE"])
             if device.startswith("cuda"):
                 device = f"cuda:{self.local_rank}"
                 torch.cuda.set_device(device)
-            dist.init_process_group(backend=backend or ("nccl" if device.startswith("cuda") else "gloo"))
+            default_backend = "nccl" if device.startswith("cuda") else "gloo"
+            dist.init_process_group(backend=backend or default_backend)
         else:
             self.rank, self.local_rank, self.world_size = 0, 0, 1
         self.device = device
@@ -93,7 +106,8 @@ class Context:
         self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
     def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None)
+        enabled = self.autocast_dtype is not None
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled)
 
     def all_reduce_sum(self, tensor):
         if self.ddp:
@@ -109,8 +123,8 @@ def accumulation_steps(total_batch_size, micro_batch_size, world_size):
     """Gradient accumulation from the total batch: total = micro x world x accum, exactly."""
     per_step = micro_batch_size * world_size
     if total_batch_size % per_step:
-        raise SystemExit(f"error: total_batch_size {total_batch_size} is not divisible by micro_batch_size x world size "
-                         f"= {micro_batch_size} x {world_size}: choose a total that is a multiple of {per_step}")
+        raise SystemExit(f"error: total_batch_size {total_batch_size} is not divisible by micro_batch_size x "
+                         f"world size = {micro_batch_size} x {world_size}: choose a multiple of {per_step}")
     return total_batch_size // per_step
 
 
@@ -133,7 +147,8 @@ def schedule_lengths(sampler, micro_batch_size, accum, epochs, warmup_epochs, st
         raise SystemExit(f"error: {len(sampler)} training images per process are fewer than one optimizer step "
                          f"({micro_batch_size} x {accum} accumulation steps): lower total_batch_size")
     max_iters = epochs * iters_per_epoch
-    return iters_per_epoch, max_iters, warmup_epochs * iters_per_epoch, min(stop_iter, max_iters) if stop_iter else max_iters
+    end_iter = min(stop_iter, max_iters) if stop_iter else max_iters
+    return iters_per_epoch, max_iters, warmup_epochs * iters_per_epoch, end_iter
 
 
 def cosine_lr(it, max_iters, warmup_iters, lr, min_lr):
@@ -158,62 +173,85 @@ def micro_batches(loader, sampler, start_iter, accum, iters_per_epoch):
         epoch, start = epoch + 1, 0
 
 
-def train_iteration(ctx, train_model, optimizer, batches, accum, lr_now, grad_clip, step_loss, iter_num, out_dir, meter):
-    """One optimizer step: lr = lr_now x each group's lr_scale; `accum` micro-batches with the
-    gradient all-reduce only on the last one under DDP; global grad-norm clip; AdamW step.
-    step_loss(images, labels, masks) -> scalar loss. A non-finite loss or gradient stops the
-    run with one line (the last checkpoint, written before, stays good).
-    Returns (loss of the last micro-batch, number of unreadable images skipped)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr_now * group["lr_scale"]
-    loss, skipped = torch.zeros(()), 0
-    for micro in range(accum):
-        images, labels, masks, n_skipped = next(batches)
-        skipped += n_skipped
-        if images is None:
-            continue
-        if ctx.ddp:
-            train_model.require_backward_grad_sync = micro == accum - 1
-        to = dict(device=ctx.device, non_blocking=True)
-        loss = step_loss(images.to(**to), labels.to(**to), masks.to(**to) if masks is not None else None)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: iteration {iter_num}: loss is {loss.item()}; stopping, the last good checkpoint is in {out_dir}")
-        (loss / accum).backward()
-        meter.update(len(images) * ctx.world_size)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    if not torch.isfinite(grad_norm):
-        raise SystemExit(f"error: iteration {iter_num}: gradient norm is {grad_norm.item()}; stopping, the last good checkpoint is in {out_dir}")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item(), skipped
+def record_nonfinite(record, value, iter_num, what):
+    """Remember, on the device and without a host sync, the first iteration whose `value` (a 0-d
+    tensor; what: 0 = loss, 1 = gradient norm) is not finite. record: float64 (3,) on the device,
+    [iteration or -1, what, value], made by torch.full((3,), -1.0, dtype=torch.float64, device=...)."""
+    value = value.detach().double()
+    first = (record[0] < 0) & ~torch.isfinite(value)
+    found = torch.stack([torch.full_like(value, iter_num), torch.full_like(value, what), value])
+    return torch.where(first, found, record)
 
 
-def train_loop(ctx, desc, iter_num, end_iter, schedule, step, meter, log_interval, eval_every, on_eval, hooks=()):
-    """The loop both scripts run: step(iter_num, lr) -> (loss, skipped images) is one optimizer
-    step (train_iteration); a log line every log_interval; on_eval(iter_num, write) evaluates and
-    checkpoints every eval_every iterations and at the end; hooks are (every, fn(iter_num, write))
-    run on the master process. A progress bar shows on a terminal, not in logs."""
+def stop_if_nonfinite(record, out_dir):
+    """Read the record to the CPU (one sync: at log lines and before each checkpoint, never per step)
+    and stop with one line if a step was not finite; its weights are then never saved."""
+    iteration, what, value = record.tolist()
+    if iteration >= 0:
+        name = "loss" if what == 0 else "gradient norm"
+        raise SystemExit(f"error: iteration {int(iteration)}: {name} is {value}; stopping, "
+                         f"the last good checkpoint is in {out_dir}")
+
+
+# ----------------------------------------------------------------------------------------
+# reading files
+
+CACHE_DIR = os.environ.get("MDLAB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mdlab"))
+
+
+class CheckpointError(ValueError):
+    """Bad model input; the message is one line that names the file and the problem."""
+
+
+def download(url, sha256=None, cache_dir=CACHE_DIR):
+    """Fetch url into cache_dir once (atomic rename), checking the SHA-256 (or its prefix)."""
     from tqdm import tqdm
-    skipped = 0
-    bar = tqdm(total=end_iter, initial=iter_num, disable=None if ctx.master else True, desc=desc, dynamic_ncols=True)
-    while iter_num < end_iter:
-        lr_now = schedule(iter_num)
-        loss, n_skipped = step(iter_num, lr_now)
-        skipped += n_skipped
-        iter_num += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if iter_num % log_interval == 0 and ctx.master:
-            bar.write(f"iter {iter_num}: loss {loss:.4f}, lr {lr_now:.2e}, {meter.read(log_interval)}"
-                      + (f", {skipped} unreadable images skipped" if skipped else ""))
-        for every, hook in hooks:
-            if every and iter_num % every == 0 and ctx.master:
-                hook(iter_num, bar.write)
-        if iter_num % eval_every == 0 or iter_num == end_iter:
-            on_eval(iter_num, bar.write)
-    bar.close()
-    return iter_num
+    dest = os.path.join(cache_dir, os.path.basename(url))
+    if os.path.exists(dest):
+        return dest
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp, digest = dest + ".part", hashlib.sha256()
+    print(f"downloading {url} -> {dest}")
+    with urllib.request.urlopen(url) as response, open(tmp, "wb") as f:
+        size = int(response.headers.get("Content-Length", 0))
+        with tqdm(total=size, unit="B", unit_scale=True) as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+    if sha256 and not digest.hexdigest().startswith(sha256):
+        os.remove(tmp)
+        raise CheckpointError(f"download of {url} has SHA-256 {digest.hexdigest()}, expected {sha256}: "
+                              f"retry or fetch it by hand")
+    os.replace(tmp, dest)
+    return dest
+
+
+def first_line(error):
+    text = str(error).splitlines()
+    return text[0] if text else ""
+
+
+def read_checkpoint(path):
+    """Load a file as plain data. Pickles are read with weights_only=True, so a file that
+    would run code on load is refused; CLIP's TorchScript archives go through torch.jit."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint '{path}' not found")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            is_torchscript = any(n.endswith("constants.pkl") for n in z.namelist())
+        if is_torchscript:
+            state = torch.jit.load(path, map_location="cpu").state_dict()
+            return {k: v.float() for k, v in state.items()}
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        marker = "WeightsUnpickler error:"
+        detail = first_line(str(e).split(marker)[-1].strip()) if marker in str(e) else type(e).__name__
+        raise CheckpointError(f"'{path}' is not a plain-data checkpoint (objects or code, or not a checkpoint "
+                              f"at all), refused by torch.load(weights_only=True): {detail}") from None
+    except Exception as e:
+        raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {first_line(e)})") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -255,7 +293,6 @@ def save_checkpoint(checkpoint, path):
 def resume_from(ctx, path, optimizer, **modules):
     """Load a run's checkpoint: each module from the entry of its name, the optimizer, the RNG.
     -> the checkpoint (for iter_num and the rest)."""
-    from teacher import read_checkpoint
     if not os.path.exists(path):
         raise SystemExit(f"error: --resume=True but there is no checkpoint at {path}: start without --resume")
     ckpt = read_checkpoint(path)

@@ -19,15 +19,16 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, log,
-                    micro_batches, peak_flops, pyplot, rng_state, resume_from, save_checkpoint, schedule_lengths, train_iteration,
-                    train_loop, wrap_for_training)
+from common import (CheckpointError, Context, Meter, accumulation_steps, apply_overrides, cosine_lr, log,
+                    micro_batches, peak_flops, pyplot, record_nonfinite, resume_from, rng_state, save_checkpoint,
+                    schedule_lengths, stop_if_nonfinite, wrap_for_training)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
 from hessian import hutchinson_trace, top_eigenvalues
 from model import ViT, ViTConfig, adapt_state_dict
-from teacher import CheckpointError, load_model
+from teacher import load_model
 
 # -----------------------------------------------------------------------------
 # defaults (override with a config file and/or --key=value)
@@ -82,14 +83,13 @@ dtype = "bfloat16"            # autocast dtype: bfloat16 | float16 | float32
 compile = True                # torch.compile the model
 backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 # -----------------------------------------------------------------------------
-config = apply_overrides(globals(), sys.argv[1:])
 
 
 def build_model(num_classes):
     """The ViT to fine-tune and a note on where its weights came from."""
     if init == "scratch":
-        cfg = ViTConfig.from_name(model, img_size=img_size, abs_pos=False, rel_pos="layer", qkv_bias="qv",
-                                  layer_scale=layer_scale, drop_path=drop_path, num_classes=num_classes, global_pool="mean")
+        cfg = ViTConfig.beit_v2(model, img_size=img_size, rel_pos="layer", layer_scale=layer_scale,
+                                drop_path=drop_path, num_classes=num_classes, global_pool="mean")
         return ViT(cfg), "random init"
     source, _ = load_model(init, init_path or None)
     src_cfg = source.config
@@ -184,13 +184,13 @@ def main():
 
     train_loader, train_sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed, num_workers)
     iters_per_epoch, max_iters, warmup_iters, end_iter = schedule_lengths(train_sampler, micro_batch_size, accum, epochs, warmup_epochs, stop_iter)
-    every = eval_interval or iters_per_epoch
+    eval_every = eval_interval or iters_per_epoch
 
     iter_num, best_top1 = 0, 0.0
     if resume:
         ckpt = resume_from(ctx, os.path.join(out_dir, "ckpt.pt"), optimizer, model=vit)
         iter_num, best_top1 = ckpt["iter_num"], ckpt["best_top1"]
-    train_model = wrap_for_training(vit, ctx, compile)
+    train_model = wrap_for_training(vit, ctx, compile)  # compiled and/or DDP; vit is saved
     mix_generator = torch.Generator().manual_seed(seed * 7919 + ctx.rank)
 
     @torch.no_grad()
@@ -207,15 +207,19 @@ def main():
                 logits = vit(images)
             top = logits.topk(min(5, num_classes), dim=-1).indices  # (B, k)
             hits = top == labels[:, None]
-            counts += torch.tensor([hits[:, 0].sum().item(), hits.any(-1).sum().item(), len(labels)], device=ctx.device)
+            counts[0] += hits[:, 0].sum()
+            counts[1] += hits.any(-1).sum()
+            counts[2] += len(labels)
         ctx.all_reduce_sum(counts)
         vit.train()
         return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
 
     sharpness_path = os.path.join(out_dir, "sharpness.json")
-    sharpness_log = json.load(open(sharpness_path)) if resume and os.path.exists(sharpness_path) else []
+    sharpness_log = []
+    if resume and os.path.exists(sharpness_path):
+        sharpness_log = json.load(open(sharpness_path))
 
-    def log_sharpness(it, write):
+    def log_sharpness():
         """top eigenvalue and Hutchinson trace of the loss on the first val batch, model in eval mode"""
         loader, _ = make_loader(val_set, micro_batch_size, False, num_workers=0)
         images, labels, _, _ = next(iter(loader))
@@ -224,45 +228,83 @@ def main():
         (value,), _ = top_eigenvalues(vit, batch, k=1, max_iter=20)
         trace, stderr = hutchinson_trace(vit, batch, samples=10)
         vit.train()
-        sharpness_log.append(dict(iter=it, eigenvalue=value, trace=trace, trace_stderr=stderr))
+        sharpness_log.append(dict(iter=iter_num, eigenvalue=value, trace=trace, trace_stderr=stderr))
         os.makedirs(out_dir, exist_ok=True)
         with open(sharpness_path + ".tmp", "w") as f:
             json.dump(sharpness_log, f)
         os.replace(sharpness_path + ".tmp", sharpness_path)
-        write(f"iter {it}: sharpness (top Hessian eigenvalue) {value:.4g}, trace {trace:.4g}")
+        return f"iter {iter_num}: sharpness (top Hessian eigenvalue) {value:.4g}, trace {trace:.4g}"
 
     trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
-    log(ctx, f"fine-tune {origin}: {vit.config.embed_dim}-d x {vit.config.depth} blocks, {trainable / 1e6:.2f}M trainable params, "
-             f"{num_classes} classes, {len(train_set)} train / {len(val_set)} val images, {iters_per_epoch} iters/epoch, "
-             f"{max_iters} iters, accumulation {accum}, {ctx.world_size} process(es) on {ctx.device}")
+    log(ctx, f"fine-tune {origin}: {vit.config.embed_dim}-d x {vit.config.depth} blocks, "
+             f"{trainable / 1e6:.2f}M trainable params, {num_classes} classes, {len(train_set)} train / "
+             f"{len(val_set)} val images, {iters_per_epoch} iters/epoch, {max_iters} iters, "
+             f"accumulation {accum}, {ctx.world_size} process(es) on {ctx.device}")
     meter = Meter(3 * vit.flops_per_image(), peak_flops(ctx.device))
-    batches = micro_batches(train_loader, train_sampler, iter_num, accum, iters_per_epoch)
 
-    def step(it, lr_now):
-        def step_loss(images, labels, masks):
-            targets = smooth_one_hot(labels, num_classes, label_smoothing)
+    # -------------------------------------------------------------------------
+    # training loop
+    batches = micro_batches(train_loader, train_sampler, iter_num, accum, iters_per_epoch)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    nonfinite = torch.full((3,), -1.0, dtype=torch.float64, device=ctx.device)  # checked at log lines only
+    skipped = 0  # unreadable training images since the last log line
+    top1 = top5 = 0.0
+    bar = tqdm(total=end_iter, initial=iter_num, disable=None if ctx.master else True, desc="fine-tune",
+               dynamic_ncols=True)
+    vit.train()
+    while iter_num < end_iter:
+        lr_now = cosine_lr(iter_num, max_iters, warmup_iters, lr, min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now * group["lr_scale"]  # lr_scale: layer decay
+        for micro_step in range(accum):
+            images, labels, _, n_skipped = next(batches)
+            skipped += n_skipped
+            if images is None:  # every image of this micro-batch was unreadable
+                continue
+            images = images.to(ctx.device, non_blocking=True)
+            labels = labels.to(ctx.device, non_blocking=True)
+            if ctx.ddp:  # sync gradients on the last micro-step only
+                train_model.require_backward_grad_sync = micro_step == accum - 1
+            targets = smooth_one_hot(labels, num_classes, label_smoothing)  # (B, classes)
             if mixup > 0 or cutmix > 0:
                 images, targets = mixup_cutmix(images, targets, mixup, cutmix, mix_generator)
             with ctx.autocast():
-                logits = train_model(images)
-            return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-        return train_iteration(ctx, train_model, optimizer, batches, accum, lr_now, grad_clip, step_loss, it, out_dir, meter)
+                logits = train_model(images)  # (B, classes)
+            loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()  # soft-target CE
+            nonfinite = record_nonfinite(nonfinite, loss, iter_num, 0)
+            (loss / accum).backward()
+            meter.update(len(images) * ctx.world_size)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        bar.update(1)
 
-    top1 = top5 = 0.0
-
-    def evaluate_and_save(it, write):
-        nonlocal top1, top5, best_top1
-        top1, top5 = evaluate()
-        best_top1 = max(best_top1, top1)
-        if ctx.master:
-            write(f"iter {it} (epoch {it / iters_per_epoch:.1f}): val top-1 {top1:.2f}%, top-5 {top5:.2f}%")
-            save_checkpoint(dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config=config,
-                                 optimizer=optimizer.state_dict(), iter_num=it, best_top1=best_top1,
-                                 rng=rng_state(), classes=train_set.classes), os.path.join(out_dir, "ckpt.pt"))
-
-    vit.train()
-    iter_num = train_loop(ctx, "fine-tune", iter_num, end_iter, lambda it: cosine_lr(it, max_iters, warmup_iters, lr, min_lr),
-                          step, meter, log_interval, every, evaluate_and_save, hooks=[(hessian_every, log_sharpness)])
+        if iter_num % log_interval == 0:
+            stop_if_nonfinite(nonfinite, out_dir)
+            if ctx.master:
+                loss_value = loss.item()  # the last micro-batch's loss: read only here
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                line = f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {meter.read(log_interval)}"
+                if skipped:
+                    line += f", {skipped} unreadable images skipped"
+                bar.write(line)
+            skipped = 0
+        if hessian_every and iter_num % hessian_every == 0 and ctx.master:
+            bar.write(log_sharpness())
+        if iter_num % eval_every == 0 or iter_num == end_iter:
+            stop_if_nonfinite(nonfinite, out_dir)  # a non-finite step is never saved
+            top1, top5 = evaluate()
+            best_top1 = max(best_top1, top1)
+            if ctx.master:
+                epoch = iter_num / iters_per_epoch
+                bar.write(f"iter {iter_num} (epoch {epoch:.1f}): val top-1 {top1:.2f}%, top-5 {top5:.2f}%")
+                checkpoint = dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config=config,
+                                  optimizer=optimizer.state_dict(), iter_num=iter_num, best_top1=best_top1,
+                                  rng=rng_state(), classes=train_set.classes)
+                save_checkpoint(checkpoint, os.path.join(out_dir, "ckpt.pt"))
+    bar.close()
     if ctx.master:
         result = dict(top1=top1, top5=top5, best_top1=best_top1, iter_num=iter_num, config=config)
         with open(os.path.join(out_dir, "result.json"), "w") as f:
@@ -272,4 +314,5 @@ def main():
 
 
 if __name__ == "__main__":
+    config = apply_overrides(globals(), sys.argv[1:])
     main()

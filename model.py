@@ -66,6 +66,13 @@ class ViTConfig:
         return cls(**{**dict(embed_dim=dim, depth=depth, num_heads=heads, img_size=img, patch_size=patch), **overrides})
 
     @classmethod
+    def beit_v2(cls, name, **overrides):
+        """The BEiT v2 student of the paper (MD, VQ-KD encoder, fine-tuning from scratch): relative
+        positions shared by all blocks instead of absolute ones, q/v biases, layer scale 0.1."""
+        beit = dict(abs_pos=False, rel_pos="shared", qkv_bias="qv", layer_scale=0.1)
+        return cls.from_name(name, **{**beit, **overrides})
+
+    @classmethod
     def from_dict(cls, d):
         d = dict(d)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
@@ -394,10 +401,9 @@ def adapt_state_dict(sd, cfg):
 
 
 # ----------------------------------------------------------------------------------------
-# MD decoder heads D and the MD loss
+# MD decoder heads D
 
 DECODER_HEADS = ("linear", "mlp", "transformer")
-MD_LOSSES = ("smooth_l1", "mse", "cosine", "ce")
 
 
 class DecoderHead(nn.Module):
@@ -432,118 +438,16 @@ class DecoderHead(nn.Module):
         return self.out(x[:, 1:])
 
 
-class MaskedDistillation(nn.Module):
-    """Student S + decoder head D; forward returns the loss R averaged over the masked patches
-    (loss_on='masked') or over every patch (loss_on='all', FD-style). R: smooth_l1 (beta), mse,
-    cosine (1 - cos) on whitened features (B, N, D_t), or ce: cross-entropy on code indices (B, N)."""
+class MDStudent(nn.Module):
+    """S and D in one module (what gets compiled and wrapped in DDP): the student ViT sees the
+    masked images, the decoder head predicts the teacher's target at every patch. The loss R is
+    train_md.py's, so the objective is changed in one place."""
 
-    def __init__(self, student, head, loss="smooth_l1", beta=2.0, loss_on="masked"):
+    def __init__(self, student, head):
         super().__init__()
-        if loss not in MD_LOSSES:
-            raise ValueError(f"unknown loss '{loss}': choose {', '.join(MD_LOSSES)}")
-        if loss_on not in ("masked", "all"):
-            raise ValueError(f"unknown loss_on '{loss_on}': choose masked or all")
-        self.student, self.head, self.loss, self.beta, self.loss_on = student, head, loss, beta, loss_on
+        self.student, self.head = student, head
 
-    def forward(self, images, masks, targets):
-        """images (B, 3, H, W), masks (B, N) bool, targets (B, N, D_t) features or (B, N) code indices"""
-        pred = self.head(self.student.forward_features(images, masks)).float()  # (B, N, D_t or codes)
-        if self.loss == "smooth_l1":
-            per_token = F.smooth_l1_loss(pred, targets, beta=self.beta, reduction="none").mean(-1)
-        elif self.loss == "mse":
-            per_token = F.mse_loss(pred, targets, reduction="none").mean(-1)
-        elif self.loss == "cosine":
-            per_token = 1 - F.cosine_similarity(pred, targets, dim=-1)
-        else:
-            per_token = F.cross_entropy(pred.transpose(1, 2), targets, reduction="none")
-        if self.loss_on == "all":
-            return per_token.mean()
-        m = masks.float()
-        return (per_token * m).sum() / m.sum().clamp(min=1)  # mean over masked patches
-
-
-# ----------------------------------------------------------------------------------------
-# VQ-KD tokenizer (BEiT v2): discrete codes as MD targets
-
-class VQKD(nn.Module):
-    """Vector-quantized knowledge distillation. An encoder ViT maps each patch to a unit vector
-    (code_dim); its nearest codebook entry by cosine is the patch's code; a shallow decoder must
-    rebuild the teacher's features from the codes alone (loss 1 - cos), with a straight-through
-    gradient through the quantization and a commitment term. The codebook is not learned by
-    gradient: each code moves to the EMA of the (unit) encoder vectors assigned to it, and a code
-    whose EMA share of the assignments falls below dead_threshold x the uniform share (1 / K) is
-    restarted at a random encoder vector of the batch."""
-
-    def __init__(self, cfg, teacher_dim, codebook_size=8192, code_dim=32, decoder_depth=1, decay=0.99, dead_threshold=0.05):
-        super().__init__()
-        self.config = dict(teacher_dim=teacher_dim, codebook_size=codebook_size, code_dim=code_dim, decoder_depth=decoder_depth,
-                           decay=decay, dead_threshold=dead_threshold)
-        D = cfg.embed_dim
-        self.encoder = ViT(cfg)
-        self.to_code = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, code_dim))
-        self.register_buffer("codebook", F.normalize(torch.randn(codebook_size, code_dim), dim=-1))
-        self.register_buffer("ema_count", torch.ones(codebook_size) / codebook_size)
-        self.register_buffer("ema_sum", self.codebook.clone())
-        self.register_buffer("initialized", torch.tensor(False))  # the codebook starts on the first batch's vectors
-        self.decoder_in = nn.Linear(code_dim, D)
-        self.decoder_pos = nn.Parameter(torch.randn(1, cfg.num_patches, D) * 0.02)
-        self.decoder = nn.ModuleList([Block(cfg) for _ in range(decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(D, eps=cfg.norm_eps)
-        self.to_teacher = nn.Linear(D, teacher_dim)
-
-    def encode(self, images):
-        """-> unit code vectors z (B, N, code_dim) and code indices (B, N)"""
-        z = F.normalize(self.to_code(self.encoder.forward_features(images)[:, 1:]).float(), dim=-1)
-        return z, (z @ self.codebook.T).argmax(-1)
-
-    def decode(self, q):
-        x = self.decoder_in(q) + self.decoder_pos
-        for block in self.decoder:
-            x, _ = block(x)
-        return self.to_teacher(self.decoder_norm(x))  # (B, N, teacher_dim)
-
-    def forward(self, images, targets, commitment=1.0):
-        """targets: teacher patch features (B, N, teacher_dim) -> (loss, codes)"""
-        z, codes = self.encode(images)
-        q = self.codebook[codes]
-        if self.training:
-            self.ema_update(z.detach(), codes)
-        q_st = z + (q - z).detach()  # straight-through: forward uses q, the gradient reaches z unchanged
-        reconstruction = 1 - F.cosine_similarity(self.decode(q_st).float(), targets.float(), dim=-1).mean()
-        commit = (z - q.detach()).pow(2).sum(-1).mean()
-        return reconstruction + commitment * commit, codes
-
-    @torch.no_grad()
-    def ema_update(self, z, codes):
-        K, decay = self.codebook.shape[0], self.config["decay"]
-        flat, idx = z.reshape(-1, z.shape[-1]), codes.reshape(-1)
-        if not self.initialized:  # data-dependent init: random encoder vectors, not random directions
-            pick = torch.randint(0, flat.shape[0], (K,), device=flat.device)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.broadcast(flat, 0)
-            self.codebook.copy_(flat[pick])
-            self.ema_sum.copy_(flat[pick])
-            self.initialized.fill_(True)
-            return
-        count = torch.bincount(idx, minlength=K).to(flat.dtype)
-        total = torch.zeros_like(self.ema_sum).index_add_(0, idx, flat)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(count)
-            torch.distributed.all_reduce(total)
-        self.ema_count.mul_(decay).add_(count / count.sum(), alpha=1 - decay)
-        self.ema_sum.mul_(decay).add_(total, alpha=1 - decay)
-        self.codebook.copy_(F.normalize(self.ema_sum, dim=-1))
-        dead = self.ema_count < self.config["dead_threshold"] / K
-        if dead.any():  # restart unused codes on encoder vectors of this batch
-            pick = torch.randint(0, flat.shape[0], (int(dead.sum()),), device=flat.device)
-            self.codebook[dead] = flat[pick]
-            self.ema_sum[dead] = flat[pick]
-            self.ema_count[dead] = 1.0 / K
-
-
-def codebook_usage(counts):
-    """counts (K,) of code assignments -> (fraction of codes used, perplexity exp(H(p)))"""
-    p = counts.float() / counts.sum().clamp(min=1)
-    entropy = -(p * torch.log(p.clamp(min=1e-12))).sum()
-    return (counts > 0).float().mean().item(), torch.exp(entropy).item()
-
+    def forward(self, images, masks):
+        """images (B, 3, H, W), masks (B, N) bool -> predictions (B, N, out_dim)"""
+        tokens = self.student.forward_features(images, masks)  # (B, N+1, D_s)
+        return self.head(tokens)

@@ -13,22 +13,18 @@ Any place that takes a model accepts three forms:
     t = load_teacher("clip", path="ViT-B-16.pt")
     features = t(images)  # (B, 3, 224, 224) in [0, 1] -> (B, 197, 768), last block after final norm
 """
-import hashlib
 import os
-import pickle
-import urllib.request
-import zipfile
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import VQKD, ViT, ViTConfig
+from common import CACHE_DIR, CheckpointError, download, read_checkpoint
+from model import ViT, ViTConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 EMBEDDED_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "embedded_teacher.pt")
-CACHE_DIR = os.environ.get("MDLAB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mdlab"))
 
 # name -> (url, expected SHA-256 or its published prefix, layout)
 OFFICIAL = {
@@ -40,54 +36,8 @@ OFFICIAL = {
 NAMES = ", ".join(list(OFFICIAL) + ["embedded"])
 
 
-class CheckpointError(ValueError):
-    """Bad model input; the message is one line that names the file and the problem."""
-
-
 # ----------------------------------------------------------------------------------------
-# reading files
-
-def download(url, sha256=None, cache_dir=CACHE_DIR):
-    """Fetch url into cache_dir once (atomic rename), checking the SHA-256 (or its prefix)."""
-    from tqdm import tqdm
-    dest = os.path.join(cache_dir, os.path.basename(url))
-    if os.path.exists(dest):
-        return dest
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp, digest = dest + ".part", hashlib.sha256()
-    print(f"downloading {url} -> {dest}")
-    with urllib.request.urlopen(url) as response, open(tmp, "wb") as f:
-        with tqdm(total=int(response.headers.get("Content-Length", 0)), unit="B", unit_scale=True) as bar:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
-    if sha256 and not digest.hexdigest().startswith(sha256):
-        os.remove(tmp)
-        raise CheckpointError(f"download of {url} has SHA-256 {digest.hexdigest()}, expected {sha256}: retry or fetch it by hand")
-    os.replace(tmp, dest)
-    return dest
-
-
-def read_checkpoint(path):
-    """Load a file as plain data. Pickles are read with weights_only=True, so a file that
-    would run code on load is refused; CLIP's TorchScript archives go through torch.jit."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint '{path}' not found")
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            is_torchscript = any(n.endswith("constants.pkl") for n in z.namelist())
-        if is_torchscript:
-            return {k: v.float() for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if "WeightsUnpickler error:" in str(e) else type(e).__name__
-        raise CheckpointError(f"'{path}' is not a plain-data checkpoint (objects or code, or not a checkpoint at all), "
-                              f"refused by torch.load(weights_only=True): {detail}") from None
-    except Exception as e:
-        raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-
+# reading state dicts
 
 def unwrap_state_dict(obj):
     """Strip the usual wrappers: {'model': ...}, {'state_dict': ...}, DINO's {'teacher': ...},
@@ -280,16 +230,6 @@ class Whitening(nn.Module):
                                 training=self.training, momentum=self.momentum, eps=self.eps)
             return flat.view_as(x)
         return x
-
-
-def load_tokenizer(path):
-    """a VQ-KD tokenizer written by train_vqkd.py, frozen, in eval mode"""
-    obj = read_checkpoint(path)
-    if not (isinstance(obj, dict) and "vqkd_args" in obj):
-        raise CheckpointError(f"'{path}' is not a VQ-KD tokenizer written by train_vqkd.py")
-    vq = VQKD(ViTConfig.from_dict(obj["model_args"]), **obj["vqkd_args"])
-    vq.load_state_dict(obj["model"])
-    return vq.eval().requires_grad_(False)
 
 
 def export_weights(src, dst):

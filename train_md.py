@@ -17,14 +17,17 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
-from common import (Context, Meter, accumulation_steps, apply_overrides, cosine_lr, log,
-                    micro_batches, peak_flops, rng_state, resume_from, save_checkpoint, schedule_lengths, train_iteration,
-                    train_loop, wrap_for_training)
+from common import (CheckpointError, Context, Meter, accumulation_steps, apply_overrides, cosine_lr, log,
+                    micro_batches, peak_flops, record_nonfinite, resume_from, rng_state, save_checkpoint,
+                    schedule_lengths, stop_if_nonfinite, wrap_for_training)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.masks import BEIT_RATIO, MaskGenerator
-from model import DECODER_HEADS, MD_LOSSES, DecoderHead, MaskedDistillation, ViT, ViTConfig
-from teacher import WHITENINGS, CheckpointError, Whitening, load_teacher, load_tokenizer
+from model import DECODER_HEADS, DecoderHead, MDStudent, ViT, ViTConfig
+from teacher import WHITENINGS, Whitening, load_teacher
+from vqkd import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # defaults (override with a config file and/or --key=value)
@@ -36,15 +39,15 @@ eval_interval = 2000          # iterations between evaluation + checkpoint (and 
 eval_images = 10000           # val images for the MD eval loss (0 = all)
 log_interval = 20             # iterations between log lines
 resume = False                # continue from out_dir/ckpt.pt
-stop_iter = 0                 # stop (and save) after this iteration without changing the schedule; 0 = run to the end
+stop_iter = 0                 # stop (and save) after this iteration, schedule unchanged; 0 = run to the end
 # targets: whitened teacher features N(T(I)), or the codes of a VQ-KD tokenizer
-target = "features"           # features | vqkd (code indices from `tokenizer`, cross-entropy; no teacher needed)
+target = "features"           # features | vqkd (codes of `tokenizer`, cross-entropy; no teacher needed)
 tokenizer = ""                # train_vqkd.py's tokenizer.pt, for target=vqkd
 teacher = "clip"              # clip | dino | deit | embedded | path to a checkpoint
 teacher_path = ""             # local copy of the official teacher file (no download)
 teacher_layer = -1            # -1: last block after the final norm; k: raw output of block k
 teacher_bf16 = True           # teacher forward under bf16 autocast (it is frozen and runs without grad)
-whitening = "ln"              # ln (LayerNorm per token, no affine, as FD) | bn (per-channel running standardization) | none
+whitening = "ln"              # ln (per-token LayerNorm, no affine, as FD) | bn (per-channel running stats) | none
 # student S, head D, loss R, mask M
 model = "B/16"                # size preset: Ti/16, S/16, B/16, L/16, tiny/4, nano/4
 img_size = 224                # input resolution (student and teacher)
@@ -81,7 +84,28 @@ dtype = "bfloat16"            # autocast dtype for the student: bfloat16 | float
 compile = True                # torch.compile the student + head
 backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 # -----------------------------------------------------------------------------
-config = apply_overrides(globals(), sys.argv[1:])
+
+LOSSES = ("smooth_l1", "mse", "cosine")
+
+
+def md_loss(pred, targets, masks):
+    """R, averaged over the masked patches (loss_on='masked', MD) or over every patch (loss_on='all',
+    FD-style). pred (B, N, D_t) or code logits (B, N, K); targets (B, N, D_t) whitened teacher
+    features or (B, N) code indices (target='vqkd': cross-entropy); masks (B, N) bool, True = masked.
+    Training and evaluation both call this: change the objective here."""
+    pred = pred.float()
+    if target == "vqkd":
+        per_patch = F.cross_entropy(pred.transpose(1, 2), targets, reduction="none")  # (B, N)
+    elif loss == "smooth_l1":
+        per_patch = F.smooth_l1_loss(pred, targets, beta=smooth_l1_beta, reduction="none").mean(-1)
+    elif loss == "mse":
+        per_patch = F.mse_loss(pred, targets, reduction="none").mean(-1)
+    else:  # cosine
+        per_patch = 1 - F.cosine_similarity(pred, targets, dim=-1)
+    if loss_on == "all":
+        return per_patch.mean()
+    weights = masks.float()
+    return (per_patch * weights).sum() / weights.sum().clamp(min=1)
 
 
 def main():
@@ -89,101 +113,159 @@ def main():
     accum = accumulation_steps(total_batch_size, micro_batch_size, ctx.world_size)
     torch.manual_seed(seed + ctx.rank)
 
+    # -------------------------------------------------------------------------
     # settings and data first (cheap); the teacher (maybe a download) after them
     try:
-        cfg = ViTConfig.from_name(model, img_size=img_size, abs_pos=False, rel_pos="shared", qkv_bias="qv",
-                                  layer_scale=layer_scale, drop_path=drop_path, mask_token=True)
-        for name, value, choices in (("loss", loss, MD_LOSSES[:3]), ("head", head, DECODER_HEADS), ("whitening", whitening, WHITENINGS),
-                                     ("loss_on", loss_on, ("masked", "all"))):
+        cfg = ViTConfig.beit_v2(model, img_size=img_size, layer_scale=layer_scale, drop_path=drop_path,
+                                mask_token=True)
+        for name, value, choices in (("loss", loss, LOSSES), ("head", head, DECODER_HEADS),
+                                     ("whitening", whitening, WHITENINGS), ("loss_on", loss_on, ("masked", "all")),
+                                     ("target", target, ("features", "vqkd"))):
             if value not in choices:
                 raise ValueError(f"unknown {name} '{value}': choose {', '.join(choices)}")
         root = resolve_data_dir(data_dir)
         mask_fn = MaskGenerator(mask, cfg.grid, mask_ratio)
-        train_set = ImageFolder(os.path.join(root, "train"), TrainTransform(img_size, min_crop_scale, flip, color_jitter), mask_fn, seed)
-        val_set = ImageFolder(os.path.join(root, "val"), EvalTransform(img_size), mask_fn, seed + 1) if os.path.isdir(os.path.join(root, "val")) else None
+        train_transform = TrainTransform(img_size, min_crop_scale, flip, color_jitter)
+        train_set = ImageFolder(os.path.join(root, "train"), train_transform, mask_fn, seed)
+        val_set = None
+        if os.path.isdir(os.path.join(root, "val")):
+            val_set = ImageFolder(os.path.join(root, "val"), EvalTransform(img_size), mask_fn, seed + 1)
         if target == "vqkd":
-            tok = load_tokenizer(tokenizer).to(ctx.device)
-            source_cfg, out_dim, target_flops = tok.encoder.config, tok.config["codebook_size"], tok.encoder.flops_per_image()
-        elif target == "features":
-            tch = load_teacher(teacher, teacher_path or None, teacher_layer, torch.bfloat16 if teacher_bf16 else None).to(ctx.device)
-            source_cfg, out_dim, target_flops = tch.vit.config, tch.out_dim, tch.vit.flops_per_image()
+            tokenizer_model = load_tokenizer(tokenizer).to(ctx.device)
+            source_cfg = tokenizer_model.encoder.config
+            out_dim = tokenizer_model.config["codebook_size"]
+            target_flops = tokenizer_model.encoder.flops_per_image()
         else:
-            raise ValueError(f"unknown target '{target}': choose features or vqkd")
+            teacher_dtype = torch.bfloat16 if teacher_bf16 else None
+            teacher_model = load_teacher(teacher, teacher_path or None, teacher_layer, teacher_dtype).to(ctx.device)
+            source_cfg, out_dim = teacher_model.vit.config, teacher_model.out_dim
+            target_flops = teacher_model.vit.flops_per_image()
     except (DataError, CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if source_cfg.img_size != img_size or source_cfg.patch_size != cfg.patch_size:  # targets are per patch
-        raise SystemExit(f"error: the {'tokenizer' if target == 'vqkd' else f'teacher {teacher!r}'} takes {source_cfg.img_size} px / patch "
-                         f"{source_cfg.patch_size}, the student {img_size} px / patch {cfg.patch_size}: the patch grids must match")
-    train_loader, train_sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed, num_workers)
-    iters_per_epoch, max_iters, warmup_iters, end_iter = schedule_lengths(train_sampler, micro_batch_size, accum, epochs, warmup_epochs, stop_iter)
+        source = "the tokenizer" if target == "vqkd" else f"the teacher {teacher!r}"
+        raise SystemExit(f"error: {source} takes {source_cfg.img_size} px / patch {source_cfg.patch_size}, the "
+                         f"student {img_size} px / patch {cfg.patch_size}: the patch grids must match")
+    train_loader, train_sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed,
+                                              num_workers)
+    iters_per_epoch, max_iters, warmup_iters, end_iter = schedule_lengths(
+        train_sampler, micro_batch_size, accum, epochs, warmup_epochs, stop_iter)
 
+    # -------------------------------------------------------------------------
+    # student S, decoder head D, whitening N, optimizer; resume
     student = ViT(cfg).to(ctx.device)
-    head_module = DecoderHead(head, cfg.embed_dim, out_dim, cfg.num_patches + 1, decoder_width, decoder_depth, decoder_heads).to(ctx.device)
-    md = MaskedDistillation(student, head_module, "ce" if target == "vqkd" else loss, smooth_l1_beta, loss_on)
+    decoder = DecoderHead(head, cfg.embed_dim, out_dim, cfg.num_patches + 1, decoder_width, decoder_depth,
+                          decoder_heads).to(ctx.device)
+    md_student = MDStudent(student, decoder)
     whitener = Whitening(whitening, out_dim).to(ctx.device)
-    optimizer = student.configure_optimizers(weight_decay, lr, (beta1, beta2),
-                                             extra=[("decoder." + n, p) for n, p in head_module.named_parameters()])
+    decoder_params = [("decoder." + n, p) for n, p in decoder.named_parameters()]
+    optimizer = student.configure_optimizers(weight_decay, lr, (beta1, beta2), extra=decoder_params)
     iter_num, best_val_loss = 0, float("inf")
     if resume:
-        ckpt = resume_from(ctx, os.path.join(out_dir, "ckpt.pt"), optimizer, model=student, decoder=head_module, whitening=whitener)
+        ckpt = resume_from(ctx, os.path.join(out_dir, "ckpt.pt"), optimizer, model=student, decoder=decoder,
+                           whitening=whitener)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-    train_model = wrap_for_training(md, ctx, compile)
+    train_model = wrap_for_training(md_student, ctx, compile)  # compiled and/or DDP; md_student is saved
 
     def targets_of(images):
+        """N(T(I)): whitened teacher features per patch (B, N, D_t), or the tokenizer's codes (B, N)"""
         if target == "vqkd":
             with torch.no_grad():
-                return tok.encode(images)[1]  # (B, N) code indices
-        return whitener(tch(images)[:, 1:])  # (B, N, D_t): drop CLS, whiten
+                return tokenizer_model.encode(images)[1]
+        return whitener(teacher_model(images)[:, 1:])  # drop CLS, whiten
 
     @torch.no_grad()
     def evaluate():
         """mean MD loss over (a fixed subset of) the val split, all ranks together"""
-        md.eval()
+        md_student.eval()
         whitener.eval()
-        loader, _ = make_loader(val_set, micro_batch_size, False, ctx.rank, ctx.world_size, seed, num_workers, eval_images)
+        loader, _ = make_loader(val_set, micro_batch_size, False, ctx.rank, ctx.world_size, seed, num_workers,
+                                eval_images)
         total = torch.zeros(2, device=ctx.device)  # (sum of loss x images, images)
         for images, _, masks, _ in loader:
             if images is None:
                 continue
             images, masks = images.to(ctx.device), masks.to(ctx.device)
             with ctx.autocast():
-                total += torch.stack([md(images, masks, targets_of(images)) * len(images), torch.tensor(float(len(images)), device=ctx.device)])
+                batch_loss = md_loss(md_student(images, masks), targets_of(images), masks)
+            total[0] += batch_loss * len(images)
+            total[1] += len(images)
         ctx.all_reduce_sum(total)
-        md.train()
+        md_student.train()
         whitener.train()
         return (total[0] / total[1].clamp(min=1)).item()
 
-    log(ctx, f"MD: {'tokenizer ' + tokenizer if target == 'vqkd' else 'teacher ' + teacher} -> student {model} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params), "
-             f"{len(train_set)} train images, {iters_per_epoch} iters/epoch, {max_iters} iters, accumulation {accum}, {ctx.world_size} process(es) on {ctx.device}")
+    n_params = sum(p.numel() for p in student.parameters()) / 1e6
+    source = f"tokenizer {tokenizer}" if target == "vqkd" else f"teacher {teacher}"
+    log(ctx, f"MD: {source} -> student {model} ({n_params:.1f}M params), {len(train_set)} train images, "
+             f"{iters_per_epoch} iters/epoch, {max_iters} iters, accumulation {accum}, "
+             f"{ctx.world_size} process(es) on {ctx.device}")
     flops = 3 * student.flops_per_image() + target_flops  # student fwd+bwd, teacher (or tokenizer) fwd
     meter = Meter(flops, peak_flops(ctx.device))
+
+    # -------------------------------------------------------------------------
+    # training loop
     batches = micro_batches(train_loader, train_sampler, iter_num, accum, iters_per_epoch)
-
-    def step(it, lr_now):
-        def step_loss(images, labels, masks):
-            targets = targets_of(images)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    nonfinite = torch.full((3,), -1.0, dtype=torch.float64, device=ctx.device)  # checked at log lines only
+    skipped = 0  # unreadable training images since the last log line
+    bar = tqdm(total=end_iter, initial=iter_num, disable=None if ctx.master else True, desc="MD", dynamic_ncols=True)
+    md_student.train()
+    while iter_num < end_iter:
+        lr_now = cosine_lr(iter_num, max_iters, warmup_iters, lr, min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now * group["lr_scale"]  # lr_scale: layer decay (1 here)
+        for micro_step in range(accum):
+            images, _, masks, n_skipped = next(batches)
+            skipped += n_skipped
+            if images is None:  # every image of this micro-batch was unreadable
+                continue
+            images = images.to(ctx.device, non_blocking=True)
+            masks = masks.to(ctx.device, non_blocking=True)  # (B, N) True = masked: M
+            if ctx.ddp:  # sync gradients on the last micro-step only
+                train_model.require_backward_grad_sync = micro_step == accum - 1
+            targets = targets_of(images)  # N(T(I))
             with ctx.autocast():
-                return train_model(images, masks, targets)
-        return train_iteration(ctx, train_model, optimizer, batches, accum, lr_now, grad_clip, step_loss, it, out_dir, meter)
+                pred = train_model(images, masks)  # D(S(M(I))): (B, N, D_t)
+            step_loss = md_loss(pred, targets, masks)  # R, mean over masked patches
+            nonfinite = record_nonfinite(nonfinite, step_loss, iter_num, 0)
+            (step_loss / accum).backward()
+            meter.update(len(images) * ctx.world_size)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        bar.update(1)
 
-    def evaluate_and_save(it, write):
-        nonlocal best_val_loss
-        if val_set is not None:
-            val_loss = evaluate()
-            best_val_loss = min(best_val_loss, val_loss)
+        if iter_num % log_interval == 0:
+            stop_if_nonfinite(nonfinite, out_dir)
             if ctx.master:
-                write(f"iter {it}: val loss {val_loss:.4f}")
-        if ctx.master:
-            save_checkpoint(dict(model=student.state_dict(), decoder=head_module.state_dict(), whitening=whitener.state_dict(), model_args=cfg.to_dict(),
-                                 config=config, optimizer=optimizer.state_dict(), iter_num=it,
-                                 best_val_loss=best_val_loss, rng=rng_state()), os.path.join(out_dir, "ckpt.pt"))
-
-    md.train()
-    iter_num = train_loop(ctx, "MD", iter_num, end_iter, lambda it: cosine_lr(it, max_iters, warmup_iters, lr, min_lr),
-                          step, meter, log_interval, eval_interval, evaluate_and_save)
+                loss_value = step_loss.item()  # the last micro-batch's loss: read only here
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                line = f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {meter.read(log_interval)}"
+                if skipped:
+                    line += f", {skipped} unreadable images skipped"
+                bar.write(line)
+            skipped = 0
+        if iter_num % eval_interval == 0 or iter_num == end_iter:
+            stop_if_nonfinite(nonfinite, out_dir)  # a non-finite step is never saved
+            if val_set is not None:
+                val_loss = evaluate()
+                best_val_loss = min(best_val_loss, val_loss)
+                if ctx.master:
+                    bar.write(f"iter {iter_num}: val loss {val_loss:.4f}")
+            if ctx.master:
+                checkpoint = dict(model=student.state_dict(), decoder=decoder.state_dict(),
+                                  whitening=whitener.state_dict(), model_args=cfg.to_dict(), config=config,
+                                  optimizer=optimizer.state_dict(), iter_num=iter_num, best_val_loss=best_val_loss,
+                                  rng=rng_state())
+                save_checkpoint(checkpoint, os.path.join(out_dir, "ckpt.pt"))
+    bar.close()
     log(ctx, f"done: {iter_num} iterations, checkpoint {os.path.join(out_dir, 'ckpt.pt')}")
     ctx.close()
 
 
 if __name__ == "__main__":
+    config = apply_overrides(globals(), sys.argv[1:])
     main()

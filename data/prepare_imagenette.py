@@ -35,6 +35,6 @@ if __name__ == "__main__":
     root = args.get("root", os.path.join(HERE, "imagenette"))
     archive = args.get("archive")
     if archive is None:
-        from teacher import download
+        from common import download
         archive = download(URL, cache_dir=os.path.join(HERE, "downloads"))
     print(f"wrote {extract(archive, root)}")

@@ -221,17 +221,17 @@ def test_download_checks_the_hash_and_writes_atomically(tmp_path, monkeypatch):
     """download() over a file:// URL (no network): the right SHA-256 passes, a wrong one removes the file"""
     import hashlib
     import urllib.request
-    import teacher
+    import common
     monkeypatch.setattr(urllib.request, "urlopen", urllib.request.build_opener().open)  # file:// only, here
     payload = os.urandom(3000)
     src = tmp_path / "weights.pth"
     src.write_bytes(payload)
     sha = hashlib.sha256(payload).hexdigest()
-    path = teacher.download(src.as_uri(), sha[:8], cache_dir=str(tmp_path / "cache"))
+    path = common.download(src.as_uri(), sha[:8], cache_dir=str(tmp_path / "cache"))
     assert open(path, "rb").read() == payload and not os.path.exists(path + ".part")
-    assert teacher.download(src.as_uri(), sha, cache_dir=str(tmp_path / "cache")) == path  # cached: not fetched again
+    assert common.download(src.as_uri(), sha, cache_dir=str(tmp_path / "cache")) == path  # cached: not fetched again
     with pytest.raises(CheckpointError, match="expected 00000000"):
-        teacher.download(src.as_uri(), "00000000", cache_dir=str(tmp_path / "other"))
+        common.download(src.as_uri(), "00000000", cache_dir=str(tmp_path / "other"))
     assert os.listdir(tmp_path / "other") == []
 
 

@@ -8,16 +8,38 @@ import sys
 import pytest
 import torch
 
-from model import DecoderHead, MaskedDistillation, ViT, ViTConfig
+import train_md
+from model import DecoderHead, MDStudent, ViT, ViTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+class MDWithLoss(torch.nn.Module):
+    """train_md.py's objective as one callable for these tests: MDStudent (S + D) predicts, then
+    train_md.md_loss (R over the masked patches) with the script's settings set as it reads them.
+    loss='ce' is the script's target=vqkd (cross-entropy on code indices)."""
+
+    def __init__(self, md_student, loss="smooth_l1", loss_on="masked"):
+        super().__init__()
+        self.md_student, self.loss, self.loss_on = md_student, loss, loss_on
+        self.student, self.head = md_student.student, md_student.head
+
+    def forward(self, images, masks, targets):
+        settings = dict(loss="smooth_l1" if self.loss == "ce" else self.loss, loss_on=self.loss_on,
+                        target="vqkd" if self.loss == "ce" else "features", smooth_l1_beta=2.0)
+        saved = {k: getattr(train_md, k) for k in settings}
+        vars(train_md).update(settings)
+        try:
+            return train_md.md_loss(self.md_student(images, masks), targets, masks)
+        finally:
+            vars(train_md).update(saved)
+
+
 def md_model(loss="smooth_l1"):
     torch.manual_seed(0)
-    cfg = ViTConfig.from_name("nano/4", abs_pos=False, rel_pos="shared", qkv_bias="qv", layer_scale=0.1, mask_token=True)
+    cfg = ViTConfig.beit_v2("nano/4", mask_token=True)
     student = ViT(cfg)
-    return MaskedDistillation(student, DecoderHead("linear", cfg.embed_dim, 16), loss, 2.0)
+    return MDWithLoss(MDStudent(student, DecoderHead("linear", cfg.embed_dim, 16)), loss)
 
 
 def batch(seed=0):
@@ -65,7 +87,8 @@ def test_loss_closed_form_with_zero_prediction_head(loss):
 def test_one_step_lowers_the_loss_on_a_fixed_batch():
     md = md_model()
     images, masks, targets = batch(2)
-    opt = md.student.configure_optimizers(0.05, 1e-3, (0.9, 0.98), extra=[("decoder." + n, p) for n, p in md.head.named_parameters()])
+    head_params = [("decoder." + n, p) for n, p in md.head.named_parameters()]
+    opt = md.student.configure_optimizers(0.05, 1e-3, (0.9, 0.98), extra=head_params)
     before = md(images, masks, targets)
     before.backward()
     opt.step()
@@ -197,7 +220,7 @@ def test_compiled_step_matches_eager():
     eager.backward()
     grads = {n: p.grad.clone() for n, p in md.named_parameters()}
     md.zero_grad()
-    compiled = torch.compile(md)(images, masks, targets)
+    compiled = MDWithLoss(torch.compile(md.md_student))(images, masks, targets)  # as train_md.py compiles
     compiled.backward()
     assert compiled.item() == pytest.approx(eager.item(), rel=1e-4)
     for n, p in md.named_parameters():
@@ -208,9 +231,10 @@ def test_compiled_step_matches_eager():
 @pytest.mark.parametrize("loss", ["smooth_l1", "mse", "cosine", "ce"])
 def test_every_head_and_objective_trains_a_step(head, loss):
     torch.manual_seed(0)
-    cfg = ViTConfig.from_name("nano/4", abs_pos=False, rel_pos="shared", qkv_bias="qv", layer_scale=0.1, mask_token=True)
+    cfg = ViTConfig.beit_v2("nano/4", mask_token=True)
     out = 32 if loss == "ce" else 16  # ce: logits over a codebook of 32 codes
-    md = MaskedDistillation(ViT(cfg), DecoderHead(head, cfg.embed_dim, out, cfg.num_patches + 1, width=32, depth=1, heads=2), loss)
+    decoder = DecoderHead(head, cfg.embed_dim, out, cfg.num_patches + 1, width=32, depth=1, heads=2)
+    md = MDWithLoss(MDStudent(ViT(cfg), decoder), loss)
     images, masks, targets = batch(5)
     if loss == "ce":
         targets = torch.randint(0, 32, (4, 64), generator=torch.Generator().manual_seed(0))

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from model import VQKD, ViTConfig, codebook_usage
+from model import ViTConfig
+from vqkd import VQKD, codebook_usage
 
 
 def tokenizer(K=16, initialized=True, **kw):

@@ -1,0 +1,104 @@
+"""
+The VQ-KD tokenizer of BEiT v2 (the paper's Table 1, VQ-KD column): discrete codes that MD can
+predict instead of whitened features. Trained by train_vqkd.py; train_md.py --target=vqkd reads
+the tokenizer with load_tokenizer.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import CheckpointError, read_checkpoint
+from model import Block, ViT, ViTConfig
+
+
+class VQKD(nn.Module):
+    """Vector-quantized knowledge distillation. An encoder ViT maps each patch to a unit vector
+    (code_dim); its nearest codebook entry by cosine is the patch's code; a shallow decoder must
+    rebuild the teacher's features from the codes alone (loss 1 - cos), with a straight-through
+    gradient through the quantization and a commitment term. The codebook is not learned by
+    gradient: each code moves to the EMA of the (unit) encoder vectors assigned to it, and a code
+    whose EMA share of the assignments falls below dead_threshold x the uniform share (1 / K) is
+    restarted at a random encoder vector of the batch."""
+
+    def __init__(self, cfg, teacher_dim, codebook_size=8192, code_dim=32, decoder_depth=1, decay=0.99, dead_threshold=0.05):
+        super().__init__()
+        self.config = dict(teacher_dim=teacher_dim, codebook_size=codebook_size, code_dim=code_dim, decoder_depth=decoder_depth,
+                           decay=decay, dead_threshold=dead_threshold)
+        D = cfg.embed_dim
+        self.encoder = ViT(cfg)
+        self.to_code = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, code_dim))
+        self.register_buffer("codebook", F.normalize(torch.randn(codebook_size, code_dim), dim=-1))
+        self.register_buffer("ema_count", torch.ones(codebook_size) / codebook_size)
+        self.register_buffer("ema_sum", self.codebook.clone())
+        self.register_buffer("initialized", torch.tensor(False))  # the codebook starts on the first batch's vectors
+        self.decoder_in = nn.Linear(code_dim, D)
+        self.decoder_pos = nn.Parameter(torch.randn(1, cfg.num_patches, D) * 0.02)
+        self.decoder = nn.ModuleList([Block(cfg) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.to_teacher = nn.Linear(D, teacher_dim)
+
+    def encode(self, images):
+        """-> unit code vectors z (B, N, code_dim) and code indices (B, N)"""
+        z = F.normalize(self.to_code(self.encoder.forward_features(images)[:, 1:]).float(), dim=-1)
+        return z, (z @ self.codebook.T).argmax(-1)
+
+    def decode(self, q):
+        x = self.decoder_in(q) + self.decoder_pos
+        for block in self.decoder:
+            x, _ = block(x)
+        return self.to_teacher(self.decoder_norm(x))  # (B, N, teacher_dim)
+
+    def forward(self, images, targets, commitment=1.0):
+        """targets: teacher patch features (B, N, teacher_dim) -> (loss, codes)"""
+        z, codes = self.encode(images)
+        q = self.codebook[codes]
+        if self.training:
+            self.ema_update(z.detach(), codes)
+        q_st = z + (q - z).detach()  # straight-through: forward uses q, the gradient reaches z unchanged
+        reconstruction = 1 - F.cosine_similarity(self.decode(q_st).float(), targets.float(), dim=-1).mean()
+        commit = (z - q.detach()).pow(2).sum(-1).mean()
+        return reconstruction + commitment * commit, codes
+
+    @torch.no_grad()
+    def ema_update(self, z, codes):
+        K, decay = self.codebook.shape[0], self.config["decay"]
+        flat, idx = z.reshape(-1, z.shape[-1]), codes.reshape(-1)
+        if not self.initialized:  # data-dependent init: random encoder vectors, not random directions
+            pick = torch.randint(0, flat.shape[0], (K,), device=flat.device)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.broadcast(flat, 0)
+            self.codebook.copy_(flat[pick])
+            self.ema_sum.copy_(flat[pick])
+            self.initialized.fill_(True)
+            return
+        count = torch.bincount(idx, minlength=K).to(flat.dtype)
+        total = torch.zeros_like(self.ema_sum).index_add_(0, idx, flat)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(count)
+            torch.distributed.all_reduce(total)
+        self.ema_count.mul_(decay).add_(count / count.sum(), alpha=1 - decay)
+        self.ema_sum.mul_(decay).add_(total, alpha=1 - decay)
+        self.codebook.copy_(F.normalize(self.ema_sum, dim=-1))
+        dead = self.ema_count < self.config["dead_threshold"] / K
+        if dead.any():  # restart unused codes on encoder vectors of this batch
+            pick = torch.randint(0, flat.shape[0], (int(dead.sum()),), device=flat.device)
+            self.codebook[dead] = flat[pick]
+            self.ema_sum[dead] = flat[pick]
+            self.ema_count[dead] = 1.0 / K
+
+
+def codebook_usage(counts):
+    """counts (K,) of code assignments -> (fraction of codes used, perplexity exp(H(p)))"""
+    p = counts.float() / counts.sum().clamp(min=1)
+    entropy = -(p * torch.log(p.clamp(min=1e-12))).sum()
+    return (counts > 0).float().mean().item(), torch.exp(entropy).item()
+
+
+def load_tokenizer(path):
+    """a VQ-KD tokenizer written by train_vqkd.py, frozen, in eval mode"""
+    obj = read_checkpoint(path)
+    if not (isinstance(obj, dict) and "vqkd_args" in obj):
+        raise CheckpointError(f"'{path}' is not a VQ-KD tokenizer written by train_vqkd.py")
+    vq = VQKD(ViTConfig.from_dict(obj["model_args"]), **obj["vqkd_args"])
+    vq.load_state_dict(obj["model"])
+    return vq.eval().requires_grad_(False)
