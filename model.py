@@ -41,7 +41,7 @@ class ViTConfig:
     norm_eps: float = 1e-6       # CLIP: 1e-5
     pre_norm: bool = False       # LayerNorm after embeddings (CLIP's ln_pre)
     abs_pos: bool = True         # learned absolute position embedding (CLS included)
-    rel_pos: str = "none"        # relative position bias: "none", "shared" (BEiT v2 pretraining) or "layer"
+    rel_pos: str = "none"        # relative position bias: "none", "shared" (BEiT v2 pretraining), "layer"
     layer_scale: float = 0.0     # init value of per-channel residual scales; 0 = off
     drop_path: float = 0.0       # stochastic depth rate, linear over depth
     mask_token: bool = False     # learned token for masked patches
@@ -63,7 +63,8 @@ class ViTConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown model size '{name}': choose one of {', '.join(PRESETS)}")
         dim, depth, heads, img, patch = PRESETS[name]
-        return cls(**{**dict(embed_dim=dim, depth=depth, num_heads=heads, img_size=img, patch_size=patch), **overrides})
+        preset = dict(embed_dim=dim, depth=depth, num_heads=heads, img_size=img, patch_size=patch)
+        return cls(**{**preset, **overrides})
 
     @classmethod
     def beit_v2(cls, name, **overrides):
@@ -97,7 +98,7 @@ class RelativePositionBias(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros(num_offsets + 3, num_heads))
         ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
         coords = torch.stack([ys.flatten(), xs.flatten()])  # (2, N)
-        rel = coords[:, :, None] - coords[:, None, :] + grid - 1  # (2, N, N), offsets shifted to >= 0
+        rel = coords[:, :, None] - coords[:, None, :] + grid - 1  # (2, N, N), offsets made >= 0
         N = grid * grid
         index = torch.empty(N + 1, N + 1, dtype=torch.long)
         index[1:, 1:] = rel[0] * (2 * grid - 1) + rel[1]
@@ -124,7 +125,9 @@ class Attention(nn.Module):
             self.q_bias = nn.Parameter(torch.zeros(D))
             self.v_bias = nn.Parameter(torch.zeros(D))
         self.proj = nn.Linear(D, D)
-        self.rel_pos = RelativePositionBias(cfg.grid, cfg.num_heads) if cfg.rel_pos == "layer" else None
+        self.rel_pos = None
+        if cfg.rel_pos == "layer":
+            self.rel_pos = RelativePositionBias(cfg.grid, cfg.num_heads)
         self.fused = True  # False: always the explicit softmax path (benchmarks, debugging)
 
     def forward(self, x, bias=None, return_attn=False):
@@ -176,7 +179,8 @@ class DropPath(nn.Module):
     def forward(self, x):
         if not self.training or self.p == 0.0:
             return x
-        keep = torch.empty(x.shape[0], *([1] * (x.ndim - 1)), device=x.device, dtype=x.dtype).bernoulli_(1 - self.p)
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # one draw per sample
+        keep = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1 - self.p)
         return x * keep / (1 - self.p)
 
 
@@ -225,19 +229,25 @@ class ViT(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.mask_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, D)) if cfg.abs_pos else None
+        self.pos_embed = None
+        if cfg.abs_pos:
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, D))
         self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
-        self.rel_pos_bias = RelativePositionBias(cfg.grid, cfg.num_heads) if cfg.rel_pos == "shared" else None
+        self.rel_pos_bias = None
+        if cfg.rel_pos == "shared":
+            self.rel_pos_bias = RelativePositionBias(cfg.grid, cfg.num_heads)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList([Block(cfg, r) for r in rates])
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
-        self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.num_classes and cfg.global_pool == "mean" else None
+        self.fc_norm = None
+        if cfg.num_classes and cfg.global_pool == "mean":
+            self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else None
         self.apply(self._init_weights)
         for t in (self.cls_token, self.mask_token, self.pos_embed):
             if t is not None:
                 nn.init.trunc_normal_(t, std=0.02)
-        for i, block in enumerate(self.blocks):  # BEiT's rescale: deeper residual outputs start smaller
+        for i, block in enumerate(self.blocks):  # BEiT's rescale: deeper residuals start smaller
             block.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
             block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
 
@@ -255,7 +265,7 @@ class ViT(nn.Module):
         """images (B, 3, H, W) in [0, 1], mask (B, N) bool -> tokens (B, N+1, D)"""
         x = self.patch_embed((images - self.mean) / self.std)  # (B, N, D)
         if mask is not None:
-            assert self.mask_token is not None, "this model has no mask token (ViTConfig.mask_token=False)"
+            assert self.mask_token is not None, "this model has no mask token (mask_token=False)"
             w = mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
@@ -328,8 +338,11 @@ class ViT(nn.Module):
             no_decay = self.no_weight_decay(name, p)
             key = (lid, no_decay)
             if key not in groups:
-                scale = layer_decay ** (self.config.depth + 1 - lid) if layer_decay is not None else 1.0
-                groups[key] = dict(params=[], names=[], weight_decay=0.0 if no_decay else weight_decay, lr_scale=scale)
+                scale = 1.0
+                if layer_decay is not None:
+                    scale = layer_decay ** (self.config.depth + 1 - lid)
+                decay = 0.0 if no_decay else weight_decay
+                groups[key] = dict(params=[], names=[], weight_decay=decay, lr_scale=scale)
             groups[key]["params"].append(p)
             groups[key]["names"].append(name)
         return list(groups.values())
@@ -347,7 +360,8 @@ class ViT(nn.Module):
         c = self.config
         N, D = c.num_patches + 1, c.embed_dim
         hidden = int(D * c.mlp_ratio)
-        per_block = 2 * N * (3 * D * D + D * D + 2 * D * hidden) + 2 * 2 * N * N * D  # projections + QK^T and AV
+        projections = 2 * N * (3 * D * D + D * D + 2 * D * hidden)  # qkv, proj, MLP
+        per_block = projections + 2 * 2 * N * N * D  # + QK^T and AV
         return c.depth * per_block + 2 * c.num_patches * D * 3 * c.patch_size ** 2
 
 
@@ -362,7 +376,8 @@ def resize_pos_embed(pos_embed, grid):
         return pos_embed
     patches = patches.reshape(1, G, G, D).permute(0, 3, 1, 2).float()
     patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
-    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos_embed.dtype)], dim=1)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos_embed.dtype)
+    return torch.cat([cls, patches], dim=1)
 
 
 def resize_rel_pos_table(table, grid):
@@ -417,7 +432,8 @@ class DecoderHead(nn.Module):
             raise ValueError(f"unknown decoder head '{kind}': choose {', '.join(DECODER_HEADS)}")
         self.blocks = None
         if kind == "mlp":
-            self.out = nn.Sequential(nn.Linear(in_dim, in_dim * 4), nn.GELU(), nn.Linear(in_dim * 4, out_dim))
+            hidden = in_dim * 4
+            self.out = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
         elif kind == "linear":
             self.out = nn.Linear(in_dim, out_dim)
         else:

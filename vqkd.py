@@ -20,17 +20,19 @@ class VQKD(nn.Module):
     whose EMA share of the assignments falls below dead_threshold x the uniform share (1 / K) is
     restarted at a random encoder vector of the batch."""
 
-    def __init__(self, cfg, teacher_dim, codebook_size=8192, code_dim=32, decoder_depth=1, decay=0.99, dead_threshold=0.05):
+    def __init__(self, cfg, teacher_dim, codebook_size=8192, code_dim=32, decoder_depth=1, decay=0.99,
+                 dead_threshold=0.05):
         super().__init__()
-        self.config = dict(teacher_dim=teacher_dim, codebook_size=codebook_size, code_dim=code_dim, decoder_depth=decoder_depth,
-                           decay=decay, dead_threshold=dead_threshold)
+        self.config = dict(teacher_dim=teacher_dim, codebook_size=codebook_size, code_dim=code_dim,
+                           decoder_depth=decoder_depth, decay=decay, dead_threshold=dead_threshold)
         D = cfg.embed_dim
         self.encoder = ViT(cfg)
         self.to_code = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, code_dim))
         self.register_buffer("codebook", F.normalize(torch.randn(codebook_size, code_dim), dim=-1))
         self.register_buffer("ema_count", torch.ones(codebook_size) / codebook_size)
         self.register_buffer("ema_sum", self.codebook.clone())
-        self.register_buffer("initialized", torch.tensor(False))  # the codebook starts on the first batch's vectors
+        # the codebook starts on the first batch's vectors
+        self.register_buffer("initialized", torch.tensor(False))
         self.decoder_in = nn.Linear(code_dim, D)
         self.decoder_pos = nn.Parameter(torch.randn(1, cfg.num_patches, D) * 0.02)
         self.decoder = nn.ModuleList([Block(cfg) for _ in range(decoder_depth)])
@@ -54,8 +56,9 @@ class VQKD(nn.Module):
         q = self.codebook[codes]
         if self.training:
             self.ema_update(z.detach(), codes)
-        q_st = z + (q - z).detach()  # straight-through: forward uses q, the gradient reaches z unchanged
-        reconstruction = 1 - F.cosine_similarity(self.decode(q_st).float(), targets.float(), dim=-1).mean()
+        q_st = z + (q - z).detach()  # straight-through: forward uses q, the gradient reaches z as is
+        rebuilt = self.decode(q_st).float()  # (B, N, teacher_dim)
+        reconstruction = 1 - F.cosine_similarity(rebuilt, targets.float(), dim=-1).mean()
         commit = (z - q.detach()).pow(2).sum(-1).mean()
         return reconstruction + commitment * commit, codes
 
@@ -63,7 +66,7 @@ class VQKD(nn.Module):
     def ema_update(self, z, codes):
         K, decay = self.codebook.shape[0], self.config["decay"]
         flat, idx = z.reshape(-1, z.shape[-1]), codes.reshape(-1)
-        if not self.initialized:  # data-dependent init: random encoder vectors, not random directions
+        if not self.initialized:  # data-dependent init: encoder vectors, not random directions
             pick = torch.randint(0, flat.shape[0], (K,), device=flat.device)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.broadcast(flat, 0)

@@ -1,4 +1,5 @@
-# Fine-tuning on the embedded dataset, 2 CPU cores, about 2 minutes. Pick the init on the command line:
+# Fine-tuning on the embedded dataset, 2 CPU cores, about 2 minutes. Pick the init on the
+# command line:
 #   python finetune.py config/ft_embedded.py --init=out/md_embedded/ckpt.pt --out_dir=out/ft_md
 #   python finetune.py config/ft_embedded.py --init=embedded --out_dir=out/ft_teacher
 #   python finetune.py config/ft_embedded.py --init=scratch --out_dir=out/ft_scratch

@@ -1,7 +1,8 @@
 # The VQ-KD tokenizer on the embedded dataset, 2 CPU cores, a few minutes:
 #   python train_vqkd.py config/vqkd_embedded.py
 # then MD on its codes:
-#   python train_md.py config/md_embedded.py --target=vqkd --tokenizer=out/vqkd_embedded/tokenizer.pt --out_dir=out/md_vqkd
+#   python train_md.py config/md_embedded.py --target=vqkd \
+#       --tokenizer=out/vqkd_embedded/tokenizer.pt --out_dir=out/md_vqkd
 out_dir = "out/vqkd_embedded"
 data_dir = "embedded"
 teacher = "embedded"

@@ -44,22 +44,40 @@ def _solarize_add(img, add):
     return img.point(lut * len(img.getbands()))
 
 
+def _enhance(enhancer):
+    """an ImageEnhance op with timm's factor for the *Increasing ops: 1 +/- 0.9 level, at least 0.1"""
+    return lambda img, level, rng: enhancer(img).enhance(max(0.1, 1 + _sign(rng) * 0.9 * level))
+
+
+def _solarize(img, level, rng):
+    return ImageOps.solarize(img, 256 - min(256, int(256 * level)))
+
+
+def _rotate(img, level, rng):
+    return img.rotate(_sign(rng) * 30.0 * level, resample=Image.BICUBIC, fillcolor=FILL)
+
+
+def _translate(img, level, rng, axis):
+    shift = _sign(rng) * 0.45 * level * img.size[axis]  # a fraction of the image size
+    return _affine(img, (1, 0, shift, 0, 1, 0) if axis == 0 else (1, 0, 0, 0, 1, shift))
+
+
 RAND_OPS = {
     "AutoContrast": lambda img, level, rng: ImageOps.autocontrast(img),
     "Equalize": lambda img, level, rng: ImageOps.equalize(img),
     "Invert": lambda img, level, rng: ImageOps.invert(img),
-    "Rotate": lambda img, level, rng: img.rotate(_sign(rng) * 30.0 * level, resample=Image.BICUBIC, fillcolor=FILL),
+    "Rotate": _rotate,
     "PosterizeIncreasing": lambda img, level, rng: _posterize(img, 4 - int(4 * level)),
-    "SolarizeIncreasing": lambda img, level, rng: ImageOps.solarize(img, 256 - min(256, int(256 * level))),
+    "SolarizeIncreasing": _solarize,
     "SolarizeAdd": lambda img, level, rng: _solarize_add(img, min(128, int(110 * level))),
-    "ColorIncreasing": lambda img, level, rng: ImageEnhance.Color(img).enhance(max(0.1, 1 + _sign(rng) * 0.9 * level)),
-    "ContrastIncreasing": lambda img, level, rng: ImageEnhance.Contrast(img).enhance(max(0.1, 1 + _sign(rng) * 0.9 * level)),
-    "BrightnessIncreasing": lambda img, level, rng: ImageEnhance.Brightness(img).enhance(max(0.1, 1 + _sign(rng) * 0.9 * level)),
-    "SharpnessIncreasing": lambda img, level, rng: ImageEnhance.Sharpness(img).enhance(max(0.1, 1 + _sign(rng) * 0.9 * level)),
+    "ColorIncreasing": _enhance(ImageEnhance.Color),
+    "ContrastIncreasing": _enhance(ImageEnhance.Contrast),
+    "BrightnessIncreasing": _enhance(ImageEnhance.Brightness),
+    "SharpnessIncreasing": _enhance(ImageEnhance.Sharpness),
     "ShearX": lambda img, level, rng: _affine(img, (1, _sign(rng) * 0.3 * level, 0, 0, 1, 0)),
     "ShearY": lambda img, level, rng: _affine(img, (1, 0, 0, _sign(rng) * 0.3 * level, 1, 0)),
-    "TranslateXRel": lambda img, level, rng: _affine(img, (1, 0, _sign(rng) * 0.45 * level * img.size[0], 0, 1, 0)),
-    "TranslateYRel": lambda img, level, rng: _affine(img, (1, 0, 0, 0, 1, _sign(rng) * 0.45 * level * img.size[1])),
+    "TranslateXRel": lambda img, level, rng: _translate(img, level, rng, 0),
+    "TranslateYRel": lambda img, level, rng: _translate(img, level, rng, 1),
 }
 
 
@@ -88,7 +106,9 @@ class RandAugment:
         for i in rng.integers(0, len(self.names), self.num_ops):
             if rng.random() > self.prob:
                 continue
-            m = rng.normal(self.magnitude, self.magnitude_std) if self.magnitude_std > 0 else self.magnitude
+            m = self.magnitude
+            if self.magnitude_std > 0:
+                m = rng.normal(self.magnitude, self.magnitude_std)
             img = RAND_OPS[self.names[i]](img, max(0.0, min(10.0, m)) / 10.0, rng)
         return img
 
@@ -100,7 +120,8 @@ class RandomErasing:
     in [0, 1] space, since the model normalizes its own input. image: (3, H, W) float."""
 
     def __init__(self, prob, mean, std, count=1, min_area=0.02, max_area=1 / 3, min_aspect=0.3):
-        self.prob, self.count, self.area, self.min_aspect = prob, count, (min_area, max_area), min_aspect
+        self.prob, self.count, self.min_aspect = prob, count, min_aspect
+        self.area = (min_area, max_area)
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
 
     def __call__(self, image, rng):
@@ -123,7 +144,8 @@ class RandomErasing:
 
 def smooth_one_hot(labels, num_classes, smoothing):
     """soft targets (B, C): 1 - smoothing + smoothing / C at the label, smoothing / C elsewhere"""
-    return torch.nn.functional.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes
+    one_hot = torch.nn.functional.one_hot(labels, num_classes).float()
+    return one_hot * (1 - smoothing) + smoothing / num_classes
 
 
 def mixup_cutmix(images, targets, mixup_alpha, cutmix_alpha, generator=None):

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring", "star")
-TEXTURES = ("hstripes", "vstripes", "checker", "dots", "diagonal", "waves")  # texture of class i in train
+TEXTURES = ("hstripes", "vstripes", "checker", "dots", "diagonal", "waves")  # class i's texture in train
 SIZE = 32
 VERSION = 1  # bump when the generator changes, so cached copies are rebuilt
 DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded")
@@ -91,13 +91,15 @@ def generate(root, seed=0, splits=SPLITS, per_pair=CUE_CONFLICT_PER_PAIR):
         for c, name in enumerate(CLASSES):
             os.makedirs(os.path.join(tmp, split, name))
             for k in range(per_class):
-                Image.fromarray(draw(name, TEXTURES[c], rng)).save(os.path.join(tmp, split, name, f"{name}{k:04d}.png"))
+                path = os.path.join(tmp, split, name, f"{name}{k:04d}.png")
+                Image.fromarray(draw(name, TEXTURES[c], rng)).save(path)
     for s, shape in enumerate(CLASSES):
         os.makedirs(os.path.join(tmp, "cue_conflict", shape))
         for t, tex_class in enumerate(CLASSES):
             for k in range(per_pair):
                 img = draw(shape, TEXTURES[t], rng)
-                Image.fromarray(img).save(os.path.join(tmp, "cue_conflict", shape, f"{shape}{t * per_pair + k:04d}_{tex_class}.png"))
+                file_name = f"{shape}{t * per_pair + k:04d}_{tex_class}.png"
+                Image.fromarray(img).save(os.path.join(tmp, "cue_conflict", shape, file_name))
     with open(os.path.join(tmp, "VERSION"), "w") as f:
         f.write(f"{VERSION} {seed}\n")
     shutil.rmtree(root, ignore_errors=True)

@@ -12,7 +12,8 @@ BEIT_MIN_BLOCK = 16    # smallest block on the 14 x 14 grid
 def block_mask(height, width, ratio, rng, min_aspect=0.3):
     """BEiT block-wise masking: add rectangles of >= min_block patches with aspect ratio
     log-uniform in [min_aspect, 1/min_aspect] (10 placement tries each) until round(ratio * N)
-    patches are masked, then add random patches if the blocks fell short, so the count is exact (BEiT v2).
+    patches are masked, then add random patches if the blocks fell short, so the count is exact
+    (BEiT v2).
     The smallest block scales with the grid: 16 patches on 14 x 14."""
     N = height * width
     target = int(round(ratio * N))
@@ -24,7 +25,8 @@ def block_mask(height, width, ratio, rng, min_aspect=0.3):
         budget = target - count
         added = 0
         for _ in range(10):
-            area = min_block + (budget - min_block) * rng.random()  # like random.uniform: budget may be < min_block
+            # like random.uniform: budget may be < min_block
+            area = min_block + (budget - min_block) * rng.random()
             aspect = math.exp(rng.uniform(*log_aspect))
             h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if 0 < h < height and 0 < w < width:

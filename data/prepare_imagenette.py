@@ -20,7 +20,7 @@ def extract(archive, root):
     tmp = root + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     with tarfile.open(archive) as tar:
-        tar.extractall(tmp, filter="data")  # the 'data' filter refuses absolute paths and links out of tmp
+        tar.extractall(tmp, filter="data")  # 'data' refuses absolute paths and links out of tmp
     top = [d for d in os.listdir(tmp) if os.path.isdir(os.path.join(tmp, d, "train"))]
     if not top:
         raise SystemExit(f"error: '{archive}' has no <dir>/train folder: is it imagenette2-320.tgz?")

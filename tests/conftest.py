@@ -35,5 +35,6 @@ def tiny_teacher(tmp_path_factory):
     torch.manual_seed(123)
     cfg = ViTConfig.from_name("nano/4", num_classes=6)
     path = str(tmp_path_factory.mktemp("teacher") / "teacher.pt")
-    torch.save(dict(model=ViT(cfg).state_dict(), model_args=cfg.to_dict(), config={}, classes=sorted(CLASSES)), path)
+    checkpoint = dict(model=ViT(cfg).state_dict(), model_args=cfg.to_dict(), config={}, classes=sorted(CLASSES))
+    torch.save(checkpoint, path)
     return path

@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import ViT, ViTConfig, QuickGELU, resize_pos_embed, resize_rel_pos_table, adapt_state_dict
+from model import QuickGELU, ViT, ViTConfig, adapt_state_dict, resize_pos_embed, resize_rel_pos_table
 
 
 def beit_student(name="nano/4", **kw):
-    return ViTConfig.from_name(name, abs_pos=False, rel_pos="shared", qkv_bias="qv", layer_scale=0.1, mask_token=True, **kw)
+    return ViTConfig.from_name(name, abs_pos=False, rel_pos="shared", qkv_bias="qv", layer_scale=0.1,
+                               mask_token=True, **kw)
 
 
 def randomize(model, seed=0):
@@ -22,7 +23,8 @@ def randomize(model, seed=0):
     return model
 
 
-@pytest.mark.parametrize("cfg", [beit_student(), ViTConfig.from_name("nano/4", rel_pos="layer", act="quick_gelu", pre_norm=True),
+@pytest.mark.parametrize("cfg", [beit_student(),
+                                 ViTConfig.from_name("nano/4", rel_pos="layer", act="quick_gelu", pre_norm=True),
                                  ViTConfig.from_name("nano/4")])
 def test_fused_and_explicit_attention_agree(cfg):
     model = randomize(ViT(cfg)).eval()
@@ -83,7 +85,8 @@ def test_masked_positions_get_the_mask_token():
     # patch embedding written out: normalize, cut 4x4 patches, one matmul
     xn = (x - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.std).view(1, 3, 1, 1)
     patches = F.unfold(xn, kernel_size=4, stride=4).transpose(1, 2)  # (B, 64, 48)
-    emb = patches @ model.patch_embed.proj.weight.reshape(cfg.embed_dim, -1).T + model.patch_embed.proj.bias
+    projection = model.patch_embed.proj
+    emb = patches @ projection.weight.reshape(cfg.embed_dim, -1).T + projection.bias
     pos = model.pos_embed[0]
     for b in range(2):
         for n in range(64):
@@ -100,10 +103,12 @@ def test_quick_gelu_closed_form():
 def test_relative_position_table_size_and_sharing():
     cfg = beit_student()
     model = ViT(cfg)
-    assert model.rel_pos_bias.relative_position_bias_table.shape == ((2 * 8 - 1) ** 2 + 3, cfg.num_heads)
+    table = model.rel_pos_bias.relative_position_bias_table
+    assert table.shape == ((2 * 8 - 1) ** 2 + 3, cfg.num_heads)
     assert all(b.attn.rel_pos is None for b in model.blocks)
     per_layer = ViT(ViTConfig.from_name("nano/4", rel_pos="layer"))
-    assert per_layer.rel_pos_bias is None and all(b.attn.rel_pos is not None for b in per_layer.blocks)
+    assert per_layer.rel_pos_bias is None
+    assert all(b.attn.rel_pos is not None for b in per_layer.blocks)
 
 
 def expected_beit_layer_id(name, depth):
@@ -117,7 +122,8 @@ def expected_beit_layer_id(name, depth):
 
 
 def test_layer_decay_groups_match_beit_for_vit_b():
-    cfg = ViTConfig.from_name("B/16", abs_pos=False, rel_pos="layer", qkv_bias="qv", layer_scale=0.1, num_classes=1000)
+    cfg = ViTConfig.from_name("B/16", abs_pos=False, rel_pos="layer", qkv_bias="qv", layer_scale=0.1,
+                              num_classes=1000)
     model = ViT(cfg)
     groups = model.param_groups(0.05, layer_decay=0.6)
     seen = set()
@@ -126,7 +132,8 @@ def test_layer_decay_groups_match_beit_for_vit_b():
             lid = expected_beit_layer_id(name, 12)
             assert g["lr_scale"] == pytest.approx(0.6 ** (13 - lid)), name
             p = dict(model.named_parameters())[name]
-            no_decay = p.ndim == 1 or name in ("cls_token", "pos_embed") or "relative_position_bias_table" in name
+            is_table = "relative_position_bias_table" in name
+            no_decay = p.ndim == 1 or name in ("cls_token", "pos_embed") or is_table
             assert g["weight_decay"] == (0.0 if no_decay else 0.05), name
             seen.add(name)
     assert seen == {n for n, _ in model.named_parameters()}
@@ -176,7 +183,8 @@ def test_resize_pos_embed_keeps_constants_and_cls():
 def test_resize_rel_pos_table_keeps_center_and_cls_rows():
     heads, G, g = 2, 4, 6
     S, s = 2 * G - 1, 2 * g - 1
-    dy, dx = torch.meshgrid(torch.arange(S).float() - (G - 1), torch.arange(S).float() - (G - 1), indexing="ij")
+    offsets = torch.arange(S).float() - (G - 1)
+    dy, dx = torch.meshgrid(offsets, offsets, indexing="ij")
     plane = (dx + 3 * dy).reshape(S * S, 1).repeat(1, heads)
     table = torch.cat([plane, torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])])
     out = resize_rel_pos_table(table, g)
@@ -188,13 +196,16 @@ def test_resize_rel_pos_table_keeps_center_and_cls_rows():
 
 def test_adapt_state_dict_copies_shared_table_to_every_layer():
     src = randomize(ViT(beit_student()))
-    dst_cfg = ViTConfig.from_name("nano/4", abs_pos=False, rel_pos="layer", qkv_bias="qv", layer_scale=0.1, num_classes=6)
+    dst_cfg = ViTConfig.from_name("nano/4", abs_pos=False, rel_pos="layer", qkv_bias="qv", layer_scale=0.1,
+                                  num_classes=6)
     sd = adapt_state_dict(src.state_dict(), dst_cfg)
     assert "mask_token" not in sd
     dst = ViT(dst_cfg)
     missing, unexpected = dst.load_state_dict(sd, strict=False)
-    assert set(missing) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"} and not unexpected
+    assert set(missing) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    assert not unexpected
     for block in dst.blocks:
-        assert torch.equal(block.attn.rel_pos.relative_position_bias_table, src.rel_pos_bias.relative_position_bias_table)
+        shared_table = src.rel_pos_bias.relative_position_bias_table
+        assert torch.equal(block.attn.rel_pos.relative_position_bias_table, shared_table)
     x = torch.rand(2, 3, 32, 32)
     assert torch.allclose(dst.eval().forward_features(x), src.eval().forward_features(x), atol=1e-5)

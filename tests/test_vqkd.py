@@ -20,7 +20,8 @@ def test_codebook_starts_on_the_first_batch_vectors():
     z = torch.nn.functional.normalize(torch.randn(1, 20, 4), dim=-1)
     vq.ema_update(z, torch.zeros(1, 20, dtype=torch.long))
     assert bool(vq.initialized)
-    assert all(torch.isclose(vq.codebook[i] @ z[0].T, torch.tensor(1.0), atol=1e-5).any() for i in range(8))
+    one = torch.tensor(1.0)
+    assert all(torch.isclose(vq.codebook[i] @ z[0].T, one, atol=1e-5).any() for i in range(8))
 
 
 def test_codes_are_the_nearest_entries_by_cosine():
@@ -41,7 +42,8 @@ def test_straight_through_passes_the_gradient_to_the_encoder():
     z_leaf = z.detach().requires_grad_(True)
     q_leaf = q.clone().requires_grad_(True)
     # the reconstruction loss through the straight-through value ...
-    loss_st = 1 - torch.nn.functional.cosine_similarity(vq.decode(z_leaf + (q - z_leaf).detach()), targets, dim=-1).mean()
+    rebuilt = vq.decode(z_leaf + (q - z_leaf).detach())
+    loss_st = 1 - torch.nn.functional.cosine_similarity(rebuilt, targets, dim=-1).mean()
     loss_st.backward()
     # ... has, at z, exactly the gradient the same loss has at q
     loss_q = 1 - torch.nn.functional.cosine_similarity(vq.decode(q_leaf), targets, dim=-1).mean()
@@ -75,7 +77,8 @@ def test_dead_codes_are_restarted_on_batch_vectors():
         vq.ema_update(z, torch.zeros(1, 20, dtype=torch.long))
     restarted = vq.codebook[1:]
     # each restarted code is one of the batch vectors
-    assert all(torch.isclose(restarted[i] @ z[0].T, torch.tensor(1.0), atol=1e-5).any() for i in range(7))
+    one = torch.tensor(1.0)
+    assert all(torch.isclose(restarted[i] @ z[0].T, one, atol=1e-5).any() for i in range(7))
 
 
 def test_codebook_usage_and_perplexity():
@@ -105,16 +108,19 @@ def test_tokenizer_then_md_on_codes_from_the_command_line(tiny_data, tiny_teache
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    common = [f"--data_dir={tiny_data}", "--img_size=32", "--total_batch_size=16", "--micro_batch_size=8", "--num_workers=0",
-              "--device=cpu", "--dtype=float32", "--log_interval=2", "--epochs=1"]
-    r = subprocess.run([sys.executable, "train_vqkd.py", *common, f"--teacher={tiny_teacher}", "--model=nano/4", "--codebook_size=64",
-                        "--stop_iter=4", "--collapse_threshold=0.99", f"--out_dir={tmp_path / 'tok'}"],
+    common = [f"--data_dir={tiny_data}", "--img_size=32", "--total_batch_size=16", "--micro_batch_size=8",
+              "--num_workers=0", "--device=cpu", "--dtype=float32", "--log_interval=2", "--epochs=1"]
+    tokenizer_args = [f"--teacher={tiny_teacher}", "--model=nano/4", "--codebook_size=64", "--stop_iter=4",
+                      "--collapse_threshold=0.99", f"--out_dir={tmp_path / 'tok'}"]
+    r = subprocess.run([sys.executable, "train_vqkd.py", *common, *tokenizer_args],
                        capture_output=True, text=True, cwd=root, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout + r.stderr
-    assert "codebook usage" in out and "perplexity" in out and "COLLAPSE" in out  # 64 codes, threshold 99%: reported
-    r = subprocess.run([sys.executable, "train_md.py", *common, "--target=vqkd", f"--tokenizer={tmp_path / 'tok' / 'tokenizer.pt'}",
-                        "--model=nano/4", "--compile=False", "--stop_iter=2", f"--out_dir={tmp_path / 'md'}"],
+    # 64 codes, threshold 99%: a collapse is reported
+    assert "codebook usage" in out and "perplexity" in out and "COLLAPSE" in out
+    md_args = ["--target=vqkd", f"--tokenizer={tmp_path / 'tok' / 'tokenizer.pt'}", "--model=nano/4",
+               "--compile=False", "--stop_iter=2", f"--out_dir={tmp_path / 'md'}"]
+    r = subprocess.run([sys.executable, "train_md.py", *common, *md_args],
                        capture_output=True, text=True, cwd=root, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(tmp_path / "md" / "ckpt.pt", weights_only=True)
