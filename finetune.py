@@ -96,8 +96,10 @@ def build_model(num_classes):
     if keep_head and src_cfg.num_classes != num_classes:
         raise CheckpointError(f"'{init}' has a head for {src_cfg.num_classes} classes but the data has {num_classes}: "
                               f"drop --keep_head to start a new head")
+    # a new head pools with "mean", except on BEiT-style "avg" models, which have no final norm
+    pool = src_cfg.global_pool if keep_head or src_cfg.global_pool == "avg" else "mean"
     cfg = replace(src_cfg, img_size=img_size, drop_path=drop_path, num_classes=num_classes, mask_token=False,
-                  global_pool=src_cfg.global_pool if keep_head else "mean",
+                  global_pool=pool,
                   rel_pos="layer" if rel_pos else src_cfg.rel_pos)
     sd = adapt_state_dict(source.state_dict(), cfg)
     if not keep_head:

@@ -46,7 +46,8 @@ class ViTConfig:
     drop_path: float = 0.0       # stochastic depth rate, linear over depth
     mask_token: bool = False     # learned token for masked patches
     num_classes: int = 0         # 0 = no classification head
-    global_pool: str = "mean"    # "mean": mean of patch tokens + fc_norm (BEiT); "cls": CLS token
+    global_pool: str = "mean"    # "mean": final norm, mean of patches, fc_norm; "cls": CLS token
+                                 # "avg": BEiT's and timm's mean pooling: no final norm, fc_norm
     mean: tuple = IMAGENET_MEAN  # input normalization, owned by the model
     std: tuple = IMAGENET_STD
 
@@ -238,9 +239,9 @@ class ViT(nn.Module):
             self.rel_pos_bias = RelativePositionBias(cfg.grid, cfg.num_heads)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList([Block(cfg, r) for r in rates])
-        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.norm = nn.Identity() if cfg.global_pool == "avg" else nn.LayerNorm(D, eps=cfg.norm_eps)
         self.fc_norm = None
-        if cfg.num_classes and cfg.global_pool == "mean":
+        if cfg.global_pool == "avg" or (cfg.num_classes and cfg.global_pool == "mean"):
             self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else None
         self.apply(self._init_weights)
@@ -296,7 +297,7 @@ class ViT(nn.Module):
 
     def forward_head(self, features):
         """(B, N+1, D) -> (B, num_classes)"""
-        if self.config.global_pool == "mean":
+        if self.config.global_pool in ("mean", "avg"):
             pooled = self.fc_norm(features[:, 1:].mean(dim=1))
         else:
             pooled = features[:, 0]

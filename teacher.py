@@ -6,12 +6,17 @@ Any place that takes a model accepts three forms:
     `path`, else the cached download of the public URL), or `embedded` (the small teacher
     shipped for the embedded dataset);
   - an official checkpoint file (CLIP TorchScript archive or state dict, timm/DINO/DeiT layout,
-    DINO's full training checkpoint);
-  - a project checkpoint written by train_md.py / finetune.py.
+    DINO's full training checkpoint, timm's `beit` layout: BEiT v2 as timm stores it, or
+    microsoft/unilm's own files);
+  - a project checkpoint written by train_md.py / finetune.py, or its timm export.
 
     from teacher import load_teacher
     t = load_teacher("clip", path="ViT-B-16.pt")
     features = t(images)  # (B, 3, 224, 224) in [0, 1] -> (B, 197, 768), last block after final norm
+
+Any model form goes out in the layout of timm's beit / vision_transformer models (the error names
+the option timm has no counterpart for, if any) or as a project checkpoint:
+    python teacher.py export --format=timm out/md/ckpt.pt md_timm.pth
 """
 import os
 
@@ -41,11 +46,11 @@ NAMES = ", ".join(list(OFFICIAL) + ["embedded"])
 
 def unwrap_state_dict(obj):
     """Strip the usual wrappers: {'model': ...}, {'state_dict': ...}, DINO's {'teacher': ...},
-    and the 'module.' / 'backbone.' prefixes."""
-    for key in ("teacher", "model", "state_dict"):
+    BEiT v2's {'module': ...} (as timm's beit checkpoint_filter_fn unwraps it), and the
+    'module.' / 'backbone.' prefixes."""
+    for key in ("teacher", "model", "module", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-            break
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise CheckpointError("not a state dict of tensors")
     out = {}
@@ -63,8 +68,17 @@ def detect_layout(sd):
     if any(k.endswith("transformer.resblocks.0.attn.in_proj_weight") for k in sd):
         return "clip"
     if "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd:
-        return "timm"
+        beit_only = ("attn.q_bias", "relative_position_bias_table", ".gamma_1")  # not in timm's vit
+        return "beit" if any(k.endswith(beit_only) for k in sd) else "timm"
     return None
+
+
+def pool_of(sd):
+    """global_pool from the norms a file has: BEiT's and timm's mean pooling ("avg") has fc_norm
+    and no final norm; "mean" (both) is model.py's own."""
+    if "norm.weight" not in sd:
+        return "avg"
+    return "mean" if "fc_norm.weight" in sd else "cls"
 
 
 def convert_clip(sd):
@@ -95,18 +109,76 @@ def convert_clip(sd):
     return cfg, out
 
 
-def convert_timm(sd):
-    """timm layout (DINO, DeiT, timm vit_*): the key names are already ours. Shapes do not tell
-    the number of heads: like CLIP's, it is taken as embed_dim / 64 (true for every official ViT)."""
-    D = sd["cls_token"].shape[-1]
-    patch = sd["patch_embed.proj.weight"].shape[-1]
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    grid = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
-    num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+def convert_timm(sd, cfg=None):
+    """timm `vision_transformer` layout (DINO, DeiT, timm vit_*, export_timm's files): the key
+    names are ours but for layer scale (timm's ls1.gamma / ls2.gamma are gamma_1 / gamma_2).
+    Without `cfg` the shapes tell the rest but the number of heads: like CLIP's, it is taken as
+    embed_dim / 64 (true for every official ViT)."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(("head_dist", "dist_token")):  # DeiT's distillation token and head
+            continue
+        out[k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")] = v
+    if cfg is not None:
+        return cfg, out
+    D = out["cls_token"].shape[-1]
+    patch = out["patch_embed.proj.weight"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in out if k.startswith("blocks."))
+    grid = int(round((out["pos_embed"].shape[1] - 1) ** 0.5))
+    num_classes = out["head.weight"].shape[0] if "head.weight" in out else 0
     cfg = ViTConfig(img_size=grid * patch, patch_size=patch, embed_dim=D, depth=depth, num_heads=max(1, D // 64),
-                    num_classes=num_classes, global_pool="cls",
-                    mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D)
-    return cfg, {k: v for k, v in sd.items() if not k.startswith(("head_dist", "dist_token"))}
+                    num_classes=num_classes, global_pool=pool_of(out),
+                    qkv_bias="all" if "blocks.0.attn.qkv.bias" in out else "none",
+                    layer_scale=LAYER_SCALE if "blocks.0.gamma_1" in out else 0.0,
+                    mlp_ratio=out["blocks.0.mlp.fc1.weight"].shape[0] / D)
+    return cfg, out
+
+
+LAYER_SCALE = 0.1  # files do not store layer scale's init value; any value > 0 is the same model
+BEIT_PRETRAINING_HEADS = ("lm_head.", "cls_pt_layers.", "cls_pt_norm.", "cls_pt_lm_head.")
+
+
+def convert_beit(sd, cfg=None):
+    """timm `beit` layout -> (ViTConfig, state dict). Followed: timm/models/beit.py (Beit and its
+    checkpoint_filter_fn, which drops the relative position index buffers: they are the same
+    function of the grid as RelativePositionBias.index here) and microsoft/unilm
+    beit2/modeling_pretrain.py, whose pretraining heads (lm_head, cls_pt_*) are not part of the
+    ViT. The key names are ours but for the per-layer table (attn.relative_position_bias_table).
+    Without `cfg` the shapes tell the rest; the number of heads comes from a relative position
+    table where there is one, else embed_dim / 64. Input normalization is not in the file:
+    ImageNet's mean/std, as BEiT v2 uses (BEiT v1 used 0.5, 0.5)."""
+    layer_key = "blocks.0.attn.rel_pos.relative_position_bias_table"
+    shared_key = "rel_pos_bias.relative_position_bias_table"
+    out = {}
+    for k, v in sd.items():
+        if "relative_position_index" in k or k.startswith(BEIT_PRETRAINING_HEADS):
+            continue
+        out[k.replace(".attn.relative_", ".attn.rel_pos.relative_")] = v
+    if cfg is not None:
+        return cfg, out
+    if layer_key in out and shared_key in out:
+        raise CheckpointError("has a shared and a per-layer relative position bias; ViT takes one")
+    D = out["cls_token"].shape[-1]
+    patch = out["patch_embed.proj.weight"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in out if k.startswith("blocks."))
+    table = out.get(layer_key, out.get(shared_key))
+    if "pos_embed" in out:
+        grid = int(round((out["pos_embed"].shape[1] - 1) ** 0.5))
+    elif table is not None:  # (2G-1)^2 + 3 rows
+        grid = (int(round((table.shape[0] - 3) ** 0.5)) + 1) // 2
+    else:
+        raise CheckpointError("has no position embedding or table: its image size is unknown")
+    rel_pos = "layer" if layer_key in out else "shared" if shared_key in out else "none"
+    cfg = ViTConfig(img_size=grid * patch, patch_size=patch, embed_dim=D, depth=depth,
+                    num_heads=table.shape[1] if table is not None else max(1, D // 64),
+                    mlp_ratio=out["blocks.0.mlp.fc1.weight"].shape[0] / D,
+                    qkv_bias="qv" if "blocks.0.attn.q_bias" in out else "none",
+                    abs_pos="pos_embed" in out, rel_pos=rel_pos,
+                    layer_scale=LAYER_SCALE if "blocks.0.gamma_1" in out else 0.0,
+                    mask_token="mask_token" in out,
+                    num_classes=out["head.weight"].shape[0] if "head.weight" in out else 0,
+                    global_pool=pool_of(out))
+    return cfg, out
 
 
 def build_vit(cfg, sd, source):
@@ -139,10 +211,7 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR):
         raise CheckpointError(f"unknown model '{name}': choose {NAMES} or a checkpoint path")
     obj = read_checkpoint(source)
     if isinstance(obj, dict) and "model_args" in obj and "model" in obj:  # project checkpoint
-        try:
-            cfg = ViTConfig.from_dict(obj["model_args"])
-        except TypeError as e:
-            raise CheckpointError(f"'{source}' has model_args this version cannot read: {e}") from None
+        cfg = config_of(obj["model_args"], source)
         model = build_vit(cfg, obj["model"], f"'{source}'")
         return model.eval(), dict(source=source, kind="project", config=obj.get("config", {}), classes=obj.get("classes"))
     try:
@@ -151,11 +220,31 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR):
         raise CheckpointError(f"'{source}' is {e}") from None
     found = detect_layout(sd)
     if found is None:
-        raise CheckpointError(f"'{source}' is not a CLIP, DINO/DeiT (timm) or project checkpoint: keys start {list(sd)[:3]}")
+        raise CheckpointError(f"'{source}' is not a CLIP, DINO/DeiT (timm), BEiT or project "
+                              f"checkpoint: keys start {list(sd)[:3]}")
     if layout is not None and found != layout:
         raise CheckpointError(f"'{source}' has the {found} layout, but teacher '{name}' needs the {layout} layout")
-    cfg, sd = convert_clip(sd) if found == "clip" else convert_timm(sd)
-    return build_vit(cfg, sd, f"'{source}'").eval(), dict(source=source, kind=found)
+    # export_timm's files carry what timm has no place for: ViTConfig, mask token, class names
+    extra = obj if isinstance(obj, dict) and "mdlab_args" in obj else {}
+    cfg = config_of(extra["mdlab_args"], source) if extra else None
+    try:
+        if found == "clip":
+            cfg, sd = convert_clip(sd)
+        else:
+            cfg, sd = (convert_beit if found == "beit" else convert_timm)(sd, cfg)
+    except CheckpointError as e:
+        raise CheckpointError(f"'{source}' {e}") from None
+    if "mask_token" in extra:
+        sd["mask_token"] = extra["mask_token"]
+    info = dict(source=source, kind=found, classes=extra.get("classes"))
+    return build_vit(cfg, sd, f"'{source}'").eval(), info
+
+
+def config_of(model_args, source):
+    try:
+        return ViTConfig.from_dict(model_args)
+    except TypeError as e:
+        raise CheckpointError(f"'{source}' has model_args this version cannot read: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -234,17 +323,166 @@ class Whitening(nn.Module):
 
 def export_weights(src, dst):
     """A project checkpoint reduced to what a teacher needs (weights, model_args, config): no
-    optimizer or RNG state. This is how data/embedded_teacher.pt is made from a finetune.py run."""
+    optimizer or RNG state. This is how data/embedded_teacher.pt is made from a finetune.py run.
+    Any other model form (a timm file, say) becomes such a checkpoint of its converted weights."""
     obj = read_checkpoint(src)
-    if not (isinstance(obj, dict) and "model_args" in obj):
-        raise CheckpointError(f"'{src}' is not a project checkpoint")
-    torch.save({k: obj[k] for k in ("model", "model_args", "config", "classes") if k in obj}, dst)
+    if isinstance(obj, dict) and "model_args" in obj:
+        keep = ("model", "model_args", "config", "classes")
+        torch.save({k: obj[k] for k in keep if k in obj}, dst)
+        return
+    vit, info = load_model(src)
+    out = dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config={})
+    if info.get("classes"):
+        out["classes"] = info["classes"]
+    torch.save(out, dst)
+
+
+# ----------------------------------------------------------------------------------------
+# export to timm's `beit` and `vision_transformer` models
+
+# timm model name -> (embed_dim, depth, num_heads) its registration fixes (timm/models/beit.py,
+# timm/models/vision_transformer.py); the CLIP ones also fix pre_norm and LayerNorm eps 1e-5
+TIMM_MODELS = {
+    "beitv2_base_patch16_224": (768, 12, 12), "beitv2_large_patch16_224": (1024, 24, 16),
+    "vit_base_patch16_224": (768, 12, 12), "vit_tiny_patch16_224": (192, 12, 3),
+    "vit_small_patch16_224": (384, 12, 6), "vit_large_patch16_224": (1024, 24, 16),
+    "vit_base_patch16_clip_224": (768, 12, 12),
+    "vit_base_patch16_clip_quickgelu_224": (768, 12, 12),
+}
+# what those registrations and the Beit / VisionTransformer classes leave as defaults
+TIMM_DEFAULTS = {
+    "beit": dict(img_size=224, patch_size=16, mlp_ratio=4.0, qkv_bias=True, use_abs_pos_emb=False,
+                 use_rel_pos_bias=True, use_shared_rel_pos_bias=False, init_values=1e-5),
+    "vit": dict(img_size=224, patch_size=16, mlp_ratio=4.0, qkv_bias=True, init_values=None,
+                pos_embed="learn"),
+}
+EXPORT_FORMATS = ("mdlab", "timm")
+
+
+def timm_obstacle(cfg, family):
+    """the option of cfg that the timm family (beit or vit) has no counterpart for, or None"""
+    if cfg.num_classes and cfg.global_pool == "mean":
+        return ("global_pool='mean' (the final norm on every token, the mean, then fc_norm): "
+                "timm pools after one norm only ('avg': fc_norm, as BEiT; 'token': the final norm)")
+    if family == "vit":
+        if cfg.patch_bias == cfg.pre_norm:
+            return (f"patch_bias={cfg.patch_bias} with pre_norm={cfg.pre_norm}: timm's "
+                    "vision_transformer has a patch bias exactly when pre_norm is off")
+        if cfg.norm_eps != (1e-5 if cfg.pre_norm else 1e-6):
+            return (f"norm_eps={cfg.norm_eps} with pre_norm={cfg.pre_norm}: timm's ViTs use 1e-6 "
+                    "(1e-5 with pre_norm, as CLIP)")
+        return None
+    why = "with relative position bias" if cfg.rel_pos != "none" else "with q and v biases only"
+    checks = [(cfg.qkv_bias == "all", f"qkv_bias='all' {why}: timm's beit has no k bias"),
+              (cfg.act != "gelu", f"act='{cfg.act}' {why}: timm's beit has exact GELU only"),
+              (cfg.pre_norm, f"pre_norm=True {why}: timm's beit has no norm after the embeddings"),
+              (not cfg.patch_bias, f"patch_bias=False {why}: timm's beit always has a patch bias"),
+              (cfg.norm_eps != 1e-6, f"norm_eps={cfg.norm_eps} {why}: timm's beit uses 1e-6")]
+    return next((message for failed, message in checks if failed), None)
+
+
+def to_timm(vit):
+    """model.py's ViT -> (timm model name, create_model kwargs, state dict in that model's layout).
+    Relative position bias or q/v-only biases go to timm's `beit` (timm/models/beit.py: q_bias /
+    v_bias, gamma_1 / gamma_2, the per-layer table under attn., the same relative position index
+    as RelativePositionBias here), the rest to `vision_transformer` (ls1.gamma / ls2.gamma,
+    norm_pre, a patch bias exactly when pre_norm is off). Pooling: 'token' = our "cls", 'avg' =
+    our "avg"; a model without head gets '' (timm's forward then returns all tokens, as ours).
+    The mask token has no place in timm. Raises CheckpointError naming the option timm lacks."""
+    cfg = vit.config
+    family = "beit" if cfg.rel_pos != "none" or cfg.qkv_bias == "qv" else "vit"
+    problem = timm_obstacle(cfg, family)
+    if problem:
+        raise CheckpointError(f"has no timm equivalent: {problem}")
+    wanted = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                  depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+                  init_values=cfg.layer_scale)  # 0: off (create_model drops None-valued kwargs)
+    if family == "beit":
+        names = ["beitv2_base_patch16_224", "beitv2_large_patch16_224"]
+        wanted.update(qkv_bias=cfg.qkv_bias == "qv", use_abs_pos_emb=cfg.abs_pos,
+                      use_rel_pos_bias=cfg.rel_pos == "layer",
+                      use_shared_rel_pos_bias=cfg.rel_pos == "shared")
+        renames = [(".attn.rel_pos.", ".attn.")]
+    else:
+        quick = cfg.act == "quick_gelu"
+        if cfg.pre_norm:  # CLIP: the activation is part of the name
+            clip = "vit_base_patch16_clip_quickgelu_224" if quick else "vit_base_patch16_clip_224"
+            names = [clip]
+        else:
+            names = [n for n in TIMM_MODELS if n.startswith("vit_") and "clip" not in n]
+            if quick:
+                wanted["act_layer"] = "quick_gelu"
+        wanted.update(qkv_bias=cfg.qkv_bias == "all", pos_embed="learn" if cfg.abs_pos else "none")
+        renames = [(".gamma_1", ".ls1.gamma"), (".gamma_2", ".ls2.gamma")]
+    size = (cfg.embed_dim, cfg.depth, cfg.num_heads)
+    name = next((n for n in names if TIMM_MODELS[n] == size), names[0])
+    defaults = dict(TIMM_DEFAULTS[family])
+    defaults.update(zip(("embed_dim", "depth", "num_heads"), TIMM_MODELS[name]))
+    pooled = cfg.num_classes or cfg.global_pool == "avg"
+    pool = {"cls": "token", "avg": "avg"}[cfg.global_pool] if pooled else ""
+    kwargs = dict(num_classes=cfg.num_classes, global_pool=pool)
+    for k, v in wanted.items():
+        # layer scale: only whether it is on shapes the model; its values are weights
+        same = bool(v) == bool(defaults[k]) if k == "init_values" else v == defaults.get(k)
+        if not same:
+            kwargs[k] = v
+    sd = {}
+    for k, v in vit.state_dict().items():
+        if k != "mask_token":
+            for a, b in renames:
+                k = k.replace(a, b)
+            sd[k] = v
+    return name, kwargs, sd
+
+
+def export_timm(src, dst):
+    """Any model form -> a file that timm.create_model(name, checkpoint_path=dst, **kwargs) loads
+    with no missing or unexpected keys: {"state_dict", "arch", "timm_kwargs"}, the entries timm's
+    load_checkpoint reads and its train script writes (timm/models/_helpers.py load_state_dict,
+    timm/utils/checkpoint_saver.py), beside what the way back needs and timm has no place for:
+    "mdlab_args" (the ViTConfig), the mask token, class names. -> (name, kwargs, ViTConfig)"""
+    vit, info = load_model(src)
+    try:
+        name, kwargs, sd = to_timm(vit)
+    except CheckpointError as e:
+        raise CheckpointError(f"'{src}' {e}") from None
+    out = dict(state_dict=sd, arch=name, timm_kwargs=kwargs, mdlab_args=vit.config.to_dict())
+    if vit.mask_token is not None:
+        out["mask_token"] = vit.mask_token.detach()
+    if info.get("classes"):
+        out["classes"] = info["classes"]
+    torch.save(out, dst)
+    return name, kwargs, vit.config
+
+
+def main(argv):
+    usage = "usage: python teacher.py export [--format=mdlab|timm] SRC DST"
+    paths = [a for a in argv[1:] if not a.startswith("--")]
+    if argv[:1] != ["export"] or len(paths) != 2:
+        raise SystemExit(usage)
+    fmt = "mdlab"
+    for flag in (a for a in argv[1:] if a.startswith("--")):
+        key, _, fmt = flag[2:].partition("=")
+        if key != "format":
+            raise SystemExit(f"error: unknown option '{flag}'; {usage}")
+    if fmt not in EXPORT_FORMATS:
+        raise SystemExit(f"error: unknown --format '{fmt}': choose {' or '.join(EXPORT_FORMATS)}")
+    src, dst = paths
+    try:
+        if fmt == "mdlab":
+            export_weights(src, dst)
+            return print(f"wrote {dst}")
+        name, kwargs, cfg = export_timm(src, dst)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    print(f"wrote {dst}; load it with\n"
+          f"    timm.create_model({name!r}, pretrained=False{args}, checkpoint_path={dst!r})\n"
+          f"its input: images normalized with mean {cfg.mean} and std {cfg.std} "
+          "(model.py's ViT does that inside)")
 
 
 if __name__ == "__main__":
     import sys
-    if len(sys.argv) != 4 or sys.argv[1] != "export":
-        raise SystemExit("usage: python teacher.py export SRC_CKPT DST_FILE")
-    export_weights(sys.argv[2], sys.argv[3])
-    print(f"wrote {sys.argv[3]}")
+    main(sys.argv[1:])
 
