@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import read_torchscript
 from model import VQKD, ViT, ViTConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -70,15 +71,22 @@ def download(url, sha256=None, cache_dir=CACHE_DIR):
 
 
 def read_checkpoint(path):
-    """Load a file as plain data. Pickles are read with weights_only=True, so a file that
-    would run code on load is refused; CLIP's TorchScript archives go through torch.jit."""
+    """Load a file as plain data; nothing stored in it runs. Pickles are read with
+    weights_only=True, so a file that would run code on load is refused; TorchScript archives
+    (CLIP's) give their parameters and buffers by common.read_torchscript, never torch.jit.load."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' not found")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             is_torchscript = any(n.endswith("constants.pkl") for n in z.namelist())
         if is_torchscript:
-            return {k: v.float() for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
+            try:
+                state_dict = read_torchscript(path)
+            except Exception as e:
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise CheckpointError(f"'{path}' is a TorchScript archive whose weights cannot "
+                                      f"be read as plain data: {reason}") from None
+            return {k: v.float() for k, v in state_dict.items()}
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
