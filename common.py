@@ -9,6 +9,8 @@ import hashlib
 import math
 import os
 import pickle
+import socket
+import tempfile
 import time
 import urllib.request
 import zipfile
@@ -233,16 +235,21 @@ def first_line(error):
 
 
 def read_checkpoint(path):
-    """Load a file as plain data. Pickles are read with weights_only=True, so a file that
-    would run code on load is refused; CLIP's TorchScript archives go through torch.jit."""
+    """Load a file as plain data; nothing stored in it runs. Pickles are read with
+    weights_only=True, so a file that would run code on load is refused; TorchScript archives
+    (CLIP's) give their parameters and buffers by read_torchscript, never torch.jit.load."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' not found")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             is_torchscript = any(n.endswith("constants.pkl") for n in z.namelist())
-        if is_torchscript:
-            state = torch.jit.load(path, map_location="cpu").state_dict()
-            return {k: v.float() for k, v in state.items()}
+        if is_torchscript:  # CLIP's file: its tensors, read without running any code stored in it
+            try:
+                state_dict = read_torchscript(path)
+            except Exception as e:
+                raise CheckpointError(f"'{path}' is a TorchScript archive whose weights cannot be read as "
+                                      f"plain data: {first_line(e) or type(e).__name__}") from None
+            return {k: v.float() for k, v in state_dict.items()}
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -252,6 +259,154 @@ def read_checkpoint(path):
                               f"at all), refused by torch.load(weights_only=True): {detail}") from None
     except Exception as e:
         raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {first_line(e)})") from None
+
+
+# TorchScript archives without torch.jit.load
+
+# element type of each storage class a TorchScript archive names
+STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+class ScriptObject:
+    """Stands in for an object of a class defined in a TorchScript archive: pickle's BUILD hands
+    it the object's state, which is kept as data; no code of the class ever runs."""
+    qualname = ""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class ArchiveUnpickler(pickle.Unpickler):
+    """Reads a TorchScript archive's data.pkl building nothing but tensors, plain containers and
+    ScriptObjects: every other global is refused, so unpickling runs no code from the file. The
+    callables it hands out are builtins and bound methods, which the pickle cannot modify."""
+
+    def __init__(self, file, read_storage):
+        super().__init__(file)
+        self.read_storage = read_storage  # (key, dtype) -> flat tensor
+        self.classes = {}
+        lists = {("torch.jit._pickle", f"build_{kind}list"): list
+                 for kind in ("int", "double", "bool", "tensor")}
+        self.safe_globals = {  # what a TorchScript data.pkl calls -> what is called instead
+            ("torch._utils", "_rebuild_tensor_v2"): self.strided_view,
+            ("collections", "OrderedDict"): dict,  # a tensor's (empty) backward hooks
+            ("torch.jit._pickle", "restore_type_tag"): self.keep_value, **lists}
+
+    def find_class(self, module, name):
+        if module == "__torch__" or module.startswith("__torch__."):
+            qualname = f"{module}.{name}"
+            if qualname not in self.classes:
+                self.classes[qualname] = type(name, (ScriptObject,), {"qualname": qualname})
+            return self.classes[qualname]
+        if module == "torch" and name in STORAGE_DTYPES:
+            return name
+        if (module, name) not in self.safe_globals:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not plain data")
+        return self.safe_globals[(module, name)]
+
+    def persistent_load(self, pid):
+        # ('storage', storage class, key of the file under data/, device, number of elements)
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unknown persistent id {str(pid)[:80]}")
+        if pid[1] not in STORAGE_DTYPES:
+            raise pickle.UnpicklingError(f"storage type {str(pid[1])[:80]} is not supported")
+        return self.read_storage(str(pid[2]), STORAGE_DTYPES[pid[1]])
+
+    def strided_view(self, storage, offset, size, stride, requires_grad, hooks, metadata=None):
+        """torch._utils._rebuild_tensor_v2 for a storage given as a flat tensor (B,) -> a view"""
+        if not torch.is_tensor(storage):
+            raise pickle.UnpicklingError("a tensor without a storage")
+        return storage.as_strided(tuple(size), tuple(stride), offset)
+
+    def keep_value(self, value, type_str):
+        return value  # torch.jit._pickle.restore_type_tag: the static type does not matter here
+
+
+def read_torchscript(path):
+    """The parameters and buffers of a TorchScript archive as {dotted name: tensor}: the keys and
+    values of torch.jit.load(path).state_dict(), read without running anything from the file
+    (torch.jit.load compiles the archive's code and runs the __setstate__ methods it defines).
+    OpenAI's CLIP files are such archives. Layout, as torch.jit.save writes it
+    (torch/csrc/jit/serialization/export_module.cpp) and torch.jit.load reads it (import.cpp):
+      ARCHIVE/data.pkl    the root module pickled: each module an object of a class
+          __torch__.<module>.<Class> whose state is the dict of its attributes; each tensor
+          torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...) with the storage
+          the persistent id ('storage', torch.<Type>Storage, key, device, numel)
+      ARCHIVE/data/<key>  the storage's bytes (little-endian; ARCHIVE/byteorder says so)
+      ARCHIVE/code/<module, / for .>.py  the class declarations in Python syntax, parsed only:
+          __parameters__ and __buffers__ name the attributes that make up the state dict.
+    A module class with its own __setstate__ keeps a state that is not its attributes: refused.
+    Anything else unexpected raises ValueError or pickle.UnpicklingError with a one-line reason."""
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        archive = names[0].split("/")[0]  # every record sits under one folder
+        if f"{archive}/byteorder" in names and z.read(f"{archive}/byteorder").strip() != b"little":
+            raise ValueError("the archive stores big-endian tensors")
+        storages = {}
+
+        def read_storage(key, dtype):
+            if key not in storages:
+                data = bytearray(z.read(f"{archive}/data/{key}"))
+                flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+                storages[key] = flat
+            return storages[key]
+
+        with z.open(f"{archive}/data.pkl") as f:
+            root = ArchiveUnpickler(f, read_storage).load()
+        classes = {}  # qualified class name -> its declaration (ast.ClassDef)
+        code = f"{archive}/code/"
+        for name in names:
+            if name.startswith(code) and name.endswith(".py"):
+                module = name[len(code):-len(".py")].replace("/", ".")
+                for node in ast.parse(z.read(name).decode()).body:
+                    if isinstance(node, ast.ClassDef):
+                        classes[f"{module}.{node.name}"] = node
+    state_dict = {}
+    add_module_state(root, classes, "", state_dict)
+    return state_dict
+
+
+def is_script_module(obj, classes):
+    """an object of a TorchScript class declared as `class Name(Module)`"""
+    if not isinstance(obj, ScriptObject):
+        return False
+    if obj.qualname not in classes:
+        raise ValueError(f"class {obj.qualname} is not declared in the archive")
+    bases = classes[obj.qualname].bases
+    return any(isinstance(base, ast.Name) and base.id == "Module" for base in bases)
+
+
+def add_module_state(module, classes, prefix, state_dict):
+    """A module's parameters, then its buffers, then its submodules' (nn.Module.state_dict's
+    order), into state_dict under prefix."""
+    if not is_script_module(module, classes):
+        raise ValueError(f"{prefix or 'the root'} is not a module")
+    lists = {"__parameters__": [], "__buffers__": []}
+    for stmt in classes[module.qualname].body:
+        if isinstance(stmt, ast.FunctionDef) and stmt.name == "__setstate__":
+            raise ValueError(f"class {module.qualname} restores its state with its own code "
+                             "(__setstate__)")
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+            target = stmt.targets[0]
+            if isinstance(target, ast.Name) and target.id in lists:
+                lists[target.id] = ast.literal_eval(stmt.value)
+    attributes = getattr(module, "state", None)
+    if not isinstance(attributes, dict):
+        raise ValueError(f"module {module.qualname} has no attributes")
+    for name in lists["__parameters__"] + lists["__buffers__"]:
+        value = attributes.get(name)
+        if value is not None and not torch.is_tensor(value):
+            raise ValueError(f"{prefix}{name} is a {type(value).__name__}, not a tensor")
+        if value is not None:
+            state_dict[prefix + name] = value
+    for name, value in attributes.items():
+        if is_script_module(value, classes):
+            add_module_state(value, classes, f"{prefix}{name}.", state_dict)
 
 
 # ----------------------------------------------------------------------------------------
@@ -284,10 +439,18 @@ def save_checkpoint(checkpoint, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch.save's zip writer turns a failed write (a full disk) into a RuntimeError
+        # whose context is the OSError
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise SystemExit(f"error: could not write {path} ({e.strerror or e}); the previous checkpoint is kept") from None
+        cause = e if isinstance(e, OSError) else e.__context__
+        if isinstance(cause, OSError) and cause.strerror:
+            reason = cause.strerror
+        else:
+            reason = f"{e}".split("\n")[0]
+        raise SystemExit(f"error: could not write {path} ({reason}); the previous checkpoint is "
+                         "kept: free space there or choose another out_dir") from None
 
 
 def resume_from(ctx, path, optimizer, **modules):
@@ -358,3 +521,43 @@ def pyplot():
         return plt
     except ImportError:
         return None
+
+
+# ----------------------------------------------------------------------------------------
+# the output directory
+
+def check_out_dir(out_dir):
+    """Make out_dir and write a file in it, before any work: an out_dir that is a file, or where
+    nothing can be written (permissions, read-only disk), stops with one line."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SystemExit(f"error: out_dir '{out_dir}' is a file, not a directory: "
+                         "choose another out_dir")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to out_dir '{out_dir}' ({e.strerror or e}): "
+                         "choose a writable out_dir") from None
+
+
+def lock_out_dir(out_dir):
+    """Claim out_dir for this run: a second run on it is refused with one line while this
+    process lives. A POSIX lock (fcntl) on out_dir/run.lock, which the OS drops when the process
+    ends however it ends (kill -9 included), and which forked workers do not hold. Keep the
+    returned file open for the whole run, and open run.lock nowhere else (closing any descriptor
+    of the file drops a POSIX lock); call it on the master process only, after check_out_dir."""
+    import fcntl
+    f = open(os.path.join(out_dir, "run.lock"), "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SystemExit(f"error: out_dir '{out_dir}' is in use by a running run ({holder}): "
+                         "wait for it to end or choose another out_dir") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    return f

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (CheckpointError, Context, Meter, accumulation_steps, apply_overrides, cosine_lr, log,
-                    micro_batches, peak_flops, record_nonfinite, resume_from, rng_state, save_checkpoint,
-                    schedule_lengths, stop_if_nonfinite, wrap_for_training)
+from common import (CheckpointError, Context, Meter, accumulation_steps, apply_overrides,
+                    check_out_dir, cosine_lr, lock_out_dir, log, micro_batches, peak_flops,
+                    record_nonfinite, resume_from, rng_state, save_checkpoint, schedule_lengths,
+                    stop_if_nonfinite, wrap_for_training)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.masks import BEIT_RATIO, MaskGenerator
 from model import DECODER_HEADS, DecoderHead, MDStudent, ViT, ViTConfig
@@ -110,6 +111,9 @@ def md_loss(pred, targets, masks):
 
 def main():
     ctx = Context(device, dtype, backend)
+    if ctx.master:  # before any work: out_dir is writable and no other run uses it
+        check_out_dir(out_dir)
+        run_lock = lock_out_dir(out_dir)  # held until this process ends
     accum = accumulation_steps(total_batch_size, micro_batch_size, ctx.world_size)
     torch.manual_seed(seed + ctx.rank)
 

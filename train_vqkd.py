@@ -16,9 +16,10 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common import (CheckpointError, Context, Meter, accumulation_steps, apply_overrides, cosine_lr, log,
-                    micro_batches, peak_flops, record_nonfinite, resume_from, rng_state, save_checkpoint,
-                    schedule_lengths, stop_if_nonfinite, wrap_for_training)
+from common import (CheckpointError, Context, Meter, accumulation_steps, apply_overrides,
+                    check_out_dir, cosine_lr, lock_out_dir, log, micro_batches, peak_flops,
+                    record_nonfinite, resume_from, rng_state, save_checkpoint, schedule_lengths,
+                    stop_if_nonfinite, wrap_for_training)
 from data import DataError, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from model import ViTConfig
 from teacher import load_teacher
@@ -65,6 +66,9 @@ backend = ""
 
 def main():
     ctx = Context(device, dtype, backend)
+    if ctx.master:  # before any work: out_dir is writable and no other run uses it
+        check_out_dir(out_dir)
+        run_lock = lock_out_dir(out_dir)  # held until this process ends
     accum = accumulation_steps(total_batch_size, micro_batch_size, ctx.world_size)
     torch.manual_seed(seed)
     try:

@@ -8,6 +8,7 @@ of workers, and a resumed run sees exactly the samples an uninterrupted run woul
 """
 import math
 import os
+import stat
 import sys
 
 import numpy as np
@@ -16,7 +17,11 @@ from PIL import Image, ImageEnhance
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
-Image.MAX_IMAGE_PIXELS = 20000 * 20000  # allow large photos; a decompression bomb beyond is skipped
+# load_image refuses to decode more pixels than this (300 MB as RGB): a decompression bomb, a
+# small file whose header says 21000 x 21000, is skipped unread. The check is on the size it
+# would decode, after JPEG's reduced decoding, so PIL's own check (on the header) is off.
+MAX_PIXELS = 10_000 * 10_000
+Image.MAX_IMAGE_PIXELS = None
 
 
 class DataError(ValueError):
@@ -33,16 +38,44 @@ def resolve_data_dir(data_dir):
     return data_dir
 
 
+def open_regular_file(path):
+    """The file opened for reading, if it is a regular file (or a link to one). Opening does not
+    block (O_NONBLOCK), so a named pipe with an image's name is refused instead of hanging."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DataError(f"'{path}' is not a regular file (a named pipe, socket or device)")
+    return os.fdopen(fd, "rb")
+
+
+def float_to_uint8(arr):
+    """A float image -> 8 bits: values within [0, 1] times 255; any other range mapped linearly
+    from [min, max] to [0, 255] (NaN as the minimum, inf as the extremes)."""
+    finite = arr[np.isfinite(arr)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if lo >= 0 and hi <= 1:
+        lo, hi = 0.0, 1.0
+    arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
+    return np.round((arr - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8)
+
+
 def load_image(path):
     """Decode to 8-bit RGB: grayscale, palette, CMYK and alpha (composited on white) included;
-    16-bit images are scaled, not clipped."""
-    with Image.open(path) as img:
+    16-bit images are scaled, not clipped; 32-bit float images (TIFF) by float_to_uint8. Raises
+    for anything that is not a regular file and for more than MAX_PIXELS to decode."""
+    with open_regular_file(path) as f, Image.open(f) as img:
         if img.format == "JPEG":
             img.draft("RGB", (1024, 1024))  # decode large JPEGs at reduced size: fast and small
+        width, height = img.size  # from the header (and the JPEG reduction): nothing decoded yet
+        if width * height > MAX_PIXELS:
+            raise DataError(f"'{path}' is {width} x {height} pixels, more than MAX_PIXELS = "
+                            f"{MAX_PIXELS} (a decompression bomb?): not decoded")
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(img, dtype=np.float64)
             img = Image.fromarray(np.clip(arr / (65535.0 if arr.max() > 255 else 255.0) * 255, 0, 255).astype(np.uint8))
+        if img.mode == "F":
+            img = Image.fromarray(float_to_uint8(np.asarray(img)))
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -130,6 +163,28 @@ class EvalTransform:
 # ----------------------------------------------------------------------------------------
 # dataset, sampler, loader
 
+def image_files(folder):
+    """The regular files (or links to one) with an image extension under folder, in the order
+    of sorted(os.walk(folder)); named pipes, sockets and devices are not images. The file type
+    comes from the directory listing (a stat only for links), cheap for a million files."""
+    names = {}  # directory -> its image file names
+    pending = [folder]
+    while pending:
+        directory = pending.pop()
+        names[directory] = []
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as e:
+            raise DataError(f"cannot list '{directory}' ({e.strerror or e})") from None
+        for entry in entries:
+            if entry.is_dir():
+                if not entry.is_symlink():  # like os.walk: links to folders are not followed
+                    pending.append(entry.path)
+            elif entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                names[directory].append(entry.name)
+    return [os.path.join(d, name) for d in sorted(names) for name in sorted(names[d])]
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """root/class_name/image.ext. Items are keyed by (index, epoch) and return
     (image (3, H, W), label, mask (N,) or None), or None for an unreadable file (reported)."""
@@ -138,12 +193,11 @@ class ImageFolder(torch.utils.data.Dataset):
         if not os.path.isdir(root):
             raise DataError(f"image folder '{root}' not found: expected root/class_name/image.jpg")
         self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        self.samples = [(os.path.join(dirpath, f), label)
-                        for label, c in enumerate(self.classes)
-                        for dirpath, _, files in sorted(os.walk(os.path.join(root, c)))
-                        for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        self.samples = [(path, label) for label, c in enumerate(self.classes)
+                        for path in image_files(os.path.join(root, c))]
         if not self.samples:
-            raise DataError(f"no images found under '{root}': expected root/class_name/image.jpg ({', '.join(IMAGE_EXTENSIONS)})")
+            raise DataError(f"no images found under '{root}': expected root/class_name/image.jpg "
+                            f"({', '.join(IMAGE_EXTENSIONS)})")
         self.root, self.transform, self.mask_fn, self.seed = root, transform, mask_fn, seed
 
     def __len__(self):

@@ -1,14 +1,18 @@
 """data/: masks, transforms, decoding of awkward files, sampling, the embedded dataset."""
 import io
 import os
+import signal
+import struct
+import zlib
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from data import (DataError, EpochSampler, EvalTransform, ImageFolder, TrainTransform, collate, load_image,
-                  random_resized_crop_box, resolve_data_dir)
+from data import (DataError, EpochSampler, EvalTransform, ImageFolder, TrainTransform, collate,
+                  image_files, load_image, random_resized_crop_box, resolve_data_dir)
 from data.embedded import CLASSES, generate
 from data.masks import BEIT_RATIO, MaskGenerator, block_mask, random_mask
 
@@ -127,6 +131,109 @@ def test_corrupt_files_are_skipped_with_their_path(tmp_path, capsys):
         assert f"skipping unreadable image {root / 'a' / name}" in err
     images, labels, masks, skipped = collate(items)
     assert images.shape == (1, 3, 16, 16) and skipped == 3 and masks is None
+
+
+@contextmanager
+def fails_instead_of_hanging(seconds=60):
+    """a call that blocks (opening a named pipe) raises here instead of hanging the suite"""
+    def hung(signum, frame):
+        raise TimeoutError(f"still blocked after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_only_regular_files_are_images(tmp_path, capsys):
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    good = save(Image.new("RGB", (8, 8), (9, 9, 9)), root / "a" / "good.png")
+    os.mkfifo(root / "a" / "pipe.jpg")  # opening it for reading would wait for a writer forever
+    os.symlink(good, root / "a" / "link.png")  # a link to an image is an image
+    os.symlink(root / "a" / "missing.png", root / "a" / "broken.png")
+    ds = ImageFolder(str(root), EvalTransform(8))
+    assert [path for path, _ in ds.samples] == [good, str(root / "a" / "link.png")]
+    with fails_instead_of_hanging():
+        with pytest.raises(DataError, match="pipe.jpg' is not a regular file"):
+            load_image(str(root / "a" / "pipe.jpg"))
+    os.remove(good)
+    os.remove(root / "a" / "link.png")
+    with pytest.raises(DataError, match=f"no images found under '{root}'"):  # a pipe is no image
+        ImageFolder(str(root), EvalTransform(8))
+
+
+def test_image_files_keep_the_order_of_os_walk(tmp_path):
+    """the listing ImageFolder used before (sorted os.walk) is the reference order"""
+    for sub in ("", "b", "b-c", "b/d", "B", "e.jpg.d"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+        for name in ("z.png", "a.JPG", "m.txt"):
+            (tmp_path / sub / name).write_bytes(b"")
+    walk = sorted(os.walk(tmp_path))
+    reference = [os.path.join(d, f) for d, _, files in walk for f in sorted(files)
+                 if f.lower().endswith((".jpg", ".png"))]
+    assert image_files(str(tmp_path)) == reference and len(reference) == 12
+
+
+def bomb_png(path, side):
+    """a valid 1-bit black PNG of side x side pixels, written row by row: 21000 x 21000 is a 54 kB
+    file that decodes to 441 MB (1 byte per pixel in PIL) and 1.3 GB as RGB"""
+    row = b"\0" * (1 + (side + 7) // 8)  # filter byte, then the packed bits
+    z = zlib.compressobj(9)
+    data = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+
+    def chunk(kind, body):  # length, type, data, CRC
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # size, 1 bit, grayscale
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+    return str(path)
+
+
+def peak_rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+
+
+def test_decompression_bomb_is_skipped_unread(tmp_path, capsys):
+    small = bomb_png(tmp_path / "small.png", 40)
+    assert np.asarray(load_image(small)).tolist() == np.zeros((40, 40, 3)).tolist()  # a valid PNG
+    (tmp_path / "root" / "a").mkdir(parents=True)
+    path = bomb_png(tmp_path / "root" / "a" / "bomb.png", 21000)
+    assert os.path.getsize(path) < 100_000 and Image.open(path).size == (21000, 21000)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: the peak memory of this process restarts from what it uses now
+        before = peak_rss_mb()
+    except OSError:
+        before = None
+    with pytest.raises(DataError) as e:
+        load_image(path)
+    assert str(e.value) == (f"'{path}' is 21000 x 21000 pixels, more than MAX_PIXELS = 100000000 "
+                            "(a decompression bomb?): not decoded")
+    if before is not None:
+        assert peak_rss_mb() - before < 100  # decoding would take 441 MB
+    ds = ImageFolder(str(tmp_path / "root"), EvalTransform(8))
+    assert ds[(0, 0)] is None and "skipping unreadable image" in capsys.readouterr().err
+
+
+def test_float_tiff_is_scaled_not_black(tmp_path):
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    unit = save(Image.fromarray(ramp, "F"), tmp_path / "unit.tif")
+    assert Image.open(unit).mode == "F"
+    assert np.asarray(Image.open(unit).convert("RGB")).max() <= 1  # PIL's own conversion: black
+    out = np.asarray(load_image(unit))
+    assert out.shape == (8, 8, 3) and np.abs(out[..., 1] - np.round(ramp * 255)).max() == 0
+    wide = np.linspace(-3, 5, 64, dtype=np.float32).reshape(8, 8)  # stretched from min..max
+    wide[0, 1] = np.nan
+    wide_path = save(Image.fromarray(wide, "F"), tmp_path / "wide.tif")
+    out = np.asarray(load_image(wide_path))[..., 0].astype(int)
+    expected = np.round((np.nan_to_num(wide, nan=-3) + 3) / 8 * 255)
+    assert np.abs(out - expected).max() == 0 and out[0, 1] == 0 and out.max() == 255
 
 
 def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
