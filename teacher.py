@@ -29,13 +29,16 @@ from model import ViT, ViTConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-EMBEDDED_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "embedded_teacher.pt")
+HERE = os.path.dirname(os.path.abspath(__file__))
+EMBEDDED_TEACHER = os.path.join(HERE, "data", "embedded_teacher.pt")
 
 # name -> (url, expected SHA-256 or its published prefix, layout)
 OFFICIAL = {
-    "clip": ("https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "clip": ("https://openaipublic.azureedge.net/clip/models/"
+             "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
              "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "clip"),
-    "dino": ("https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth", None, "timm"),
+    "dino": ("https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+             None, "timm"),
     "deit": ("https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth", "b5f2ef4d", "timm"),
 }
 NAMES = ", ".join(list(OFFICIAL) + ["embedded"])
@@ -89,13 +92,14 @@ def convert_clip(sd):
     patch = sd["conv1.weight"].shape[-1]
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
     grid = int(round((sd["positional_embedding"].shape[0] - 1) ** 0.5))
-    cfg = ViTConfig(img_size=grid * patch, patch_size=patch, embed_dim=D, depth=depth, num_heads=max(1, D // 64),
-                    patch_bias=False, act="quick_gelu", norm_eps=1e-5, pre_norm=True, global_pool="cls",
-                    mean=CLIP_MEAN, std=CLIP_STD)
+    cfg = ViTConfig(img_size=grid * patch, patch_size=patch, embed_dim=D, depth=depth,
+                    num_heads=max(1, D // 64), patch_bias=False, act="quick_gelu", norm_eps=1e-5,
+                    pre_norm=True, global_pool="cls", mean=CLIP_MEAN, std=CLIP_STD)
     renames = [("ln_1.", "norm1."), ("ln_2.", "norm2."), ("attn.in_proj_weight", "attn.qkv.weight"),
                ("attn.in_proj_bias", "attn.qkv.bias"), ("attn.out_proj.", "attn.proj."),
                ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2.")]
-    out = {"patch_embed.proj.weight": sd["conv1.weight"], "cls_token": sd["class_embedding"].view(1, 1, D),
+    out = {"patch_embed.proj.weight": sd["conv1.weight"],
+           "cls_token": sd["class_embedding"].view(1, 1, D),
            "pos_embed": sd["positional_embedding"].unsqueeze(0)}
     for a, b in (("ln_pre.", "norm_pre."), ("ln_post.", "norm.")):
         for p in ("weight", "bias"):
@@ -126,8 +130,8 @@ def convert_timm(sd, cfg=None):
     depth = 1 + max(int(k.split(".")[1]) for k in out if k.startswith("blocks."))
     grid = int(round((out["pos_embed"].shape[1] - 1) ** 0.5))
     num_classes = out["head.weight"].shape[0] if "head.weight" in out else 0
-    cfg = ViTConfig(img_size=grid * patch, patch_size=patch, embed_dim=D, depth=depth, num_heads=max(1, D // 64),
-                    num_classes=num_classes, global_pool=pool_of(out),
+    cfg = ViTConfig(img_size=grid * patch, patch_size=patch, embed_dim=D, depth=depth,
+                    num_heads=max(1, D // 64), num_classes=num_classes, global_pool=pool_of(out),
                     qkv_bias="all" if "blocks.0.attn.qkv.bias" in out else "none",
                     layer_scale=LAYER_SCALE if "blocks.0.gamma_1" in out else 0.0,
                     mlp_ratio=out["blocks.0.mlp.fc1.weight"].shape[0] / D)
@@ -187,10 +191,11 @@ def build_vit(cfg, sd, source):
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
-    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}" for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}"
+             for k in expected if k in sd and sd[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
-        parts = [f"{name} {items[:4]}{' ...' if len(items) > 4 else ''}" for name, items in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]
+        problems = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+        parts = [f"{name} {items[:4]}{' ...' if len(items) > 4 else ''}" for name, items in problems if items]
         raise CheckpointError(f"{source} does not fit the model it describes: {'; '.join(parts)}")
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model
@@ -213,7 +218,8 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR):
     if isinstance(obj, dict) and "model_args" in obj and "model" in obj:  # project checkpoint
         cfg = config_of(obj["model_args"], source)
         model = build_vit(cfg, obj["model"], f"'{source}'")
-        return model.eval(), dict(source=source, kind="project", config=obj.get("config", {}), classes=obj.get("classes"))
+        info = dict(source=source, kind="project", config=obj.get("config", {}), classes=obj.get("classes"))
+        return model.eval(), info
     try:
         sd = unwrap_state_dict(obj)
     except CheckpointError as e:
@@ -223,7 +229,8 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR):
         raise CheckpointError(f"'{source}' is not a CLIP, DINO/DeiT (timm), BEiT or project "
                               f"checkpoint: keys start {list(sd)[:3]}")
     if layout is not None and found != layout:
-        raise CheckpointError(f"'{source}' has the {found} layout, but teacher '{name}' needs the {layout} layout")
+        raise CheckpointError(f"'{source}' has the {found} layout, but teacher '{name}' needs the {layout} "
+                              f"layout")
     # export_timm's files carry what timm has no place for: ViTConfig, mask token, class names
     extra = obj if isinstance(obj, dict) and "mdlab_args" in obj else {}
     cfg = config_of(extra["mdlab_args"], source) if extra else None
@@ -273,7 +280,8 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, images):
         """(B, 3, H, W) in [0, 1] -> (B, N+1, D)"""
-        with torch.autocast(images.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+        enabled = self.dtype is not None
+        with torch.autocast(images.device.type, dtype=self.dtype or torch.float32, enabled=enabled):
             if self.layer == self.vit.config.depth:
                 x = self.vit.forward_features(images)
             else:

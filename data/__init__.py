@@ -34,7 +34,8 @@ def resolve_data_dir(data_dir):
         from data.embedded import ensure_embedded
         return ensure_embedded()
     if not os.path.isdir(data_dir):
-        raise DataError(f"data directory '{data_dir}' not found: give an ImageFolder root (with train/ and val/) or 'embedded'")
+        raise DataError(f"data directory '{data_dir}' not found: give an ImageFolder root (with train/ and "
+                        f"val/) or 'embedded'")
     return data_dir
 
 
@@ -73,7 +74,8 @@ def load_image(path):
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(np.clip(arr / (65535.0 if arr.max() > 255 else 255.0) * 255, 0, 255).astype(np.uint8))
+            full_scale = 65535.0 if arr.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(arr / full_scale * 255, 0, 255).astype(np.uint8))
         if img.mode == "F":
             img = Image.fromarray(float_to_uint8(np.asarray(img)))
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -84,7 +86,8 @@ def load_image(path):
 
 
 def to_tensor(img):
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (H, W, 3)
+    return pixels.permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
 
 
 # ----------------------------------------------------------------------------------------
@@ -153,7 +156,8 @@ class EvalTransform:
         w, h = img.size
         if (w, h) != (self.size, self.size):
             scale = short / min(w, h)
-            img = img.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), Image.BICUBIC)
+            new_size = (max(self.size, round(w * scale)), max(self.size, round(h * scale)))
+            img = img.resize(new_size, Image.BICUBIC)
             w, h = img.size
             left, top = (w - self.size) // 2, (h - self.size) // 2
             img = img.crop((left, top, left + self.size, top + self.size))
@@ -209,8 +213,9 @@ class ImageFolder(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         try:
             img = load_image(path)
-        except Exception as e:  # corrupt, truncated, empty, not an image: skip it, never crash the run
-            print(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e})", file=sys.stderr)
+        except Exception as e:  # corrupt, truncated, empty, not an image: skip it, never crash
+            print(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e})",
+                  file=sys.stderr)
             return None
         image = self.transform(img, rng)
         mask = torch.from_numpy(self.mask_fn(rng)).flatten() if self.mask_fn is not None else None
