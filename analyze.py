@@ -153,6 +153,36 @@ IMAGENET_16 = {
 OOD_DATASETS = ("edge", "silhouette", "cue-conflict", "colour", "contrast", "high-pass", "low-pass", "phase-scrambling",
                 "power-equalisation", "false-colour", "rotation", "eidolonI", "eidolonII", "eidolonIII",
                 "uniform-noise", "sketch", "stylized")
+# the conditions of the 12 parametric datasets in plot order, and the name of that axis
+# (bethgelab/model-vs-human, modelvshuman/datasets/experiments.py); the other 5 have none
+OOD_CONDITIONS = {
+    "colour": ("colour", ["cr", "bw"]),
+    "contrast": ("contrast (%)", ["c100", "c50", "c30", "c15", "c10", "c05", "c03", "c01"]),
+    "high-pass": ("filter std", ["inf", "3.0", "1.5", "1.0", "0.7", "0.55", "0.45", "0.4"]),
+    "low-pass": ("filter std", ["0", "1", "3", "5", "7", "10", "15", "40"]),
+    "phase-scrambling": ("phase noise width (deg)", ["0", "30", "60", "90", "120", "150", "180"]),
+    "power-equalisation": ("power spectrum", ["0", "pow"]),
+    "false-colour": ("colour", ["True", "False"]),
+    "rotation": ("rotation angle (deg)", ["0", "90", "180", "270"]),
+    "eidolonI": ("reach", [f"{2 ** k}-10-10" for k in range(8)]),
+    "eidolonII": ("reach", [f"{2 ** k}-3-10" for k in range(8)]),
+    "eidolonIII": ("reach", [f"{2 ** k}-0-10" for k in range(8)]),
+    "uniform-noise": ("noise width", ["0.0", "0.03", "0.05", "0.1", "0.2", "0.35", "0.6", "0.9"]),
+}
+# conditions left out of every aggregate of the benchmark: the undistorted control, and those
+# where humans score below 0.2 (modelvshuman/plotting/plot.py, EXCLUDE_CONDITIONS)
+OOD_EXCLUDED = {
+    "colour": ["cr"], "contrast": ["c100", "c03", "c01"],
+    "high-pass": ["inf", "0.55", "0.45", "0.4"],
+    "low-pass": ["0", "15", "40"], "phase-scrambling": ["0", "150", "180"],
+    "power-equalisation": ["0"], "false-colour": ["True"], "rotation": ["0"],
+    "eidolonI": ["1-10-10", "64-10-10", "128-10-10"],
+    "eidolonII": ["1-3-10", "32-3-10", "64-3-10", "128-3-10"],
+    "eidolonIII": ["1-0-10", "16-0-10", "32-0-10", "64-0-10", "128-0-10"],
+    "uniform-noise": ["0.0", "0.6", "0.9"],
+}
+UNORDERED = ("colour", "power-equalisation", "false-colour")  # no axis to draw a curve along
+TRIAL_COLUMNS = ("imagename", "condition", "category", "object_response")  # + subj
 
 
 def category_decisions(logits, categories, model_classes=None):
@@ -168,6 +198,16 @@ def category_decisions(logits, categories, model_classes=None):
             raise ValueError(f"the model's classes {model_classes} lack the categories {missing}")
         scores = logits[:, [model_classes.index(c) for c in categories]]
     return scores.argmax(-1)
+
+
+def decision_categories(labels, n_outputs, model_classes=None):
+    """the categories a model chooses among: model-vs-human's 16 when the data's labels are among
+    them and the model is an ImageNet-1k classifier or has all 16 (the benchmark ranks all 16:
+    modelvshuman/datasets/decision_mappings.py, ImageNetProbabilitiesTo16ClassesMapping);
+    otherwise the labels present in the data"""
+    sixteen = set(IMAGENET_16)
+    decides_16 = n_outputs == 1000 or sixteen <= set(model_classes or ())
+    return sorted(sixteen) if set(labels) <= sixteen and decides_16 else sorted(set(labels))
 
 
 def shape_bias(decisions, shapes, textures):
@@ -186,12 +226,13 @@ def shape_bias(decisions, shapes, textures):
 
 def error_consistency(correct_a, correct_b):
     """Cohen's kappa of two observers' trial-wise correctness: c_obs = fraction of trials both right
-    or both wrong, c_exp = p1 p2 + (1 - p1)(1 - p2), kappa = (c_obs - c_exp) / (1 - c_exp)"""
+    or both wrong, c_exp = p1 p2 + (1 - p1)(1 - p2), kappa = (c_obs - c_exp) / (1 - c_exp), and 1
+    where c_obs = 1 (modelvshuman/plotting/analyses.py, ErrorConsistency; c_exp = 1 only then)"""
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
     p1, p2 = a.mean(), b.mean()
     c_obs = (a == b).mean()
     c_exp = p1 * p2 + (1 - p1) * (1 - p2)
-    return float((c_obs - c_exp) / (1 - c_exp)) if c_exp < 1 else float("nan")
+    return 1.0 if c_obs == 1 else float((c_obs - c_exp) / (1 - c_exp))
 
 
 def cue_conflict_labels(path):
@@ -201,10 +242,164 @@ def cue_conflict_labels(path):
     return os.path.basename(os.path.dirname(path)), re.sub(r"\d+$", "", re.split(r"[_-]", stem)[-1])
 
 
-def ood_image_category(path):
-    """model-vs-human file names: <a>_<b>_<c>_<condition>_<category>_<name>; otherwise the folder"""
-    parts = os.path.basename(path).split("_")
-    return parts[4] if len(parts) >= 6 else os.path.basename(os.path.dirname(path))
+def short_image_name(name):
+    """an image's identity across observers (modelvshuman/helper/plotting_helper.py,
+    get_short_imagename): the last '_' field of the file name, or the last two when the one before
+    is an ImageNet synset ('n0...'). The fields before it are the trial's number, the experiment,
+    the observer, the condition and the category, so a human's and a model's trial on one image
+    share it: '0001_cl_s01_cr_oven_40_n04111531_14126.png' (subject-01) and
+    '0001_cl_dnn_cr_oven_40_n04111531_14126.png' (a model) -> 'n04111531_14126.png'; a name
+    without '_' ('airplane1-bicycle2.png', cue-conflict) is itself"""
+    fields = os.path.basename(name).split("_")
+    if len(fields) > 1 and fields[-2].startswith("n0"):
+        return "_".join(fields[-2:])
+    return fields[-1]
+
+
+def condition_key(condition):
+    """a condition as the benchmark compares it: pandas reads a column of numbers as numbers, so
+    '3' (a human CSV) and '3.0' (experiments.py) are one high-pass condition"""
+    try:
+        value = float(condition)
+    except ValueError:
+        return condition
+    return "nan" if math.isnan(value) else value
+
+
+def ood_images(folder):
+    """one model-vs-human dataset folder -> [(path, condition, category)], in either layout of its
+    release (modelvshuman/datasets/base.py, Dataset.contains_sessions; datasets/info_mappings.py):
+    dnn/session-N/<trial>_<experiment>_dnn_<condition>_<category>_<image>.png for 14 datasets
+    (InfoMappingWithSessions), <category>/<image>.png for cue-conflict, edge and silhouette
+    (ImageNetInfoMapping, condition 'NaN')"""
+    images = []
+    sessions = os.path.join(folder, "dnn")
+    if os.path.isdir(sessions):
+        for session in sorted(os.listdir(sessions)):
+            d = os.path.join(sessions, session)
+            for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+                if not f.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                fields = f.split("_")
+                if len(fields) < 6:
+                    raise DataError(f"'{os.path.join(d, f)}' is not named <trial>_<experiment>_dnn_"
+                                    "<condition>_<category>_<image>, as model-vs-human names the "
+                                    "images of a session folder")
+                images.append((os.path.join(d, f), fields[3], fields[4]))
+    else:
+        for category in sorted(os.listdir(folder)):
+            d = os.path.join(folder, category)
+            files = sorted(os.listdir(d)) if os.path.isdir(d) else []
+            images += [(os.path.join(d, f), "NaN", category) for f in files
+                       if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not images:
+        raise DataError(f"no images in '{folder}': a model-vs-human dataset folder holds "
+                        "dnn/session-1/*.png or <category>/*.png")
+    return images
+
+
+def human_trials(folder):
+    """the human observers' trials in a model-vs-human raw-data folder (<dataset>/*.csv) ->
+    {subject: (its first CSV, [(imagename, condition, category, response)])}. Column names are read
+    in any case (modelvshuman/helper/plotting_helper.py, read_all_csv_files_from_directory lowers
+    them); only subjects named 'subject-...' are humans, as the benchmark's own evaluation writes
+    its models' CSVs into the same folders (modelvshuman/plotting/plot.py,
+    get_human_and_CNN_subjects)"""
+    subjects = {}
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".csv"):
+            continue
+        path = os.path.join(folder, name)
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = {c.strip().lower(): c for c in reader.fieldnames or []}
+            missing = [c for c in ("subj",) + TRIAL_COLUMNS if c not in columns]
+            if missing:
+                raise DataError(f"{path} lacks the column(s) {', '.join(missing)}: "
+                                "model-vs-human's raw-data CSVs have subj, "
+                                f"{', '.join(TRIAL_COLUMNS)}")
+            for row in reader:
+                subject = row[columns["subj"]]
+                if subject.startswith("subject-"):
+                    trial = tuple(row[columns[c]] for c in TRIAL_COLUMNS)
+                    subjects.setdefault(subject, (path, []))[1].append(trial)
+    return subjects
+
+
+def ood_scores(name, model_trials, humans=None, images_at="the model's trials"):
+    """the benchmark's numbers for one dataset from trials (imagename, condition, category,
+    response) of the model and of each human subject, matched by short image name within a
+    condition (modelvshuman/plotting/analyses.py, ErrorConsistency.analysis: per condition, sorted
+    by image_id). accuracy = fraction of trials with response == category over the benchmark's
+    conditions (the excluded ones dropped: plotting/plot.py, get_mean_over_datasets), also per
+    condition and over all trials. error_consistency: per subject, kappa per benchmark condition,
+    mean over conditions; then the mean over subjects (plot.py, get_raw_benchmark_df and
+    format_benchmark_df). cue-conflict, edge, silhouette, sketch, stylized: one condition."""
+    parametric = name in OOD_CONDITIONS
+    excluded = {condition_key(c) for c in OOD_EXCLUDED.get(name, [])}
+
+    def key(image, condition):
+        return condition_key(condition) if parametric else None, short_image_name(image)
+
+    correct, per_condition = {}, {}
+    for image, condition, category, response in model_trials:
+        k = key(image, condition)
+        if k in correct:
+            where = f" in condition '{condition}'" if parametric else ""
+            raise DataError(f"two images of {name} are both '{k[1]}'{where}: trials are matched to "
+                            "the humans' by that name")
+        correct[k] = response == category
+        per_condition.setdefault(k[0], []).append(correct[k])
+    kept = [c for (condition, _), c in correct.items() if condition not in excluded]
+    result = dict(accuracy=float(np.mean(kept)) if kept else None,
+                  accuracy_all_trials=float(np.mean(list(correct.values()))), images=len(correct))
+    if parametric:  # in the benchmark's order, named as experiments.py names them
+        conditions = OOD_CONDITIONS[name][1]
+        rank = {condition_key(c): i for i, c in enumerate(conditions)}
+        order = sorted(per_condition, key=lambda c: rank.get(c, len(rank)))
+        names = [conditions[rank[c]] if c in rank else str(c) for c in order]
+        accuracies = [float(np.mean(per_condition[c])) for c in order]
+        result["accuracy_per_condition"] = dict(zip(names, accuracies))
+        result["excluded_conditions"] = OOD_EXCLUDED[name]
+    if humans is None:
+        return result
+    per_subject = {}
+    for subject, (path, trials) in sorted(humans.items()):
+        missing = [t for t in trials if key(t[0], t[1]) not in correct]
+        if missing:
+            image, condition = missing[0][:2]
+            raise DataError(f"{path}: {len(missing)} of the {len(trials)} trials of {subject} show "
+                            f"images that are not in {images_at} (first: '{image}', condition "
+                            f"'{condition}', short name '{short_image_name(image)}'): give the "
+                            "dataset folder of the same model-vs-human release")
+        pairs = {}  # condition -> (model correct, human correct) per trial
+        for image, condition, category, response in trials:
+            k = key(image, condition)
+            if k[0] not in excluded:
+                model_correct, human_correct = pairs.setdefault(k[0], ([], []))
+                model_correct.append(correct[k])
+                human_correct.append(response == category)
+        if pairs:
+            kappas = [error_consistency(m, h) for m, h in pairs.values()]
+            per_subject[subject] = float(np.mean(kappas))
+    values = list(per_subject.values())
+    result.update(error_consistency=float(np.mean(values)) if values else None,
+                  error_consistency_per_subject=per_subject, subjects=len(values),
+                  human_trials_matched=sum(len(t) for _, t in humans.values()))
+    return result
+
+
+def ood_summary(datasets):
+    """the benchmark's two aggregates: OOD accuracy and error consistency, each the mean over the
+    datasets of their values (modelvshuman/plotting/plot.py, get_mean_over_datasets and
+    format_benchmark_df); datasets_found says how many of the 17 went in"""
+    accuracies = [r["accuracy"] for r in datasets.values() if r["accuracy"] is not None]
+    kappas = [r["error_consistency"] for r in datasets.values()
+              if r.get("error_consistency") is not None]
+    return dict(datasets=datasets, mean_accuracy=float(np.mean(accuracies)) if accuracies else None,
+                datasets_found=len(datasets),
+                mean_error_consistency=float(np.mean(kappas)) if kappas else None,
+                datasets_with_humans=len(kappas))
 
 
 # ----------------------------------------------------------------------------------------
@@ -365,6 +560,8 @@ def plot(metric, results, path, maps=None, settings=None):
 
 def plot_classifier(plt, metric, results):
     labels = list(results)
+    if metric == "ood":
+        return plot_ood(plt, results)
     if metric == "landscape":  # Fig. 7a/b: contours of the loss around the weights
         fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.8), squeeze=False)
         for ax, label in zip(axes[0], labels):
@@ -392,7 +589,7 @@ def plot_classifier(plt, metric, results):
             ax.bar(np.arange(k + 1) + i * width, r["eigenvalues"] + [r["trace"]], width, yerr=[0] * k + [r["trace_stderr"]], label=label)
         ax.set_xticks(np.arange(k + 1) + width * (len(labels) - 1) / 2, labels=[f"λ{j + 1}" for j in range(k)] + ["trace"])
         ax.set(ylabel="value", title="Hessian top eigenvalues and trace")
-    elif metric == "shape_bias":  # Fig. 8a / 11: shape bias per class and overall
+    else:  # shape_bias, Fig. 8a / 11: shape bias per class and overall
         classes = sorted({c for r in results.values() for c in r["per_class"]})
         width = 0.8 / len(labels)
         for i, label in enumerate(labels):
@@ -400,15 +597,54 @@ def plot_classifier(plt, metric, results):
             ax.bar(np.arange(len(classes) + 1) + i * width, [r["per_class"].get(c) or 0 for c in classes] + [r["shape_bias"] or 0], width, label=label)
         ax.set_xticks(np.arange(len(classes) + 1) + width * (len(labels) - 1) / 2, labels=classes + ["overall"], rotation=45)
         ax.set(ylim=(0, 1), ylabel="shape bias (fraction of shape decisions)", title="Shape vs texture decisions on cue-conflict images")
-    else:  # ood: accuracy per dataset
-        names = sorted({d for r in results.values() for d in r["datasets"]})
-        width = 0.8 / len(labels)
-        for i, label in enumerate(labels):
-            ax.bar(np.arange(len(names)) + i * width, [results[label]["datasets"].get(n, {}).get("accuracy", 0) for n in names], width, label=label)
-        ax.set_xticks(np.arange(len(names)) + width * (len(labels) - 1) / 2, labels=names, rotation=60, ha="right")
-        ax.set(ylim=(0, 1), ylabel="accuracy", title="Out-of-distribution accuracy (Fig. 12a)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_ood(plt, results):
+    """Fig. 12 as model-vs-human draws it: error consistency against OOD accuracy, one point per
+    model (modelvshuman/plotting/plot.py, plot_scatterplot; 0 = the consistency of independent
+    observers), then the accuracy per condition of each dataset with an ordered condition axis"""
+    labels = list(results)
+    found = [d for d in OOD_DATASETS if any(d in r["datasets"] for r in results.values())]
+    curves = [d for d in found if d in OOD_CONDITIONS and d not in UNORDERED]
+    cols = min(4, 1 + len(curves))
+    rows = math.ceil((1 + len(curves)) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.3 * rows), squeeze=False)
+    axes = axes.flatten()
+    ax = axes[0]
+    if any(r.get("mean_error_consistency") is not None for r in results.values()):
+        for i, label in enumerate(labels):
+            r = results[label]
+            if r.get("mean_error_consistency") is not None:
+                ax.scatter(r["mean_accuracy"], r["mean_error_consistency"], color=f"C{i}",
+                           label=label)
+        ax.axhline(0, color="gray", ls="--", lw=0.8)
+        ax.set(xlabel="OOD accuracy", ylabel="error consistency (kappa)",
+               title="Error consistency vs OOD accuracy")
+    else:  # no human data: the accuracy per dataset
+        width = 0.8 / len(labels)
+        for i, label in enumerate(labels):
+            accuracies = [results[label]["datasets"].get(n, {}).get("accuracy") or 0 for n in found]
+            ax.bar(np.arange(len(found)) + i * width, accuracies, width, color=f"C{i}", label=label)
+        ticks = np.arange(len(found)) + width * (len(labels) - 1) / 2
+        ax.set_xticks(ticks, labels=found, rotation=60, ha="right", fontsize=7)
+        ax.set(ylim=(0, 1), ylabel="accuracy", title="OOD accuracy per dataset")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    for ax, name in zip(axes[1:], curves):
+        axis_name, conditions = OOD_CONDITIONS[name]
+        for i, label in enumerate(labels):
+            per = results[label]["datasets"].get(name, {}).get("accuracy_per_condition", {})
+            xs = [j for j, c in enumerate(conditions) if c in per]
+            ax.plot(xs, [per[conditions[j]] for j in xs], marker="o", ms=3, color=f"C{i}")
+        ax.axhline(1 / 16, color="gray", ls=":", lw=0.8)  # chance among 16 categories
+        ax.set_xticks(range(len(conditions)), labels=conditions, rotation=45, fontsize=7)
+        ax.set(ylim=(0, 1), title=name, xlabel=axis_name, ylabel="accuracy")
+        ax.grid(alpha=0.3)
+    for ax in axes[1 + len(curves):]:
+        ax.axis("off")
     return fig
 
 
@@ -478,25 +714,6 @@ def predict_files(model, paths, transform, device, batch_size):
     return kept, torch.cat(logits) if logits else torch.zeros(0, 0)
 
 
-def human_trials(folder):
-    """model-vs-human raw data: CSVs with columns subj, object_response, category, imagename ->
-    {subject: {image key: correct}}; the image key drops the observer field (3rd) of the name"""
-    trials = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".csv"):
-            with open(os.path.join(folder, name)) as f:
-                for row in csv.DictReader(f):
-                    if not {"subj", "object_response", "category", "imagename"} <= set(row):
-                        raise SystemExit(f"error: {name} lacks the columns subj, object_response, category, imagename")
-                    trials.setdefault(row["subj"], {})[image_key(row["imagename"])] = row["object_response"] == row["category"]
-    return trials
-
-
-def image_key(name):
-    parts = os.path.basename(name).split("_")
-    return "_".join(parts[:2] + parts[3:]) if len(parts) >= 6 else os.path.basename(name)
-
-
 def classifier_metric(metric, model, info, opts, device, subset_of):
     """one model's entry for hessian, landscape, shape_bias or ood"""
     cfg = model.config
@@ -511,41 +728,49 @@ def classifier_metric(metric, model, info, opts, device, subset_of):
             return dict(eigenvalues=values, coords=coords, loss=grid, center_loss=mean_loss(model, batches))
         trace, stderr = hutchinson_trace(model, batches, opts["trace_samples"], opts["seed"])
         return dict(eigenvalues=values, trace=trace, trace_stderr=stderr, loss=mean_loss(model, batches), images=sum(len(t) for _, t in batches))
+    if model.head is None:  # shape_bias, ood: decisions need class scores
+        raise SystemExit(f"error: {metric} needs a classifier; this model has no classification "
+                         "head: fine-tune it first, or give an ImageNet-1k classifier (deit)")
     if metric == "shape_bias":
-        dataset = image_folder(opts, "cue_conflict")
+        # model-vs-human's datasets folder holds cue-conflict/, the embedded data cue_conflict/
+        has_mvh = os.path.isdir(os.path.join(resolve_data_dir(opts["data"]), "cue-conflict"))
+        dataset = image_folder(opts, "cue-conflict" if has_mvh else "cue_conflict")
         paths = [p for p, _ in dataset.samples]
         kept, logits = predict_files(model, paths, transform, device, opts["batch_size"])
         shapes, textures = zip(*[cue_conflict_labels(p) for p in kept])
-        categories = sorted(set(shapes) | set(textures))
-        decisions = [categories[i] for i in category_decisions(logits, categories, info.get("classes")).tolist()]
+        categories = decision_categories(shapes + textures, logits.shape[-1], info.get("classes"))
+        chosen = category_decisions(logits, categories, info.get("classes")).tolist()
+        decisions = [categories[i] for i in chosen]
         overall, per_class = shape_bias(decisions, shapes, textures)
         conflicting = sum(s != t for s, t in zip(shapes, textures))
-        return dict(shape_bias=overall, per_class=per_class, images=conflicting, excluded_agreeing=len(kept) - conflicting)
-    # ood: accuracy on every model-vs-human dataset found under data, and kappa against humans
+        return dict(shape_bias=overall, per_class=per_class, images=conflicting,
+                    excluded_agreeing=len(kept) - conflicting)
+    # ood: the benchmark's accuracy and error consistency on each model-vs-human dataset found
     root = resolve_data_dir(opts["data"])
     found = [d for d in OOD_DATASETS if os.path.isdir(os.path.join(root, d))]
     if not found:
-        raise SystemExit(f"error: none of the 17 OOD datasets ({', '.join(OOD_DATASETS[:3])}, ...) is under '{root}'")
+        raise SystemExit(f"error: none of the 17 OOD datasets ({', '.join(OOD_DATASETS[:3])}, ...) "
+                         f"is under '{root}': give model-vs-human's datasets/ folder")
+    if opts["human"] and not os.path.isdir(opts["human"]):
+        raise SystemExit(f"error: --human={opts['human']} is not a folder: give model-vs-human's "
+                         "raw-data/ (<dataset>/*.csv)")
     entry = {}
     for name in found:
-        paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, name)) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
-        kept, logits = predict_files(model, paths, transform, device, opts["batch_size"])
-        truth = [ood_image_category(p) for p in kept]
-        categories = sorted(set(truth) | (set(IMAGENET_16) if logits.shape[-1] == 1000 else set()))
-        decisions = [categories[i] for i in category_decisions(logits, categories, info.get("classes")).tolist()]
-        correct = {image_key(p): d == t for p, d, t in zip(kept, decisions, truth)}
-        result = dict(accuracy=float(np.mean(list(correct.values()))), images=len(kept))
+        folder = os.path.join(root, name)
+        images = ood_images(folder)
+        kept, logits = predict_files(model, [p for p, _, _ in images], transform, device,
+                                     opts["batch_size"])
+        if not kept:
+            raise DataError(f"no readable image in '{folder}'")
+        labels = {p: (condition, category) for p, condition, category in images}
+        truth = [category for _, _, category in images]
+        categories = decision_categories(truth, logits.shape[-1], info.get("classes"))
+        chosen = category_decisions(logits, categories, info.get("classes")).tolist()
+        trials = [(os.path.basename(p), *labels[p], categories[i]) for p, i in zip(kept, chosen)]
         human_dir = os.path.join(opts["human"], name) if opts["human"] else ""
-        if human_dir and os.path.isdir(human_dir):
-            kappas = []
-            for subject, trials in human_trials(human_dir).items():
-                shared = sorted(set(trials) & set(correct))
-                if shared:
-                    kappas.append(error_consistency([correct[k] for k in shared], [trials[k] for k in shared]))
-            result["error_consistency"] = float(np.nanmean(kappas)) if kappas else None
-            result["subjects"] = len(kappas)
-        entry[name] = result
-    return dict(datasets=entry, mean_accuracy=float(np.mean([r["accuracy"] for r in entry.values()])))
+        humans = human_trials(human_dir) if os.path.isdir(human_dir) else None
+        entry[name] = ood_scores(name, trials, humans, f"'{folder}'")
+    return ood_summary(entry)
 
 
 def main(argv):
