@@ -6,6 +6,7 @@ Every attention and representation metric of the paper, one function each, for a
 NAME: attn_map, attn_distance, attn_entropy, nmi, fourier, svd, or all of these (one forward
 pass per batch collects what they all need); for classifiers: hessian, landscape, shape_bias,
 ood; and sharpness (the curves logged by finetune.py --hessian_every; give the JSON logs).
+curves: the training curves of runs side by side; give each run's out_dir/log.jsonl.
 CKPT: clip | dino | deit | embedded | an official file | a project checkpoint; several are
 compared side by side. Writes out/NAME.json (the numbers; models[label]["per_layer"] is the
 headline number per block, first block first) and out/NAME.png (the figure; needs matplotlib).
@@ -31,7 +32,7 @@ from teacher import CheckpointError, load_model
 
 REPRESENTATION = ("attn_map", "attn_distance", "attn_entropy", "nmi", "fourier", "svd")
 CLASSIFIER = ("hessian", "landscape", "shape_bias", "ood")
-METRICS = REPRESENTATION + CLASSIFIER + ("sharpness",)
+METRICS = REPRESENTATION + CLASSIFIER + ("sharpness", "curves")
 DEFAULTS = dict(
     metric="",          # one of METRICS, or all (= every representation metric)
     data="embedded",    # ImageFolder root or 'embedded'; for ood: the folder of the 17 datasets
@@ -776,6 +777,8 @@ def classifier_metric(metric, model, info, opts, device, subset_of):
 def main(argv):
     opts, models = parse_args(argv)
     metric = opts["metric"]
+    if metric == "curves":  # the log.jsonl of training runs, not models
+        return curves(models, opts["labels"], opts["out"])
     metrics = list(REPRESENTATION) if metric == "all" else [metric]
     labels = opts["labels"].split(",") if opts["labels"] else [os.path.splitext(os.path.basename(m))[0] if os.path.exists(m) else m for m in models]
     if len(labels) != len(models) or len(set(labels)) != len(labels):
@@ -846,6 +849,102 @@ def write(metric, results, settings, out, maps=None):
             print(f"  {label:>20}: shape bias {r['shape_bias']:.3f} over {r['images']} cue-conflict images")
         elif metric == "ood":
             print(f"  {label:>20}: mean accuracy {r['mean_accuracy']:.3f} over {len(r['datasets'])} datasets")
+
+
+# ----------------------------------------------------------------------------------------
+# training curves: the out_dir/log.jsonl that train_md.py, finetune.py and train_vqkd.py write
+
+CURVE_PANELS = (("loss", "train loss (last micro-batch)"), ("lr", "learning rate"),
+                ("val_loss", "val loss"), ("val_top1", "val top-1 (%)"),
+                ("codebook_usage", "codebook usage (fraction of codes)"))
+
+
+def read_log(path):
+    """The records of a log.jsonl as common.append_jsonl writes them: one JSON object per line,
+    each with 'iter'. A last line cut short (the run was killed while writing it) is left out and
+    said once."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: log '{path}' not found: give the out_dir/log.jsonl of a run")
+    with open(path, errors="replace") as f:
+        lines = f.read().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number < len(lines):
+                raise SystemExit(f"error: {path}, line {number} is not JSON: give the log.jsonl "
+                                 f"of train_md.py, finetune.py or train_vqkd.py") from None
+            print(f"warning: {path}: the last line is cut short (the run stopped while writing "
+                  f"it); read the {len(records)} records before it")
+            break
+        if not isinstance(record, dict) or "iter" not in record:
+            raise SystemExit(f"error: {path}, line {number} is not a training record (no 'iter'): "
+                             f"give the log.jsonl of a run")
+        records.append(record)
+    if not records:
+        raise SystemExit(f"error: {path} holds no records yet: a run writes one per log line")
+    return records
+
+
+def curves(paths, labels, out):
+    """series[field] = (iterations, values) of the records that hold that number field, in file
+    order: every field of every run, to curves.json; the main ones drawn side by side"""
+    if labels:
+        labels = labels.split(",")
+    else:  # each log's run folder
+        labels = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
+    if len(labels) != len(paths) or len(set(labels)) != len(labels):
+        raise SystemExit(f"error: --labels needs {len(paths)} distinct comma-separated names, "
+                         f"got {','.join(labels)!r}")
+    results = {}
+    for label, path in zip(labels, paths):
+        series = {}
+        for record in read_log(path):
+            for field, value in record.items():
+                is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if field == "iter" or not is_number:
+                    continue
+                iters, values = series.setdefault(field, ([], []))
+                iters.append(record["iter"])
+                values.append(value)
+        results[label] = {field: dict(iter=i, value=v) for field, (i, v) in series.items()}
+    os.makedirs(out, exist_ok=True)
+    json_path, png_path = os.path.join(out, "curves.json"), os.path.join(out, "curves.png")
+    with open(json_path, "w") as f:
+        settings = dict(models=dict(zip(labels, paths)))
+        json.dump(dict(metric="curves", settings=settings, models=results), f)
+    drawn = plot_curves(results, png_path)
+    print(f"curves: {json_path}" + (f", {png_path}" if drawn else ""))
+    for label, r in results.items():
+        last_iter = max(max(s["iter"]) for s in r.values())
+        last = [f"{field} {r[field]['value'][-1]:.4g}" for field in ("loss", "val_loss", "val_top1")
+                if field in r]
+        print(f"  {label:>20}: to iteration {last_iter}; last " + ", ".join(last))
+
+
+def plot_curves(results, path):
+    """one panel per CURVE_PANELS field that some run logged, every run in it; False without
+    matplotlib"""
+    plt = pyplot()
+    if plt is None:
+        print("(no figure: pip install matplotlib to get the PNG; the JSON is written)")
+        return False
+    panels = [(f, title) for f, title in CURVE_PANELS if any(f in r for r in results.values())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (field, title) in zip(axes[0], panels):
+        for i, (label, r) in enumerate(results.items()):
+            if field in r:
+                marker = "o" if field.startswith("val_") else None  # evaluations are few: marked
+                ax.plot(r[field]["iter"], r[field]["value"], color=f"C{i}", marker=marker,
+                        label=label)
+        ax.set(xlabel="iteration", title=title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

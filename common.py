@@ -6,6 +6,7 @@ nothing here runs a training loop: each script writes its own.
 """
 import ast
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -498,13 +499,59 @@ class Meter:
         self.images += images
 
     def read(self, iters):
+        """-> (text, numbers) since the last read: numbers = {ms_per_iter, img_per_s, and mfu in %
+        where the peak is known}; the text shows the same numbers"""
         dt = max(time.time() - self.t0, 1e-9)
-        ips = self.images / dt
-        text = f"{1000 * dt / max(iters, 1):.0f} ms/iter, {ips:.1f} img/s"
+        numbers = dict(ms_per_iter=1000 * dt / max(iters, 1), img_per_s=self.images / dt)
+        text = f"{numbers['ms_per_iter']:.0f} ms/iter, {numbers['img_per_s']:.1f} img/s"
         if self.peak:
-            text += f", MFU {100 * ips * self.flops_per_image / self.peak:.1f}%"
+            numbers["mfu"] = 100 * numbers["img_per_s"] * self.flops_per_image / self.peak
+            text += f", MFU {numbers['mfu']:.1f}%"
         self.t0, self.images = time.time(), 0
-        return text
+        return text, numbers
+
+
+def append_jsonl(path, record, wandb_run=None):
+    """Append one record (a dict with 'iter') to path as a line of JSON, written and closed at once,
+    so a killed run loses at most a truncated last line; also to the W&B run when there is one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if wandb_run is not None:
+        wandb_run.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
+
+
+def trim_log(path, last_iter):
+    """Keep the records of path up to iteration last_iter, the checkpoint a run starts from (0 for a
+    new run: the file starts afresh). A killed run may have logged past its last checkpoint and left
+    a truncated last line; both go, so the resumed run appends without duplicates."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            try:
+                keep = json.loads(line)["iter"] <= last_iter
+            except (ValueError, KeyError, TypeError):  # the cut-off line of a killed run
+                continue
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def wandb_init(master, wandb_log, project, run_name, config):
+    """The Weights & Biases run (master process only) when wandb_log, else None. Asked for but not
+    installed: one line, before any work."""
+    if not wandb_log:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("error: --wandb_log=True needs the wandb package: pip install wandb, "
+                         "or drop --wandb_log") from None
+    return wandb.init(project=project, name=run_name, config=config) if master else None
 
 
 def log(ctx, *args):

@@ -10,6 +10,7 @@ directly at lr 5e-5 with layer decay 0.6 reaches 84.8% top-1 on ImageNet).
     python finetune.py --summarize=out/sweep                               # lr / frozen blocks -> top-1
 
 --freeze_blocks=k freezes the embedding and the first k blocks (k = depth: linear probe).
+Every log line and evaluation is also a record in out_dir/log.jsonl (analyze.py --metric curves).
 """
 import glob
 import json
@@ -25,6 +26,7 @@ from common import (CheckpointError, Context, Meter, accumulation_steps, apply_o
                     check_out_dir, cosine_lr, lock_out_dir, log, micro_batches, peak_flops, pyplot,
                     record_nonfinite, resume_from, rng_state, save_checkpoint, schedule_lengths,
                     stop_if_nonfinite, wrap_for_training)
+from common import append_jsonl, trim_log, wandb_init
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
 from hessian import hutchinson_trace, top_eigenvalues
@@ -39,6 +41,9 @@ data_dir = "data/imagenet"    # ImageFolder root with train/ and val/; 'embedded
 num_workers = 8               # DataLoader workers per process
 eval_interval = 0             # iterations between evaluations + checkpoints; 0 = once per epoch
 log_interval = 20             # iterations between log lines
+wandb_log = False             # also send the records of log.jsonl to W&B (needs pip install wandb)
+wandb_project = "mdlab"       # W&B project
+wandb_run_name = "finetune"   # W&B run name
 resume = False                # continue from out_dir/ckpt.pt
 stop_iter = 0                 # stop (and save) after this iteration without changing the schedule; 0 = run to the end
 summarize = ""                # a directory of runs: print (and plot) lr / freeze_blocks -> top-1, then exit
@@ -168,6 +173,7 @@ def main():
     if ctx.master:  # before any work: out_dir is writable and no other run uses it
         check_out_dir(out_dir)
         run_lock = lock_out_dir(out_dir)  # held until this process ends
+    wandb_run = wandb_init(ctx.master, wandb_log, wandb_project, wandb_run_name, config)
     accum = accumulation_steps(total_batch_size, micro_batch_size, ctx.world_size)
     torch.manual_seed(seed)  # same init on every rank
 
@@ -196,6 +202,9 @@ def main():
     if resume:
         ckpt = resume_from(ctx, os.path.join(out_dir, "ckpt.pt"), optimizer, model=vit)
         iter_num, best_top1 = ckpt["iter_num"], ckpt["best_top1"]
+    log_path = os.path.join(out_dir, "log.jsonl")  # a JSON record per log line and per evaluation
+    if ctx.master:  # a new run starts it afresh; a resumed one drops records past its checkpoint
+        trim_log(log_path, iter_num)
     train_model = wrap_for_training(vit, ctx, compile)  # compiled and/or DDP; vit is saved
     mix_generator = torch.Generator().manual_seed(seed * 7919 + ctx.rank)
 
@@ -292,10 +301,14 @@ def main():
             if ctx.master:
                 loss_value = loss.item()  # the last micro-batch's loss: read only here
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-                line = f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {meter.read(log_interval)}"
+                speed_text, speed = meter.read(log_interval)
+                line = f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {speed_text}"
                 if skipped:
                     line += f", {skipped} unreadable images skipped"
                 bar.write(line)
+                record = dict(iter=iter_num, epoch=iter_num / iters_per_epoch, loss=loss_value,
+                              lr=lr_now, grad_norm=grad_norm.item(), skipped=skipped, **speed)
+                append_jsonl(log_path, record, wandb_run)
             skipped = 0
         if hessian_every and iter_num % hessian_every == 0 and ctx.master:
             bar.write(log_sharpness())
@@ -306,6 +319,8 @@ def main():
             if ctx.master:
                 epoch = iter_num / iters_per_epoch
                 bar.write(f"iter {iter_num} (epoch {epoch:.1f}): val top-1 {top1:.2f}%, top-5 {top5:.2f}%")
+                record = dict(iter=iter_num, epoch=epoch, val_top1=top1, val_top5=top5)
+                append_jsonl(log_path, record, wandb_run)
                 checkpoint = dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config=config,
                                   optimizer=optimizer.state_dict(), iter_num=iter_num, best_top1=best_top1,
                                   rng=rng_state(), classes=train_set.classes)

@@ -11,7 +11,8 @@ Embedded demo (2 CPU cores, no network, about 3 minutes):
     python train_md.py config/md_embedded.py
 The paper's run on 8 GPUs (ImageNet in data/imagenet/{train,val}/class/*.JPEG):
     torchrun --nproc_per_node=8 train_md.py --teacher=clip
-Resume a stopped run with the same command plus --resume=True.
+Resume a stopped run with the same command plus --resume=True. Every log line and evaluation is
+also a record in out_dir/log.jsonl (plot: python analyze.py --metric curves out_dir/log.jsonl).
 """
 import os
 import sys
@@ -24,6 +25,7 @@ from common import (CheckpointError, Context, Meter, accumulation_steps, apply_o
                     check_out_dir, cosine_lr, lock_out_dir, log, micro_batches, peak_flops,
                     record_nonfinite, resume_from, rng_state, save_checkpoint, schedule_lengths,
                     stop_if_nonfinite, wrap_for_training)
+from common import append_jsonl, trim_log, wandb_init
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.masks import BEIT_RATIO, MaskGenerator
 from model import DECODER_HEADS, DecoderHead, MDStudent, ViT, ViTConfig
@@ -39,6 +41,9 @@ num_workers = 8               # DataLoader workers per process
 eval_interval = 2000          # iterations between evaluation + checkpoint (and at the end)
 eval_images = 10000           # val images for the MD eval loss (0 = all)
 log_interval = 20             # iterations between log lines
+wandb_log = False             # also send the records of log.jsonl to W&B (needs pip install wandb)
+wandb_project = "mdlab"       # W&B project
+wandb_run_name = "md"         # W&B run name
 resume = False                # continue from out_dir/ckpt.pt
 stop_iter = 0                 # stop (and save) after this iteration, schedule unchanged; 0 = run to the end
 # targets: whitened teacher features N(T(I)), or the codes of a VQ-KD tokenizer
@@ -114,6 +119,7 @@ def main():
     if ctx.master:  # before any work: out_dir is writable and no other run uses it
         check_out_dir(out_dir)
         run_lock = lock_out_dir(out_dir)  # held until this process ends
+    wandb_run = wandb_init(ctx.master, wandb_log, wandb_project, wandb_run_name, config)
     accum = accumulation_steps(total_batch_size, micro_batch_size, ctx.world_size)
     torch.manual_seed(seed + ctx.rank)
 
@@ -169,6 +175,9 @@ def main():
         ckpt = resume_from(ctx, os.path.join(out_dir, "ckpt.pt"), optimizer, model=student, decoder=decoder,
                            whitening=whitener)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    log_path = os.path.join(out_dir, "log.jsonl")  # a JSON record per log line and per evaluation
+    if ctx.master:  # a new run starts it afresh; a resumed one drops records past its checkpoint
+        trim_log(log_path, iter_num)
     train_model = wrap_for_training(md_student, ctx, compile)  # compiled and/or DDP; md_student is saved
 
     def targets_of(images):
@@ -247,10 +256,14 @@ def main():
             if ctx.master:
                 loss_value = step_loss.item()  # the last micro-batch's loss: read only here
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-                line = f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {meter.read(log_interval)}"
+                speed_text, speed = meter.read(log_interval)
+                line = f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {speed_text}"
                 if skipped:
                     line += f", {skipped} unreadable images skipped"
                 bar.write(line)
+                record = dict(iter=iter_num, epoch=iter_num / iters_per_epoch, loss=loss_value,
+                              lr=lr_now, grad_norm=grad_norm.item(), skipped=skipped, **speed)
+                append_jsonl(log_path, record, wandb_run)
             skipped = 0
         if iter_num % eval_interval == 0 or iter_num == end_iter:
             stop_if_nonfinite(nonfinite, out_dir)  # a non-finite step is never saved
@@ -259,6 +272,9 @@ def main():
                 best_val_loss = min(best_val_loss, val_loss)
                 if ctx.master:
                     bar.write(f"iter {iter_num}: val loss {val_loss:.4f}")
+                    record = dict(iter=iter_num, epoch=iter_num / iters_per_epoch,
+                                  val_loss=val_loss)
+                    append_jsonl(log_path, record, wandb_run)
             if ctx.master:
                 checkpoint = dict(model=student.state_dict(), decoder=decoder.state_dict(),
                                   whitening=whitener.state_dict(), model_args=cfg.to_dict(), config=config,

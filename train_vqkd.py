@@ -8,7 +8,8 @@ then MD on the codes (cross-entropy on masked patches):
     python train_md.py config/md_embedded.py --target=vqkd --tokenizer=out/vqkd_embedded/tokenizer.pt
 
 The log line adds codebook usage (fraction of codes used since the last line) and perplexity;
-a usage under collapse_threshold is reported as a collapse.
+a usage under collapse_threshold is reported as a collapse. Every log line is also a record in
+out_dir/log.jsonl (analyze.py --metric curves).
 """
 import os
 import sys
@@ -20,6 +21,7 @@ from common import (CheckpointError, Context, Meter, accumulation_steps, apply_o
                     check_out_dir, cosine_lr, lock_out_dir, log, micro_batches, peak_flops,
                     record_nonfinite, resume_from, rng_state, save_checkpoint, schedule_lengths,
                     stop_if_nonfinite, wrap_for_training)
+from common import append_jsonl, trim_log, wandb_init
 from data import DataError, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from model import ViTConfig
 from teacher import load_teacher
@@ -31,6 +33,9 @@ out_dir = "out/vqkd"          # tokenizer.pt goes here
 data_dir = "data/imagenet"    # ImageFolder root with train/; 'embedded' = the generated demo set
 num_workers = 8               # DataLoader workers per process
 log_interval = 20             # iterations between log lines (with codebook usage)
+wandb_log = False             # also send the records of log.jsonl to W&B (needs pip install wandb)
+wandb_project = "mdlab"       # W&B project
+wandb_run_name = "vqkd"       # W&B run name
 save_interval = 1000          # iterations between checkpoints (and at the end)
 resume = False                # continue from out_dir/tokenizer.pt
 stop_iter = 0                 # stop (and save) after this iteration, schedule unchanged; 0 = run to the end
@@ -69,6 +74,7 @@ def main():
     if ctx.master:  # before any work: out_dir is writable and no other run uses it
         check_out_dir(out_dir)
         run_lock = lock_out_dir(out_dir)  # held until this process ends
+    wandb_run = wandb_init(ctx.master, wandb_log, wandb_project, wandb_run_name, config)
     accum = accumulation_steps(total_batch_size, micro_batch_size, ctx.world_size)
     torch.manual_seed(seed)
     try:
@@ -92,6 +98,9 @@ def main():
     iter_num = 0
     if resume:
         iter_num = resume_from(ctx, path, optimizer, model=vq)["iter_num"]
+    log_path = os.path.join(out_dir, "log.jsonl")  # a JSON record per log line
+    if ctx.master:  # a new run starts it afresh; a resumed one drops records past its checkpoint
+        trim_log(log_path, iter_num)
     train_model = wrap_for_training(vq, ctx, compile)  # compiled and/or DDP; vq is saved
     log(ctx, f"VQ-KD: teacher {teacher} -> {model} encoder, {codebook_size} x {code_dim} codebook, "
              f"{len(train_set)} images, {iters_per_epoch} iters/epoch, {max_iters} iters, accumulation {accum}, "
@@ -139,7 +148,8 @@ def main():
             if ctx.master:
                 loss_value = loss.item()  # the last micro-batch's loss: read only here
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-                line = f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {meter.read(log_interval)}"
+                speed_text, speed = meter.read(log_interval)
+                line = f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {speed_text}"
                 if skipped:
                     line += f", {skipped} unreadable images skipped"
                 bar.write(line)
@@ -149,6 +159,10 @@ def main():
                 if used < collapse_threshold:
                     line += f"; COLLAPSE: under {100 * collapse_threshold:.0f}% of the codes in use"
                 bar.write(line)
+                record = dict(iter=iter_num, epoch=iter_num / iters_per_epoch, loss=loss_value,
+                              lr=lr_now, grad_norm=grad_norm.item(), skipped=skipped, **speed,
+                              codebook_usage=used, perplexity=perplexity)
+                append_jsonl(log_path, record, wandb_run)
             counts.zero_()
             skipped = 0
         if iter_num % save_interval == 0 or iter_num == end_iter:
