@@ -1,4 +1,5 @@
-"""teacher.py: official layouts load into our ViT and compute what the reference libraries compute."""
+"""teacher.py: official layouts load into our ViT and compute what the reference libraries
+compute."""
 import os
 import pickle
 
@@ -17,15 +18,23 @@ try:
 except ImportError:
     open_clip = None
 
-IMAGENET = (torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-CLIP = (torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1), torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1))
+IMAGENET = (torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+            torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+CLIP = (torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1),
+        torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1))
+NORM_GAINS = ("ln_1.weight", "ln_2.weight", "norm1.weight", "norm2.weight", "norm.weight", "ln_pre.weight",
+              "ln_post.weight", "fc_norm.weight")
 
 
 def randomized_state_dict(module, seed):
     """random values in the module's own key layout (weights small, LayerNorm gains near 1)"""
     g = torch.Generator().manual_seed(seed)
-    return {k: (torch.randn(v.shape, generator=g) * 0.05 + (1.0 if k.endswith(("ln_1.weight", "ln_2.weight", "norm1.weight", "norm2.weight", "norm.weight", "ln_pre.weight", "ln_post.weight", "fc_norm.weight")) else 0.0))
-            if v.is_floating_point() else v for k, v in module.state_dict().items()}
+    out = {}
+    for k, v in module.state_dict().items():
+        if v.is_floating_point():
+            v = torch.randn(v.shape, generator=g) * 0.05 + (1.0 if k.endswith(NORM_GAINS) else 0.0)
+        out[k] = v
+    return out
 
 
 def reference_model(library, name, build, seed):
@@ -61,8 +70,8 @@ def test_timm_layouts_match_timm(timm_vit, images, tmp_path, layout):
     elif layout == "deit":  # DeiT: under "model", with the 1000-class head
         torch.save({"model": sd}, path)
     else:  # DINO's full training checkpoint
-        torch.save({"teacher": {"module.backbone." + k: v for k, v in sd.items() if not k.startswith("head")},
-                    "student": {}, "epoch": 100}, path)
+        backbone = {"module.backbone." + k: v for k, v in sd.items() if not k.startswith("head")}
+        torch.save({"teacher": backbone, "student": {}, "epoch": 100}, path)
     name = "deit" if layout == "deit" else "dino"
     t = load_teacher(name, path=path)
     with torch.no_grad():
