@@ -7,6 +7,8 @@ NAME: attn_map, attn_distance, attn_entropy, nmi, fourier, svd, or all of these 
 pass per batch collects what they all need); for classifiers: hessian, landscape, shape_bias,
 ood; and sharpness (the curves logged by finetune.py --hessian_every; give the JSON logs).
 curves: the training curves of runs side by side; give each run's out_dir/log.jsonl.
+`--metric report RUN_ROOT` writes RUN_ROOT/report.md (and .html) over a run of
+experiments/paper.sh: every figure, the headline numbers, and the paper's claims tested.
 CKPT: clip | dino | deit | embedded | an official file | a project checkpoint; several are
 compared side by side. Writes out/NAME.json (the numbers; models[label]["per_layer"] is the
 headline number per block, first block first) and out/NAME.png (the figure; needs matplotlib).
@@ -32,7 +34,7 @@ from teacher import CheckpointError, load_model
 
 REPRESENTATION = ("attn_map", "attn_distance", "attn_entropy", "nmi", "fourier", "svd")
 CLASSIFIER = ("hessian", "landscape", "shape_bias", "ood")
-METRICS = REPRESENTATION + CLASSIFIER + ("sharpness", "curves")
+METRICS = REPRESENTATION + CLASSIFIER + ("sharpness", "curves", "report")
 DEFAULTS = dict(
     metric="",          # one of METRICS, or all (= every representation metric)
     data="embedded",    # ImageFolder root or 'embedded'; for ood: the folder of the 17 datasets
@@ -776,6 +778,8 @@ def classifier_metric(metric, model, info, opts, device, subset_of):
 
 def main(argv):
     opts, models = parse_args(argv)
+    if opts["metric"] == "report":  # a run of experiments/paper.sh -> RUN_ROOT/report.md
+        return report(models)
     metric = opts["metric"]
     if metric == "curves":  # the log.jsonl of training runs, not models
         return curves(models, opts["labels"], opts["out"])
@@ -945,6 +949,362 @@ def plot_curves(results, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+# report: one page over a run of experiments/paper.sh that tests the paper's claims
+#
+# The report reads every analyze.py JSON under RUN_ROOT (merged per metric, by label), the
+# result.json of every fine-tuning run, and the pipeline's step records (RUN_ROOT/steps/*.done,
+# one line "SECONDS<tab>COMMAND"). Labels name the roles, as experiments/paper.sh writes them:
+# a teacher T (clip, dino, deit, embedded), its MD student md_T, the directly fine-tuned teacher
+# ft_T, the fine-tuned MD student ft_md_T, the classifier trained from scratch ft_scratch.
+
+FIGURE_OF = dict(attn_map="Fig. 2", attn_distance="Fig. 3a", attn_entropy="Fig. 10",
+                 nmi="Fig. 6a", fourier="Fig. 3b", svd="Figs. 4, 5, 6b, 6c", hessian="Fig. 7",
+                 landscape="Fig. 7a/b", sharpness="Fig. 7c/f", shape_bias="Figs. 8a, 11",
+                 ood="Fig. 12")
+
+
+def third(values, last=True):
+    """mean over the last (or first) third of the blocks, at least one block: the 'high' ('low')
+    layers of every rule below"""
+    k = max(1, round(len(values) / 3))
+    return float(np.mean(values[-k:] if last else values[:k]))
+
+
+def head_spread(per_head):
+    """spread of a per-head metric: standard deviation over heads, per block -> [block]"""
+    return [float(np.std(heads)) for heads in per_head]
+
+
+def top_eigenvalue(entry):
+    """the Hessian eigenvalue of largest magnitude, whatever order the list is in"""
+    return max(entry["eigenvalues"], key=abs)
+
+
+def read_run(root):
+    """-> metrics {metric: {label: entry}} from analyze.py's JSON files under root, figures
+    [(metric, png path relative to root, settings, labels)], fine-tuning results {run: result},
+    step records [(step, seconds, command)]"""
+    metrics, figures, finetunes, steps = {}, [], {}, []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            if name.endswith(".done"):  # experiments/paper.sh: SECONDS<tab>COMMAND
+                seconds, _, command = open(path).read().strip().partition("\t")
+                if seconds.isdigit():
+                    steps.append((os.path.getmtime(path), name[:-5], int(seconds), command))
+            if not name.endswith(".json"):
+                continue
+            try:
+                data = json.load(open(path))
+            except (OSError, ValueError) as e:
+                print(f"warning: skipping unreadable {path} ({e})", file=sys.stderr)
+                continue
+            if not isinstance(data, dict):
+                continue  # finetune.py's sharpness.json is a list (--metric sharpness draws it)
+            if name == "result.json" and "top1" in data:  # finetune.py
+                finetunes[os.path.relpath(folder, root)] = data
+            elif {"metric", "models"} <= set(data):  # analyze.py
+                metrics.setdefault(data["metric"], {}).update(data["models"])
+                png = path[:-len(".json")] + ".png"
+                if os.path.exists(png):
+                    figures.append((data["metric"], os.path.relpath(png, root),
+                                    data.get("settings", {}), list(data["models"])))
+    return metrics, figures, finetunes, [s[1:] for s in sorted(steps)]  # in the order they ended
+
+
+def student_vs_teacher(metrics, metric, t, summary, lower, unit=""):
+    """summary(entry) of the teacher t and its MD student md_t; the claim holds when the
+    student's is lower (lower=True) or higher -> (numbers, holds) or the reason it is untested"""
+    entries = metrics.get(metric, {})
+    if t not in entries or "md_" + t not in entries:
+        return f"no {metric} results for {t} and md_{t} under the run"
+    a, b = summary(entries[t]), summary(entries["md_" + t])
+    return f"teacher {t} {a:.3g}{unit}, MD student md_{t} {b:.3g}{unit}", b < a if lower else b > a
+
+
+def svd_change(entry):
+    """token-level svd headline: mean over the last third of the blocks minus the first third"""
+    return third(entry["per_layer"]) - third(entry["per_layer"], last=False)
+
+
+def flatter(metrics, finetunes, t):
+    """|λ1| and |trace| of the Hessian: ft_md_t against ft_t"""
+    entries = metrics.get("hessian", {})
+    if "ft_" + t not in entries or "ft_md_" + t not in entries:
+        return f"no hessian results for ft_{t} and ft_md_{t} under the run"
+    direct, md = entries["ft_" + t], entries["ft_md_" + t]
+    numbers = "; ".join(f"{label}: λ1 {top_eigenvalue(e):.4g}, trace {e['trace']:.4g} ± "
+                        f"{e.get('trace_stderr', float('nan')):.2g}"
+                        for label, e in (("ft_" + t, direct), ("ft_md_" + t, md)))
+    holds = (abs(top_eigenvalue(md)) < abs(top_eigenvalue(direct))
+             and abs(md["trace"]) < abs(direct["trace"]))
+    return numbers, holds
+
+
+def less_texture(metrics, finetunes, t):
+    """shape bias = shape / (shape + texture decisions): ft_md_t against ft_t"""
+    entries = metrics.get("shape_bias", {})
+    if "ft_" + t not in entries or "ft_md_" + t not in entries:
+        return f"no shape_bias results for ft_{t} and ft_md_{t} under the run"
+    direct, md = entries["ft_" + t]["shape_bias"], entries["ft_md_" + t]["shape_bias"]
+    if direct is None or md is None:
+        return "a model made no shape or texture decision on the cue-conflict images"
+    before = entries.get(t, {}).get("shape_bias")
+    numbers = (f"teacher {t} {before:.3f} before fine-tuning, " if before is not None else "")
+    numbers += f"ft_{t} {direct:.3f}, ft_md_{t} {md:.3f}"
+    return numbers, md > direct
+
+
+def better_baseline(metrics, finetunes, t):
+    """val top-1 of result.json: ft_t (the teacher fine-tuned directly) against ft_md_t"""
+    if "ft_" + t not in finetunes or "ft_md_" + t not in finetunes:
+        return f"no result.json in ft_{t} and ft_md_{t}"
+    direct, md = finetunes["ft_" + t], finetunes["ft_md_" + t]
+    numbers = (f"ft_{t} (direct, lr {direct['config']['lr']:.3g}) {direct['top1']:.2f}%, "
+               f"ft_md_{t} (lr {md['config']['lr']:.3g}) {md['top1']:.2f}%")
+    if t != "clip":
+        numbers += f" (stand-ins: {t} for CLIP, its MD student's fine-tune for FD-CLIP)"
+    return numbers, direct["top1"] > md["top1"]
+
+
+# (title, the paper's claim, its rule here, test(metrics, finetunes, teacher))
+CLAIMS = [
+    ("attention distance", "MD lowers the attention distance of high layers relative to the "
+     "teacher (Fig. 3a)", "head-mean attention distance in pixels, mean over the last third of "
+     "the blocks; holds if the MD student's is lower than its teacher's",
+     lambda m, f, t: student_vs_teacher(m, "attn_distance", t, lambda e: third(e["per_layer"]),
+                                        lower=True, unit=" px")),
+    ("head diversity", "MD diversifies the attention heads (Fig. 10)", "spread of the attention "
+     "entropy over the heads (standard deviation over heads per block), mean over the last third "
+     "of the blocks; holds if the MD student's is higher",
+     lambda m, f, t: student_vs_teacher(m, "attn_entropy", t,
+                                        lambda e: third(head_spread(e["per_head"])), lower=False)),
+    ("NMI", "MD raises the normalized mutual information of queries and keys (Fig. 6a)",
+     "head-mean NMI, mean over the last third of the blocks; holds if the MD student's is higher",
+     lambda m, f, t: student_vs_teacher(m, "nmi", t, lambda e: third(e["per_layer"]), lower=False)),
+    ("Fourier", "MD shifts the Fourier response of high layers toward low frequencies (Fig. 3b)",
+     "Δ log amplitude at the highest frequency, mean over the last third of the blocks; holds if "
+     "the MD student's is lower (a stronger low-frequency preference)",
+     lambda m, f, t: student_vs_teacher(m, "fourier", t, lambda e: third(e["per_layer"]),
+                                        lower=True)),
+    ("token spectrum", "MD keeps the token spectra of high layers from collapsing (Figs. 4, 6b)",
+     "token-level svd headline (mean relative log singular value), mean over the last third of "
+     "the blocks minus the mean over the first third; holds if this change with depth is higher "
+     "for the MD student (a folding spectrum falls with depth)",
+     lambda m, f, t: student_vs_teacher(m, "svd", t, svd_change, lower=False)),
+    ("flatness", "fine-tuning from the MD student lands at a flatter point (Fig. 7)",
+     "top Hessian eigenvalue λ1 (largest magnitude) and Hutchinson trace of the val loss after "
+     "fine-tuning; holds if both are smaller in magnitude for the fine-tuned MD student than for "
+     "the teacher fine-tuned directly", flatter),
+    ("shape bias", "MD mitigates the texture bias that fine-tuning brings (Figs. 8a, 11)",
+     "shape bias on the cue-conflict images after fine-tuning; holds if the fine-tuned MD "
+     "student's is higher than the directly fine-tuned teacher's", less_texture),
+    ("better baseline", "a direct fine-tune of CLIP at a lowered learning rate beats feature "
+     "distillation (84.8% vs 82.9% top-1, Sec. 4)", "val top-1 at the end of fine-tuning; holds if "
+     "the teacher fine-tuned directly beats its MD student fine-tuned with the same recipe; tested "
+     "on CLIP, or on the first teacher standing in for it", better_baseline),
+]
+
+
+def teachers_of(metrics):
+    """the labels T for which an MD student md_T is in the run, in order of appearance"""
+    labels = [l for entries in metrics.values() for l in entries]
+    return list(dict.fromkeys(l for l in labels if "md_" + l in labels))
+
+
+def claim_verdicts(metrics, finetunes, teachers):
+    """-> [(title, claim, rule, [(teacher, numbers, verdict)])]; verdict: holds | does not hold |
+    not tested"""
+    stand_in = ["clip"] if "clip" in teachers else teachers[:1]
+    out = []
+    for title, claim, rule, test in CLAIMS:
+        rows = []
+        for t in teachers:
+            if title == "better baseline" and t not in stand_in:
+                continue
+            try:
+                result = test(metrics, finetunes, t)
+            except (KeyError, TypeError) as e:  # a results file without the expected field
+                result = f"the results lack {e}"
+            if isinstance(result, str):
+                rows.append((t, result, "not tested"))
+            else:
+                rows.append((t, result[0], "holds" if result[1] else "does not hold"))
+        out.append((title, claim, rule, rows))
+    return out
+
+
+def headline_table(metrics, finetunes):
+    """one row per model: the numbers the claims use, high layers = the last third of the blocks"""
+    columns = [
+        ("attention distance (px)", "attn_distance", lambda e: third(e["per_layer"])),
+        ("attention entropy", "attn_entropy", lambda e: third(e["per_layer"])),
+        ("entropy spread over heads", "attn_entropy", lambda e: third(head_spread(e["per_head"]))),
+        ("NMI", "nmi", lambda e: third(e["per_layer"])),
+        ("Δ log amplitude at π", "fourier", lambda e: third(e["per_layer"])),
+        ("token svd", "svd", lambda e: third(e["per_layer"])),
+        ("token svd change with depth", "svd", svd_change),
+        ("Hessian λ1", "hessian", top_eigenvalue),
+        ("Hessian trace", "hessian", lambda e: e["trace"]),
+        ("shape bias", "shape_bias", lambda e: e["shape_bias"]),
+        ("OOD mean accuracy", "ood", lambda e: e["mean_accuracy"]),
+    ]
+    labels = list(dict.fromkeys([l for m in metrics.values() for l in m] + list(finetunes)))
+    teachers = teachers_of(metrics)
+    pairs = [(t, "md_" + t) for t in teachers] + [("ft_md_" + t, "ft_" + t) for t in teachers]
+    roles = [label for pair in pairs for label in pair] + ["ft_scratch"]
+    labels.sort(key=lambda l: roles.index(l) if l in roles else len(roles))  # stable: others last
+    rows = []
+    for label in labels:
+        row = [label]
+        for _, metric, value in columns:
+            try:
+                v = value(metrics[metric][label])
+            except (KeyError, TypeError):  # not measured for this model
+                v = None
+            row.append(f"{v:.4g}" if v is not None else "")
+        top1 = finetunes.get(label, {}).get("top1")
+        row.append(f"{top1:.2f}%" if top1 is not None else "")
+        if any(row[1:]):
+            rows.append(row)
+    return ["model"] + [c[0] for c in columns] + ["fine-tuned top-1"], rows
+
+
+def report_blocks(root, metrics, figures, finetunes, steps):
+    """the report as blocks (kind, content); kinds: h1, h2, h3, p, ul, table, img, pre"""
+    teachers = teachers_of(metrics)
+    depth = next((len(e["per_layer"]) for e in metrics.get("attn_distance", {}).values()), None)
+    high = f"blocks {depth - max(1, round(depth / 3)) + 1}-{depth} of {depth}" if depth else "n/a"
+    intro = (f"Run folder `{root}`. Teachers: {', '.join(teachers) or 'none found'}. High "
+             f"layers = the last third of the blocks ({high}). One run, one seed, no error bars: "
+             "each verdict is a direction in this run, not a significance test.")
+    if "embedded" in teachers:
+        intro += (" The embedded teacher and its students are 0.7M-parameter models on 32 px "
+                  "toy images: this run demonstrates the tools, it does not test the paper.")
+    doc = [("h1", f"mdlab report: {os.path.basename(os.path.abspath(root))}"), ("p", intro)]
+    verdicts = claim_verdicts(metrics, finetunes, teachers)
+    total = [v for _, _, _, rows in verdicts for _, _, v in rows]
+    doc.append(("h2", "The paper's claims in this run"))
+    counts = {v: total.count(v) for v in ("holds", "does not hold", "not tested")}
+    doc.append(("p", f"{counts['holds']} of {len(total)} tests hold, {counts['does not hold']} "
+                     f"do not, {counts['not tested']} not tested."))
+    summary = [[title] + [next((v for s, _, v in rows if s == t), "") for t in teachers]
+               for title, _, _, rows in verdicts]
+    doc.append(("table", (["claim"] + teachers, summary)))
+    for title, claim, rule, rows in verdicts:
+        doc.append(("h3", f"{title}: {claim}"))
+        doc.append(("p", f"Rule: {rule}."))
+        doc.append(("ul", [f"{t}: {numbers}: **{verdict}**" for t, numbers, verdict in rows]))
+    header, rows = headline_table(metrics, finetunes)
+    doc.append(("h2", "Headline numbers per model"))
+    doc.append(("p", "Per-block metrics: mean over the last third of the blocks. Hessian: at the "
+                     "end of fine-tuning, on the val loss. Empty: not measured for that model."))
+    doc.append(("table", (header, rows)))
+    doc.append(("h2", "Fine-tuning top-1 per init"))
+    ft_rows = [[run, str(r["config"].get("init", "")), f"{r['config'].get('lr', float('nan')):.3g}",
+                str(r["config"].get("epochs", "")), f"{r['top1']:.2f}%", f"{r['top5']:.2f}%",
+                f"{r['best_top1']:.2f}%"] for run, r in sorted(finetunes.items())]
+    doc.append(("table", (["run", "init", "lr", "epochs", "val top-1", "top-5", "best top-1"],
+                          ft_rows)))
+    doc.append(("h2", "Figures"))
+    order = {m: i for i, m in enumerate(METRICS)}
+    for group, finetuned in (("Teachers and MD students", False), ("Fine-tuned models", True)):
+        shown = [f for f in figures if any(l.startswith("ft_") for l in f[3]) == finetuned]
+        if shown:
+            doc.append(("h3", group))
+        for metric, png, settings, models in sorted(shown, key=lambda f: order.get(f[0], 99)):
+            caption = f"{metric} ({FIGURE_OF.get(metric, 'figure')}): {', '.join(models)}"
+            if "n_images" in settings:
+                caption += f", {settings['n_images']} images of {settings['data']}"
+            doc.append(("img", (png, caption)))
+    if steps:
+        doc.append(("h2", "How this run was made"))
+        step_rows = [[name, f"{seconds / 60:.1f} min", f"`{command}`"]
+                     for name, seconds, command in steps]
+        minutes = sum(s for _, s, _ in steps) / 60
+        doc.append(("p", f"{len(steps)} step(s), {minutes:.1f} minutes in all (the time of each "
+                         "step when it ran; a rerun skips finished steps)."))
+        doc.append(("table", (["step", "time", "command"], step_rows)))
+    for name in sorted(f for f in os.listdir(root) if f.endswith(".sh")):  # paper.sh's copy
+        scale = name[:-len(".sh")]
+        doc.append(("p", f"Made by `experiments/paper.sh {scale}`, with these settings (a copy of "
+                         f"experiments/scales/{scale}.sh when the run began):"))
+        doc.append(("pre", open(os.path.join(root, name)).read().strip()))
+    return doc
+
+
+def to_markdown(doc):
+    lines = []
+    for kind, content in doc:
+        if kind in ("h1", "h2", "h3"):
+            lines += ["#" * int(kind[1]) + " " + content, ""]
+        elif kind == "p":
+            lines += [content, ""]
+        elif kind == "ul":
+            lines += [f"- {item}" for item in content] + [""]
+        elif kind == "table":
+            header, rows = content
+            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+        elif kind == "img":
+            alt = content[1].split(" ")[0]
+            lines += [f"![{alt}]({content[0]})", "", f"*{content[1]}*", ""]
+        elif kind == "pre":
+            lines += ["```", content, "```", ""]
+    return "\n".join(lines)
+
+
+def to_html(doc):
+    import html
+
+    def inline(text):  # **bold** and `code`, after escaping
+        text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+    parts = ["<!doctype html><meta charset='utf-8'><title>mdlab report</title>",
+             "<style>body{font-family:sans-serif;max-width:70em;margin:auto}td,th{border:1px solid"
+             " #ccc;padding:2px 6px}table{border-collapse:collapse}img{max-width:100%}</style>"]
+    for kind, content in doc:
+        if kind in ("h1", "h2", "h3"):
+            parts.append(f"<{kind}>{inline(content)}</{kind}>")
+        elif kind == "p":
+            parts.append(f"<p>{inline(content)}</p>")
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{inline(i)}</li>" for i in content) + "</ul>")
+        elif kind == "table":
+            header, rows = content
+            head = "".join(f"<th>{inline(h)}</th>" for h in header)
+            body = "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>"
+                           for row in rows)
+            parts.append(f"<table><tr>{head}</tr>{body}</table>")
+        elif kind == "img":
+            src, alt = html.escape(content[0]), html.escape(content[1].split(" ")[0])
+            parts.append(f"<figure><img src='{src}' alt='{alt}'>"
+                         f"<figcaption>{inline(content[1])}</figcaption></figure>")
+        elif kind == "pre":
+            parts.append(f"<pre>{html.escape(content)}</pre>")
+    return "\n".join(parts) + "\n"
+
+
+def report(args):
+    """analyze.py --metric report RUN_ROOT: RUN_ROOT/report.md and report.html"""
+    if len(args) != 1 or not os.path.isdir(args[0]):
+        raise SystemExit("error: --metric report takes one run folder (experiments/paper.sh's "
+                         f"out/paper_SCALE), got '{' '.join(args)}'")
+    root = args[0]
+    metrics, figures, finetunes, steps = read_run(root)
+    if not metrics and not finetunes:
+        raise SystemExit(f"error: no analyze.py or finetune.py results under '{root}': run "
+                         "experiments/paper.sh SCALE first")
+    doc = report_blocks(root, metrics, figures, finetunes, steps)
+    for name, text in (("report.md", to_markdown(doc)), ("report.html", to_html(doc))):
+        with open(os.path.join(root, name), "w") as f:
+            f.write(text)
+    print(f"report: {os.path.join(root, 'report.md')} and report.html")
+    for title, _, _, rows in claim_verdicts(metrics, finetunes, teachers_of(metrics)):
+        for t, _, verdict in rows:
+            print(f"  {title:>18} ({t}): {verdict}")
 
 
 if __name__ == "__main__":

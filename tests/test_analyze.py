@@ -161,7 +161,7 @@ def test_metric_runs_on_vit_b_at_224(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--metric=entropy", "clip"], "error: unknown metric 'entropy': choose one of attn_map, attn_distance, attn_entropy, nmi, fourier, svd, hessian, landscape, shape_bias, ood, sharpness, curves or all"),
+    (["--metric=entropy", "clip"], "error: unknown metric 'entropy': choose one of attn_map, attn_distance, attn_entropy, nmi, fourier, svd, hessian, landscape, shape_bias, ood, sharpness, curves, report or all"),
     (["--metric=svd", "{teacher}", "--n_images=1"], "error: the image-level spectrum needs at least 2 images (n_images=1)"),
     (["--metric=nmi", "/no/such.pt"], "error: checkpoint '/no/such.pt' not found"),
     (["--metric=nmi"], "error: no model given"),

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# The paper's study in one command, at a chosen scale:
+#   1. MD pretraining from each teacher
+#   2. fine-tuning of each MD student, of each teacher directly (the "better baseline") and from
+#      scratch, all with the same recipe
+#   3. every metric of analyze.py, each figure with the models the paper compares side by side
+#   4. ROOT/report.md (and report.html): the figures, the numbers, the paper's claims tested
+#
+#   experiments/paper.sh embedded      # CPU, the shipped embedded teacher, minutes
+#   experiments/paper.sh imagenette    # one GPU, CLIP, DINO and DeiT ViT-B/16, data/imagenette
+#   experiments/paper.sh imagenet      # 8 GPUs (torchrun), the paper's recipe
+#   experiments/paper.sh smoke         # every step for a few iterations: checks the pipeline
+#
+# A scale is a settings file, experiments/scales/SCALE.sh. Results go to ROOT (default
+# out/paper_SCALE, a path from the repository root). Environment: ROOT=..., PYTHON=...,
+# TEACHERS="clip deit" (a subset of the scale's teachers).
+# A finished step writes ROOT/steps/NAME.done (its seconds and its command) and is skipped when
+# the script runs again; a stopped training resumes from its checkpoint. To redo a step, delete
+# its .done file (and, for a training, its folder).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+{  # one block: bash reads all of it before it starts, so editing this file cannot upset a run
+
+SCALE=${1:-}
+if [ -z "$SCALE" ] || [ ! -f "experiments/scales/$SCALE.sh" ]; then
+  echo "error: usage: experiments/paper.sh SCALE, with SCALE one of:" \
+       $(ls experiments/scales | sed 's/\.sh$//') >&2
+  exit 1
+fi
+# what a scale may leave out: no sharpness log, no shape bias, no OOD
+SHARPNESS_EVERY=0 SHAPE_DATA="" SHAPE_TEACHERS="" OOD_DATA="" OOD_HUMAN=""
+source "experiments/scales/$SCALE.sh"
+ROOT=${ROOT:-out/paper_$SCALE}
+PYTHON=${PYTHON:-python}
+
+# ---- 0. what the scale needs, said before any work starts
+missing=()
+if [ "$DATA" != embedded ] && { [ ! -d "$DATA/train" ] || [ ! -d "$DATA/val" ]; }; then
+  missing+=("dataset $DATA (train/ and val/ class folders): $DATA_HOW")
+fi
+for t in $TEACHERS; do
+  case $t in clip|dino|deit|embedded) ;; *)
+    echo "error: unknown teacher '$t' in TEACHERS: choose from clip dino deit embedded" >&2
+    exit 1 ;;
+  esac
+done
+# where teacher.py reads each teacher's weights: the shipped file, or its download cache
+files=$($PYTHON -c "import os, sys, teacher as T
+for n in sys.argv[1:]:
+    print(n, T.EMBEDDED_TEACHER if n == 'embedded' else
+          os.path.join(T.CACHE_DIR, os.path.basename(T.OFFICIAL[n][0])))" $TEACHERS)
+while read -r t file; do
+  if [ ! -f "$file" ]; then
+    missing+=("teacher $t ($file): $PYTHON -c \"import teacher; teacher.load_model('$t')\"\
+ downloads it, or run without it: TEACHERS=\"...\" experiments/paper.sh $SCALE")
+  fi
+done <<< "$files"
+if [ -n "$SHAPE_DATA" ] && [ "$SHAPE_DATA" != embedded ] && [ ! -d "$SHAPE_DATA" ]; then
+  echo "skipped: shape bias: no $SHAPE_DATA ($SHAPE_HOW)"
+  SHAPE_DATA=""
+fi
+if [ -n "$OOD_DATA" ] && [ ! -d "$OOD_DATA" ]; then
+  echo "skipped: OOD accuracy and error consistency: no $OOD_DATA ($OOD_HOW)"
+  OOD_DATA=""
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  printf 'missing: %s\n' "${missing[@]}" >&2
+  echo "error: scale '$SCALE' lacks ${#missing[@]} piece(s) above; nothing was run" >&2
+  exit 1
+fi
+
+mkdir -p "$ROOT/steps"
+if [ ! -f "$ROOT/$SCALE.sh" ]; then  # the settings the run began with, for the report
+  cp "experiments/scales/$SCALE.sh" "$ROOT/$SCALE.sh"
+elif ! cmp -s "experiments/scales/$SCALE.sh" "$ROOT/$SCALE.sh"; then
+  echo "warning: experiments/scales/$SCALE.sh changed since $ROOT began ($ROOT/$SCALE.sh);" \
+       "finished steps keep the settings they ran with"
+fi
+ran=0
+skipped=0
+
+# step NAME COMMAND...: run COMMAND unless ROOT/steps/NAME.done says it already finished
+step() {
+  local name=$1 start=$SECONDS
+  shift
+  if [ -f "$ROOT/steps/$name.done" ]; then
+    echo "== $name: finished before, skipped"
+    skipped=$((skipped + 1))
+    return
+  fi
+  echo "== $name: $*"
+  "$@"
+  printf '%s\t%s\n' $((SECONDS - start)) "$*" > "$ROOT/steps/$name.done"
+  ran=$((ran + 1))
+}
+
+# train NAME SCRIPT ARGS...: a training step writing to ROOT/NAME, resumed if it had stopped
+train() {
+  local name=$1 resume=""
+  shift
+  if [ -f "$ROOT/$name/ckpt.pt" ] && [ ! -f "$ROOT/steps/$name.done" ]; then
+    resume=--resume=True
+  fi
+  step "$name" $LAUNCH "$@" --out_dir="$ROOT/$name" $resume
+}
+
+join() { local IFS=,; echo "$*"; }
+
+# ---- 1. MD pretraining from each teacher
+for t in $TEACHERS; do
+  train "md_$t" train_md.py $MD_ARGS --teacher="$t" --data_dir="$DATA"
+done
+
+# ---- 2. fine-tuning: each MD student, each teacher directly, and from scratch
+FT="$FT_ARGS --data_dir=$DATA --hessian_every=$SHARPNESS_EVERY"
+for t in $TEACHERS; do
+  train "ft_md_$t" finetune.py $FT --init="$ROOT/md_$t/ckpt.pt"
+  train "ft_$t" finetune.py $FT --init="$t"
+done
+train ft_scratch finetune.py $FT --init=scratch
+
+# ---- 3. every metric; labels name the roles (the report reads them): T, md_T, ft_T, ft_md_T
+pre=() pre_labels=() ft=() ft_labels=() logs=()
+for t in $TEACHERS; do
+  pre+=("$t" "$ROOT/md_$t/ckpt.pt")
+  pre_labels+=("$t" "md_$t")
+  ft+=("$ROOT/ft_md_$t/ckpt.pt" "$ROOT/ft_$t/ckpt.pt")
+  ft_labels+=("ft_md_$t" "ft_$t")
+  logs+=("$ROOT/ft_md_$t/sharpness.json" "$ROOT/ft_$t/sharpness.json")
+done
+ft+=("$ROOT/ft_scratch/ckpt.pt")
+ft_labels+=(ft_scratch)
+logs+=("$ROOT/ft_scratch/sharpness.json")
+PRE=$(join "${pre_labels[@]}")
+FINETUNED=$(join "${ft_labels[@]}")
+A=$ROOT/analysis
+# attention, frequency and spectrum metrics (Figs. 2-6, 10): each teacher next to its MD student
+step analysis_pretrained $PYTHON analyze.py --metric all "${pre[@]}" --labels="$PRE" \
+  --data="$DATA" --out="$A/pretrained" $ANALYZE_ARGS
+# the same metrics after fine-tuning: MD student, teacher directly, scratch
+step analysis_finetuned $PYTHON analyze.py --metric all "${ft[@]}" --labels="$FINETUNED" \
+  --data="$DATA" --out="$A/finetuned" $ANALYZE_ARGS
+# curvature where fine-tuning ended (Fig. 7): top eigenvalues and trace, loss landscape
+step hessian $PYTHON analyze.py --metric hessian "${ft[@]}" --labels="$FINETUNED" \
+  --data="$DATA" --out="$A/finetuned" $HESSIAN_ARGS
+step landscape $PYTHON analyze.py --metric landscape "${ft[@]}" --labels="$FINETUNED" \
+  --data="$DATA" --out="$A/finetuned" $LANDSCAPE_ARGS
+# sharpness during fine-tuning (Fig. 7c/f), where the scale logs it
+if [ "$SHARPNESS_EVERY" != 0 ]; then
+  step sharpness $PYTHON analyze.py --metric sharpness "${logs[@]}" --labels="$FINETUNED" \
+    --out="$A/finetuned"
+fi
+# decisions (Figs. 8a, 11, 12) of the fine-tuned models, and of the teachers that are
+# classifiers of these categories (before fine-tuning)
+DECIDERS=$(join $SHAPE_TEACHERS "${ft_labels[@]}")
+if [ -n "$SHAPE_DATA" ]; then
+  step shape_bias $PYTHON analyze.py --metric shape_bias $SHAPE_TEACHERS "${ft[@]}" \
+    --labels="$DECIDERS" --data="$SHAPE_DATA" --out="$A/finetuned"
+fi
+if [ -n "$OOD_DATA" ]; then
+  step ood $PYTHON analyze.py --metric ood $SHAPE_TEACHERS "${ft[@]}" --labels="$DECIDERS" \
+    --data="$OOD_DATA" --human="$OOD_HUMAN" --out="$A/finetuned"
+fi
+
+# ---- 4. the report (always rewritten: it only reads the files above)
+$PYTHON analyze.py --metric report "$ROOT"
+echo "done: $ran step(s) ran, $skipped finished before; $((SECONDS / 60)) min $((SECONDS % 60)) s"
+exit
+}

@@ -1,0 +1,172 @@
+"""analyze.py --metric report: the paper's claims tested on small fixed JSON files, in the formats
+analyze.py and finetune.py write, whose verdicts are known by construction."""
+import json
+import os
+import re
+
+import pytest
+
+import analyze
+
+DEPTH, HEADS = 6, 3  # the last third of 6 blocks: blocks 5 and 6
+
+
+def layers(low, high):
+    """per-block values: `low` for blocks 1-4, `high` for blocks 5-6"""
+    return [low] * 4 + [high] * 2
+
+
+def heads(low, high):
+    """per-head values per block: the heads of blocks 1-4, then of blocks 5-6"""
+    return [list(low)] * 4 + [list(high)] * 2
+
+
+def write_json(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def write_metric(root, group, metric, models):
+    """analyze.py's layout: {"metric", "settings", "models": {label: entry}}; a figure beside"""
+    settings = dict(data="embedded", n_images=16, seed=0)
+    write_json(os.path.join(root, "analysis", group, f"{metric}.json"),
+               dict(metric=metric, settings=settings, models=models))
+    open(os.path.join(root, "analysis", group, f"{metric}.png"), "wb").close()
+
+
+def per_layer_entry(values):
+    return dict(per_layer=values, per_head=[[v] * HEADS for v in values])
+
+
+def make_run(root, teachers, holds):
+    """A run of experiments/paper.sh in miniature. With holds=True every claim holds by its rule;
+    with holds=False every one fails. Where it can, the student's numbers go the other way in
+    the low layers, so that a rule over the wrong blocks (all, or the first) gets it wrong."""
+    def either(if_holds, if_fails):
+        return if_holds if holds else if_fails
+
+    pre = {m: {} for m in ("attn_distance", "attn_entropy", "nmi", "fourier", "svd")}
+    hessian, shape, finetunes = {}, {}, {}
+    for t in teachers:
+        md = "md_" + t
+        # attention distance, head mean (px): the teacher 10 everywhere
+        pre["attn_distance"][t] = per_layer_entry(layers(10.0, 10.0))
+        pre["attn_distance"][md] = per_layer_entry(either(layers(20.0, 8.0), layers(5.0, 12.0)))
+        # entropy: head mean 3.0 everywhere; spread over heads 0.816 (narrow) or 1.63 (wide)
+        narrow, wide = (2.0, 3.0, 4.0), (1.0, 3.0, 5.0)
+        pre["attn_entropy"][t] = dict(per_layer=layers(3.0, 3.0), per_head=heads(wide, narrow))
+        pre["attn_entropy"][md] = dict(per_layer=layers(3.0, 3.0),
+                                       per_head=either(heads(narrow, wide), heads(wide, narrow)))
+        pre["nmi"][t] = per_layer_entry(layers(0.2, 0.05))
+        pre["nmi"][md] = per_layer_entry(either(layers(0.1, 0.1), layers(0.3, 0.02)))
+        # Fourier: Δ log amplitude at the highest frequency
+        pre["fourier"][t] = dict(per_layer=layers(-1.0, -1.0), embedding=0.0)
+        pre["fourier"][md] = dict(per_layer=either(layers(0.0, -2.0), layers(-2.0, -0.5)),
+                                  embedding=0.0)
+        # token svd headline: the teacher folds (-8 -> -10, change -2); the student's high blocks
+        # are lower than the teacher's in the holding set, but fall less with depth (-0.5)
+        pre["svd"][t] = dict(per_layer=layers(-8.0, -10.0))
+        pre["svd"][md] = dict(per_layer=either(layers(-10.0, -10.5), layers(-9.0, -12.0)))
+        # after fine-tuning: the MD student against the teacher fine-tuned directly; failing,
+        # only the trace is larger in magnitude (negative: a signed comparison would pass it)
+        hessian["ft_" + t] = dict(eigenvalues=[100.0, 50.0], trace=500.0, trace_stderr=5.0)
+        hessian["ft_md_" + t] = dict(eigenvalues=[60.0, 30.0], trace=either(300.0, -700.0),
+                                     trace_stderr=5.0)
+        for label, bias in ((t, 0.5), ("ft_" + t, 0.2), ("ft_md_" + t, either(0.35, 0.1))):
+            shape[label] = dict(shape_bias=bias, per_class={}, images=10, excluded_agreeing=2)
+        finetunes["ft_" + t] = (t, 97.0)
+        finetunes["ft_md_" + t] = (f"out/md_{t}/ckpt.pt", either(83.0, 99.0))
+    hessian["ft_scratch"] = dict(eigenvalues=[170.0, 90.0], trace=3000.0, trace_stderr=30.0)
+    finetunes["ft_scratch"] = ("scratch", 60.0)
+    for metric, models in pre.items():
+        write_metric(root, "pretrained", metric, models)
+    write_metric(root, "finetuned", "hessian", hessian)
+    write_metric(root, "finetuned", "shape_bias", shape)
+    for run, (init, top1) in finetunes.items():  # finetune.py's result.json
+        write_json(os.path.join(root, run, "result.json"),
+                   dict(top1=top1, top5=100.0, best_top1=top1, iter_num=180,
+                        config=dict(init=init, lr=1e-3, epochs=10, freeze_blocks=0)))
+        write_json(os.path.join(root, run, "sharpness.json"), [])  # a list, not a metric
+    os.makedirs(os.path.join(root, "steps"))
+    with open(os.path.join(root, "steps", "md_x.done"), "w") as f:
+        f.write("90\tpython train_md.py config/md_embedded.py\n")
+
+
+def claim_lines(markdown):
+    """{(claim title, teacher): (numbers, verdict)} from the report's verdict lines"""
+    found, title = {}, None
+    for line in markdown.splitlines():
+        if line.startswith("### "):
+            title = line[4:].split(":")[0]
+        match = re.fullmatch(r"- (\w+): (.*): \*\*(holds|does not hold|not tested)\*\*", line)
+        if match and title:
+            found[(title, match.group(1))] = (match.group(2), match.group(3))
+    return found
+
+
+CLAIM_TITLES = ("attention distance", "head diversity", "NMI", "Fourier", "token spectrum",
+                "flatness", "shape bias", "better baseline")
+
+
+@pytest.mark.parametrize("holds, teachers", [(True, ("clip", "dino")), (False, ("embedded",))])
+def test_every_claim_holds_or_fails_as_built(tmp_path, holds, teachers):
+    root = str(tmp_path / "run")
+    make_run(root, teachers, holds)
+    analyze.main(["--metric", "report", root])
+    markdown = open(os.path.join(root, "report.md")).read()
+    lines = claim_lines(markdown)
+    expected = "holds" if holds else "does not hold"
+    for title in CLAIM_TITLES:
+        # the better baseline is tested on CLIP, or on the first teacher standing in for it
+        subjects = teachers[:1] if title == "better baseline" else teachers
+        for t in subjects:
+            assert lines[(title, t)][1] == expected, (title, t, lines[(title, t)])
+    assert len(lines) == 7 * len(teachers) + 1
+    t = teachers[0]
+    # the numbers shown are the ones the rule compares (means over blocks 5-6)
+    assert lines[("attention distance", t)][0] == (
+        f"teacher {t} 10 px, MD student md_{t} {8 if holds else 12} px")
+    student = -0.5 if holds else -3
+    assert lines[("token spectrum", t)][0] == f"teacher {t} -2, MD student md_{t} {student}"
+    assert ("stand-ins" in lines[("better baseline", t)][0]) == (t != "clip")
+    tests = 7 * len(teachers) + 1
+    assert f"{tests if holds else 0} of {tests} tests hold" in markdown
+    # every figure, the fine-tuning table, the step record
+    for metric in ("attn_distance", "nmi", "svd", "hessian", "shape_bias"):
+        assert re.search(rf"!\[{metric}\]\(analysis/\w+/{metric}\.png\)", markdown), metric
+    top1 = 83 if holds else 99
+    assert f"| ft_md_{t} | out/md_{t}/ckpt.pt | 0.001 | 10 | {top1}.00% |" in markdown
+    assert "1 step(s), 1.5 minutes in all" in markdown
+    # the HTML page says the same
+    page = open(os.path.join(root, "report.html")).read()
+    assert page.count(f"<b>{expected}</b>") == len(lines)
+    assert page.count("<img ") == markdown.count("![")
+
+
+def test_missing_results_are_not_tested(tmp_path):
+    root = str(tmp_path / "run")
+    write_metric(root, "pretrained", "nmi", dict(clip=per_layer_entry(layers(0.2, 0.05)),
+                                                 md_clip=per_layer_entry(layers(0.1, 0.1))))
+    # a results file in another format: no trace in the Hessian entries
+    write_metric(root, "finetuned", "hessian", dict(ft_clip=dict(eigenvalues=[1.0]),
+                                                    ft_md_clip=dict(eigenvalues=[2.0])))
+    analyze.main(["--metric", "report", root])
+    lines = claim_lines(open(os.path.join(root, "report.md")).read())
+    assert lines[("NMI", "clip")][1] == "holds"
+    assert {v for k, (_, v) in lines.items() if k[0] != "NMI"} == {"not tested"}
+    assert lines[("flatness", "clip")][0] == "the results lack 'trace'"
+    reason = "no shape_bias results for ft_clip and ft_md_clip under the run"
+    assert lines[("shape bias", "clip")][0] == reason
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: None, "no analyze.py or finetune.py results"),
+    (lambda root: os.rmdir(root), "takes one run folder"),
+])
+def test_report_bad_input(tmp_path, make, message):
+    root = str(tmp_path / "empty")
+    os.makedirs(root)
+    make(root)
+    with pytest.raises(SystemExit, match=message):
+        analyze.main(["--metric", "report", root])
