@@ -4,7 +4,7 @@ same run. Prints one table; every ratio compares numbers taken here, now.
 
     python bench.py --quick          # tiny config, CPU, about a minute
     python bench.py                  # + ViT-Ti/S/B at 224 px (minutes on a 2-core CPU)
-    python bench.py --sizes=B/16 --batch=64 --steps=10   # on a GPU
+    python bench.py --gpu            # on a GPU: ViT-B/16 at batch 64 and 128 (section at the end)
 
 MFU = achieved matmul FLOP/s (ViT.flops_per_image, x3 for forward+backward) / peak. On CUDA the
 peak is the GPU's dense bf16 peak by name (common.PEAK_BF16_FLOPS); on CPU it is the GEMM
@@ -228,5 +228,230 @@ def main():
     print(f"Hessian-vector product: {bench_hvp():.2f}x one forward+backward")
 
 
+# ----------------------------------------------------------------------------------------
+# GPU: python bench.py --gpu. The MD step of train_md.py for ViT-B/16 at batch 64 and 128,
+# bf16 + compile and eager, its teacher share, our classifier step against timm's, peak memory.
+# Rows are printed as they are measured (the key ones first), the markdown tables last.
+
+import gc
+import math
+
+from common import first_line, record_nonfinite
+
+
+def gpu_synchronize():
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize(DEVICE)
+
+
+def gpu_reset():
+    """free the last configuration: compiled code, cached blocks, the peak-memory counter"""
+    torch._dynamo.reset()
+    gc.collect()
+    if DEVICE.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+
+
+def gpu_peak_memory():
+    """GiB allocated at most since gpu_reset (nan on CPU)"""
+    if not DEVICE.startswith("cuda"):
+        return float("nan")
+    return torch.cuda.max_memory_allocated(DEVICE) / 2 ** 30
+
+
+def time_steps(fn, steps, warmup):
+    """-> (seconds per step, mean over `steps` runs back to back as in training: no host sync
+    between steps; seconds the `warmup` runs took, torch.compile's compilation included)"""
+    t = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    gpu_synchronize()
+    warm = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    gpu_synchronize()
+    return (time.perf_counter() - t) / steps, warm
+
+
+def measure_md_step(size, batch, compiled, steps):
+    """train_md.py's loop body at its defaults, one micro-batch per step: teacher forward
+    under bf16 without grad, whitening N (ln), student + linear head under bf16 autocast
+    (compiled or not), smooth-L1 on the masked patches (md_loss), backward, clip at 3.0,
+    AdamW (fused on CUDA). Random images, BEiT block masks, a DeiT-like teacher of the size."""
+    gpu_reset()
+    torch.manual_seed(0)
+    cfg = ViTConfig.beit_v2(size, mask_token=True)
+    student = ViT(cfg).to(DEVICE)
+    teacher = Teacher(ViT(ViTConfig.from_name(size)).to(DEVICE), dtype=torch.bfloat16)
+    decoder = DecoderHead("linear", cfg.embed_dim, teacher.out_dim).to(DEVICE)
+    md_student = MDStudent(student, decoder)
+    whitener = Whitening("ln", teacher.out_dim).to(DEVICE)
+    decoder_params = [("decoder." + n, p) for n, p in decoder.named_parameters()]
+    optimizer = student.configure_optimizers(0.05, 1.5e-3, (0.98, 0.999), extra=decoder_params)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    train_model = torch.compile(md_student, dynamic=False) if compiled else md_student
+    images = torch.rand(batch, 3, cfg.img_size, cfg.img_size, device=DEVICE)
+    g = np.random.default_rng(0)
+    mask_fn = MaskGenerator("block", cfg.grid, BEIT_RATIO)
+    masks = np.stack([mask_fn(g).flatten() for _ in range(batch)])
+    masks = torch.from_numpy(masks).to(DEVICE)  # (B, N) True = masked
+    nonfinite = torch.full((3,), -1.0, dtype=torch.float64, device=DEVICE)
+    device_type = DEVICE.split(":")[0]
+
+    def targets_of():
+        return whitener(teacher(images)[:, 1:])  # N(T(I)): (B, N, D_t)
+
+    def step():
+        nonlocal nonfinite
+        targets = targets_of()
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            pred = train_model(images, masks)  # D(S(M(I)))
+        loss = md_loss(pred, targets, masks)
+        nonfinite = record_nonfinite(nonfinite, loss, 0, 0)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 3.0)
+        nonfinite = record_nonfinite(nonfinite, grad_norm, 0, 1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds, warm = time_steps(step, steps, warmup=3 if compiled else 2)
+    teacher_seconds, _ = time_steps(targets_of, steps, warmup=1)
+    flops = batch * (3 * student.flops_per_image() + teacher.vit.flops_per_image())
+    return dict(seconds=seconds, warm=warm, teacher=teacher_seconds / seconds, flops=flops,
+                memory=gpu_peak_memory(), finite=nonfinite[0].item() < 0)
+
+
+def measure_classifier_step(size, batch, compiled, steps, use_timm):
+    """a supervised train step (bf16 autocast, cross-entropy over 1000 classes, fused AdamW on
+    CUDA) of our ViT or of timm's vit_base_patch16_224 with the same shape; same architecture
+    (class token, absolute positions, q/k/v biases), so the difference is the implementation"""
+    gpu_reset()
+    torch.manual_seed(0)
+    cfg = ViTConfig.from_name(size, num_classes=1000, global_pool="cls")
+    if use_timm:
+        import timm
+        shape = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                     depth=cfg.depth, num_heads=cfg.num_heads)  # the defaults for B/16
+        model = timm.create_model("vit_base_patch16_224", pretrained=False, **shape)
+    else:
+        model = ViT(cfg)
+    model.to(DEVICE).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEVICE.startswith("cuda"))
+    run = torch.compile(model, dynamic=False) if compiled else model
+    x = torch.rand(batch, 3, cfg.img_size, cfg.img_size, device=DEVICE)
+    y = torch.randint(0, 1000, (batch,), device=DEVICE)
+    device_type = DEVICE.split(":")[0]
+
+    def step():
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(run(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds, warm = time_steps(step, steps, warmup=3 if compiled else 2)
+    return dict(seconds=seconds, warm=warm, memory=gpu_peak_memory())
+
+
+def mode_name(compiled):
+    return "bf16 + compile" if compiled else "bf16, no compile"
+
+
+def percent(x):
+    return "n/a" if math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def gib(x):
+    return "n/a" if math.isnan(x) else f"{x:.1f} GiB"
+
+
+def gpu_main():
+    """python bench.py --gpu [--sizes=B/16] [--batch=64,128] [--steps=20] [--device=cuda]"""
+    if not DEVICE.startswith("cuda") and "device" not in args:
+        print(f"bench.py --gpu: no CUDA device (torch {torch.__version__}), nothing measured")
+        return
+    size = args.get("sizes", "B/16")
+    batches = sorted({int(b) for b in args.get("batch", "64,128").split(",")}, reverse=True)
+    steps = int(args.get("steps", 20))
+    start = time.perf_counter()
+    peak = peak_flops(DEVICE)
+    name = torch.cuda.get_device_name(DEVICE) if DEVICE.startswith("cuda") else DEVICE
+    peak_text = f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU)"
+    print(f"machine: {name}; torch {torch.__version__}; dense bf16 peak {peak_text}; "
+          f"{steps} timed steps per row", flush=True)
+    try:
+        import timm
+        print(f"timm {timm.__version__}", flush=True)
+    except ImportError:
+        timm = None
+    md_rows, timm_rows = {}, {}
+
+    def md_row(batch, compiled):
+        r = measure_md_step(size, batch, compiled, steps)
+        r["mfu"] = r["flops"] / r["seconds"] / peak if peak else float("nan")
+        md_rows[(batch, compiled)] = r
+        print(f"MD {size} {mode_name(compiled)}, batch {batch}: {1000 * r['seconds']:.1f} ms/step, "
+              f"{batch / r['seconds']:.0f} img/s, MFU {percent(r['mfu'])}, "
+              f"teacher {percent(r['teacher'])}, peak memory {gib(r['memory'])} "
+              f"(warmup {r['warm']:.0f} s){'' if r['finite'] else ', NOT FINITE'}", flush=True)
+
+    def timm_row(batch, compiled):
+        label = f"ours vs timm, {size} classifier {mode_name(compiled)}, batch {batch}"
+        if timm is None:
+            print(f"{label}: skipped (timm is not installed)", flush=True)
+            return
+        ours = measure_classifier_step(size, batch, compiled, steps, use_timm=False)
+        ref = measure_classifier_step(size, batch, compiled, steps, use_timm=True)
+        timm_rows[(batch, compiled)] = (ours, ref)
+        print(f"{label}: {1000 * ours['seconds']:.1f} ms vs {1000 * ref['seconds']:.1f} ms, "
+              f"ours/timm speed {ref['seconds'] / ours['seconds']:.2f}, peak memory "
+              f"{gib(ours['memory'])} / {gib(ref['memory'])} "
+              f"(warmup {ours['warm']:.0f} s / {ref['warm']:.0f} s)", flush=True)
+
+    # the targets' rows first, so that a run cut short still has them
+    plan = [(md_row, batches[0], True), (md_row, batches[0], False), (timm_row, batches[0], True)]
+    plan += [(md_row, batch, compiled) for batch in batches[1:] for compiled in (True, False)]
+    plan.append((timm_row, batches[0], False))
+    failed = 0
+    for row, batch, compiled in plan:
+        try:
+            row(batch, compiled)
+        except Exception as e:  # out of memory, a compile error: one line, the other rows still run
+            failed += 1
+            what = "MD" if row is md_row else "ours vs timm,"
+            print(f"{what} {size} {mode_name(compiled)}, batch {batch}: FAILED, "
+                  f"{type(e).__name__}: {first_line(e)}", flush=True)
+
+    def table_order(item):  # by batch, compiled first
+        (batch, compiled), _ = item
+        return batch, not compiled
+
+    print(f"\ntotal {time.perf_counter() - start:.0f} s\n")
+    print(f"{name}, torch {torch.__version__}, `python bench.py --gpu`, "
+          f"MFU against the dense bf16 peak {peak_text}:\n")
+    print(f"| MD step, {size} student + {size} teacher | batch | ms/step | img/s | MFU "
+          f"| teacher share | peak memory |")
+    print("|---|---|---|---|---|---|---|")
+    for (batch, compiled), r in sorted(md_rows.items(), key=table_order):
+        print(f"| {mode_name(compiled)} | {batch} | {1000 * r['seconds']:.1f} | "
+              f"{batch / r['seconds']:.0f} | {percent(r['mfu'])} | {percent(r['teacher'])} | "
+              f"{gib(r['memory'])} |")
+    if timm_rows:
+        print(f"\n| {size} classifier train step | batch | ours ms | timm ms | ours/timm speed "
+              f"| peak memory ours / timm |")
+        print("|---|---|---|---|---|---|")
+        for (batch, compiled), (ours, ref) in sorted(timm_rows.items(), key=table_order):
+            print(f"| {mode_name(compiled)} | {batch} | {1000 * ours['seconds']:.1f} | "
+                  f"{1000 * ref['seconds']:.1f} | {ref['seconds'] / ours['seconds']:.2f} | "
+                  f"{gib(ours['memory'])} / {gib(ref['memory'])} |")
+    if failed:
+        raise SystemExit(f"error: {failed} of {len(plan)} rows failed (see above)")
+
+
 if __name__ == "__main__":
-    main()
+    if "gpu" in args:
+        gpu_main()
+    else:
+        main()
