@@ -1,4 +1,5 @@
-"""analyze.py part 2: shape bias, error consistency, the 16-category mapping, Hessian and landscape CLI."""
+"""analyze.py part 2: shape bias, error consistency, the 16-category mapping, Hessian and
+landscape CLI."""
 import json
 import os
 import subprocess
@@ -43,7 +44,8 @@ def test_error_consistency_hand_computed():
 def test_sixteen_category_mapping_sizes():
     sizes = {c: len(v) for c, v in IMAGENET_16.items()}
     assert len(sizes) == 16 and sum(sizes.values()) == 207
-    assert sizes["knife"] == sizes["airplane"] == sizes["oven"] == 1 and sizes["truck"] == 8 and sizes["bear"] == 4
+    assert sizes["knife"] == sizes["airplane"] == sizes["oven"] == 1
+    assert sizes["truck"] == 8 and sizes["bear"] == 4
     flat = [i for v in IMAGENET_16.values() for i in v]
     assert len(set(flat)) == 207 and all(0 <= i < 1000 for i in flat)
 
@@ -70,22 +72,26 @@ def test_decision_categories_are_the_benchmarks_16_when_the_model_has_them():
 
 
 def run_analyze(args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "analyze.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=600)
+    cmd = [sys.executable, os.path.join(ROOT, "analyze.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
 def test_shape_bias_and_hessian_from_the_command_line(tiny_data, tiny_teacher, tmp_path):
-    r = run_analyze(["--metric=shape_bias", tiny_teacher, f"--data={tiny_data}", f"--out={tmp_path}"])
+    r = run_analyze(["--metric=shape_bias", tiny_teacher, f"--data={tiny_data}",
+                     f"--out={tmp_path}"])
     assert r.returncode == 0, r.stderr[-2000:]
     sb = json.load(open(tmp_path / "shape_bias.json"))["models"]["teacher"]
-    assert sb["images"] == 30 and sb["excluded_agreeing"] == 6  # 6 x 6 pairs, one image each; 6 agree
+    # 6 x 6 pairs, one image each; 6 agree
+    assert sb["images"] == 30 and sb["excluded_agreeing"] == 6
     assert sb["shape_bias"] is None or 0 <= sb["shape_bias"] <= 1
     assert os.path.getsize(tmp_path / "shape_bias.png") > 5000
-    r = run_analyze(["--metric=landscape", tiny_teacher, f"--data={tiny_data}", "--n_images=12", "--steps=5", "--span=0.2",
-                     "--power_iters=10", f"--out={tmp_path}"])
+    r = run_analyze(["--metric=landscape", tiny_teacher, f"--data={tiny_data}", "--n_images=12",
+                     "--steps=5", "--span=0.2", "--power_iters=10", f"--out={tmp_path}"])
     assert r.returncode == 0, r.stderr[-2000:]
     land = json.load(open(tmp_path / "landscape.json"))["models"]["teacher"]
-    assert land["loss"][2][2] == pytest.approx(land["center_loss"], abs=1e-5)  # the grid center is the model's loss
+    # the grid center is the model's loss
+    assert land["loss"][2][2] == pytest.approx(land["center_loss"], abs=1e-5)
     assert os.path.getsize(tmp_path / "landscape.png") > 5000
 
 
@@ -94,22 +100,26 @@ def test_hessian_runs_on_vit_b_at_224_for_one_batch(tiny_data, tmp_path):
     cfg = ViTConfig.from_name("B/16", num_classes=6, global_pool="cls")
     path = tmp_path / "vitb.pt"
     torch.save(dict(model=ViT(cfg).state_dict(), model_args=cfg.to_dict(), config={}), path)
-    r = run_analyze(["--metric=hessian", str(path), f"--data={tiny_data}", "--n_images=2", "--batch_size=2", "--top_k=1",
-                     "--power_iters=2", "--trace_samples=2", f"--out={tmp_path}"])
+    r = run_analyze(["--metric=hessian", str(path), f"--data={tiny_data}", "--n_images=2",
+                     "--batch_size=2", "--top_k=1", "--power_iters=2", "--trace_samples=2",
+                     f"--out={tmp_path}"])
     assert r.returncode == 0, r.stderr[-2000:]
     h = json.load(open(tmp_path / "hessian.json"))["models"]["vitb"]
     assert len(h["eigenvalues"]) == 1 and np.isfinite(h["trace"]) and h["images"] == 2
 
 
 def test_sharpness_logged_during_finetuning_and_plotted(tiny_data, tiny_teacher, tmp_path):
-    r = subprocess.run([sys.executable, "finetune.py", f"--data_dir={tiny_data}", f"--init={tiny_teacher}", "--img_size=32",
-                        "--epochs=1", "--total_batch_size=16", "--micro_batch_size=8", "--num_workers=0", "--device=cpu",
-                        "--dtype=float32", "--compile=False", "--stop_iter=4", "--hessian_every=2", f"--out_dir={tmp_path / 'ft'}"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    cmd = [sys.executable, "finetune.py", f"--data_dir={tiny_data}", f"--init={tiny_teacher}",
+           "--img_size=32", "--epochs=1", "--total_batch_size=16", "--micro_batch_size=8",
+           "--num_workers=0", "--device=cpu", "--dtype=float32", "--compile=False",
+           "--stop_iter=4", "--hessian_every=2", f"--out_dir={tmp_path / 'ft'}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     log = json.load(open(tmp_path / "ft" / "sharpness.json"))
-    assert [e["iter"] for e in log] == [2, 4] and all(np.isfinite(e["eigenvalue"]) and np.isfinite(e["trace"]) for e in log)
-    r = run_analyze(["--metric=sharpness", str(tmp_path / "ft" / "sharpness.json"), "--labels=run", f"--out={tmp_path}"])
+    assert [e["iter"] for e in log] == [2, 4]
+    assert all(np.isfinite(e["eigenvalue"]) and np.isfinite(e["trace"]) for e in log)
+    r = run_analyze(["--metric=sharpness", str(tmp_path / "ft" / "sharpness.json"),
+                     "--labels=run", f"--out={tmp_path}"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert os.path.getsize(tmp_path / "sharpness.png") > 5000
 
@@ -120,4 +130,6 @@ def test_hessian_needs_a_classifier_for_the_data(tiny_data, tmp_path):
     path = tmp_path / "ten.pt"
     torch.save(dict(model=ViT(cfg).state_dict(), model_args=cfg.to_dict(), config={}), path)
     r = run_analyze(["--metric=hessian", str(path), f"--data={tiny_data}", f"--out={tmp_path}"])
-    assert r.returncode != 0 and "the Hessian needs a classifier for the data's 6 classes; this model has 10 outputs" in r.stderr
+    assert r.returncode != 0
+    assert ("the Hessian needs a classifier for the data's 6 classes; "
+            "this model has 10 outputs") in r.stderr

@@ -42,18 +42,23 @@ def test_randaugment_ops_follow_their_definitions():
     level = 0.9  # m = 9
     assert np.array_equal(np.asarray(RAND_OPS["Invert"](img, level, None)), 255 - a)
     # Solarize: threshold 256 - int(256 * 0.9) = 26: pixels >= 26 are inverted
-    assert np.array_equal(np.asarray(RAND_OPS["SolarizeIncreasing"](img, level, None)), np.where(a >= 26, 255 - a, a))
+    solarized = np.asarray(RAND_OPS["SolarizeIncreasing"](img, level, None))
+    assert np.array_equal(solarized, np.where(a >= 26, 255 - a, a))
     # SolarizeAdd: + int(110 * 0.9) = 99 below 128, capped at 255
-    assert np.array_equal(np.asarray(RAND_OPS["SolarizeAdd"](img, level, None)), np.where(a < 128, np.minimum(a + 99, 255), a))
+    added = np.asarray(RAND_OPS["SolarizeAdd"](img, level, None))
+    assert np.array_equal(added, np.where(a < 128, np.minimum(a + 99, 255), a))
     # Posterize: keep 4 - int(4 * 0.9) = 1 bit
-    assert np.array_equal(np.asarray(RAND_OPS["PosterizeIncreasing"](img, level, None)), a & 0b10000000)
-    assert np.asarray(RAND_OPS["PosterizeIncreasing"](img, 1.0, None)).max() == 0  # m = 10: no bits kept
+    posterized = np.asarray(RAND_OPS["PosterizeIncreasing"](img, level, None))
+    assert np.array_equal(posterized, a & 0b10000000)
+    # m = 10: no bits kept
+    assert np.asarray(RAND_OPS["PosterizeIncreasing"](img, 1.0, None)).max() == 0
     # Brightness: factor 1 +- 0.81 (sign by the rng): blend with black
     bright = np.asarray(RAND_OPS["BrightnessIncreasing"](img, level, Fixed(0.0))).astype(int)
     assert np.abs(bright - np.clip(np.round(a * 1.81), 0, 255)).max() <= 1
     dark = np.asarray(RAND_OPS["BrightnessIncreasing"](img, level, Fixed(1.0))).astype(int)
     assert np.abs(dark - np.round(a * 0.19)).max() <= 1
-    # TranslateXRel: 0.45 * 0.9 * 64 = 25.92 px; content moves by 26 px (sign: negative for random() > 0.5)
+    # TranslateXRel: 0.45 * 0.9 * 64 = 25.92 px; content moves by 26 px
+    # (sign: negative for random() > 0.5)
     moved = np.asarray(RAND_OPS["TranslateXRel"](img, level, Fixed(0.0))).astype(int)
     assert np.abs(moved[:, 10:30, 0] - a[:, 36:56, 0]).max() <= 4
     # Rotate by 30 deg x 0.9 = 27 deg keeps the center pixel; corners are filled with the mean color
@@ -75,7 +80,8 @@ def test_randaugment_applies_each_op_with_probability_half():
         del RAND_OPS["Probe"]
     assert len(calls) / 4000 == pytest.approx(0.5, abs=0.03)  # 2 ops per image, p = 0.5 each
     levels = np.array(calls) * 10
-    assert levels.mean() == pytest.approx(9.0, abs=0.05) and levels.std() == pytest.approx(0.5, abs=0.05)
+    assert levels.mean() == pytest.approx(9.0, abs=0.05)
+    assert levels.std() == pytest.approx(0.5, abs=0.05)
 
 
 def test_random_erasing_pixel_mode():
@@ -89,10 +95,12 @@ def test_random_erasing_pixel_mode():
         changed = (out != -1.0).any(0)
         fractions.append(changed.float().mean().item())
         values.append(out[:, changed])
-    assert min(fractions) >= 0.015 and max(fractions) <= 1 / 3 + 0.02  # area in [0.02, 1/3] of the image
+    # area in [0.02, 1/3] of the image
+    assert min(fractions) >= 0.015 and max(fractions) <= 1 / 3 + 0.02
     v = torch.cat(values, dim=1)
     normalized = (v - torch.tensor(mean)[:, None]) / torch.tensor(std)[:, None]
-    assert normalized.mean().abs() < 0.02 and (normalized.std() - 1).abs() < 0.02  # N(0, 1) in model space
+    # N(0, 1) in model space
+    assert normalized.mean().abs() < 0.02 and (normalized.std() - 1).abs() < 0.02
     never = RandomErasing(0.0, mean, std)
     img = torch.rand(3, 8, 8)
     assert torch.equal(never(img.clone(), rng), img)
@@ -103,12 +111,16 @@ def test_random_erasing_pixel_mode():
 
 def test_label_smoothing_closed_form():
     targets = smooth_one_hot(torch.tensor([2, 0]), 4, 0.1)
-    assert torch.allclose(targets, torch.tensor([[0.025, 0.025, 0.925, 0.025], [0.925, 0.025, 0.025, 0.025]]))
+    expected = torch.tensor([[0.025, 0.025, 0.925, 0.025],
+                             [0.925, 0.025, 0.025, 0.025]])
+    assert torch.allclose(targets, expected)
     logits = torch.randn(2, 4)
     ours = torch.sum(-targets * F.log_softmax(logits, -1), -1).mean()
-    assert ours.item() == pytest.approx(F.cross_entropy(logits, torch.tensor([2, 0]), label_smoothing=0.1).item(), rel=1e-6)
+    torch_loss = F.cross_entropy(logits, torch.tensor([2, 0]), label_smoothing=0.1)
+    assert ours.item() == pytest.approx(torch_loss.item(), rel=1e-6)
     # uniform logits: the loss is log C whatever the smoothing
-    assert torch.sum(-targets * F.log_softmax(torch.zeros(2, 4), -1), -1).mean().item() == pytest.approx(np.log(4))
+    uniform = torch.sum(-targets * F.log_softmax(torch.zeros(2, 4), -1), -1).mean()
+    assert uniform.item() == pytest.approx(np.log(4))
 
 
 def test_mixup_mixes_images_and_targets_with_the_same_lambda():
@@ -116,7 +128,8 @@ def test_mixup_mixes_images_and_targets_with_the_same_lambda():
     targets = torch.eye(2)
     mixed, soft = mixup_cutmix(images, targets, 0.8, 0.0, torch.Generator().manual_seed(0))
     lam = soft[0, 0].item()
-    assert torch.allclose(mixed[0], torch.full((3, 8, 8), 1 - lam)) and torch.allclose(soft.sum(1), torch.ones(2))
+    assert torch.allclose(mixed[0], torch.full((3, 8, 8), 1 - lam))
+    assert torch.allclose(soft.sum(1), torch.ones(2))
     cut, soft = mixup_cutmix(images, targets, 0.0, 1.0, torch.Generator().manual_seed(1))
     kept = (cut[0] == 0).float().mean().item()  # fraction of image 0 still its own
     assert soft[0, 0].item() == pytest.approx(kept)
@@ -126,10 +139,12 @@ def test_mixup_mixes_images_and_targets_with_the_same_lambda():
 
 def run_ft(args, tiny_data, launcher=()):
     cmd = [*launcher] if launcher else [sys.executable]
-    cmd += [os.path.join(ROOT, "finetune.py"), f"--data_dir={tiny_data}", "--img_size=32", "--epochs=2", "--warmup_epochs=1",
-            "--total_batch_size=16", "--micro_batch_size=8", "--num_workers=0", "--device=cpu", "--dtype=float32",
-            "--compile=False", "--log_interval=1", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    cmd += [os.path.join(ROOT, "finetune.py"), f"--data_dir={tiny_data}", "--img_size=32",
+            "--epochs=2", "--warmup_epochs=1", "--total_batch_size=16", "--micro_batch_size=8",
+            "--num_workers=0", "--device=cpu", "--dtype=float32", "--compile=False",
+            "--log_interval=1", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
 def load(path):
@@ -138,63 +153,82 @@ def load(path):
 
 def test_frozen_blocks_and_patch_projection_stay_bit_identical(tiny_data, tiny_teacher, tmp_path):
     init = load(tiny_teacher)["model"]
-    result = run_ft([f"--init={tiny_teacher}", "--freeze_blocks=1", "--lr=1e-2", "--stop_iter=3", f"--out_dir={tmp_path}"], tiny_data)
+    args = [f"--init={tiny_teacher}", "--freeze_blocks=1", "--lr=1e-2", "--stop_iter=3",
+            f"--out_dir={tmp_path}"]
+    result = run_ft(args, tiny_data)
     assert result.returncode == 0, result.stderr[-2000:]
     tuned = load(tmp_path / "ckpt.pt")["model"]
-    for k in ("patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc2.bias"):
+    frozen = ("patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed",
+              "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc2.bias")
+    for k in frozen:
         assert torch.equal(tuned[k], init[k]), k
     for k in ("blocks.1.attn.qkv.weight", "norm.weight"):
         assert not torch.equal(tuned[k], init[k]), k
     # per-layer relative position bias was added, zero-initialized, and trains in unfrozen blocks
-    assert torch.equal(tuned["blocks.0.attn.rel_pos.relative_position_bias_table"], torch.zeros_like(tuned["blocks.0.attn.rel_pos.relative_position_bias_table"]))
+    table0 = tuned["blocks.0.attn.rel_pos.relative_position_bias_table"]
+    assert torch.equal(table0, torch.zeros_like(table0))
     assert tuned["blocks.1.attn.rel_pos.relative_position_bias_table"].abs().sum() > 0
 
 
 def test_linear_probe_trains_only_the_head(tiny_data, tiny_teacher, tmp_path):
     init = load(tiny_teacher)["model"]
-    result = run_ft([f"--init={tiny_teacher}", "--freeze_blocks=2", "--lr=1e-2", "--stop_iter=2", f"--out_dir={tmp_path}"], tiny_data)
+    args = [f"--init={tiny_teacher}", "--freeze_blocks=2", "--lr=1e-2", "--stop_iter=2",
+            f"--out_dir={tmp_path}"]
+    result = run_ft(args, tiny_data)
     assert result.returncode == 0, result.stderr[-2000:]
     tuned = load(tmp_path / "ckpt.pt")["model"]
     changed = {k for k in init if k in tuned and not torch.equal(init[k], tuned[k])}
-    assert changed <= {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"} and "head.weight" in changed
+    assert changed <= {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    assert "head.weight" in changed
 
 
 def test_md_checkpoint_finetunes_and_reports_top1(tiny_data, tiny_teacher, tmp_path):
-    md = subprocess.run([sys.executable, "train_md.py", f"--data_dir={tiny_data}", f"--teacher={tiny_teacher}", "--model=nano/4",
-                         "--img_size=32", "--epochs=1", "--total_batch_size=16", "--micro_batch_size=16", "--num_workers=0",
-                         "--device=cpu", "--dtype=float32", "--compile=False", "--teacher_bf16=False", "--stop_iter=2",
-                         f"--out_dir={tmp_path / 'md'}"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    md_cmd = [sys.executable, "train_md.py", f"--data_dir={tiny_data}", f"--teacher={tiny_teacher}",
+              "--model=nano/4", "--img_size=32", "--epochs=1", "--total_batch_size=16",
+              "--micro_batch_size=16", "--num_workers=0", "--device=cpu", "--dtype=float32",
+              "--compile=False", "--teacher_bf16=False", "--stop_iter=2",
+              f"--out_dir={tmp_path / 'md'}"]
+    md = subprocess.run(md_cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert md.returncode == 0, md.stderr[-2000:]
-    result = run_ft([f"--init={tmp_path / 'md' / 'ckpt.pt'}", "--img_size=48", "--stop_iter=2", f"--out_dir={tmp_path / 'ft'}"], tiny_data)
+    args = [f"--init={tmp_path / 'md' / 'ckpt.pt'}", "--img_size=48", "--stop_iter=2",
+            f"--out_dir={tmp_path / 'ft'}"]
+    result = run_ft(args, tiny_data)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "val top-1" in result.stdout + result.stderr
     ckpt = load(tmp_path / "ft" / "ckpt.pt")
     assert ckpt["model_args"]["img_size"] == 48 and ckpt["model_args"]["rel_pos"] == "layer"
-    assert ckpt["model"]["blocks.0.attn.rel_pos.relative_position_bias_table"].shape[0] == (2 * 12 - 1) ** 2 + 3
+    table = ckpt["model"]["blocks.0.attn.rel_pos.relative_position_bias_table"]
+    assert table.shape[0] == (2 * 12 - 1) ** 2 + 3
     assert os.path.exists(tmp_path / "ft" / "result.json")
-    summary = subprocess.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"], capture_output=True, text=True, cwd=ROOT)
+    summary = subprocess.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"],
+                             capture_output=True, text=True, cwd=ROOT)
     assert summary.returncode == 0 and "top-1" in summary.stdout
 
 
 def test_ddp_eval_counts_each_image_once(tiny_data, tiny_teacher, tmp_path):
     """48 val images over 2 ranks: top-1 equals the one-process value exactly."""
     from tests.test_train_md import free_port
-    args = [f"--init={tiny_teacher}", "--stop_iter=1", "--micro_batch_size=8", "--total_batch_size=16", "--lr=0"]
+    args = [f"--init={tiny_teacher}", "--stop_iter=1", "--micro_batch_size=8",
+            "--total_batch_size=16", "--lr=0"]
     one = run_ft([*args, f"--out_dir={tmp_path / 'one'}"], tiny_data)
-    two = run_ft([*args, f"--out_dir={tmp_path / 'two'}"], tiny_data,
-                 (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"))
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                f"--master_port={free_port()}")
+    two = run_ft([*args, f"--out_dir={tmp_path / 'two'}"], tiny_data, launcher)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     import json
-    a, b = json.load(open(tmp_path / "one" / "result.json")), json.load(open(tmp_path / "two" / "result.json"))
+    a = json.load(open(tmp_path / "one" / "result.json"))
+    b = json.load(open(tmp_path / "two" / "result.json"))
     assert a["top1"] == b["top1"] and a["top5"] == b["top5"]
-    assert (a["top1"] * 48 / 100) == pytest.approx(round(a["top1"] * 48 / 100))  # a whole number of the 48 images
+    # a whole number of the 48 images
+    assert (a["top1"] * 48 / 100) == pytest.approx(round(a["top1"] * 48 / 100))
 
 
 @pytest.mark.parametrize("args, message", [
     (["--init=/no/such/file.pt"], "error: checkpoint '/no/such/file.pt' not found"),
     (["--init=nothing"], "error: unknown model 'nothing'"),
     (["--keep_head=True", "--init={ten}"], "has a head for 10 classes but the data has 6"),
-    (["--init=scratch", "--model=nano/4", "--freeze_blocks=3"], "error: freeze_blocks=3 must be in 0..2"),
+    (["--init=scratch", "--model=nano/4", "--freeze_blocks=3"],
+     "error: freeze_blocks=3 must be in 0..2"),
 ])
 def test_bad_input_is_one_clear_line(tiny_data, tmp_path, args, message):
     from model import ViT, ViTConfig
@@ -211,7 +245,8 @@ def test_dataset_without_images_is_one_clear_line(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
     (tmp_path / "val" / "a").mkdir(parents=True)
     result = run_ft(["--init=scratch", "--model=nano/4"], str(tmp_path))
-    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: no images found under")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no images found under")
 
 
 def test_every_randaugment_op_runs_at_both_ends_of_the_magnitude_range():

@@ -22,8 +22,8 @@ IMAGENET = (torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
             torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 CLIP = (torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1),
         torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1))
-NORM_GAINS = ("ln_1.weight", "ln_2.weight", "norm1.weight", "norm2.weight", "norm.weight", "ln_pre.weight",
-              "ln_post.weight", "fc_norm.weight")
+NORM_GAINS = ("ln_1.weight", "ln_2.weight", "norm1.weight", "norm2.weight", "norm.weight",
+              "ln_pre.weight", "ln_post.weight", "fc_norm.weight")
 
 
 def randomized_state_dict(module, seed):
@@ -38,7 +38,8 @@ def randomized_state_dict(module, seed):
 
 
 def reference_model(library, name, build, seed):
-    """a model of a reference library with random weights; the test skips where it is not installed"""
+    """a model of a reference library with random weights; the test skips where it is not
+    installed"""
     if library is None:
         pytest.skip(f"{name} not installed (pip install -r requirements-dev.txt)")
     m = build().eval()
@@ -48,12 +49,16 @@ def reference_model(library, name, build, seed):
 
 @pytest.fixture(scope="module")
 def timm_vit():
-    return reference_model(timm, "timm", lambda: timm.create_model("vit_base_patch16_224", pretrained=False), 1)
+    def build():
+        return timm.create_model("vit_base_patch16_224", pretrained=False)
+    return reference_model(timm, "timm", build, 1)
 
 
 @pytest.fixture(scope="module")
 def clip_model():
-    return reference_model(open_clip, "open_clip", lambda: open_clip.create_model("ViT-B-16-quickgelu", pretrained=None), 2)
+    def build():
+        return open_clip.create_model("ViT-B-16-quickgelu", pretrained=None)
+    return reference_model(open_clip, "open_clip", build, 2)
 
 
 @pytest.fixture(scope="module")
@@ -175,13 +180,15 @@ def test_batch_whitening_standardizes_each_channel_and_tracks_running_statistics
     w = bn(x)  # training: this batch's statistics over images and tokens
     assert torch.allclose(w.reshape(-1, 8).mean(0), torch.zeros(8), atol=1e-5)
     assert torch.allclose(w.reshape(-1, 8).var(0, unbiased=False), torch.ones(8), atol=1e-3)
-    # running estimates move halfway (momentum 0.5) from (0, 1) to the batch's mean and unbiased variance
+    # running estimates move halfway (momentum 0.5) from (0, 1) to the batch's mean and
+    # unbiased variance
     flat = x.reshape(-1, 8)
     assert torch.allclose(bn.running_mean, 0.5 * flat.mean(0), atol=1e-5)
     assert torch.allclose(bn.running_var, 0.5 + 0.5 * flat.var(0), atol=1e-4)
     bn.eval()  # eval: the running statistics, the same for every batch
     y = torch.randn(1, 3, 8, generator=g)
-    assert torch.allclose(bn(y), (y - bn.running_mean) / torch.sqrt(bn.running_var + 1e-6), atol=1e-5)
+    expected = (y - bn.running_mean) / torch.sqrt(bn.running_var + 1e-6)
+    assert torch.allclose(bn(y), expected, atol=1e-5)
     with pytest.raises(ValueError, match="unknown whitening"):
         Whitening("zca", 8)
 
@@ -189,7 +196,8 @@ def test_batch_whitening_standardizes_each_channel_and_tracks_running_statistics
 # ---- bad input: one clear line each -------------------------------------------------------
 
 def test_unknown_teacher_name():
-    with pytest.raises(CheckpointError, match="unknown model 'clp': choose clip, dino, deit, embedded or a checkpoint path"):
+    message = "unknown model 'clp': choose clip, dino, deit, embedded or a checkpoint path"
+    with pytest.raises(CheckpointError, match=message):
         load_teacher("clp")
 
 
@@ -216,7 +224,8 @@ def test_wrong_architecture_and_wrong_layout(tmp_path, tiny_teacher):
         load_teacher(str(path))
     good = tmp_path / "timm.pth"
     torch.save(vit.state_dict(), good)
-    with pytest.raises(CheckpointError, match="has the timm layout, but teacher 'clip' needs the clip layout"):
+    message = "has the timm layout, but teacher 'clip' needs the clip layout"
+    with pytest.raises(CheckpointError, match=message):
         load_teacher("clip", path=str(good))
     obj = torch.load(tiny_teacher, weights_only=True)
     obj["model_args"]["depth"] = 3  # a project checkpoint whose weights do not fit its own config
@@ -227,18 +236,22 @@ def test_wrong_architecture_and_wrong_layout(tmp_path, tiny_teacher):
 
 
 def test_download_checks_the_hash_and_writes_atomically(tmp_path, monkeypatch):
-    """download() over a file:// URL (no network): the right SHA-256 passes, a wrong one removes the file"""
+    """download() over a file:// URL (no network): the right SHA-256 passes, a wrong one
+    removes the file"""
     import hashlib
     import urllib.request
     import common
-    monkeypatch.setattr(urllib.request, "urlopen", urllib.request.build_opener().open)  # file:// only, here
+    # file:// only, here
+    monkeypatch.setattr(urllib.request, "urlopen", urllib.request.build_opener().open)
     payload = os.urandom(3000)
     src = tmp_path / "weights.pth"
     src.write_bytes(payload)
     sha = hashlib.sha256(payload).hexdigest()
     path = common.download(src.as_uri(), sha[:8], cache_dir=str(tmp_path / "cache"))
-    assert open(path, "rb").read() == payload and not os.path.exists(path + ".part")
-    assert common.download(src.as_uri(), sha, cache_dir=str(tmp_path / "cache")) == path  # cached: not fetched again
+    assert open(path, "rb").read() == payload
+    assert not os.path.exists(path + ".part")
+    # cached: not fetched again
+    assert common.download(src.as_uri(), sha, cache_dir=str(tmp_path / "cache")) == path
     with pytest.raises(CheckpointError, match="expected 00000000"):
         common.download(src.as_uri(), "00000000", cache_dir=str(tmp_path / "other"))
     assert os.listdir(tmp_path / "other") == []
@@ -261,7 +274,8 @@ def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
 
 
 def test_shipped_embedded_teacher_is_far_better_than_chance():
-    """data/embedded_teacher.pt on the held-out val split of the embedded dataset (6 classes: chance 16.7%)."""
+    """data/embedded_teacher.pt on the held-out val split of the embedded dataset
+    (6 classes: chance 16.7%)."""
     from data import EvalTransform, ImageFolder, collate
     from data.embedded import ensure_embedded
     vit, info = load_model("embedded")
