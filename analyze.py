@@ -48,13 +48,14 @@ DEFAULTS = dict(
     fourier_at="blocks",  # fourier: "blocks" (embedding, after each block; paper Fig. 3b) or "half"
                         # (also after each attention residual, as how-do-vits-work plots it)
     top_k=2,            # hessian: eigenvalues of largest magnitude, by Lanczos
-    lanczos_steps=100,  # hessian, landscape: at most this many Lanczos steps (Hessian-vector products)
+    lanczos_steps=100,  # hessian, landscape: at most this many Lanczos steps (= products)
     tol=1e-3,           # hessian: stop when every residual ||H y - lambda y|| <= tol |lambda|
     trace_products=50,  # hessian: products the trace rests on: the Lanczos basis (shared with the
                         # eigenvalues) + Rademacher samples on its complement for the rest
-    trace_tol=0.0,      # hessian: > 0 stops the samples once the standard error <= trace_tol |trace|
-    keep_graphs=0,      # hessian, landscape: 1 keeps every batch's gradient graph between products
-                        # (faster; memory of n_images / batch_size graphs; one batch's is always kept)
+    trace_tol=0.0,      # hessian: > 0 stops the samples once standard error <= trace_tol |trace|
+    keep_graphs=0,      # hessian, landscape: 1 keeps every batch's gradient graph between
+                        # products (faster; the memory of n_images / batch_size graphs; one
+                        # batch's graph is always kept)
     span=0.5,           # landscape: a, b in [-span, span] along the top-2 eigenvectors (unit norm)
     steps=21,           # landscape: grid points per axis
     human="",           # ood: model-vs-human raw-data folder (<dataset>/*.csv) for error consistency
@@ -112,7 +113,8 @@ def diagonal_dft(grid, device=None):
     F(k, k) = sum_{y,x} f(y, x) exp(-2 pi i k (y + x) / G)"""
     K = grid - grid // 2
     n = torch.arange(grid * grid, dtype=torch.float64)
-    phase = 2 * math.pi / grid * (n // grid + n % grid)[:, None] * torch.arange(K, dtype=torch.float64)  # (N, K)
+    k = torch.arange(K, dtype=torch.float64)
+    phase = 2 * math.pi / grid * (n // grid + n % grid)[:, None] * k  # (N, K): k (y + x) 2 pi / G
     return torch.cat([phase.cos(), -phase.sin()], dim=1).to(device)
 
 
@@ -273,7 +275,8 @@ def collect(model, loader, device, want, map_request=None, fourier_at="blocks"):
             if want & {"attn_entropy", "nmi"}:
                 rows = row_entropy(a)  # shared by both
             if "attn_distance" in want:
-                add(("attn_distance", layer), attention_distance(a, cfg.grid, cfg.patch_size, distances))
+                distance = attention_distance(a, cfg.grid, cfg.patch_size, distances)
+                add(("attn_distance", layer), distance)
             if "attn_entropy" in want:
                 add(("attn_entropy", layer), attention_entropy(a, rows))
             if "nmi" in want:
@@ -286,7 +289,8 @@ def collect(model, loader, device, want, map_request=None, fourier_at="blocks"):
         stats["pooled"] = torch.cat([torch.stack(p) for p in pooled], dim=1).cpu()  # (L, images, C)
     if maps:
         shown = map_request["images"]
-        stats["maps"] = (torch.cat([m[0] for m in maps])[:shown], torch.cat([m[1] for m in maps])[:shown])
+        images, attention = torch.cat([m[0] for m in maps]), torch.cat([m[1] for m in maps])
+        stats["maps"] = (images[:shown], attention[:shown])
     return stats
 
 
@@ -299,9 +303,11 @@ def summarize(metric, stats, cfg, fourier_at="blocks"):
     if metric == "fourier":
         points = range(2 * depth + 1) if fourier_at == "half" else range(0, 2 * depth + 1, 2)
         spectra = [stats[("fourier", p)].tolist() for p in points]
-        names = ["embedding"] + [f"block {(p + 1) // 2}" + (" attention" if p % 2 else "") for p in points if p]
+        names = ["embedding"] + [f"block {(p + 1) // 2}" + (" attention" if p % 2 else "")
+                                 for p in points if p]
         return dict(per_layer=[stats[("fourier", 2 * l)][-1].item() for l in range(1, depth + 1)],
-                    embedding=spectra[0][-1], spectrum=spectra, points=names, depth=[p / 2 for p in points],
+                    embedding=spectra[0][-1], spectrum=spectra, points=names,
+                    depth=[p / 2 for p in points],
                     frequencies_pi=[2 * k / cfg.grid for k in range(len(spectra[0]))])
     if metric == "svd":
         n = stats["count"]
@@ -309,8 +315,9 @@ def summarize(metric, stats, cfg, fourier_at="blocks"):
         image = [relative_log_singular_values(stats["pooled"][l]).tolist() for l in range(depth)]
         # covariance ranks: <= tokens - 1 per image, <= images - 1 across images; the rest are zeros
         token_usable, image_usable = min(cfg.num_patches - 1, cfg.embed_dim), min(n - 1, cfg.embed_dim)
-        return dict(per_layer=[float(np.mean(t[:token_usable])) for t in token], token_spectrum=token,
-                    image_spectrum=image, token_usable=token_usable, image_usable=image_usable,
+        return dict(per_layer=[float(np.mean(t[:token_usable])) for t in token],
+                    token_spectrum=token, image_spectrum=image, token_usable=token_usable,
+                    image_usable=image_usable,
                     token_average=np.mean(token, 0).tolist(), image_average=np.mean(image, 0).tolist())
     raise ValueError(metric)
 
@@ -339,15 +346,18 @@ def plot(metric, results, path, maps=None, settings=None):
                 heads = np.array(r["per_head"])
                 ax.scatter(np.repeat(layers, heads.shape[1]), heads.flatten(), s=8, alpha=0.35, color=f"C{i}")
             if metric == "fourier":  # embedding at depth 0; half-block points at l - 0.5
-                ax.plot(r["depth"], [s[-1] for s in r["spectrum"]], marker="o", color=f"C{i}", label=label)
+                highest = [s[-1] for s in r["spectrum"]]
+                ax.plot(r["depth"], highest, marker="o", color=f"C{i}", label=label)
                 continue
             ax.plot(layers, r["per_layer"], marker="o", color=f"C{i}", label=label)
-        if metric == "fourier" and any(p.endswith("attention") for p in results[labels[0]]["points"]):
-            for l in range(1, len(results[labels[0]]["per_layer"]) + 1):  # how-do-vits-work: MSA shaded
+        first = results[labels[0]]
+        if metric == "fourier" and any(p.endswith("attention") for p in first["points"]):
+            for l in range(1, len(first["per_layer"]) + 1):  # how-do-vits-work: attention shaded
                 ax.axvspan(l - 1, l - 0.5, color="tab:gray", alpha=0.15, lw=0)
         ylabel = {"attn_distance": "attention distance (pixels)", "nmi": "normalized mutual information",
                   "fourier": "Δ log amplitude at the highest frequency"}[metric]
-        ax.set(xlabel="depth (blocks; shaded: attention halves)" if metric == "fourier" else "block",
+        xlabel = "depth (blocks; shaded: attention halves)" if metric == "fourier" else "block"
+        ax.set(xlabel=xlabel,
                ylabel=ylabel, title={"attn_distance": "Average attention distance (Fig. 3a)",
                "nmi": "NMI of queries and keys (Fig. 6a)", "fourier": "Relative log amplitude (Fig. 3b)"}[metric])
     elif metric == "attn_entropy":  # Fig. 10: the distribution over heads, per layer
@@ -554,14 +564,16 @@ def classifier_metric(metric, model, info, opts, device, subset_of):
         if metric == "landscape":  # the axes: the top-2 eigenvectors by magnitude
             hessian = HessianOperator(model, batches, keep_graphs=bool(opts["keep_graphs"]))
             eig = lanczos(hessian, 2, opts["tol"], opts["lanczos_steps"], opts["seed"])
-            coords, grid = loss_landscape(model, batches, [hessian.unflat(v) for v in eig["vectors"]],
-                                          opts["span"], opts["steps"])
-            return dict(eigenvalues=eig["values"], eigenvalue_order="largest magnitude first", coords=coords,
-                        loss=grid, center_loss=mean_loss(model, batches))
-        r = curvature(model, batches, opts["top_k"], opts["tol"], opts["lanczos_steps"], opts["trace_products"],
-                      opts["trace_tol"], opts["seed"], bool(opts["keep_graphs"]))
-        return dict(eigenvalues=r["eigenvalues"], eigenvalue_order="largest magnitude first", trace=r["trace"],
-                    trace_stderr=r["trace_stderr"], trace_samples=r["trace_samples"],
+            directions = [hessian.unflat(v) for v in eig["vectors"]]
+            coords, grid = loss_landscape(model, batches, directions, opts["span"], opts["steps"])
+            return dict(eigenvalues=eig["values"], eigenvalue_order="largest magnitude first",
+                        coords=coords, loss=grid, center_loss=mean_loss(model, batches))
+        r = curvature(model, batches, opts["top_k"], opts["tol"], opts["lanczos_steps"],
+                      opts["trace_products"], opts["trace_tol"], opts["seed"],
+                      bool(opts["keep_graphs"]))
+        return dict(eigenvalues=r["eigenvalues"], eigenvalue_order="largest magnitude first",
+                    trace=r["trace"], trace_stderr=r["trace_stderr"],
+                    trace_samples=r["trace_samples"],
                     trace_products=r["lanczos_steps"] + r["trace_samples"],
                     lanczos_steps=r["lanczos_steps"], converged=r["converged"],
                     hessian_vector_products=r["products"], gradient_passes=r["passes"],
@@ -672,9 +684,9 @@ def write(metric, results, settings, out, maps=None):
             print(f"  {label:>20}: per block " + " ".join(f"{v:.3g}" for v in r["per_layer"]))
         elif metric == "hessian":
             values = ", ".join(f"{v:.4g}" for v in r["eigenvalues"])
-            print(f"  {label:>20}: eigenvalues {values} (largest magnitude first), trace {r['trace']:.4g} "
-                  f"+- {r['trace_stderr']:.2g}; {r['hessian_vector_products']} Hessian-vector products, "
-                  f"{r['gradient_passes']:.3g} gradient passes over the images")
+            print(f"  {label:>20}: eigenvalues {values} (largest magnitude first), trace "
+                  f"{r['trace']:.4g} +- {r['trace_stderr']:.2g}; {r['hessian_vector_products']} "
+                  f"Hessian-vector products, {r['gradient_passes']:.3g} gradient passes")
         elif metric == "shape_bias":
             print(f"  {label:>20}: shape bias {r['shape_bias']:.3f} over {r['images']} cue-conflict images")
         elif metric == "ood":

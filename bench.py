@@ -194,7 +194,7 @@ def bench_analysis(size, n):
         for x, _, _, _ in loader:
             model.forward_features(x.to(DEVICE))
     plain_s, full_s, half_s = compare([plain, lambda: collect(model, loader, DEVICE, want),
-                                       lambda: collect(model, loader, DEVICE, want, fourier_at="half")])
+                                       lambda: collect(model, loader, DEVICE, want, None, "half")])
     return full_s / plain_s, half_s / plain_s
 
 
@@ -233,9 +233,12 @@ def bench_hvp(size="tiny/4", vectors=8):
         with sdpa_kernel(SDPBackend.MATH):
             return jvp(grad(loss), (params,), (tangent,))[1]
 
-    times = compare([fwd_bwd, lambda: HessianOperator(model, batches)(V[0]), lambda: shared(V), forward_over_reverse])
-    base = times[0]
-    return times[1] / base, times[2] / vectors / base, times[3] / base
+    def own_graph():
+        return HessianOperator(model, batches)(V[0])
+
+    base, fresh, many, forward = compare([fwd_bwd, own_graph, lambda: shared(V),
+                                          forward_over_reverse])
+    return fresh / base, many / vectors / base, forward / base
 
 
 class RebuiltGraphs(HessianOperator):
@@ -287,11 +290,12 @@ def bench_curvature(n=64):
         return abs(value - exact[i]) <= 1e-3 * abs(exact[i])
 
     # the products each method needs until its values are within 1e-3 of the exact ones
-    _, _, histories = power_iteration(HessianOperator(model, batches), 2, 0.0, 100)  # tol 0: all 100
-    power_needed = [next((j + 1 for j, v in enumerate(h) if within(v, i)), None) for i, h in enumerate(histories)]
+    _, _, histories = power_iteration(HessianOperator(model, batches), 2, 0.0, 100)  # all 100
+    power_needed = [next((j + 1 for j, v in enumerate(h) if within(v, i)), None)
+                    for i, h in enumerate(histories)]
     history = lanczos(HessianOperator(model, batches), 2, 0.0, 30)["history"]
-    lanczos_needed = next((j + 1 for j, vs in enumerate(history) if len(vs) == 2 and within(vs[0], 0)
-                           and within(vs[1], 1)), None)
+    lanczos_needed = next((j + 1 for j, vs in enumerate(history)
+                           if len(vs) == 2 and within(vs[0], 0) and within(vs[1], 1)), None)
     return dict(old=old, new=new, exact=exact, before_fb=before_s / fb_s, now_fb=now_s / fb_s,
                 power_needed=power_needed, lanczos_needed=lanczos_needed)
 
@@ -331,35 +335,38 @@ def main():
     for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
         n = 64 if size == "tiny/4" else 16
         blocks, half = bench_analysis(size, n)
-        print(f"analysis: analyze.py --metric all on {size} costs {blocks:.2f}x the plain forwards over the same "
-              f"{n} images ({half:.2f}x with --fourier_at=half)")
+        print(f"analysis: analyze.py --metric all on {size} costs {blocks:.2f}x the plain forwards "
+              f"over the same {n} images ({half:.2f}x with --fourier_at=half)")
     for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
-        fresh, shared, forward_over_reverse = bench_hvp(size)
-        print(f"Hessian-vector product, {size} batch {batch_for(size)}, in forward+backward passes: double backward "
-              f"{fresh:.2f}x with its own graph, {shared:.2f}x per product when one graph serves 8 (kept); "
-              f"forward-over-reverse {forward_over_reverse:.2f}x")
+        fresh, shared, forward = bench_hvp(size)
+        print(f"Hessian-vector product, {size} batch {batch_for(size)}, in forward+backward "
+              f"passes: double backward {fresh:.2f}x with its own graph, {shared:.2f}x per "
+              f"product when one graph serves 8; forward-over-reverse {forward:.2f}x")
     r = bench_curvature()
     old, new, exact = r["old"], r["new"], r["exact"]
-    errors = [max(abs(a - b) / abs(b) for a, b in zip(found, exact)) for found in (old["values"], new["eigenvalues"])]
+    errors = [max(abs(a - b) / abs(b) for a, b in zip(found, exact))
+              for found in (old["values"], new["eigenvalues"])]
     power_per, lanczos_per = sum(old["counts"]) / 2, new["lanczos_steps"] / 2
-    print(f"top-2 eigenvalues (embedded teacher, 64 images), Hessian-vector products per eigenvalue with "
-          f"tol 1e-3: power iteration {power_per:.1f}, Lanczos {lanczos_per:.1f} ({lanczos_per / power_per:.2f}x), "
-          f"largest relative error {errors[0]:.1e} vs {errors[1]:.1e}")
+    print(f"top-2 eigenvalues (embedded teacher, 64 images), products per eigenvalue with tol "
+          f"1e-3: power iteration {power_per:.1f}, Lanczos {lanczos_per:.1f} "
+          f"({lanczos_per / power_per:.2f}x); largest relative error {errors[0]:.1e} vs "
+          f"{errors[1]:.1e}")
     if None in r["power_needed"] or r["lanczos_needed"] is None:
-        print(f"  until both are within 1e-3 of the exact values: power iteration {r['power_needed']} "
-              f"(None: not within 100), Lanczos {r['lanczos_needed']}")
+        print(f"  until both are within 1e-3 of the exact values: power iteration "
+              f"{r['power_needed']} (None: not within 100), Lanczos {r['lanczos_needed']}")
     else:
         power_per, lanczos_per = sum(r["power_needed"]) / 2, r["lanczos_needed"] / 2
-        print(f"  until both are within 1e-3 of the exact values: power iteration {power_per:.1f}, Lanczos "
-              f"{lanczos_per:.1f} per eigenvalue ({lanczos_per / power_per:.2f}x)")
+        print(f"  until both are within 1e-3 of the exact values: power iteration {power_per:.1f}, "
+              f"Lanczos {lanczos_per:.1f} per eigenvalue ({lanczos_per / power_per:.2f}x)")
     ratio = new["trace_stderr"] / old["stderr"]
-    print(f"trace from 50 products: plain Hutchinson {old['trace']:.4g} +- {old['stderr']:.3g}, Lanczos-deflated "
-          f"({new['lanczos_steps']} basis + {new['trace_samples']} samples) {new['trace']:.4g} +- "
-          f"{new['trace_stderr']:.3g}: standard error {ratio:.2f}x")
-    print(f"--metric hessian (top 2 to tol 1e-3, 50 trace products, 64 images) in forward+backward passes over "
-          f"the images (time): before {r['before_fb']:.0f} ({old['products']} products, {old['passes']:.0f} "
-          f"gradient graphs), now {r['now_fb']:.0f} ({new['products']} products, {new['passes']:.0f} gradient "
-          f"graph): {r['now_fb'] / r['before_fb']:.2f}x")
+    print(f"trace from 50 products: plain Hutchinson {old['trace']:.4g} +- {old['stderr']:.3g}, "
+          f"Lanczos-deflated ({new['lanczos_steps']} basis + {new['trace_samples']} samples) "
+          f"{new['trace']:.4g} +- {new['trace_stderr']:.3g}: standard error {ratio:.2f}x")
+    print(f"--metric hessian (top 2 to tol 1e-3, 50 trace products, 64 images) in forward+backward "
+          f"passes over the images (time): before {r['before_fb']:.0f} ({old['products']} "
+          f"products, {old['passes']:.0f} gradient graphs), now {r['now_fb']:.0f} "
+          f"({new['products']} products, {new['passes']:.0f} gradient graph): "
+          f"{r['now_fb'] / r['before_fb']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def test_patch_attention_drops_cls_and_renormalizes():
     # the same numbers as dropping CLS from the softmax probabilities and renormalizing (cl-vs-mim)
     logits = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(0)).double()
     probs = logits.softmax(-1)[..., 1:, 1:]
-    assert torch.allclose(patch_attention(logits).double(), probs / probs.sum(-1, keepdim=True), atol=1e-6)
+    renormalized = probs / probs.sum(-1, keepdim=True)
+    assert torch.allclose(patch_attention(logits).double(), renormalized, atol=1e-6)
 
 
 def test_patch_attention_without_the_cancellation_of_renormalizing():
@@ -53,7 +54,7 @@ def test_patch_attention_without_the_cancellation_of_renormalizing():
     truth = logits[..., 1:, 1:].double().softmax(-1)
     probs = logits.softmax(-1)[..., 1:, 1:]
     renormalized = probs / probs.sum(-1, keepdim=True)
-    assert ((renormalized.double() - truth).abs() / truth).max() > 1e-2  # the cancellation is real here
+    assert ((renormalized.double() - truth).abs() / truth).max() > 1e-2  # the cancellation is real
     assert torch.allclose(patch_attention(logits).double(), truth, rtol=1e-5, atol=1e-7)
 
 
@@ -64,7 +65,8 @@ def test_attention_distance_closed_forms():
     cells = [(y, x) for y in range(grid) for x in range(grid)]
     mean = sum(math.dist(p, q) for p in cells for q in cells) / len(cells) ** 2
     expected = torch.full((1, 2), patch * mean)
-    assert torch.allclose(attention_distance(patch_attention(uniform_attention(grid)), grid, patch), expected, atol=1e-4)
+    uniform = attention_distance(patch_attention(uniform_attention(grid)), grid, patch)
+    assert torch.allclose(uniform, expected, atol=1e-4)
     # all attention on the right-hand neighbour (wrapping rows at the edge): distance = 1 patch for interior queries
     N = grid * grid
     a = torch.zeros(1, 1, N, N)
@@ -133,9 +135,11 @@ def notebook_fourier(tokens, grid):
 def test_fourier_matches_the_notebook(grid):
     tokens = torch.randn(3, grid * grid, 16, generator=torch.Generator().manual_seed(grid)).double()
     tokens = tokens.cumsum(1)  # some low-frequency structure, not just white noise
-    assert torch.allclose(relative_log_amplitude(tokens, grid), notebook_fourier(tokens, grid), atol=1e-9)
-    floats = tokens.float()  # float32 features, as the notebook gets them: the same to 1e-6
-    assert torch.allclose(relative_log_amplitude(floats, grid), notebook_fourier(floats, grid).double(), atol=1e-5)
+    ours, notebook = relative_log_amplitude(tokens, grid), notebook_fourier(tokens, grid)
+    assert torch.allclose(ours, notebook, atol=1e-9)
+    floats = tokens.float()  # float32 features, as the notebook gets them
+    ours, notebook = relative_log_amplitude(floats, grid), notebook_fourier(floats, grid)
+    assert torch.allclose(ours, notebook.double(), atol=1e-5)
 
 
 def exact_covariance_samples(M, variances, seed=0):
@@ -194,15 +198,19 @@ def test_fourier_at_half_blocks_from_the_command_line(tiny_data, tiny_teacher, t
     (how-do-vits-work's points); the after-block points are those of the default run"""
     spectra = {}
     for at in ("blocks", "half"):
-        result = run_analyze(["--metric=fourier", tiny_teacher, f"--data={tiny_data}", "--n_images=6", "--batch_size=4",
-                              f"--fourier_at={at}", f"--out={tmp_path / at}", "--labels=t"])
+        result = run_analyze(["--metric=fourier", tiny_teacher, f"--data={tiny_data}",
+                              "--n_images=6", "--batch_size=4", f"--fourier_at={at}",
+                              f"--out={tmp_path / at}", "--labels=t"])
         assert result.returncode == 0, result.stderr[-2000:]
         spectra[at] = json.load(open(tmp_path / at / "fourier.json"))["models"]["t"]
     half, blocks = spectra["half"], spectra["blocks"]
-    assert half["points"] == ["embedding", "block 1 attention", "block 1", "block 2 attention", "block 2"]
+    assert half["points"] == ["embedding", "block 1 attention", "block 1", "block 2 attention",
+                              "block 2"]
     assert half["depth"] == [0, 0.5, 1, 1.5, 2] and blocks["depth"] == [0, 1, 2]
-    assert torch.allclose(torch.tensor(half["spectrum"][::2]), torch.tensor(blocks["spectrum"]), atol=1e-9)
-    assert half["per_layer"] == pytest.approx(blocks["per_layer"]) == [s[-1] for s in blocks["spectrum"][1:]]
+    after_blocks = torch.tensor(half["spectrum"][::2])
+    assert torch.allclose(after_blocks, torch.tensor(blocks["spectrum"]), atol=1e-9)
+    assert blocks["per_layer"] == [s[-1] for s in blocks["spectrum"][1:]]
+    assert half["per_layer"] == pytest.approx(blocks["per_layer"])
     assert os.path.getsize(tmp_path / "half" / "fourier.png") > 5000
 
 
@@ -214,15 +222,19 @@ def test_collect_matches_the_definitions_on_a_model(tiny_teacher):
     model, _ = load_model(tiny_teacher)
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     loader = [(images[:4], None, None, None), (images[4:], None, None, None)]
-    stats = collect(model, loader, "cpu", {"attn_distance", "attn_entropy", "nmi", "fourier"}, fourier_at="half")
+    want = {"attn_distance", "attn_entropy", "nmi", "fourier"}
+    stats = collect(model, loader, "cpu", want, fourier_at="half")
     with torch.no_grad():
         out = model.forward_all(images)
     for layer, attn in enumerate(out["attn"]):
         a = attn[..., 1:, 1:].double()
         a = a / a.sum(-1, keepdim=True)
-        assert torch.allclose(stats[("attn_entropy", layer)], -(a * a.log()).sum(-1).mean(-1).mean(0), atol=1e-5)
-        assert torch.allclose(stats[("nmi", layer)], attention_nmi(a, row_entropy(a)).mean(0), atol=1e-5)
-        assert torch.allclose(stats[("attn_distance", layer)], attention_distance(a, 8, 4).mean(0), atol=1e-4)
+        entropy = -(a * a.log()).sum(-1).mean(-1).mean(0)
+        assert torch.allclose(stats[("attn_entropy", layer)], entropy, atol=1e-5)
+        nmi = attention_nmi(a, row_entropy(a)).mean(0)
+        assert torch.allclose(stats[("nmi", layer)], nmi, atol=1e-5)
+        distance = attention_distance(a, 8, 4).mean(0)
+        assert torch.allclose(stats[("attn_distance", layer)], distance, atol=1e-4)
     for layer, hidden in enumerate(out["hidden"]):
         expected = notebook_fourier(hidden[:, 1:].double(), 8).mean(0)
         assert torch.allclose(stats[("fourier", 2 * layer)], expected, atol=1e-5)
@@ -246,7 +258,8 @@ def test_metric_runs_on_vit_b_at_224(tmp_path):
     (["--metric=nmi", "/no/such.pt"], "error: checkpoint '/no/such.pt' not found"),
     (["--metric=nmi"], "error: no model given"),
     (["--metric=nmi", "{teacher}", "--n_imgs=3"], "error: unknown option '--n_imgs': options are --metric, --data"),
-    (["--metric=fourier", "{teacher}", "--fourier_at=mid"], "error: --fourier_at=mid: choose blocks or half"),
+    (["--metric=fourier", "{teacher}", "--fourier_at=mid"],
+     "error: --fourier_at=mid: choose blocks or half"),
 ])
 def test_bad_input(tiny_teacher, tiny_data, args, message):
     result = run_analyze([a.format(teacher=tiny_teacher) for a in args] + [f"--data={tiny_data}"])

@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hessian import HessianOperator, curvature, hutchinson, lanczos, loss_landscape, mean_loss, power_iteration
+from hessian import (HessianOperator, curvature, hutchinson, lanczos, loss_landscape, mean_loss,
+                     power_iteration)
 from model import ViT, ViTConfig
 
 
@@ -38,7 +39,8 @@ class Quadratic(nn.Module):
 
 
 def quadratic_problem(eigenvalues, seed=1):
-    """-> (model, batches, H): two batches of unequal size whose matrices average to H = U diag U^T"""
+    """-> (model, batches, H, loss_fn): two batches of unequal size whose matrices average to
+    H = U diag U^T"""
     dim = len(eigenvalues)
     g = torch.Generator().manual_seed(seed)
     U, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
@@ -57,7 +59,7 @@ def quadratic_problem(eigenvalues, seed=1):
     return Quadratic(dim), batches, H, loss_fn
 
 
-SPECTRUM = [-40.0, 25.0, 9.0] + [3.0 * 0.8 ** i for i in range(37)]  # an outlier of each sign, a bulk
+SPECTRUM = [-40.0, 25.0, 9.0] + [3.0 * 0.8 ** i for i in range(37)]  # outliers of both signs, bulk
 
 
 def test_lanczos_top_eigenvalues_by_magnitude_of_a_quadratic():
@@ -85,10 +87,14 @@ def test_lanczos_reaches_the_top_two_with_at_most_a_quarter_of_power_iterations_
     def within(value, i):
         return abs(value - spectrum[i]) <= 1e-3 * spectrum[i]
 
-    _, _, histories = power_iteration(HessianOperator(model, batches, loss_fn), k=2, tol=0.0, max_iter=500)
-    power = sum(next(j + 1 for j, v in enumerate(h) if within(v, i)) for i, h in enumerate(histories))
-    history = lanczos(HessianOperator(model, batches, loss_fn), k=2, tol=0.0, max_iter=50)["history"]
-    needed = next(j + 1 for j, vs in enumerate(history) if len(vs) == 2 and within(vs[0], 0) and within(vs[1], 1))
+    power_run = HessianOperator(model, batches, loss_fn)
+    _, _, histories = power_iteration(power_run, k=2, tol=0.0, max_iter=500)  # tol 0: all 500
+    power = sum(next(j + 1 for j, v in enumerate(h) if within(v, i))
+                for i, h in enumerate(histories))
+    krylov_run = HessianOperator(model, batches, loss_fn)
+    history = lanczos(krylov_run, k=2, tol=0.0, max_iter=50)["history"]
+    needed = next(j + 1 for j, vs in enumerate(history)
+                  if len(vs) == 2 and within(vs[0], 0) and within(vs[1], 1))
     assert needed <= power / 4
     krylov = HessianOperator(model, batches, loss_fn)
     eig = lanczos(krylov, k=2, tol=1e-3, max_iter=100)
@@ -173,7 +179,8 @@ def vit_loss(p, cfg, images, labels):
 def small_vit():
     """-> (model, batches, full Hessian over the trainable parameters in the operator's order)"""
     torch.manual_seed(0)
-    cfg = ViTConfig(img_size=4, patch_size=2, embed_dim=8, depth=1, num_heads=2, mlp_ratio=2, num_classes=3)
+    cfg = ViTConfig(img_size=4, patch_size=2, embed_dim=8, depth=1, num_heads=2, mlp_ratio=2,
+                    num_classes=3)
     model = ViT(cfg).double().eval()
     for p in model.parameters():  # away from the init's zeros and ones: every term of H shows
         p.data.add_(0.3 * torch.randn_like(p))
@@ -188,10 +195,11 @@ def small_vit():
     flat = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
 
     def loss(theta):
-        p = dict(zip(names, [t.view(s) for t, s in zip(theta.split([math.prod(s) for s in shapes]), shapes)]))
+        pieces = theta.split([math.prod(s) for s in shapes])
+        p = dict(zip(names, [t.view(s) for t, s in zip(pieces, shapes)]))
         return vit_loss(p | fixed, cfg, images, labels)
 
-    assert loss(flat).item() == pytest.approx(mean_loss(model, batches), rel=1e-12)  # the same model
+    assert loss(flat).item() == pytest.approx(mean_loss(model, batches), rel=1e-12)  # same model
     return model, batches, torch.func.hessian(loss)(flat)
 
 
@@ -200,7 +208,7 @@ def test_hessian_vector_products_of_a_vit_are_exact(small_vit):
     hessian = HessianOperator(model, batches)
     V = torch.randn(3, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     assert torch.allclose(hessian(V), V @ H, rtol=1e-9, atol=1e-9 * H.abs().max().item())
-    assert hessian.products == 3 and hessian.passes == pytest.approx(1.0)  # one graph per batch for all 3
+    assert hessian.products == 3 and hessian.passes == pytest.approx(1.0)  # a graph per batch
     # forward-over-reverse (torch.func.jvp of torch.func.grad) gives the same products
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -208,12 +216,14 @@ def test_hessian_vector_products_of_a_vit_are_exact(small_vit):
     labels = torch.cat([t for _, t in batches])
 
     def loss(trainable):
-        return F.cross_entropy(torch.func.functional_call(model, params | trainable, (images,)), labels)
+        logits = torch.func.functional_call(model, params | trainable, (images,))
+        return F.cross_entropy(logits, labels)
 
     tangent = dict(zip(names, hessian.unflat(V[0])))
     with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no forward-mode derivative
         _, hv = torch.func.jvp(torch.func.grad(loss), ({n: params[n] for n in names},), (tangent,))
-    assert torch.allclose(hessian.flat([hv[n] for n in names]), H @ V[0], rtol=1e-9, atol=1e-9 * H.abs().max().item())
+    hv = hessian.flat([hv[n] for n in names])
+    assert torch.allclose(hv, H @ V[0], rtol=1e-9, atol=1e-9 * H.abs().max().item())
 
 
 def test_eigenvalues_trace_and_landscape_of_a_vit(small_vit):
@@ -224,7 +234,7 @@ def test_eigenvalues_trace_and_landscape_of_a_vit(small_vit):
     assert r["converged"] and r["eigenvalues"] == pytest.approx(top, rel=1e-6)
     assert abs(r["trace"] - H.trace().item()) < 5 * r["trace_stderr"]
     flat = [torch.cat([t.flatten() for t in v]) for v in r["vectors"]]
-    for v, value, residual in zip(flat, r["eigenvalues"], r["residuals"]):  # the Ritz pairs' residuals
+    for v, value, residual in zip(flat, r["eigenvalues"], r["residuals"]):  # Ritz pairs' residuals
         assert (H @ v - value * v).norm().item() == pytest.approx(residual, rel=1e-3, abs=1e-9)
         assert residual < 1e-2 * abs(value)
     # the loss along the top eigenvector: L(a v) + L(-a v) - 2 L(0) = lambda a^2 for small a
