@@ -13,8 +13,8 @@ CKPT: clip | dino | deit | embedded | an official file | a project checkpoint; s
 compared side by side. Writes out/NAME.json (the numbers; models[label]["per_layer"] is the
 headline number per block, first block first) and out/NAME.png (the figure; needs matplotlib).
 
-Definitions follow ../shared/REFERENCE.md section 4. Attention metrics drop the CLS row and
-column and renormalize each query's row to sum to 1.
+Definitions, formulas and sources: docs/metrics.md. Attention metrics read the patch-to-patch
+attention: CLS dropped, each patch query's softmax taken over the patch logits.
 """
 import csv
 import json
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from common import pyplot
 from data import IMAGE_EXTENSIONS, DataError, EvalTransform, ImageFolder, collate, load_image, resolve_data_dir
-from hessian import hutchinson_trace, loss_landscape, mean_loss, top_eigenvalues
+from hessian import HessianOperator, curvature, lanczos, loss_landscape, mean_loss
 from teacher import CheckpointError, load_model
 
 REPRESENTATION = ("attn_map", "attn_distance", "attn_entropy", "nmi", "fourier", "svd")
@@ -48,10 +48,17 @@ DEFAULTS = dict(
     map_images=2,       # attn_map: images shown per model
     seed=0,             # which images form the subset
     device="auto",      # auto | cpu | cuda
-    top_k=2,            # hessian: eigenvalues by power iteration
-    power_iters=100,    # hessian: at most this many iterations per eigenvalue
-    tol=1e-3,           # hessian: stop when the eigenvalue changes by less than this (relative)
-    trace_samples=50,   # hessian: Hutchinson samples
+    fourier_at="blocks",  # fourier: "blocks" (embedding, after each block; paper Fig. 3b) or "half"
+                        # (also after each attention residual, as how-do-vits-work plots it)
+    top_k=2,            # hessian: eigenvalues of largest magnitude, by Lanczos
+    lanczos_steps=100,  # hessian, landscape: at most this many Lanczos steps (= products)
+    tol=1e-3,           # hessian: stop when every residual ||H y - lambda y|| <= tol |lambda|
+    trace_products=50,  # hessian: products the trace rests on: the Lanczos basis (shared with the
+                        # eigenvalues) + Rademacher samples on its complement for the rest
+    trace_tol=0.0,      # hessian: > 0 stops the samples once standard error <= trace_tol |trace|
+    keep_graphs=0,      # hessian, landscape: 1 keeps every batch's gradient graph between
+                        # products (faster; the memory of n_images / batch_size graphs; one
+                        # batch's graph is always kept)
     span=0.5,           # landscape: a, b in [-span, span] along the top-2 eigenvectors (unit norm)
     steps=21,           # landscape: grid points per axis
     human="",           # ood: model-vs-human raw-data folder (<dataset>/*.csv) for error consistency
@@ -61,11 +68,12 @@ DEFAULTS = dict(
 # ----------------------------------------------------------------------------------------
 # metrics on tensors: each takes attention maps (B, H, N+1, N+1) with CLS first, or tokens
 
-def patch_attention(attn):
-    """drop the CLS row and column, renormalize each query row: (B, H, N+1, N+1) -> (B, H, N, N).
-    The attention metrics below take these patch-to-patch maps."""
-    a = attn[..., 1:, 1:].float()
-    return a / a.sum(-1, keepdim=True).clamp_min(1e-12)
+def patch_attention(logits):
+    """patch-to-patch attention, CLS dropped: a[q, k] = softmax_k(z[q, k]) over the patch keys,
+    z the logits of a patch query (B, H, N+1, N+1), CLS first -> (B, H, N, N). The same numbers
+    as dropping the CLS row and column of the attention and renormalizing each row (cl-vs-mim),
+    without the cancellation of renormalizing probabilities that are nearly all on CLS."""
+    return logits[..., 1:, 1:].float().softmax(-1)
 
 
 def patch_distances(grid, patch_size):
@@ -75,9 +83,10 @@ def patch_distances(grid, patch_size):
     return patch_size * torch.cdist(coords, coords)
 
 
-def attention_distance(a, grid, patch_size):
+def attention_distance(a, grid, patch_size, distances=None):
     """average attention distance: per query sum_k a[q,k] D[q,k], mean over queries -> (B, H) pixels"""
-    return (a * patch_distances(grid, patch_size).to(a.device)).sum(-1).mean(-1)
+    D = patch_distances(grid, patch_size).to(a.device) if distances is None else distances
+    return (a * D).sum(-1).mean(-1)
 
 
 def row_entropy(a):
@@ -101,16 +110,28 @@ def attention_nmi(a, rows=None):
     return mutual / torch.sqrt(math.log(N) * h_k).clamp_min(1e-12)
 
 
-def relative_log_amplitude(tokens, grid):
-    """Fourier: tokens (B, N, C) without CLS as (C, G, G) maps; log(|fft2| + 1e-6), DC centered,
-    mean over channels; the diagonal from DC outward minus the DC value -> (B, G//2 + (G odd)).
-    Entry k is frequency k/G cycles per patch on both axes; the last is the highest (~pi)."""
-    B, N, C = tokens.shape
-    maps = tokens.float().transpose(1, 2).reshape(B, C, grid, grid)
-    spectrum = torch.fft.fftshift(torch.fft.fft2(maps), dim=(-2, -1)).abs().add(1e-6).log().mean(1)  # (B, G, G)
-    center = grid // 2
-    diag = torch.diagonal(spectrum, dim1=-2, dim2=-1)[:, center:]  # (B, K) from DC outward
-    return diag - diag[:, :1]
+def diagonal_dft(grid, device=None):
+    """(N, 2K) matrix W, K = G - G//2: tokens (N,) @ W = the real and imaginary parts of the 2-D
+    DFT of the G x G map at the diagonal frequencies (k, k), k = 0..K-1:
+    F(k, k) = sum_{y,x} f(y, x) exp(-2 pi i k (y + x) / G)"""
+    K = grid - grid // 2
+    n = torch.arange(grid * grid, dtype=torch.float64)
+    k = torch.arange(K, dtype=torch.float64)
+    phase = 2 * math.pi / grid * (n // grid + n % grid)[:, None] * k  # (N, K): k (y + x) 2 pi / G
+    return torch.cat([phase.cos(), -phase.sin()], dim=1).to(device)
+
+
+def relative_log_amplitude(tokens, grid, dft=None):
+    """Fourier (how-do-vits-work): tokens (B, N, C) without CLS as (C, G, G) maps;
+    log(|fft2| + 1e-6), DC centered, mean over channels; the diagonal from DC outward minus the
+    DC value -> (B, G - G//2). Entry k is frequency k/G cycles per patch on both axes; the last
+    is the highest (~pi). Only the diagonal is used, so only it is computed: one product with
+    the DFT matrix at the diagonal frequencies, in float64 (the same numbers as fft2)."""
+    W = diagonal_dft(grid, tokens.device) if dft is None else dft
+    K = W.shape[1] // 2
+    z = W.T @ tokens.double()  # (B, 2K, C): real and imaginary parts per channel
+    spectrum = torch.hypot(z[:, :K], z[:, K:]).add(1e-6).log().mean(-1)  # (B, K)
+    return spectrum - spectrum[:, :1]
 
 
 def relative_log_singular_values(x):
@@ -409,60 +430,82 @@ def ood_summary(datasets):
 # one pass over the images, accumulating every metric per layer
 
 @torch.no_grad()
-def collect(model, loader, device, want, map_request=None):
-    """Sums over images of every per-image metric, per layer: one forward_all per batch."""
+def collect(model, loader, device, want, map_request=None, fourier_at="blocks"):
+    """Sums over images of every per-image metric, per layer, from one forward per batch that
+    keeps the attention logits (explicit attention path) and the states analysis reads.
+    Fourier points: 0 = embeddings, 2l = after block l, 2l - 1 = after block l's attention
+    residual (read only with fourier_at="half"). Sums stay on the device until the end."""
     cfg = model.config
     sums, count, pooled, maps = {}, 0, [], []
+    distances = patch_distances(cfg.grid, cfg.patch_size).to(device)
+    dft = diagonal_dft(cfg.grid, device)
+    attention = want & {"attn_distance", "attn_entropy", "nmi"}
 
     def add(key, value):  # value: (B, ...) per image -> running sum
-        sums[key] = sums.get(key, 0) + value.sum(0).double().cpu()
+        sums[key] = sums.get(key, 0) + value.double().sum(0)
+
+    def states(point, x):  # the metrics of the token states x (B, N+1, D) at a Fourier point
+        tokens = x[:, 1:]
+        if "fourier" in want and (point % 2 == 0 or fourier_at == "half"):
+            add(("fourier", point), relative_log_amplitude(tokens, cfg.grid, dft))
+        if "svd" in want and point > 0 and point % 2 == 0:
+            add(("svd_token", point // 2), token_singular_spectrum(tokens))
+            pooled[-1].append(tokens.mean(1).float())  # (B, C)
 
     for images, _, _, _ in tqdm(loader, desc="  batches", leave=False, disable=None):
         if images is None:
             continue
         images = images.to(device)
-        out = model.forward_all(images)
         count += len(images)
-        for layer, attn in enumerate(out["attn"]):
-            if want & {"attn_distance", "attn_entropy", "nmi"}:
-                a = patch_attention(attn)
+        pooled.append([])
+        x = model.embed(images)  # the layers of ViT.forward_all, read as they are computed
+        bias = model.rel_pos_bias() if model.rel_pos_bias is not None else None
+        states(0, x)
+        for layer, block in enumerate(model.blocks):
+            mid, logits = block.attention_residual(x, bias, return_attn="logits")
+            x = block.mlp_residual(mid)
+            states(2 * layer + 1, mid)
+            states(2 * layer + 2, x)
+            show = map_request is not None and layer == map_request["layer"]
+            if not attention and not show:
+                continue
+            a = patch_attention(logits)  # (B, H, N, N)
             if want & {"attn_entropy", "nmi"}:
                 rows = row_entropy(a)  # shared by both
             if "attn_distance" in want:
-                add(("attn_distance", layer), attention_distance(a, cfg.grid, cfg.patch_size))
+                distance = attention_distance(a, cfg.grid, cfg.patch_size, distances)
+                add(("attn_distance", layer), distance)
             if "attn_entropy" in want:
                 add(("attn_entropy", layer), attention_entropy(a, rows))
             if "nmi" in want:
                 add(("nmi", layer), attention_nmi(a, rows))
-        for layer, hidden in enumerate(out["hidden"]):  # 0 = embeddings, l = after block l
-            tokens = hidden[:, 1:]
-            if "fourier" in want:
-                add(("fourier", layer), relative_log_amplitude(tokens, cfg.grid))
-            if "svd" in want and layer > 0:
-                add(("svd_token", layer), token_singular_spectrum(tokens))
-        if "svd" in want:
-            pooled.append(torch.stack([h[:, 1:].mean(1).float().cpu() for h in out["hidden"][1:]]))  # (L, B, C)
-        if map_request is not None and len(maps) * loader.batch_size < map_request["images"]:
-            layer = map_request["layer"]
-            maps.append((images.cpu(), patch_attention(out["attn"][layer])[:, :, map_request["queries"]].mean(1).cpu()))
-    stats = {k: v / count for k, v in sums.items()}
+            if show and len(maps) * loader.batch_size < map_request["images"]:
+                maps.append((images.cpu(), a[:, :, map_request["queries"]].mean(1).cpu()))
+    stats = {k: (v / count).cpu() for k, v in sums.items()}
     stats["count"] = count
-    if pooled:
-        stats["pooled"] = torch.cat(pooled, dim=1)  # (L, images, C)
+    if "svd" in want:
+        stats["pooled"] = torch.cat([torch.stack(p) for p in pooled], dim=1).cpu()  # (L, images, C)
     if maps:
-        stats["maps"] = (torch.cat([m[0] for m in maps])[:map_request["images"]], torch.cat([m[1] for m in maps])[:map_request["images"]])
+        shown = map_request["images"]
+        images, attention = torch.cat([m[0] for m in maps]), torch.cat([m[1] for m in maps])
+        stats["maps"] = (images[:shown], attention[:shown])
     return stats
 
 
-def summarize(metric, stats, cfg):
+def summarize(metric, stats, cfg, fourier_at="blocks"):
     """per-model JSON entry of a metric from the collected stats"""
     depth = cfg.depth
     if metric in ("attn_distance", "attn_entropy", "nmi"):
         per_head = [stats[(metric, l)].tolist() for l in range(depth)]
         return dict(per_layer=[float(np.mean(h)) for h in per_head], per_head=per_head)
     if metric == "fourier":
-        spectra = [stats[("fourier", l)].tolist() for l in range(depth + 1)]
-        return dict(per_layer=[s[-1] for s in spectra[1:]], embedding=spectra[0][-1], spectrum=spectra,
+        points = range(2 * depth + 1) if fourier_at == "half" else range(0, 2 * depth + 1, 2)
+        spectra = [stats[("fourier", p)].tolist() for p in points]
+        names = ["embedding"] + [f"block {(p + 1) // 2}" + (" attention" if p % 2 else "")
+                                 for p in points if p]
+        return dict(per_layer=[stats[("fourier", 2 * l)][-1].item() for l in range(1, depth + 1)],
+                    embedding=spectra[0][-1], spectrum=spectra, points=names,
+                    depth=[p / 2 for p in points],
                     frequencies_pi=[2 * k / cfg.grid for k in range(len(spectra[0]))])
     if metric == "svd":
         n = stats["count"]
@@ -470,8 +513,9 @@ def summarize(metric, stats, cfg):
         image = [relative_log_singular_values(stats["pooled"][l]).tolist() for l in range(depth)]
         # covariance ranks: <= tokens - 1 per image, <= images - 1 across images; the rest are zeros
         token_usable, image_usable = min(cfg.num_patches - 1, cfg.embed_dim), min(n - 1, cfg.embed_dim)
-        return dict(per_layer=[float(np.mean(t[:token_usable])) for t in token], token_spectrum=token, image_spectrum=image,
-                    token_usable=token_usable, image_usable=image_usable,
+        return dict(per_layer=[float(np.mean(t[:token_usable])) for t in token],
+                    token_spectrum=token, image_spectrum=image, token_usable=token_usable,
+                    image_usable=image_usable,
                     token_average=np.mean(token, 0).tolist(), image_average=np.mean(image, 0).tolist())
     raise ValueError(metric)
 
@@ -499,10 +543,20 @@ def plot(metric, results, path, maps=None, settings=None):
             if metric == "attn_distance":  # Fig. 3a: every head as a dot, the head mean as a line
                 heads = np.array(r["per_head"])
                 ax.scatter(np.repeat(layers, heads.shape[1]), heads.flatten(), s=8, alpha=0.35, color=f"C{i}")
+            if metric == "fourier":  # embedding at depth 0; half-block points at l - 0.5
+                highest = [s[-1] for s in r["spectrum"]]
+                ax.plot(r["depth"], highest, marker="o", color=f"C{i}", label=label)
+                continue
             ax.plot(layers, r["per_layer"], marker="o", color=f"C{i}", label=label)
+        first = results[labels[0]]
+        if metric == "fourier" and any(p.endswith("attention") for p in first["points"]):
+            for l in range(1, len(first["per_layer"]) + 1):  # how-do-vits-work: attention shaded
+                ax.axvspan(l - 1, l - 0.5, color="tab:gray", alpha=0.15, lw=0)
         ylabel = {"attn_distance": "attention distance (pixels)", "nmi": "normalized mutual information",
                   "fourier": "Δ log amplitude at the highest frequency"}[metric]
-        ax.set(xlabel="block", ylabel=ylabel, title={"attn_distance": "Average attention distance (Fig. 3a)",
+        xlabel = "depth (blocks; shaded: attention halves)" if metric == "fourier" else "block"
+        ax.set(xlabel=xlabel,
+               ylabel=ylabel, title={"attn_distance": "Average attention distance (Fig. 3a)",
                "nmi": "NMI of queries and keys (Fig. 6a)", "fourier": "Relative log amplitude (Fig. 3b)"}[metric])
     elif metric == "attn_entropy":  # Fig. 10: the distribution over heads, per layer
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -677,6 +731,8 @@ def parse_args(argv):
         raise SystemExit(f"error: unknown metric '{opts['metric']}': choose one of {', '.join(METRICS)} or all")
     if not models:
         raise SystemExit("error: no model given: python analyze.py --metric NAME CKPT [CKPT ...]")
+    if opts["fourier_at"] not in ("blocks", "half"):
+        raise SystemExit(f"error: --fourier_at={opts['fourier_at']}: choose blocks or half")
     return opts, models
 
 
@@ -725,12 +781,23 @@ def classifier_metric(metric, model, info, opts, device, subset_of):
         dataset = image_folder(opts, "val")
         dataset.transform = transform
         batches = labelled_batches(model, dataset, subset_of(dataset), opts, device)
-        values, vectors = top_eigenvalues(model, batches, opts["top_k"] if metric == "hessian" else 2, opts["power_iters"], opts["tol"], opts["seed"])
-        if metric == "landscape":
-            coords, grid = loss_landscape(model, batches, vectors[:2], opts["span"], opts["steps"])
-            return dict(eigenvalues=values, coords=coords, loss=grid, center_loss=mean_loss(model, batches))
-        trace, stderr = hutchinson_trace(model, batches, opts["trace_samples"], opts["seed"])
-        return dict(eigenvalues=values, trace=trace, trace_stderr=stderr, loss=mean_loss(model, batches), images=sum(len(t) for _, t in batches))
+        if metric == "landscape":  # the axes: the top-2 eigenvectors by magnitude
+            hessian = HessianOperator(model, batches, keep_graphs=bool(opts["keep_graphs"]))
+            eig = lanczos(hessian, 2, opts["tol"], opts["lanczos_steps"], opts["seed"])
+            directions = [hessian.unflat(v) for v in eig["vectors"]]
+            coords, grid = loss_landscape(model, batches, directions, opts["span"], opts["steps"])
+            return dict(eigenvalues=eig["values"], eigenvalue_order="largest magnitude first",
+                        coords=coords, loss=grid, center_loss=mean_loss(model, batches))
+        r = curvature(model, batches, opts["top_k"], opts["tol"], opts["lanczos_steps"],
+                      opts["trace_products"], opts["trace_tol"], opts["seed"],
+                      bool(opts["keep_graphs"]))
+        return dict(eigenvalues=r["eigenvalues"], eigenvalue_order="largest magnitude first",
+                    trace=r["trace"], trace_stderr=r["trace_stderr"],
+                    trace_samples=r["trace_samples"],
+                    trace_products=r["lanczos_steps"] + r["trace_samples"],
+                    lanczos_steps=r["lanczos_steps"], converged=r["converged"],
+                    hessian_vector_products=r["products"], gradient_passes=r["passes"],
+                    loss=mean_loss(model, batches), images=sum(len(t) for _, t in batches))
     if model.head is None:  # shape_bias, ood: decisions need class scores
         raise SystemExit(f"error: {metric} needs a classifier; this model has no classification "
                          "head: fine-tune it first, or give an ImageNet-1k classifier (deit)")
@@ -824,13 +891,13 @@ def main(argv):
                 if any(not 0 <= q < cfg.num_patches for q in queries):
                     raise SystemExit(f"error: queries must be patch indices in 0..{cfg.num_patches - 1} for {label}")
                 request = dict(layer=layer, queries=queries, images=opts["map_images"])
-            stats = collect(model, loader, device, set(metrics), request)
+            stats = collect(model, loader, device, set(metrics), request, opts["fourier_at"])
             for m in metrics:
                 if m == "attn_map":
                     maps[label] = stats["maps"]
                     results[m][label] = dict(layer=request["layer"], queries=request["queries"], attention=stats["maps"][1].tolist())
                 else:
-                    results[m][label] = summarize(m, stats, cfg)
+                    results[m][label] = summarize(m, stats, cfg, opts["fourier_at"])
     except (CheckpointError, DataError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     for m in metrics:
@@ -848,7 +915,10 @@ def write(metric, results, settings, out, maps=None):
         if "per_layer" in r:
             print(f"  {label:>20}: per block " + " ".join(f"{v:.3g}" for v in r["per_layer"]))
         elif metric == "hessian":
-            print(f"  {label:>20}: eigenvalues {', '.join(f'{v:.4g}' for v in r['eigenvalues'])}, trace {r['trace']:.4g} +- {r['trace_stderr']:.2g}")
+            values = ", ".join(f"{v:.4g}" for v in r["eigenvalues"])
+            print(f"  {label:>20}: eigenvalues {values} (largest magnitude first), trace "
+                  f"{r['trace']:.4g} +- {r['trace_stderr']:.2g}; {r['hessian_vector_products']} "
+                  f"Hessian-vector products, {r['gradient_passes']:.3g} gradient passes")
         elif metric == "shape_bias":
             print(f"  {label:>20}: shape bias {r['shape_bias']:.3f} over {r['images']} cue-conflict images")
         elif metric == "ood":

@@ -22,7 +22,7 @@ import torch
 from common import peak_flops
 from data import TrainTransform, load_image
 from data.masks import BEIT_RATIO, MaskGenerator
-from hessian import hessian_vector_product
+from hessian import HessianOperator, curvature, hutchinson, lanczos, power_iteration
 from model import DecoderHead, MDStudent, ViT, ViTConfig
 from teacher import Teacher, Whitening
 from train_md import md_loss
@@ -165,6 +165,24 @@ def bench_data(n=16):
         return n / timeit(load_all)
 
 
+def compare(fns, rounds=5, warmup=True):
+    """the minimum seconds of each fn over `rounds` runs, the fns taking turns: drifts of a shared
+    machine hit all of them alike, and the minimum is the run least disturbed by other jobs"""
+    for fn in fns if warmup else ():
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            if DEVICE.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if DEVICE.startswith("cuda"):
+                torch.cuda.synchronize()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
+
+
 def bench_analysis(size, n):
     """collect() for every representation metric vs plain forwards over the same images"""
     from analyze import collect
@@ -172,23 +190,117 @@ def bench_analysis(size, n):
     images = torch.rand(n, 3, model.config.img_size, model.config.img_size)
     loader = torch.utils.data.DataLoader([(images[i], 0, None) for i in range(n)], batch_size=16,
                                          collate_fn=lambda b: (torch.stack([x[0] for x in b]), None, None, 0))
-    plain = timeit(lambda: [model.forward_features(x.to(DEVICE)) for x, _, _, _ in loader])
-    full = timeit(lambda: collect(model, loader, DEVICE, {"attn_distance", "attn_entropy", "nmi", "fourier", "svd"}))
-    return full / plain
+    want = {"attn_distance", "attn_entropy", "nmi", "fourier", "svd"}
+
+    @torch.no_grad()
+    def plain():
+        for x, _, _, _ in loader:
+            model.forward_features(x.to(DEVICE))
+    plain_s, full_s, half_s = compare([plain, lambda: collect(model, loader, DEVICE, want),
+                                       lambda: collect(model, loader, DEVICE, want, None, "half")])
+    return full_s / plain_s, half_s / plain_s
 
 
-def bench_hvp(size="tiny/4"):
+def classifier_batch(size, B):
     cfg = ViTConfig.from_name(size, num_classes=10)
+    torch.manual_seed(0)
     model = ViT(cfg).to(DEVICE).eval()
-    x = torch.rand(batch_for(size), 3, cfg.img_size, cfg.img_size, device=DEVICE)
-    y = torch.randint(0, 10, (len(x),), device=DEVICE)
-    batches = [(x, y)]
-    v = [torch.randn_like(p) for p in model.parameters()]
+    x = torch.rand(B, 3, cfg.img_size, cfg.img_size, device=DEVICE)
+    y = torch.randint(0, 10, (B,), device=DEVICE)
+    return model, [(x, y)]
+
+
+def bench_hvp(size="tiny/4", vectors=8):
+    """one Hessian-vector product / one forward+backward over the same batch, three ways: double
+    backward building its own gradient graph; double backward with one graph serving `vectors`
+    products (HessianOperator: the trace's vectors, Lanczos on one batch); forward-over-reverse
+    (torch.func.jvp of torch.func.grad). All three through the math attention kernel."""
+    from torch.func import functional_call, grad, jvp
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model, batches = classifier_batch(size, batch_for(size))
+    (x, y), = batches
+    shared = HessianOperator(model, batches)
+    V = shared.random(torch.Generator().manual_seed(0), count=vectors)
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tangent = dict(zip(names, shared.unflat(V[0])))
 
     def fwd_bwd():
         torch.nn.functional.cross_entropy(model(x), y).backward()
         model.zero_grad(set_to_none=True)
-    return timeit(lambda: hessian_vector_product(model, batches, v)) / timeit(fwd_bwd)
+
+    def loss(p):
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
+
+    def forward_over_reverse():
+        with sdpa_kernel(SDPBackend.MATH):
+            return jvp(grad(loss), (params,), (tangent,))[1]
+
+    def own_graph():
+        return HessianOperator(model, batches)(V[0])
+
+    base, fresh, many, forward = compare([fwd_bwd, own_graph, lambda: shared(V),
+                                          forward_over_reverse])
+    return fresh / base, many / vectors / base, forward / base
+
+
+class RebuiltGraphs(HessianOperator):
+    """the products of the code before this version: each one builds its own gradient graph"""
+
+    def graph(self, i):
+        self.last = None
+        return super().graph(i)
+
+
+def bench_curvature(n=64):
+    """`analyze.py --metric hessian embedded --n_images=64 --batch_size=64` with the README's
+    settings (top 2 to tol 1e-3, 50 trace samples), before (power iteration, plain Hutchinson,
+    a graph per product) and now (Lanczos, deflated Hutchinson, one graph for all products), on
+    the embedded teacher (a trained tiny/4 classifier) over the same seeded val images"""
+    from analyze import DEFAULTS, image_folder, labelled_batches
+    from teacher import load_model
+    from data import EvalTransform
+    model, _ = load_model("embedded")
+    model.to(DEVICE)
+    opts = dict(DEFAULTS, n_images=n, batch_size=n)
+    dataset = image_folder(opts, "val")
+    dataset.transform = EvalTransform(model.config.img_size)
+    subset = np.random.default_rng(0).permutation(len(dataset))[:n].tolist()
+    batches = labelled_batches(model, dataset, subset, opts, DEVICE)
+    (x, y), = batches
+
+    def fwd_bwd():
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        model.zero_grad(set_to_none=True)
+
+    old, new = {}, {}
+
+    def before():
+        power = RebuiltGraphs(model, batches)
+        old["values"], _, histories = power_iteration(power, 2, 1e-3, 100)
+        old["counts"] = [len(h) for h in histories]
+        old["trace"], old["stderr"], _ = hutchinson(power, 50, seed=1, chunk=1)
+        old["products"], old["passes"] = power.products, power.passes
+
+    def now():
+        new.update(curvature(model, batches, 2, 1e-3, 100, 50))
+
+    fb_s, = compare([fwd_bwd])
+    before_s, now_s = compare([before, now], rounds=1, warmup=False)  # minutes: one run each
+    exact = lanczos(HessianOperator(model, batches), 2, 1e-9, 300)["values"]  # the reference
+
+    def within(value, i):
+        return abs(value - exact[i]) <= 1e-3 * abs(exact[i])
+
+    # the products each method needs until its values are within 1e-3 of the exact ones
+    _, _, histories = power_iteration(HessianOperator(model, batches), 2, 0.0, 100)  # all 100
+    power_needed = [next((j + 1 for j, v in enumerate(h) if within(v, i)), None)
+                    for i, h in enumerate(histories)]
+    history = lanczos(HessianOperator(model, batches), 2, 0.0, 30)["history"]
+    lanczos_needed = next((j + 1 for j, vs in enumerate(history)
+                           if len(vs) == 2 and within(vs[0], 0) and within(vs[1], 1)), None)
+    return dict(old=old, new=new, exact=exact, before_fb=before_s / fb_s, now_fb=now_s / fb_s,
+                power_needed=power_needed, lanczos_needed=lanczos_needed)
 
 
 def main():
@@ -222,10 +334,42 @@ def main():
     best = max(B / s for s, _, _, B in [bench_md(SIZES[-1], "bf16")])
     print(f"\ndata: {per_worker:.0f} img/s per worker (JPEG 500x375 decode + crop + flip + jitter + block mask); "
           f"{int(np.ceil(best / per_worker))} worker(s) feed the {SIZES[-1]} bf16 step ({best:.0f} img/s)")
+    print()
     for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
         n = 64 if size == "tiny/4" else 16
-        print(f"analysis: analyze.py --metric all on {size} costs {bench_analysis(size, n):.2f}x the plain forwards over the same {n} images")
-    print(f"Hessian-vector product: {bench_hvp():.2f}x one forward+backward")
+        blocks, half = bench_analysis(size, n)
+        print(f"analysis: analyze.py --metric all on {size} costs {blocks:.2f}x the plain forwards "
+              f"over the same {n} images ({half:.2f}x with --fourier_at=half)")
+    for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
+        fresh, shared, forward = bench_hvp(size)
+        print(f"Hessian-vector product, {size} batch {batch_for(size)}, in forward+backward "
+              f"passes: double backward {fresh:.2f}x with its own graph, {shared:.2f}x per "
+              f"product when one graph serves 8; forward-over-reverse {forward:.2f}x")
+    r = bench_curvature()
+    old, new, exact = r["old"], r["new"], r["exact"]
+    errors = [max(abs(a - b) / abs(b) for a, b in zip(found, exact))
+              for found in (old["values"], new["eigenvalues"])]
+    power_per, lanczos_per = sum(old["counts"]) / 2, new["lanczos_steps"] / 2
+    print(f"top-2 eigenvalues (embedded teacher, 64 images), products per eigenvalue with tol "
+          f"1e-3: power iteration {power_per:.1f}, Lanczos {lanczos_per:.1f} "
+          f"({lanczos_per / power_per:.2f}x); largest relative error {errors[0]:.1e} vs "
+          f"{errors[1]:.1e}")
+    if None in r["power_needed"] or r["lanczos_needed"] is None:
+        print(f"  until both are within 1e-3 of the exact values: power iteration "
+              f"{r['power_needed']} (None: not within 100), Lanczos {r['lanczos_needed']}")
+    else:
+        power_per, lanczos_per = sum(r["power_needed"]) / 2, r["lanczos_needed"] / 2
+        print(f"  until both are within 1e-3 of the exact values: power iteration {power_per:.1f}, "
+              f"Lanczos {lanczos_per:.1f} per eigenvalue ({lanczos_per / power_per:.2f}x)")
+    ratio = new["trace_stderr"] / old["stderr"]
+    print(f"trace from 50 products: plain Hutchinson {old['trace']:.4g} +- {old['stderr']:.3g}, "
+          f"Lanczos-deflated ({new['lanczos_steps']} basis + {new['trace_samples']} samples) "
+          f"{new['trace']:.4g} +- {new['trace_stderr']:.3g}: standard error {ratio:.2f}x")
+    print(f"--metric hessian (top 2 to tol 1e-3, 50 trace products, 64 images) in forward+backward "
+          f"passes over the images (time): before {r['before_fb']:.0f} ({old['products']} "
+          f"products, {old['passes']:.0f} gradient graphs), now {r['now_fb']:.0f} "
+          f"({new['products']} products, {new['passes']:.0f} gradient graph): "
+          f"{r['now_fb'] / r['before_fb']:.2f}x")
 
 
 # ----------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from common import (CheckpointError, Context, Meter, accumulation_steps, apply_o
 from common import append_jsonl, trim_log, wandb_init
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
-from hessian import hutchinson_trace, top_eigenvalues
+from hessian import curvature
 from model import ViT, ViTConfig, adapt_state_dict
 from teacher import load_model
 
@@ -240,8 +240,8 @@ def main():
         images, labels, _, _ = next(iter(loader))
         batch = [(images.to(ctx.device), labels.to(ctx.device))]
         vit.eval()
-        (value,), _ = top_eigenvalues(vit, batch, k=1, max_iter=20)
-        trace, stderr = hutchinson_trace(vit, batch, samples=10)
+        r = curvature(vit, batch, k=1, max_iter=20, trace_products=10)
+        value, trace, stderr = r["eigenvalues"][0], r["trace"], r["trace_stderr"]
         vit.train()
         sharpness_log.append(dict(iter=iter_num, eigenvalue=value, trace=trace, trace_stderr=stderr))
         os.makedirs(out_dir, exist_ok=True)

@@ -133,7 +133,8 @@ class Attention(nn.Module):
 
     def forward(self, x, bias=None, return_attn=False):
         """x: (B, N, D); bias: (heads, N, N) added to the logits. With return_attn the explicit
-        softmax path runs and the maps (B, heads, N, N) are returned beside the output."""
+        softmax path runs and the maps (B, heads, N, N) are returned beside the output: the
+        probabilities, or with return_attn="logits" the logits before the softmax (bias added)."""
         B, N, D = x.shape
         if hasattr(self, "q_bias"):
             qkv = F.linear(x, self.qkv.weight, torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]))
@@ -154,7 +155,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         y = y.transpose(1, 2).reshape(B, N, D)
-        return self.proj(y), attn
+        return self.proj(y), logits if return_attn == "logits" else attn
 
 
 class MLP(nn.Module):
@@ -202,11 +203,18 @@ class Block(nn.Module):
             self.gamma_1 = self.gamma_2 = None
 
     def forward(self, x, bias=None, return_attn=False):
+        x, attn = self.attention_residual(x, bias, return_attn)
+        return self.mlp_residual(x), attn
+
+    def attention_residual(self, x, bias=None, return_attn=False):
+        """the first half of the block: x + attention branch (analysis reads the state here)"""
         y, attn = self.attn(self.norm1(x), bias, return_attn)
-        x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
+        return x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y), attn
+
+    def mlp_residual(self, x):
+        """the second half of the block: x + MLP branch"""
         y = self.mlp(self.norm2(x))
-        x = x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
-        return x, attn
+        return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
 
 
 class PatchEmbed(nn.Module):

@@ -14,14 +14,15 @@ from analyze import (attention_distance, attention_entropy, attention_nmi, patch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def with_cls(a, cls_weight=0.3):
-    """(B, H, N, N) patch attention -> (B, H, N+1, N+1) with a CLS row/column that the metrics must ignore"""
+def with_cls(a, cls_logit=0.7, seed=0):
+    """(B, H, N, N) patch attention -> (B, H, N+1, N+1) logits whose patch-to-patch softmax is a,
+    with a CLS row and column that the metrics must ignore (zeros of a get logit -1e4)"""
     B, H, N, _ = a.shape
-    full = torch.full((B, H, N + 1, N + 1), 0.0)
-    full[..., 1:, 1:] = a * (1 - cls_weight)
-    full[..., 1:, 0] = cls_weight
-    full[..., 0, :] = 1.0 / (N + 1)
-    return full
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, H, N + 1, N + 1, generator=g)
+    logits[..., 1:, 1:] = torch.where(a > 0, torch.log(a.clamp_min(1e-30)), torch.tensor(-1e4))
+    logits[..., 1:, 0] = cls_logit
+    return logits
 
 
 def identity_attention(grid, heads=2):
@@ -37,6 +38,24 @@ def uniform_attention(grid, heads=2):
 def test_patch_attention_drops_cls_and_renormalizes():
     a = patch_attention(uniform_attention(3))
     assert a.shape == (1, 2, 9, 9) and torch.allclose(a, torch.full_like(a, 1 / 9))
+    # the same numbers as dropping CLS from the softmax probabilities and renormalizing (cl-vs-mim)
+    logits = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(0)).double()
+    probs = logits.softmax(-1)[..., 1:, 1:]
+    renormalized = probs / probs.sum(-1, keepdim=True)
+    assert torch.allclose(patch_attention(logits).double(), renormalized, atol=1e-6)
+
+
+def test_patch_attention_without_the_cancellation_of_renormalizing():
+    """queries that put almost everything on CLS: float32 probabilities of the patches are about
+    1e-44 (denormals with a few significant bits), so renormalizing them loses the answer; the
+    softmax over the patch logits keeps it (truth: the same softmax in float64)"""
+    logits = torch.randn(1, 2, 17, 17, generator=torch.Generator().manual_seed(1))
+    logits[..., 1:, 0] = 100.0  # CLS logit: exp(-100) ~ 4e-44 of the mass on each patch
+    truth = logits[..., 1:, 1:].double().softmax(-1)
+    probs = logits.softmax(-1)[..., 1:, 1:]
+    renormalized = probs / probs.sum(-1, keepdim=True)
+    assert ((renormalized.double() - truth).abs() / truth).max() > 1e-2  # the cancellation is real
+    assert torch.allclose(patch_attention(logits).double(), truth, rtol=1e-5, atol=1e-7)
 
 
 def test_attention_distance_closed_forms():
@@ -45,7 +64,9 @@ def test_attention_distance_closed_forms():
     # uniform: the mean Euclidean distance over all ordered pairs of grid cells (self included), in pixels
     cells = [(y, x) for y in range(grid) for x in range(grid)]
     mean = sum(math.dist(p, q) for p in cells for q in cells) / len(cells) ** 2
-    assert torch.allclose(attention_distance(patch_attention(uniform_attention(grid)), grid, patch), torch.full((1, 2), patch * mean), atol=1e-4)
+    expected = torch.full((1, 2), patch * mean)
+    uniform = attention_distance(patch_attention(uniform_attention(grid)), grid, patch)
+    assert torch.allclose(uniform, expected, atol=1e-4)
     # all attention on the right-hand neighbour (wrapping rows at the edge): distance = 1 patch for interior queries
     N = grid * grid
     a = torch.zeros(1, 1, N, N)
@@ -58,7 +79,8 @@ def test_attention_distance_closed_forms():
 
 def test_attention_entropy_closed_forms():
     assert torch.allclose(attention_entropy(patch_attention(identity_attention(4))), torch.zeros(1, 2), atol=1e-6)
-    assert torch.allclose(attention_entropy(patch_attention(uniform_attention(4))), torch.full((1, 2), math.log(16)), atol=1e-5)
+    uniform = attention_entropy(patch_attention(uniform_attention(4)))
+    assert torch.allclose(uniform, torch.full((1, 2), math.log(16)), atol=1e-5)
     # each query splits attention evenly over 2 keys: log 2
     N = 16
     a = torch.zeros(1, 1, N, N)
@@ -83,7 +105,7 @@ def test_nmi_closed_forms():
 
 def test_fourier_single_cosine():
     """1 + cos(2 pi k (x + y) / G): DC amplitude G^2, peaks of G^2 / 2 at (k, k) -> entry k is log(1/2);
-    the other diagonal entries are empty (float32 round-off only, far below the peak)."""
+    the other diagonal entries are empty (round-off only, far below the peak)."""
     G, k, C = 14, 3, 4
     ys, xs = torch.meshgrid(torch.arange(G).float(), torch.arange(G).float(), indexing="ij")
     field = 1 + torch.cos(2 * math.pi * k * (xs + ys) / G)
@@ -95,6 +117,29 @@ def test_fourier_single_cosine():
     for j in range(7):
         if j not in (0, k):
             assert out[0, j].item() < -10
+
+
+def notebook_fourier(tokens, grid):
+    """how-do-vits-work fourier_analysis.ipynb, step by step: fft2 of the (C, G, G) maps,
+    log(|.| + 1e-6), roll by G/2 on both axes, mean over channels, diagonal from the center,
+    minus its first entry (per image here; the notebook averages images first, which is linear)"""
+    B, N, C = tokens.shape
+    maps = tokens.transpose(1, 2).reshape(B, C, grid, grid)
+    f = torch.fft.fft2(maps).abs().add(1e-6).log()
+    f = torch.roll(f, shifts=(grid // 2, grid // 2), dims=(2, 3)).mean(1)
+    diag = torch.diagonal(f, dim1=-2, dim2=-1)[:, grid // 2:]
+    return diag - diag[:, :1]
+
+
+@pytest.mark.parametrize("grid", [8, 14, 7])
+def test_fourier_matches_the_notebook(grid):
+    tokens = torch.randn(3, grid * grid, 16, generator=torch.Generator().manual_seed(grid)).double()
+    tokens = tokens.cumsum(1)  # some low-frequency structure, not just white noise
+    ours, notebook = relative_log_amplitude(tokens, grid), notebook_fourier(tokens, grid)
+    assert torch.allclose(ours, notebook, atol=1e-9)
+    floats = tokens.float()  # float32 features, as the notebook gets them
+    ours, notebook = relative_log_amplitude(floats, grid), notebook_fourier(floats, grid)
+    assert torch.allclose(ours, notebook.double(), atol=1e-5)
 
 
 def exact_covariance_samples(M, variances, seed=0):
@@ -148,6 +193,53 @@ def test_all_metrics_from_the_command_line(tiny_data, tiny_teacher, tmp_path):
     assert svd["image_usable"] == 11 and len(svd["image_spectrum"]) == 2
 
 
+def test_fourier_at_half_blocks_from_the_command_line(tiny_data, tiny_teacher, tmp_path):
+    """--fourier_at=half: the embedding, then after each attention residual and each block
+    (how-do-vits-work's points); the after-block points are those of the default run"""
+    spectra = {}
+    for at in ("blocks", "half"):
+        result = run_analyze(["--metric=fourier", tiny_teacher, f"--data={tiny_data}",
+                              "--n_images=6", "--batch_size=4", f"--fourier_at={at}",
+                              f"--out={tmp_path / at}", "--labels=t"])
+        assert result.returncode == 0, result.stderr[-2000:]
+        spectra[at] = json.load(open(tmp_path / at / "fourier.json"))["models"]["t"]
+    half, blocks = spectra["half"], spectra["blocks"]
+    assert half["points"] == ["embedding", "block 1 attention", "block 1", "block 2 attention",
+                              "block 2"]
+    assert half["depth"] == [0, 0.5, 1, 1.5, 2] and blocks["depth"] == [0, 1, 2]
+    after_blocks = torch.tensor(half["spectrum"][::2])
+    assert torch.allclose(after_blocks, torch.tensor(blocks["spectrum"]), atol=1e-9)
+    assert blocks["per_layer"] == [s[-1] for s in blocks["spectrum"][1:]]
+    assert half["per_layer"] == pytest.approx(blocks["per_layer"])
+    assert os.path.getsize(tmp_path / "half" / "fourier.png") > 5000
+
+
+def test_collect_matches_the_definitions_on_a_model(tiny_teacher):
+    """collect()'s streamed sums against the metrics recomputed from ViT.forward_all's outputs,
+    with the cl-vs-mim renormalization and the notebook's fft2 as the reference formulas"""
+    from analyze import collect, row_entropy
+    from teacher import load_model
+    model, _ = load_model(tiny_teacher)
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    loader = [(images[:4], None, None, None), (images[4:], None, None, None)]
+    want = {"attn_distance", "attn_entropy", "nmi", "fourier"}
+    stats = collect(model, loader, "cpu", want, fourier_at="half")
+    with torch.no_grad():
+        out = model.forward_all(images)
+    for layer, attn in enumerate(out["attn"]):
+        a = attn[..., 1:, 1:].double()
+        a = a / a.sum(-1, keepdim=True)
+        entropy = -(a * a.log()).sum(-1).mean(-1).mean(0)
+        assert torch.allclose(stats[("attn_entropy", layer)], entropy, atol=1e-5)
+        nmi = attention_nmi(a, row_entropy(a)).mean(0)
+        assert torch.allclose(stats[("nmi", layer)], nmi, atol=1e-5)
+        distance = attention_distance(a, 8, 4).mean(0)
+        assert torch.allclose(stats[("attn_distance", layer)], distance, atol=1e-4)
+    for layer, hidden in enumerate(out["hidden"]):
+        expected = notebook_fourier(hidden[:, 1:].double(), 8).mean(0)
+        assert torch.allclose(stats[("fourier", 2 * layer)], expected, atol=1e-5)
+
+
 def test_metric_runs_on_vit_b_at_224(tmp_path):
     from model import ViT, ViTConfig
     cfg = ViTConfig.from_name("B/16")
@@ -166,6 +258,8 @@ def test_metric_runs_on_vit_b_at_224(tmp_path):
     (["--metric=nmi", "/no/such.pt"], "error: checkpoint '/no/such.pt' not found"),
     (["--metric=nmi"], "error: no model given"),
     (["--metric=nmi", "{teacher}", "--n_imgs=3"], "error: unknown option '--n_imgs': options are --metric, --data"),
+    (["--metric=fourier", "{teacher}", "--fourier_at=mid"],
+     "error: --fourier_at=mid: choose blocks or half"),
 ])
 def test_bad_input(tiny_teacher, tiny_data, args, message):
     result = run_analyze([a.format(teacher=tiny_teacher) for a in args] + [f"--data={tiny_data}"])

@@ -237,11 +237,11 @@ def test_analyze_all_on_cuda_matches_cpu(image_folder, deit_file, tmp_path):
 
 def test_analyze_hessian_on_cuda(image_folder, deit_file, tmp_path):
     """analyze.py --metric hessian on the GPU, for ViT-B/16 (the DeiT file with its head cut to
-    the data's 4 classes), 8 images: finite eigenvalues (largest first) and trace, and the loss
+    the data's 4 classes), 8 images: finite eigenvalues (largest magnitude first) and trace, and the loss
     is the cross-entropy computed on the CPU. Then the GPU's Hessian-vector product (double
     backward through the math attention kernel) against central differences of gradients, in
     fp64: they agree to 1e-4 (truncation eps^2 and rounding 1e-16 / eps are far below)."""
-    from hessian import hessian_vector_product
+    from hessian import HessianOperator
     from teacher import load_model
     sd = load(deit_file)["model"]
     for key in ("head.weight", "head.bias"):
@@ -251,12 +251,12 @@ def test_analyze_hessian_on_cuda(image_folder, deit_file, tmp_path):
     out = tmp_path / "hessian"
     code, log = run([sys.executable, os.path.join(ROOT, "analyze.py"), "--metric=hessian",
                      str(path), "--labels=deit", f"--data={image_folder}", "--n_images=8",
-                     "--batch_size=8", "--top_k=2", "--power_iters=20", "--trace_samples=10",
+                     "--batch_size=8", "--top_k=2", "--lanczos_steps=20", "--trace_products=10",
                      f"--device={DEVICE}", f"--out={out}"])
     assert code == 0, log[-3000:]
     r = json.load(open(out / "hessian.json"))["models"]["deit"]
     assert r["images"] == 8 and all(map(math.isfinite, [*r["eigenvalues"], r["trace"]]))
-    assert r["eigenvalues"] == sorted(r["eigenvalues"], reverse=True)
+    assert r["eigenvalues"] == sorted(r["eigenvalues"], key=abs, reverse=True)  # largest magnitude first
 
     model, _ = load_model(str(path))  # CPU, fp32
     val = ImageFolder(os.path.join(image_folder, "val"), EvalTransform(IMG_SIZE))
@@ -273,7 +273,8 @@ def test_analyze_hessian_on_cuda(image_folder, deit_file, tmp_path):
     v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
     norm = math.sqrt(sum(t.pow(2).sum().item() for t in v))
     v = [(t / norm).to(DEVICE) for t in v]  # a unit direction
-    hv = hessian_vector_product(model, [(x, y)], v)
+    hessian = HessianOperator(model, [(x, y)])
+    hv = hessian.unflat(hessian(hessian.flat(v)[None])[0])
 
     def gradient_at(t):  # gradient of the loss at theta + t v
         with torch.no_grad():

@@ -87,7 +87,7 @@ def test_shape_bias_and_hessian_from_the_command_line(tiny_data, tiny_teacher, t
     assert sb["shape_bias"] is None or 0 <= sb["shape_bias"] <= 1
     assert os.path.getsize(tmp_path / "shape_bias.png") > 5000
     r = run_analyze(["--metric=landscape", tiny_teacher, f"--data={tiny_data}", "--n_images=12",
-                     "--steps=5", "--span=0.2", "--power_iters=10", f"--out={tmp_path}"])
+                     "--steps=5", "--span=0.2", "--lanczos_steps=10", f"--out={tmp_path}"])
     assert r.returncode == 0, r.stderr[-2000:]
     land = json.load(open(tmp_path / "landscape.json"))["models"]["teacher"]
     # the grid center is the model's loss
@@ -101,7 +101,7 @@ def test_hessian_runs_on_vit_b_at_224_for_one_batch(tiny_data, tmp_path):
     path = tmp_path / "vitb.pt"
     torch.save(dict(model=ViT(cfg).state_dict(), model_args=cfg.to_dict(), config={}), path)
     r = run_analyze(["--metric=hessian", str(path), f"--data={tiny_data}", "--n_images=2",
-                     "--batch_size=2", "--top_k=1", "--power_iters=2", "--trace_samples=2",
+                     "--batch_size=2", "--top_k=1", "--lanczos_steps=2", "--trace_products=4",
                      f"--out={tmp_path}"])
     assert r.returncode == 0, r.stderr[-2000:]
     h = json.load(open(tmp_path / "hessian.json"))["models"]["vitb"]

@@ -1,101 +1,256 @@
-"""hessian.py against the full Hessian formed explicitly on a model small enough for it."""
+"""hessian.py against closed forms: a quadratic loss with a known Hessian, and a small ViT whose
+full Hessian the test forms explicitly (its own forward, LayerNorm written out by hand:
+torch.func.hessian through F.layer_norm is wrong in torch 2.14)."""
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hessian import hutchinson_trace, loss_landscape, mean_loss, top_eigenvalues
+from hessian import (HessianOperator, curvature, hutchinson, lanczos, loss_landscape, mean_loss,
+                     power_iteration)
+from model import ViT, ViTConfig
 
 
-class Tiny(nn.Module):
-    """a small classifier with a frozen parameter and a parameter that gets no gradient"""
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """these problems are small: a second thread only waits on a busy machine"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
-    def __init__(self):
+
+# ----------------------------------------------------------------------------------------
+# a quadratic loss: L = sum_b w_b (1/2 theta^T A_b theta + c^T theta), H = sum_b w_b A_b
+
+class Quadratic(nn.Module):
+    """theta split over two parameters (the operator flattens them), a frozen one, an unused one"""
+
+    def __init__(self, dim):
         super().__init__()
-        torch.manual_seed(0)
-        self.fc1 = nn.Linear(5, 4)
-        self.fc2 = nn.Linear(4, 3)
-        self.frozen = nn.Parameter(torch.randn(4), requires_grad=False)
-        self.unused = nn.Parameter(torch.randn(7))
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x) + self.frozen))
+        g = torch.Generator().manual_seed(0)
+        self.a = nn.Parameter(torch.randn(dim // 2, generator=g, dtype=torch.float64))
+        self.b = nn.Parameter(torch.randn(dim - dim // 2, generator=g, dtype=torch.float64))
+        self.frozen = nn.Parameter(torch.randn(3, dtype=torch.float64), requires_grad=False)
+        self.unused = nn.Parameter(torch.randn(4, dtype=torch.float64))
 
 
-def data():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(30, 5, generator=g) * 2
-    y = torch.randint(0, 3, (30,), generator=g)
-    return [(x[:12], y[:12]), (x[12:], y[12:])]  # unequal batches: the weighting matters
+def quadratic_problem(eigenvalues, seed=1):
+    """-> (model, batches, H, loss_fn): two batches of unequal size whose matrices average to
+    H = U diag U^T"""
+    dim = len(eigenvalues)
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    H = U @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ U.T
+    E = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+    E = E + E.T
+    A1, A2 = H + 2 * E, H - E  # weights 1/3 and 2/3: (A1 + 2 A2) / 3 = H
+    c = torch.randn(dim, generator=g, dtype=torch.float64)
+    matrices = {1: A1, 2: A2}
+
+    def loss_fn(model, inputs, targets):
+        theta = torch.cat([model.a, model.b])
+        return 0.5 * theta @ matrices[inputs] @ theta + c @ theta + 0 * model.frozen.sum()
+
+    batches = [(1, torch.zeros(10)), (2, torch.zeros(20))]
+    return Quadratic(dim), batches, H, loss_fn
 
 
-def exact_hessian(model, batches):
-    """the full Hessian of the mean loss over all 30 samples w.r.t. (fc1, fc2) weights, by autograd"""
-    names = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
-    shapes = [dict(model.named_parameters())[n].shape for n in names]
-    sizes = [math.prod(s) for s in shapes]
-    x = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
-    flat0 = torch.cat([dict(model.named_parameters())[n].detach().flatten() for n in names])
-
-    def loss(flat):
-        p = dict(zip(names, [t.view(s) for t, s in zip(flat.split(sizes), shapes)]))
-        h = torch.tanh(x @ p["fc1.weight"].T + p["fc1.bias"] + model.frozen)
-        return F.cross_entropy(h @ p["fc2.weight"].T + p["fc2.bias"], y)
-
-    return torch.autograd.functional.hessian(loss, flat0)
+SPECTRUM = [-40.0, 25.0, 9.0] + [3.0 * 0.8 ** i for i in range(37)]  # outliers of both signs, bulk
 
 
-def test_top_two_eigenvalues_match_the_exact_hessian():
-    model = Tiny().eval()
-    H = exact_hessian(model, data())
-    eig = torch.linalg.eigvalsh(H)
-    by_magnitude = eig[eig.abs().argsort(descending=True)][:2]
-    expected = sorted(by_magnitude.tolist(), reverse=True)
-    values, vectors = top_eigenvalues(model, data(), k=2, max_iter=1000, tol=1e-7)
-    assert values == pytest.approx(expected, rel=0.01)
-    # eigenvectors: unit norm, orthogonal, and H v = lambda v on the flattened parameters
-    names = [n for n, p in model.named_parameters() if p.requires_grad]  # the order of the vectors' pieces
-    pieces = [dict(zip(names, v)) for v in vectors]
-    assert all(piece["unused"].abs().max() < 1e-6 for piece in pieces)
-    flat = [torch.cat([piece[n].flatten() for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]) for piece in pieces]
-    for v, lam in zip(flat, values):
-        assert v.norm().item() == pytest.approx(1.0, abs=1e-5)
-        assert torch.allclose(H @ v, lam * v, atol=0.02 * abs(lam))
-    assert abs(torch.dot(flat[0], flat[1]).item()) < 1e-3
+def test_lanczos_top_eigenvalues_by_magnitude_of_a_quadratic():
+    model, batches, H, loss_fn = quadratic_problem(SPECTRUM)
+    hessian = HessianOperator(model, batches, loss_fn)
+    eig = lanczos(hessian, k=3, tol=1e-6, max_iter=40)
+    assert eig["converged"]
+    assert eig["values"] == pytest.approx([-40.0, 25.0, 9.0], rel=1e-6)  # by magnitude, sign kept
+    exact = torch.linalg.eigh(H)
+    for value, v in zip(eig["values"], eig["vectors"]):
+        pieces = hessian.unflat(v)
+        assert pieces[2].abs().max() == 0  # the unused parameter is not a direction
+        u = exact.eigenvectors[:, (exact.eigenvalues - value).abs().argmin()]
+        assert abs(torch.dot(torch.cat(pieces[:2]), u).item()) == pytest.approx(1.0, abs=1e-6)
+    assert eig["residuals"][0] <= 1e-6 * 40
 
 
-def test_hutchinson_trace_within_its_expected_error():
-    model = Tiny().eval()
-    H = exact_hessian(model, data())
+def test_lanczos_reaches_the_top_two_with_at_most_a_quarter_of_power_iterations_products():
+    """products until both of the top 2 are within 1e-3 of the truth (counts, not time), on a
+    spectrum with a close top pair, as trained classifiers have (164 and 154 on the embedded
+    teacher); and Lanczos's stopping rule at tol 1e-3 stops within 1e-3"""
+    spectrum = [10.0, 9.4] + [4.0 * 0.85 ** i for i in range(48)]
+    model, batches, H, loss_fn = quadratic_problem(spectrum)
+
+    def within(value, i):
+        return abs(value - spectrum[i]) <= 1e-3 * spectrum[i]
+
+    power_run = HessianOperator(model, batches, loss_fn)
+    _, _, histories = power_iteration(power_run, k=2, tol=0.0, max_iter=500)  # tol 0: all 500
+    power = sum(next(j + 1 for j, v in enumerate(h) if within(v, i))
+                for i, h in enumerate(histories))
+    krylov_run = HessianOperator(model, batches, loss_fn)
+    history = lanczos(krylov_run, k=2, tol=0.0, max_iter=50)["history"]
+    needed = next(j + 1 for j, vs in enumerate(history)
+                  if len(vs) == 2 and within(vs[0], 0) and within(vs[1], 1))
+    assert needed <= power / 4
+    krylov = HessianOperator(model, batches, loss_fn)
+    eig = lanczos(krylov, k=2, tol=1e-3, max_iter=100)
+    assert eig["converged"] and krylov.products == eig["steps"] < 2 * needed
+    assert eig["values"] == pytest.approx(spectrum[:2], rel=1e-3)
+
+
+def test_hutchinson_plain_and_deflated_against_their_closed_form_variance():
+    """Var(v^T M v) = 2 sum_{i != j} M_ij^2 for Rademacher v; deflated: M = P H P, P = I - Q Q^T"""
+    model, batches, H, loss_fn = quadratic_problem(SPECTRUM)
+    trace = sum(SPECTRUM)
+    hessian = HessianOperator(model, batches, loss_fn)
     samples = 400
-    mean, stderr = hutchinson_trace(model, data(), samples=samples)
-    # Var(v^T H v) for Rademacher v is 2 * sum_{i != j} H_ij^2
-    off = (H ** 2).sum() - (H.diagonal() ** 2).sum()
-    expected_error = math.sqrt(2 * off.item() / samples)
-    assert abs(mean - H.trace().item()) < 4 * expected_error
-    assert stderr == pytest.approx(expected_error, rel=0.3)
+
+    def expected_stderr(M):
+        return math.sqrt(2 * ((M ** 2).sum() - (M.diagonal() ** 2).sum()).item() / samples)
+
+    mean, stderr, used = hutchinson(hessian, samples, seed=3)
+    assert used == samples and abs(mean - trace) < 4 * expected_stderr(H)
+    assert stderr == pytest.approx(expected_stderr(H), rel=0.2)
+
+    eig = lanczos(hessian, k=2, tol=1e-3, max_iter=100)
+    Q = torch.stack([q[:len(SPECTRUM)] for q in eig["basis"]])  # the a, b part of the flat vectors
+    P = torch.eye(len(SPECTRUM), dtype=torch.float64) - Q.T @ Q
+    assert eig["basis_trace"] == pytest.approx(torch.trace(Q @ H @ Q.T).item(), rel=1e-10)
+    mean, stderr, _ = hutchinson(hessian, samples, 3, eig["basis"], eig["basis_trace"])
+    assert abs(mean - trace) < 4 * expected_stderr(P @ H @ P)
+    assert stderr == pytest.approx(expected_stderr(P @ H @ P), rel=0.2)
+    assert stderr < expected_stderr(H) / 2
 
 
-def test_landscape_center_is_the_loss_and_quadratic_along_eigenvectors():
-    model = Tiny().eval()
-    batches = data()
-    values, vectors = top_eigenvalues(model, batches, k=2, max_iter=500, tol=1e-7)
-    coords, grid = loss_landscape(model, batches, vectors, span=0.01, steps=5)
-    assert grid[2][2] == pytest.approx(mean_loss(model, batches), abs=1e-6)
-    # small steps: L(a v1) + L(-a v1) - 2 L(0) = lambda_1 a^2 (the gradient term cancels)
-    a = coords[4]
-    second = (grid[4][2] + grid[0][2] - 2 * grid[2][2]) / a ** 2
-    assert second == pytest.approx(values[0], rel=0.05)
-    # the weights are restored afterwards
-    assert mean_loss(model, batches) == pytest.approx(grid[2][2], abs=1e-7)
+def test_trace_stops_early_on_its_tolerance():
+    model, batches, H, loss_fn = quadratic_problem([abs(v) for v in SPECTRUM])
+    hessian = HessianOperator(model, batches, loss_fn)
+    mean, stderr, used = hutchinson(hessian, 1000, seed=0, tol=0.1, chunk=10)
+    assert used < 1000 and used % 10 == 0 and hessian.products == used
+    assert stderr <= 0.1 * abs(mean)
 
 
-def test_frozen_and_unused_parameters_do_not_crash_and_stay_out():
-    model = Tiny().eval()
-    model.fc1.requires_grad_(False)
-    values, vectors = top_eigenvalues(model, data(), k=1, max_iter=5)
-    assert len(vectors[0]) == 3  # fc2.weight, fc2.bias, unused (zero curvature); no frozen ones
-    assert vectors[0][0].shape == (7,) and vectors[0][0].abs().max() < 1e-6  # "unused": registered first, zero curvature
+def test_an_invariant_krylov_space_gives_the_exact_spectrum_and_trace():
+    spectrum = [5.0, -3.0, 2.0, 1.0, 0.5, 0.25]
+    model, batches, H, loss_fn = quadratic_problem(spectrum)
+    r = curvature(model, batches, k=2, tol=1e-12, max_iter=50, trace_products=4, loss_fn=loss_fn)
+    assert r["lanczos_steps"] == len(spectrum) and r["converged"]
+    assert r["eigenvalues"] == pytest.approx([5.0, -3.0], rel=1e-10)
+    assert r["trace"] == pytest.approx(sum(spectrum), rel=1e-10) and r["trace_stderr"] < 1e-8
+
+
+# ----------------------------------------------------------------------------------------
+# a small ViT, its full Hessian formed explicitly by a forward written here
+
+def layer_norm(x, w, b, eps):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * w + b
+
+
+def vit_loss(p, cfg, images, labels):
+    """model.py's ViT (absolute positions, mean pooling, fc_norm), written out from its weights"""
+    B, H, D = len(images), cfg.num_heads, cfg.embed_dim
+    mean, std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
+    x = F.conv2d((images - mean.to(images)) / std.to(images), p["patch_embed.proj.weight"],
+                 p["patch_embed.proj.bias"], stride=cfg.patch_size).flatten(2).transpose(1, 2)
+    x = torch.cat([p["cls_token"].expand(B, -1, -1), x], 1) + p["pos_embed"]
+    for i in range(cfg.depth):
+        k = f"blocks.{i}."
+        h = layer_norm(x, p[k + "norm1.weight"], p[k + "norm1.bias"], cfg.norm_eps)
+        q, kk, v = (h @ p[k + "attn.qkv.weight"].T + p[k + "attn.qkv.bias"]).chunk(3, -1)
+        heads = [t.view(B, -1, H, D // H).transpose(1, 2) for t in (q, kk, v)]
+        a = (heads[0] @ heads[1].transpose(-1, -2) * (D // H) ** -0.5).softmax(-1)
+        y = (a @ heads[2]).transpose(1, 2).reshape(B, -1, D)
+        x = x + y @ p[k + "attn.proj.weight"].T + p[k + "attn.proj.bias"]
+        h = layer_norm(x, p[k + "norm2.weight"], p[k + "norm2.bias"], cfg.norm_eps)
+        h = F.gelu(h @ p[k + "mlp.fc1.weight"].T + p[k + "mlp.fc1.bias"])
+        x = x + h @ p[k + "mlp.fc2.weight"].T + p[k + "mlp.fc2.bias"]
+    x = layer_norm(x, p["norm.weight"], p["norm.bias"], cfg.norm_eps)
+    pooled = layer_norm(x[:, 1:].mean(1), p["fc_norm.weight"], p["fc_norm.bias"], cfg.norm_eps)
+    return F.cross_entropy(pooled @ p["head.weight"].T + p["head.bias"], labels)
+
+
+@pytest.fixture(scope="module")
+def small_vit():
+    """-> (model, batches, full Hessian over the trainable parameters in the operator's order)"""
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=4, patch_size=2, embed_dim=8, depth=1, num_heads=2, mlp_ratio=2,
+                    num_classes=3)
+    model = ViT(cfg).double().eval()
+    for p in model.parameters():  # away from the init's zeros and ones: every term of H shows
+        p.data.add_(0.3 * torch.randn_like(p))
+    model.cls_token.requires_grad_(False)  # a frozen parameter is not a direction
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(10, 3, 4, 4, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (10,), generator=g)
+    batches = [(images[:4], labels[:4]), (images[4:], labels[4:])]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad]
+    fixed = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    flat = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+
+    def loss(theta):
+        pieces = theta.split([math.prod(s) for s in shapes])
+        p = dict(zip(names, [t.view(s) for t, s in zip(pieces, shapes)]))
+        return vit_loss(p | fixed, cfg, images, labels)
+
+    assert loss(flat).item() == pytest.approx(mean_loss(model, batches), rel=1e-12)  # same model
+    return model, batches, torch.func.hessian(loss)(flat)
+
+
+def test_hessian_vector_products_of_a_vit_are_exact(small_vit):
+    model, batches, H = small_vit
+    hessian = HessianOperator(model, batches)
+    V = torch.randn(3, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(hessian(V), V @ H, rtol=1e-9, atol=1e-9 * H.abs().max().item())
+    assert hessian.products == 3 and hessian.passes == pytest.approx(1.0)  # a graph per batch
+    # forward-over-reverse (torch.func.jvp of torch.func.grad) gives the same products
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    images = torch.cat([x for x, _ in batches])
+    labels = torch.cat([t for _, t in batches])
+
+    def loss(trainable):
+        logits = torch.func.functional_call(model, params | trainable, (images,))
+        return F.cross_entropy(logits, labels)
+
+    tangent = dict(zip(names, hessian.unflat(V[0])))
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no forward-mode derivative
+        _, hv = torch.func.jvp(torch.func.grad(loss), ({n: params[n] for n in names},), (tangent,))
+    hv = hessian.flat([hv[n] for n in names])
+    assert torch.allclose(hv, H @ V[0], rtol=1e-9, atol=1e-9 * H.abs().max().item())
+
+
+def test_eigenvalues_trace_and_landscape_of_a_vit(small_vit):
+    model, batches, H = small_vit
+    exact = torch.linalg.eigvalsh(H)
+    top = exact[exact.abs().argsort(descending=True)][:2].tolist()
+    r = curvature(model, batches, k=2, tol=1e-6, max_iter=200, trace_products=60, keep_graphs=True)
+    assert r["converged"] and r["eigenvalues"] == pytest.approx(top, rel=1e-6)
+    assert abs(r["trace"] - H.trace().item()) < 5 * r["trace_stderr"]
+    flat = [torch.cat([t.flatten() for t in v]) for v in r["vectors"]]
+    for v, value, residual in zip(flat, r["eigenvalues"], r["residuals"]):  # Ritz pairs' residuals
+        assert (H @ v - value * v).norm().item() == pytest.approx(residual, rel=1e-3, abs=1e-9)
+        assert residual < 1e-2 * abs(value)
+    # the loss along the top eigenvector: L(a v) + L(-a v) - 2 L(0) = lambda a^2 for small a
+    coords, grid = loss_landscape(model, batches, r["vectors"], span=1e-3, steps=3)
+    second = (grid[2][1] + grid[0][1] - 2 * grid[1][1]) / coords[2] ** 2
+    assert second == pytest.approx(r["eigenvalues"][0], rel=1e-3)
+    assert mean_loss(model, batches) == pytest.approx(grid[1][1], abs=1e-12)  # weights restored
+
+
+def test_a_batch_without_second_derivative_does_not_crash():
+    """only the head trains and the loss is linear in it: H = 0 (no graph to differentiate)"""
+    model = nn.Linear(3, 2)
+    batches = [(torch.randn(4, 3), torch.randn(4, 2))]
+
+    def linear_loss(model, inputs, targets):
+        return (model(inputs) * targets).sum()
+
+    r = curvature(model, batches, k=1, max_iter=5, trace_products=3, loss_fn=linear_loss)
+    assert r["eigenvalues"] == [0.0] and r["trace"] == 0.0

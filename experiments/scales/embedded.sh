@@ -7,8 +7,8 @@ MD_ARGS="config/md_embedded.py"
 FT_ARGS="config/ft_embedded.py"
 SHARPNESS_EVERY=0        # no sharpness curve during fine-tuning (it would double the time)
 ANALYZE_ARGS="--n_images=256 --batch_size=64"
-HESSIAN_ARGS="--n_images=128 --batch_size=64 --power_iters=20 --trace_samples=20"
-LANDSCAPE_ARGS="--n_images=64 --batch_size=64 --steps=9 --power_iters=20"
+HESSIAN_ARGS="--n_images=128 --batch_size=64 --lanczos_steps=40 --trace_products=40"
+LANDSCAPE_ARGS="--n_images=64 --batch_size=64 --steps=9 --lanczos_steps=40"
 SHAPE_DATA=embedded      # its cue_conflict/ split
 SHAPE_TEACHERS=embedded  # teachers that are classifiers of the cue-conflict categories
 OOD_DATA=""
