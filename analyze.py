@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 from common import pyplot
-from data import IMAGE_EXTENSIONS, DataError, EvalTransform, ImageFolder, collate, load_image, resolve_data_dir
+from data import (IMAGE_EXTENSIONS, DataError, EvalTransform, ImageFolder, collate, load_image,
+                  resolve_data_dir)
 from hessian import HessianOperator, curvature, lanczos, loss_landscape, mean_loss
 from teacher import CheckpointError, load_model
 
@@ -38,13 +39,16 @@ METRICS = REPRESENTATION + CLASSIFIER + ("sharpness", "curves", "report")
 DEFAULTS = dict(
     metric="",          # one of METRICS, or all (= every representation metric)
     data="embedded",    # ImageFolder root or 'embedded'; for ood: the folder of the 17 datasets
-    split="",           # sub-folder of data; default val/ (cue_conflict/ for shape_bias) when present
+    split="",           # sub-folder of data; default val/ (cue_conflict/ for shape_bias)
+                        # when present
     n_images=64,        # fixed, seeded subset of the split
     batch_size=16,      # images per forward
     out="out/analysis",  # where NAME.json and NAME.png go
-    labels="",          # comma-separated legend labels, one per CKPT (default: file or teacher names)
+    labels="",          # comma-separated legend labels, one per CKPT (default: file or
+                        # teacher names)
     layer=-1,           # attn_map: block whose attention is shown (-1 = last)
-    queries="",         # attn_map: comma-separated query patch indices (default: 3 spread over the grid)
+    queries="",         # attn_map: comma-separated query patch indices (default: 3 spread
+                        # over the grid)
     map_images=2,       # attn_map: images shown per model
     seed=0,             # which images form the subset
     device="auto",      # auto | cpu | cuda
@@ -61,7 +65,8 @@ DEFAULTS = dict(
                         # batch's graph is always kept)
     span=0.5,           # landscape: a, b in [-span, span] along the top-2 eigenvectors (unit norm)
     steps=21,           # landscape: grid points per axis
-    human="",           # ood: model-vs-human raw-data folder (<dataset>/*.csv) for error consistency
+    human="",           # ood: model-vs-human raw-data folder (<dataset>/*.csv) for error
+                        # consistency
 )
 
 
@@ -84,7 +89,8 @@ def patch_distances(grid, patch_size):
 
 
 def attention_distance(a, grid, patch_size, distances=None):
-    """average attention distance: per query sum_k a[q,k] D[q,k], mean over queries -> (B, H) pixels"""
+    """average attention distance: per query sum_k a[q,k] D[q,k], mean over queries
+    -> (B, H) pixels"""
     D = patch_distances(grid, patch_size).to(a.device) if distances is None else distances
     return (a * D).sum(-1).mean(-1)
 
@@ -101,8 +107,9 @@ def attention_entropy(a, rows=None):
 
 def attention_nmi(a, rows=None):
     """NMI between queries and keys with p(q) = 1/N: p(k) = mean_q a[q,k],
-    I = sum_{q,k} p(q) a[q,k] log(a[q,k] / p(k)), NMI = I / sqrt(H(q) H(k)), H(q) = log N -> (B, H).
-    Computed as I = H(k) - mean_q H(a[q,:]) (the same sum, rearranged), reusing the row entropies."""
+    I = sum_{q,k} p(q) a[q,k] log(a[q,k] / p(k)), NMI = I / sqrt(H(q) H(k)), H(q) = log N
+    -> (B, H). Computed as I = H(k) - mean_q H(a[q,:]) (the same sum, rearranged), reusing the
+    row entropies."""
     N = a.shape[-1]
     p_k = a.mean(-2)  # (B, H, N)
     h_k = -(p_k * torch.log(p_k.clamp_min(1e-30))).sum(-1)
@@ -135,10 +142,11 @@ def relative_log_amplitude(tokens, grid, dft=None):
 
 
 def relative_log_singular_values(x):
-    """x (..., M, C) samples: singular values of the covariance, log, minus the log of the largest -> (..., C)
-    (at most M-1 are nonzero; zeros are floored at 1e-12 of the largest, so their value is about -27.6).
-    The covariance is symmetric PSD, so its singular values are its eigenvalues, and its nonzero ones
-    are those of the smaller Gram matrix x x^T when M < C (the same numbers, much cheaper)."""
+    """x (..., M, C) samples: singular values of the covariance, log, minus the log of the
+    largest -> (..., C) (at most M-1 are nonzero; zeros are floored at 1e-12 of the largest, so
+    their value is about -27.6). The covariance is symmetric PSD, so its singular values are its
+    eigenvalues, and its nonzero ones are those of the smaller Gram matrix x x^T when M < C (the
+    same numbers, much cheaper)."""
     x = x.double() - x.double().mean(-2, keepdim=True)
     M, C = x.shape[-2:]
     gram = x @ x.transpose(-1, -2) if M < C else x.transpose(-1, -2) @ x
@@ -150,8 +158,9 @@ def relative_log_singular_values(x):
 
 
 def token_singular_spectrum(tokens):
-    """token level: per image, the relative log singular values of its patch-token covariance -> (B, C);
-    the svd headline per layer is the mean of the first min(N-1, C) (the nonzero ones): higher = fuller"""
+    """token level: per image, the relative log singular values of its patch-token covariance
+    -> (B, C); the svd headline per layer is the mean of the first min(N-1, C) (the nonzero ones):
+    higher = fuller"""
     return relative_log_singular_values(tokens)
 
 
@@ -162,20 +171,25 @@ def token_singular_spectrum(tokens):
 # helper/human_categories.py; 207 classes in all)
 IMAGENET_16 = {
     "airplane": [404], "bear": [294, 295, 296, 297], "bicycle": [444, 671],
-    "bird": [8, 10, 11, 12, 13, 14, 15, 16, 18, 19, 20, 22, 23, 24, 80, 81, 82, 83, 87, 88, 89, 90, 91, 92, 93, 94, 95,
-             96, 98, 99, 100, 127, 128, 129, 130, 131, 132, 133, 135, 136, 137, 138, 139, 140, 141, 142, 143, 144, 145],
-    "boat": [472, 554, 625, 814, 914], "bottle": [440, 720, 737, 898, 899, 901, 907], "car": [436, 511, 817],
+    "bird": [8, 10, 11, 12, 13, 14, 15, 16, 18, 19, 20, 22, 23, 24, 80, 81, 82, 83, 87, 88, 89,
+             90, 91, 92, 93, 94, 95, 96, 98, 99, 100, 127, 128, 129, 130, 131, 132, 133, 135, 136,
+             137, 138, 139, 140, 141, 142, 143, 144, 145],
+    "boat": [472, 554, 625, 814, 914], "bottle": [440, 720, 737, 898, 899, 901, 907],
+    "car": [436, 511, 817],
     "cat": [281, 282, 283, 284, 285, 286], "chair": [423, 559, 765, 857], "clock": [409, 530, 892],
-    "dog": [152, 153, 154, 155, 156, 157, 158, 159, 160, 161, 162, 163, 164, 165, 166, 167, 168, 169, 170, 171, 172, 173,
-            174, 175, 176, 177, 178, 179, 180, 181, 182, 183, 184, 185, 186, 187, 188, 189, 190, 191, 193, 194, 195, 196,
-            197, 198, 199, 200, 201, 202, 203, 205, 206, 207, 208, 209, 210, 211, 212, 213, 214, 215, 216, 217, 218, 219,
-            220, 221, 222, 223, 224, 225, 226, 228, 229, 230, 231, 232, 233, 234, 235, 236, 237, 238, 239, 240, 241, 243,
-            244, 245, 246, 247, 248, 249, 250, 252, 253, 254, 255, 256, 257, 259, 261, 262, 263, 265, 266, 267, 268],
+    "dog": [152, 153, 154, 155, 156, 157, 158, 159, 160, 161, 162, 163, 164, 165, 166, 167, 168,
+            169, 170, 171, 172, 173, 174, 175, 176, 177, 178, 179, 180, 181, 182, 183, 184, 185,
+            186, 187, 188, 189, 190, 191, 193, 194, 195, 196, 197, 198, 199, 200, 201, 202, 203,
+            205, 206, 207, 208, 209, 210, 211, 212, 213, 214, 215, 216, 217, 218, 219, 220, 221,
+            222, 223, 224, 225, 226, 228, 229, 230, 231, 232, 233, 234, 235, 236, 237, 238, 239,
+            240, 241, 243, 244, 245, 246, 247, 248, 249, 250, 252, 253, 254, 255, 256, 257, 259,
+            261, 262, 263, 265, 266, 267, 268],
     "elephant": [385, 386], "keyboard": [508, 878], "knife": [499], "oven": [766],
     "truck": [555, 569, 656, 675, 717, 734, 864, 867],
 }
-OOD_DATASETS = ("edge", "silhouette", "cue-conflict", "colour", "contrast", "high-pass", "low-pass", "phase-scrambling",
-                "power-equalisation", "false-colour", "rotation", "eidolonI", "eidolonII", "eidolonIII",
+OOD_DATASETS = ("edge", "silhouette", "cue-conflict", "colour", "contrast", "high-pass",
+                "low-pass", "phase-scrambling", "power-equalisation", "false-colour", "rotation",
+                "eidolonI", "eidolonII", "eidolonIII",
                 "uniform-noise", "sketch", "stylized")
 # the conditions of the 12 parametric datasets in plot order, and the name of that axis
 # (bethgelab/model-vs-human, modelvshuman/datasets/experiments.py); the other 5 have none
@@ -245,7 +259,9 @@ def shape_bias(decisions, shapes, textures):
             h[1] += d == t
     total_shape, total_texture = sum(h[0] for h in hits.values()), sum(h[1] for h in hits.values())
     overall = total_shape / (total_shape + total_texture) if total_shape + total_texture else None
-    return overall, {c: (h[0] / (h[0] + h[1]) if h[0] + h[1] else None) for c, h in sorted(hits.items())}
+    per_class = {c: (h[0] / (h[0] + h[1]) if h[0] + h[1] else None)
+                 for c, h in sorted(hits.items())}
+    return overall, per_class
 
 
 def error_consistency(correct_a, correct_b):
@@ -512,11 +528,13 @@ def summarize(metric, stats, cfg, fourier_at="blocks"):
         token = [stats[("svd_token", l)].tolist() for l in range(1, depth + 1)]
         image = [relative_log_singular_values(stats["pooled"][l]).tolist() for l in range(depth)]
         # covariance ranks: <= tokens - 1 per image, <= images - 1 across images; the rest are zeros
-        token_usable, image_usable = min(cfg.num_patches - 1, cfg.embed_dim), min(n - 1, cfg.embed_dim)
+        token_usable = min(cfg.num_patches - 1, cfg.embed_dim)
+        image_usable = min(n - 1, cfg.embed_dim)
         return dict(per_layer=[float(np.mean(t[:token_usable])) for t in token],
                     token_spectrum=token, image_spectrum=image, token_usable=token_usable,
                     image_usable=image_usable,
-                    token_average=np.mean(token, 0).tolist(), image_average=np.mean(image, 0).tolist())
+                    token_average=np.mean(token, 0).tolist(),
+                    image_average=np.mean(image, 0).tolist())
     raise ValueError(metric)
 
 
@@ -542,7 +560,8 @@ def plot(metric, results, path, maps=None, settings=None):
             layers = np.arange(1, len(r["per_layer"]) + 1)
             if metric == "attn_distance":  # Fig. 3a: every head as a dot, the head mean as a line
                 heads = np.array(r["per_head"])
-                ax.scatter(np.repeat(layers, heads.shape[1]), heads.flatten(), s=8, alpha=0.35, color=f"C{i}")
+                ax.scatter(np.repeat(layers, heads.shape[1]), heads.flatten(), s=8, alpha=0.35,
+                           color=f"C{i}")
             if metric == "fourier":  # embedding at depth 0; half-block points at l - 0.5
                 highest = [s[-1] for s in r["spectrum"]]
                 ax.plot(r["depth"], highest, marker="o", color=f"C{i}", label=label)
@@ -552,26 +571,32 @@ def plot(metric, results, path, maps=None, settings=None):
         if metric == "fourier" and any(p.endswith("attention") for p in first["points"]):
             for l in range(1, len(first["per_layer"]) + 1):  # how-do-vits-work: attention shaded
                 ax.axvspan(l - 1, l - 0.5, color="tab:gray", alpha=0.15, lw=0)
-        ylabel = {"attn_distance": "attention distance (pixels)", "nmi": "normalized mutual information",
+        ylabel = {"attn_distance": "attention distance (pixels)",
+                  "nmi": "normalized mutual information",
                   "fourier": "Δ log amplitude at the highest frequency"}[metric]
         xlabel = "depth (blocks; shaded: attention halves)" if metric == "fourier" else "block"
-        ax.set(xlabel=xlabel,
-               ylabel=ylabel, title={"attn_distance": "Average attention distance (Fig. 3a)",
-               "nmi": "NMI of queries and keys (Fig. 6a)", "fourier": "Relative log amplitude (Fig. 3b)"}[metric])
+        title = {"attn_distance": "Average attention distance (Fig. 3a)",
+                 "nmi": "NMI of queries and keys (Fig. 6a)",
+                 "fourier": "Relative log amplitude (Fig. 3b)"}[metric]
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     elif metric == "attn_entropy":  # Fig. 10: the distribution over heads, per layer
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.8 / len(labels)
         for i, label in enumerate(labels):
             heads = np.array(results[label]["per_head"])
             pos = np.arange(1, heads.shape[0] + 1) + (i - (len(labels) - 1) / 2) * width
-            parts = ax.boxplot(heads.T, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=False)
+            parts = ax.boxplot(heads.T, positions=pos, widths=width * 0.9, patch_artist=True,
+                               showfliers=False)
             for box in parts["boxes"]:
                 box.set(facecolor=f"C{i}", alpha=0.5)
             ax.plot([], [], color=f"C{i}", label=label, lw=6, alpha=0.5)
-        ax.set_xticks(np.arange(1, heads.shape[0] + 1), labels=[str(l) for l in range(1, heads.shape[0] + 1)])
-        ax.set(xlabel="block", ylabel="attention entropy (nats) over heads", title="Attention entropy per head (Fig. 10)")
+        blocks = range(1, heads.shape[0] + 1)
+        ax.set_xticks(np.arange(1, heads.shape[0] + 1), labels=[str(l) for l in blocks])
+        ax.set(xlabel="block", ylabel="attention entropy (nats) over heads",
+               title="Attention entropy per head (Fig. 10)")
     elif metric == "svd":  # Figs. 4, 5: spectra per layer, lighter = deeper
-        fig, axes = plt.subplots(2, len(labels), figsize=(4 * len(labels) + 1, 7), squeeze=False, constrained_layout=True)
+        fig, axes = plt.subplots(2, len(labels), figsize=(4 * len(labels) + 1, 7), squeeze=False,
+                                 constrained_layout=True)
         for i, label in enumerate(labels):
             r = results[label]
             for row, key in enumerate(("token_spectrum", "image_spectrum")):
@@ -580,13 +605,16 @@ def plot(metric, results, path, maps=None, settings=None):
                 shown = r["image_usable"] if key == "image_spectrum" else r["token_usable"]
                 for l, s in enumerate(spectra):
                     ax.plot(s[:shown], color=plt.cm.viridis(l / max(len(spectra) - 1, 1)), lw=1)
-                ax.set(title=f"{label}: {'token' if row == 0 else 'image'} level", xlabel="singular value index",
+                level = "token" if row == 0 else "image"
+                ax.set(title=f"{label}: {level} level", xlabel="singular value index",
                        ylabel="Δ log singular value")
-        fig.colorbar(plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(1, len(spectra))), ax=axes, label="block")
+        depth_colours = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(1, len(spectra)))
+        fig.colorbar(depth_colours, ax=axes, label="block")
     elif metric == "attn_map":  # Fig. 2: query patch boxed, its attention overlaid
         rows = [(label, img, att) for label in labels for img, att in zip(*maps[label])]
         queries = settings["queries"]
-        fig, axes = plt.subplots(len(rows), len(queries) + 1, figsize=(2.2 * (len(queries) + 1), 2.2 * len(rows)), squeeze=False)
+        figsize = (2.2 * (len(queries) + 1), 2.2 * len(rows))
+        fig, axes = plt.subplots(len(rows), len(queries) + 1, figsize=figsize, squeeze=False)
         for r, (label, img, att) in enumerate(rows):
             grid = int(round(att.shape[-1] ** 0.5))
             H, W = img.shape[-2:]
@@ -595,11 +623,14 @@ def plot(metric, results, path, maps=None, settings=None):
             for c, q in enumerate(queries):
                 ax = axes[r, c + 1]
                 heat = att[c].reshape(1, 1, grid, grid)
-                heat = torch.nn.functional.interpolate(heat, size=(H, W), mode="nearest")[0, 0].numpy()
+                heat = torch.nn.functional.interpolate(heat, size=(H, W), mode="nearest")
+                heat = heat[0, 0].numpy()
                 ax.imshow(img.permute(1, 2, 0).numpy())
                 ax.imshow(heat, cmap="inferno", alpha=0.6)
                 y, x = divmod(q, grid)
-                ax.add_patch(plt.Rectangle((x * W / grid - 0.5, y * H / grid - 0.5), W / grid, H / grid, fill=False, ec="red", lw=1.5))
+                corner = (x * W / grid - 0.5, y * H / grid - 0.5)
+                box = plt.Rectangle(corner, W / grid, H / grid, fill=False, ec="red", lw=1.5)
+                ax.add_patch(box)
                 ax.set_title(f"query {q}" if r == 0 else "", fontsize=8)
             for ax in axes[r]:
                 ax.set_xticks([])
@@ -623,7 +654,8 @@ def plot_classifier(plt, metric, results):
         fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.8), squeeze=False)
         for ax, label in zip(axes[0], labels):
             r = results[label]
-            c = ax.contourf(r["coords"], r["coords"], np.array(r["loss"]).T, levels=20, cmap="viridis")
+            c = ax.contourf(r["coords"], r["coords"], np.array(r["loss"]).T, levels=20,
+                            cmap="viridis")
             fig.colorbar(c, ax=ax, label="loss")
             ax.plot(0, 0, "r+")
             ax.set(title=label, xlabel="along eigenvector 1", ylabel="along eigenvector 2")
@@ -634,26 +666,34 @@ def plot_classifier(plt, metric, results):
         for i, label in enumerate(labels):
             log = results[label]
             its = [e["iter"] for e in log]
-            ax.plot(its, [e["eigenvalue"] for e in log], color=f"C{i}", marker="o", label=f"{label}: top eigenvalue")
-            twin.plot(its, [e["trace"] for e in log], color=f"C{i}", ls="--", label=f"{label}: trace")
-        ax.set(xlabel="iteration", ylabel="top Hessian eigenvalue (sharpness)", title="Sharpness during fine-tuning (Fig. 7c, 7f)")
+            ax.plot(its, [e["eigenvalue"] for e in log], color=f"C{i}", marker="o",
+                    label=f"{label}: top eigenvalue")
+            twin.plot(its, [e["trace"] for e in log], color=f"C{i}", ls="--",
+                      label=f"{label}: trace")
+        ax.set(xlabel="iteration", ylabel="top Hessian eigenvalue (sharpness)",
+               title="Sharpness during fine-tuning (Fig. 7c, 7f)")
         twin.set_ylabel("Hessian trace (dashed)")
     elif metric == "hessian":
         k = len(results[labels[0]]["eigenvalues"])
         width = 0.8 / len(labels)
         for i, label in enumerate(labels):
             r = results[label]
-            ax.bar(np.arange(k + 1) + i * width, r["eigenvalues"] + [r["trace"]], width, yerr=[0] * k + [r["trace_stderr"]], label=label)
-        ax.set_xticks(np.arange(k + 1) + width * (len(labels) - 1) / 2, labels=[f"λ{j + 1}" for j in range(k)] + ["trace"])
+            ax.bar(np.arange(k + 1) + i * width, r["eigenvalues"] + [r["trace"]], width,
+                   yerr=[0] * k + [r["trace_stderr"]], label=label)
+        ticks = np.arange(k + 1) + width * (len(labels) - 1) / 2
+        ax.set_xticks(ticks, labels=[f"λ{j + 1}" for j in range(k)] + ["trace"])
         ax.set(ylabel="value", title="Hessian top eigenvalues and trace")
     else:  # shape_bias, Fig. 8a / 11: shape bias per class and overall
         classes = sorted({c for r in results.values() for c in r["per_class"]})
         width = 0.8 / len(labels)
         for i, label in enumerate(labels):
             r = results[label]
-            ax.bar(np.arange(len(classes) + 1) + i * width, [r["per_class"].get(c) or 0 for c in classes] + [r["shape_bias"] or 0], width, label=label)
-        ax.set_xticks(np.arange(len(classes) + 1) + width * (len(labels) - 1) / 2, labels=classes + ["overall"], rotation=45)
-        ax.set(ylim=(0, 1), ylabel="shape bias (fraction of shape decisions)", title="Shape vs texture decisions on cue-conflict images")
+            heights = [r["per_class"].get(c) or 0 for c in classes] + [r["shape_bias"] or 0]
+            ax.bar(np.arange(len(classes) + 1) + i * width, heights, width, label=label)
+        ticks = np.arange(len(classes) + 1) + width * (len(labels) - 1) / 2
+        ax.set_xticks(ticks, labels=classes + ["overall"], rotation=45)
+        ax.set(ylim=(0, 1), ylabel="shape bias (fraction of shape decisions)",
+               title="Shape vs texture decisions on cue-conflict images")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return fig
@@ -709,14 +749,16 @@ def plot_ood(plt, results):
 # command line
 
 def parse_args(argv):
-    """--key=value options (defaults above) and positional model arguments; one clear line on error"""
+    """--key=value options (defaults above) and positional model arguments; one clear line on
+    error"""
     opts, models = dict(DEFAULTS), []
     args = iter(argv)
     for arg in args:
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
             if key not in opts:
-                raise SystemExit(f"error: unknown option '--{key}': options are {', '.join('--' + k for k in opts)}")
+                known = ", ".join("--" + k for k in opts)
+                raise SystemExit(f"error: unknown option '--{key}': options are {known}")
             if not eq:  # --key value
                 value = next(args, None)
                 if value is None:
@@ -724,11 +766,13 @@ def parse_args(argv):
             try:
                 opts[key] = type(DEFAULTS[key])(value)
             except ValueError:
-                raise SystemExit(f"error: --{key}={value}: '{key}' must be {type(DEFAULTS[key]).__name__}") from None
+                kind = type(DEFAULTS[key]).__name__
+                raise SystemExit(f"error: --{key}={value}: '{key}' must be {kind}") from None
         else:
             models.append(arg)
     if opts["metric"] not in METRICS + ("all",):
-        raise SystemExit(f"error: unknown metric '{opts['metric']}': choose one of {', '.join(METRICS)} or all")
+        raise SystemExit(f"error: unknown metric '{opts['metric']}': "
+                         f"choose one of {', '.join(METRICS)} or all")
     if not models:
         raise SystemExit("error: no model given: python analyze.py --metric NAME CKPT [CKPT ...]")
     if opts["fourier_at"] not in ("blocks", "half"):
@@ -750,9 +794,11 @@ def image_folder(opts, default_split):
 def labelled_batches(model, dataset, subset, opts, device):
     """the subset as a list of (images, labels) on the device, for the loss of a classifier"""
     if model.head is None or model.config.num_classes != len(dataset.classes):
-        raise SystemExit(f"error: the Hessian needs a classifier for the data's {len(dataset.classes)} classes; "
-                         f"this model has {model.config.num_classes or 'no'} outputs: fine-tune it first")
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, subset), batch_size=opts["batch_size"], collate_fn=collate)
+        raise SystemExit(f"error: the Hessian needs a classifier for the data's "
+                         f"{len(dataset.classes)} classes; this model has "
+                         f"{model.config.num_classes or 'no'} outputs: fine-tune it first")
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, subset),
+                                         batch_size=opts["batch_size"], collate_fn=collate)
     return [(x.to(device), y.to(device)) for x, y, _, _ in loader if x is not None]
 
 
@@ -767,7 +813,8 @@ def predict_files(model, paths, transform, device, batch_size):
                 images.append(transform(load_image(path)))
                 kept.append(path)
             except Exception as e:
-                print(f"warning: skipping unreadable image {path} ({type(e).__name__})", file=sys.stderr)
+                print(f"warning: skipping unreadable image {path} ({type(e).__name__})",
+                      file=sys.stderr)
         if images:
             logits.append(model(torch.stack(images).to(device)).float().cpu())
     return kept, torch.cat(logits) if logits else torch.zeros(0, 0)
@@ -851,24 +898,35 @@ def main(argv):
     if metric == "curves":  # the log.jsonl of training runs, not models
         return curves(models, opts["labels"], opts["out"])
     metrics = list(REPRESENTATION) if metric == "all" else [metric]
-    labels = opts["labels"].split(",") if opts["labels"] else [os.path.splitext(os.path.basename(m))[0] if os.path.exists(m) else m for m in models]
+    if opts["labels"]:
+        labels = opts["labels"].split(",")
+    else:  # a checkpoint file's name, else the teacher's name as given
+        labels = [os.path.splitext(os.path.basename(m))[0] if os.path.exists(m) else m
+                  for m in models]
     if len(labels) != len(models) or len(set(labels)) != len(labels):
-        raise SystemExit(f"error: --labels needs {len(models)} distinct comma-separated names, got '{opts['labels']}'")
+        raise SystemExit(f"error: --labels needs {len(models)} distinct comma-separated names, "
+                         f"got '{opts['labels']}'")
     os.makedirs(opts["out"], exist_ok=True)
-    settings = {k: v for k, v in opts.items() if k not in ("labels", "out")} | dict(models=dict(zip(labels, models)))
+    settings = {k: v for k, v in opts.items() if k not in ("labels", "out")}
+    settings |= dict(models=dict(zip(labels, models)))
     if metric == "sharpness":  # the curves logged by finetune.py --hessian_every
         try:
             results = {label: json.load(open(path)) for label, path in zip(labels, models)}
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: sharpness takes the JSON logs of finetune.py --hessian_every: {e}")
+            raise SystemExit("error: sharpness takes the JSON logs of finetune.py "
+                             f"--hessian_every: {e}")
         return write(metric, results, settings, opts["out"])
     if "svd" in metrics and opts["n_images"] < 2:
-        raise SystemExit(f"error: the image-level spectrum needs at least 2 images (n_images={opts['n_images']}); "
+        raise SystemExit("error: the image-level spectrum needs at least 2 images "
+                         f"(n_images={opts['n_images']}); "
                          "a full spectrum needs more images than channels")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if opts["device"] == "auto" else opts["device"]
+    device = opts["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def subset_of(dataset):  # a fixed, seeded subset of n_images
-        return np.random.default_rng(opts["seed"]).permutation(len(dataset))[:opts["n_images"]].tolist()
+        order = np.random.default_rng(opts["seed"]).permutation(len(dataset))
+        return order[:opts["n_images"]].tolist()
 
     results, maps = {m: {} for m in metrics}, {}
     try:
@@ -878,30 +936,42 @@ def main(argv):
             cfg = model.config
             print(f"{label}: {info['source']}, {cfg.depth} blocks, {cfg.img_size} px")
             if metric in CLASSIFIER:
-                results[metric][label] = classifier_metric(metric, model, info, opts, device, subset_of)
+                results[metric][label] = classifier_metric(metric, model, info, opts, device,
+                                                           subset_of)
                 continue
             dataset = image_folder(opts, "val")
             dataset.transform = EvalTransform(cfg.img_size)
-            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, subset_of(dataset)), batch_size=opts["batch_size"], collate_fn=collate)
+            subset = torch.utils.data.Subset(dataset, subset_of(dataset))
+            loader = torch.utils.data.DataLoader(subset, batch_size=opts["batch_size"],
+                                                 collate_fn=collate)
             request = None
             if "attn_map" in metrics:
                 layer = opts["layer"] % cfg.depth
                 g = cfg.grid
-                queries = [int(q) for q in opts["queries"].split(",")] if opts["queries"] else [g // 4 * g + g // 4, (g // 2) * g + g // 2, (3 * g // 4) * g + g // 4]
+                if opts["queries"]:
+                    queries = [int(q) for q in opts["queries"].split(",")]
+                else:  # 3 spread over the grid
+                    queries = [g // 4 * g + g // 4, (g // 2) * g + g // 2,
+                               (3 * g // 4) * g + g // 4]
                 if any(not 0 <= q < cfg.num_patches for q in queries):
-                    raise SystemExit(f"error: queries must be patch indices in 0..{cfg.num_patches - 1} for {label}")
+                    raise SystemExit("error: queries must be patch indices in "
+                                     f"0..{cfg.num_patches - 1} for {label}")
                 request = dict(layer=layer, queries=queries, images=opts["map_images"])
             stats = collect(model, loader, device, set(metrics), request, opts["fourier_at"])
             for m in metrics:
                 if m == "attn_map":
                     maps[label] = stats["maps"]
-                    results[m][label] = dict(layer=request["layer"], queries=request["queries"], attention=stats["maps"][1].tolist())
+                    results[m][label] = dict(layer=request["layer"], queries=request["queries"],
+                                             attention=stats["maps"][1].tolist())
                 else:
                     results[m][label] = summarize(m, stats, cfg, opts["fourier_at"])
     except (CheckpointError, DataError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     for m in metrics:
-        extra = dict(queries=results[m][labels[0]]["queries"], layer_shown=results[m][labels[0]]["layer"] + 1) if m == "attn_map" else {}
+        extra = {}
+        if m == "attn_map":
+            first = results[m][labels[0]]
+            extra = dict(queries=first["queries"], layer_shown=first["layer"] + 1)
         write(m, results[m], settings | extra, opts["out"], maps)
 
 
@@ -920,9 +990,11 @@ def write(metric, results, settings, out, maps=None):
                   f"{r['trace']:.4g} +- {r['trace_stderr']:.2g}; {r['hessian_vector_products']} "
                   f"Hessian-vector products, {r['gradient_passes']:.3g} gradient passes")
         elif metric == "shape_bias":
-            print(f"  {label:>20}: shape bias {r['shape_bias']:.3f} over {r['images']} cue-conflict images")
+            print(f"  {label:>20}: shape bias {r['shape_bias']:.3f} over {r['images']} "
+                  "cue-conflict images")
         elif metric == "ood":
-            print(f"  {label:>20}: mean accuracy {r['mean_accuracy']:.3f} over {len(r['datasets'])} datasets")
+            print(f"  {label:>20}: mean accuracy {r['mean_accuracy']:.3f} over "
+                  f"{len(r['datasets'])} datasets")
 
 
 # ----------------------------------------------------------------------------------------

@@ -30,7 +30,10 @@ from train_md import md_loss
 args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "1") for a in sys.argv[1:])
 QUICK = "quick" in args
 DEVICE = args.get("device", "cuda" if torch.cuda.is_available() else "cpu")
-SIZES = args["sizes"].split(",") if "sizes" in args else (["tiny/4"] if QUICK else ["tiny/4", "Ti/16", "S/16", "B/16"])
+if "sizes" in args:
+    SIZES = args["sizes"].split(",")
+else:
+    SIZES = ["tiny/4"] if QUICK else ["tiny/4", "Ti/16", "S/16", "B/16"]
 STEPS = int(args.get("steps", 3))
 rows = []
 
@@ -52,7 +55,8 @@ def timeit(fn, steps=STEPS, warmup=1):
 
 
 def gemm_peak(dtype, n=2048):
-    a, b = torch.randn(n, n, device=DEVICE, dtype=dtype), torch.randn(n, n, device=DEVICE, dtype=dtype)
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
     return 2 * n ** 3 / timeit(lambda: a @ b, steps=5)
 
 
@@ -77,7 +81,8 @@ def md_setup(size, fused=True):
     B = batch_for(size)
     g = np.random.default_rng(0)
     images = torch.rand(B, 3, cfg.img_size, cfg.img_size, device=DEVICE)
-    masks = torch.from_numpy(np.stack([MaskGenerator("block", cfg.grid, BEIT_RATIO)(g).flatten() for _ in range(B)])).to(DEVICE)
+    masks = [MaskGenerator("block", cfg.grid, BEIT_RATIO)(g).flatten() for _ in range(B)]
+    masks = torch.from_numpy(np.stack(masks)).to(DEVICE)
     return cfg, student, teacher_vit, md, opt, images, masks
 
 
@@ -99,7 +104,8 @@ def bench_md(size, dtype="fp32", compiled=False, fused=True, teacher_bf16=True):
         targets = teacher_only()
         with autocast(dtype):
             pred = model(images, masks)
-        loss = md_loss(pred, targets, masks)  # train_md.py's R (its defaults: smooth L1, masked patches)
+        # train_md.py's R (its defaults: smooth L1, masked patches)
+        loss = md_loss(pred, targets, masks)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -121,8 +127,9 @@ def bench_timm(size, dtype):
     B = batch_for(size)
     x = torch.rand(B, 3, cfg.img_size, cfg.img_size, device=DEVICE)
     y = torch.randint(0, 1000, (B,), device=DEVICE)
-    ref = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                            embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads).to(DEVICE)
+    ref = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=cfg.img_size,
+                            patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                            num_heads=cfg.num_heads).to(DEVICE)
     ours = ViT(cfg).to(DEVICE)
     steps = []
     for model in (ours, ref):
@@ -136,7 +143,8 @@ def bench_timm(size, dtype):
             opt.zero_grad(set_to_none=True)
         steps.append(step)
     times = [[], []]
-    for i in range(2 * STEPS + 2):  # alternate the two, so that drifts of the machine hit both alike
+    # alternate the two, so that drifts of the machine hit both alike
+    for i in range(2 * STEPS + 2):
         for j in (0, 1):
             seconds = timeit(steps[j], steps=1, warmup=0)
             if i >= 2:
@@ -145,13 +153,15 @@ def bench_timm(size, dtype):
 
 
 def bench_data(n=16):
-    """decode + RandomResizedCrop + flip + jitter + block mask of ImageNet-sized JPEGs, one worker"""
+    """decode + RandomResizedCrop + flip + jitter + block mask of ImageNet-sized JPEGs, one
+    worker"""
     with tempfile.TemporaryDirectory() as d:
         g = np.random.default_rng(0)
         paths = []
         for i in range(n):
             path = os.path.join(d, f"{i}.jpg")
-            smooth = np.kron(g.integers(0, 256, (47, 63, 3)), np.ones((8, 8, 1)))[:375, :500].astype(np.uint8)
+            smooth = np.kron(g.integers(0, 256, (47, 63, 3)), np.ones((8, 8, 1)))
+            smooth = smooth[:375, :500].astype(np.uint8)
             from PIL import Image
             Image.fromarray(smooth).save(path, quality=90)
             paths.append(path)
@@ -188,8 +198,12 @@ def bench_analysis(size, n):
     from analyze import collect
     model = ViT(ViTConfig.from_name(size)).to(DEVICE).eval()
     images = torch.rand(n, 3, model.config.img_size, model.config.img_size)
+
+    def stack(batch):
+        return torch.stack([x[0] for x in batch]), None, None, 0
+
     loader = torch.utils.data.DataLoader([(images[i], 0, None) for i in range(n)], batch_size=16,
-                                         collate_fn=lambda b: (torch.stack([x[0] for x in b]), None, None, 0))
+                                         collate_fn=stack)
     want = {"attn_distance", "attn_entropy", "nmi", "fourier", "svd"}
 
     @torch.no_grad()
@@ -306,34 +320,50 @@ def bench_curvature(n=64):
 def main():
     torch.manual_seed(0)
     on_gpu = DEVICE.startswith("cuda")
-    machine = torch.cuda.get_device_name(DEVICE) if on_gpu else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    if on_gpu:
+        machine = torch.cuda.get_device_name(DEVICE)
+    else:
+        cpu = platform.processor() or platform.machine()
+        machine = f"{cpu}, {torch.get_num_threads()} threads"
     print(f"machine: {machine}; torch {torch.__version__}")
-    peaks = {"fp32": peak_flops(DEVICE), "bf16": peak_flops(DEVICE)} if on_gpu else {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
-    if not on_gpu:
-        print(f"measured GEMM peak (2048^3): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    if on_gpu:
+        peaks = {"fp32": peak_flops(DEVICE), "bf16": peak_flops(DEVICE)}
+    else:
+        peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
+        print(f"measured GEMM peak (2048^3): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+              f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     print(f"\n{'MD step':<34} {'batch':>5} {'ms/step':>9} {'img/s':>8} {'MFU':>6} {'teacher':>8}")
-    variants = [("fp32", False, True, False), ("bf16", False, True, True), ("fp32 explicit attention", False, False, False),
+    variants = [("fp32", False, True, False), ("bf16", False, True, True),
+                ("fp32 explicit attention", False, False, False),
                 ("bf16, teacher fp32", False, True, False)]
     if not QUICK or on_gpu:
         variants.append(("bf16 + compile", True, True, True))
     for size in SIZES:
         for name, compiled, fused, teacher_bf16 in variants:
             dtype = "bf16" if name.startswith("bf16") else "fp32"
-            seconds, teacher_seconds, flops, B = bench_md(size, dtype, compiled, fused, teacher_bf16)
+            seconds, teacher_seconds, flops, B = bench_md(size, dtype, compiled, fused,
+                                                          teacher_bf16)
             mfu = flops / seconds / peaks[dtype] if peaks[dtype] else float("nan")
-            print(f"{size + ' ' + name:<34} {B:>5} {1000 * seconds:>9.1f} {B / seconds:>8.1f} {100 * mfu:>5.1f}% {100 * teacher_seconds / seconds:>7.1f}%")
-    print(f"\n{'student step vs timm (same size)':<34} {'ours ms':>9} {'timm ms':>9} {'ours/timm speed':>16}")
+            row = size + " " + name
+            teacher_share = 100 * teacher_seconds / seconds
+            print(f"{row:<34} {B:>5} {1000 * seconds:>9.1f} {B / seconds:>8.1f} "
+                  f"{100 * mfu:>5.1f}% {teacher_share:>7.1f}%")
+    header = "student step vs timm (same size)"
+    print(f"\n{header:<34} {'ours ms':>9} {'timm ms':>9} {'ours/timm speed':>16}")
     for size in SIZES:
         for dtype in ("fp32", "bf16"):
             r = bench_timm(size, dtype)
             if r is None:
                 print(f"{size} {dtype}: skipped (timm not installed)")
                 break
-            print(f"{size + ' ' + dtype:<34} {1000 * r[0]:>9.1f} {1000 * r[1]:>9.1f} {r[1] / r[0]:>16.2f}")
+            row = size + " " + dtype
+            print(f"{row:<34} {1000 * r[0]:>9.1f} {1000 * r[1]:>9.1f} {r[1] / r[0]:>16.2f}")
     per_worker = bench_data()
     best = max(B / s for s, _, _, B in [bench_md(SIZES[-1], "bf16")])
-    print(f"\ndata: {per_worker:.0f} img/s per worker (JPEG 500x375 decode + crop + flip + jitter + block mask); "
-          f"{int(np.ceil(best / per_worker))} worker(s) feed the {SIZES[-1]} bf16 step ({best:.0f} img/s)")
+    print(f"\ndata: {per_worker:.0f} img/s per worker "
+          "(JPEG 500x375 decode + crop + flip + jitter + block mask); "
+          f"{int(np.ceil(best / per_worker))} worker(s) feed the {SIZES[-1]} bf16 step "
+          f"({best:.0f} img/s)")
     print()
     for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
         n = 64 if size == "tiny/4" else 16

@@ -1,4 +1,5 @@
-"""analyze.py: every metric on inputs whose answer is known in closed form, and the command line."""
+"""analyze.py: every metric on inputs whose answer is known in closed form, and the command
+line."""
 import json
 import math
 import os
@@ -8,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from analyze import (attention_distance, attention_entropy, attention_nmi, patch_attention, relative_log_amplitude,
-                     relative_log_singular_values, token_singular_spectrum)
+from analyze import (attention_distance, attention_entropy, attention_nmi, patch_attention,
+                     relative_log_amplitude, relative_log_singular_values,
+                     token_singular_spectrum)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,25 +62,31 @@ def test_patch_attention_without_the_cancellation_of_renormalizing():
 
 def test_attention_distance_closed_forms():
     grid, patch = 4, 16
-    assert torch.allclose(attention_distance(patch_attention(identity_attention(grid)), grid, patch), torch.zeros(1, 2))
-    # uniform: the mean Euclidean distance over all ordered pairs of grid cells (self included), in pixels
+    identity = attention_distance(patch_attention(identity_attention(grid)), grid, patch)
+    assert torch.allclose(identity, torch.zeros(1, 2))
+    # uniform: the mean Euclidean distance over all ordered pairs of grid cells (self included),
+    # in pixels
     cells = [(y, x) for y in range(grid) for x in range(grid)]
     mean = sum(math.dist(p, q) for p in cells for q in cells) / len(cells) ** 2
     expected = torch.full((1, 2), patch * mean)
     uniform = attention_distance(patch_attention(uniform_attention(grid)), grid, patch)
     assert torch.allclose(uniform, expected, atol=1e-4)
-    # all attention on the right-hand neighbour (wrapping rows at the edge): distance = 1 patch for interior queries
+    # all attention on the right-hand neighbour (wrapping rows at the edge): distance = 1 patch
+    # for interior queries
     N = grid * grid
     a = torch.zeros(1, 1, N, N)
     for q in range(N):
         y, x = divmod(q, grid)
         a[0, 0, q, y * grid + (x + 1) % grid] = 1.0
-    expected = patch * ((grid - 1) * 1 + 1 * (grid - 1)) / grid  # grid-1 neighbours at 1, one wrap at grid-1 per row
-    assert attention_distance(patch_attention(with_cls(a)), grid, patch).item() == pytest.approx(expected, rel=1e-5)
+    # grid-1 neighbours at 1, one wrap at grid-1 per row
+    expected = patch * ((grid - 1) * 1 + 1 * (grid - 1)) / grid
+    distance = attention_distance(patch_attention(with_cls(a)), grid, patch).item()
+    assert distance == pytest.approx(expected, rel=1e-5)
 
 
 def test_attention_entropy_closed_forms():
-    assert torch.allclose(attention_entropy(patch_attention(identity_attention(4))), torch.zeros(1, 2), atol=1e-6)
+    identity = attention_entropy(patch_attention(identity_attention(4)))
+    assert torch.allclose(identity, torch.zeros(1, 2), atol=1e-6)
     uniform = attention_entropy(patch_attention(uniform_attention(4)))
     assert torch.allclose(uniform, torch.full((1, 2), math.log(16)), atol=1e-5)
     # each query splits attention evenly over 2 keys: log 2
@@ -86,26 +94,32 @@ def test_attention_entropy_closed_forms():
     a = torch.zeros(1, 1, N, N)
     for q in range(N):
         a[0, 0, q, q] = a[0, 0, q, (q + 1) % N] = 0.5
-    assert attention_entropy(patch_attention(with_cls(a))).item() == pytest.approx(math.log(2), rel=1e-5)
+    entropy = attention_entropy(patch_attention(with_cls(a))).item()
+    assert entropy == pytest.approx(math.log(2), rel=1e-5)
 
 
 def test_nmi_closed_forms():
-    assert torch.allclose(attention_nmi(patch_attention(identity_attention(4))), torch.ones(1, 2), atol=1e-5)
-    assert torch.allclose(attention_nmi(patch_attention(uniform_attention(4))), torch.zeros(1, 2), atol=1e-6)
-    # every query attends to key 0 only: p(k) is a point mass, H(k) = 0, I = 0 -> NMI 0 (guarded, not NaN)
+    identity = attention_nmi(patch_attention(identity_attention(4)))
+    assert torch.allclose(identity, torch.ones(1, 2), atol=1e-5)
+    uniform = attention_nmi(patch_attention(uniform_attention(4)))
+    assert torch.allclose(uniform, torch.zeros(1, 2), atol=1e-6)
+    # every query attends to key 0 only: p(k) is a point mass, H(k) = 0, I = 0 -> NMI 0
+    # (guarded, not NaN)
     a = torch.zeros(1, 1, 16, 16)
     a[..., 0] = 1.0
     assert attention_nmi(patch_attention(with_cls(a))).item() == pytest.approx(0.0, abs=1e-6)
-    # two blocks of 8 queries each spreading uniformly over their own 8 keys: I = log 2, H(k) = log 16, H(q) = log 16
+    # two blocks of 8 queries each spreading uniformly over their own 8 keys: I = log 2,
+    # H(k) = log 16, H(q) = log 16
     a = torch.zeros(1, 1, 16, 16)
     a[0, 0, :8, :8] = 1 / 8
     a[0, 0, 8:, 8:] = 1 / 8
-    assert attention_nmi(patch_attention(with_cls(a))).item() == pytest.approx(math.log(2) / math.log(16), rel=1e-5)
+    nmi = attention_nmi(patch_attention(with_cls(a))).item()
+    assert nmi == pytest.approx(math.log(2) / math.log(16), rel=1e-5)
 
 
 def test_fourier_single_cosine():
-    """1 + cos(2 pi k (x + y) / G): DC amplitude G^2, peaks of G^2 / 2 at (k, k) -> entry k is log(1/2);
-    the other diagonal entries are empty (round-off only, far below the peak)."""
+    """1 + cos(2 pi k (x + y) / G): DC amplitude G^2, peaks of G^2 / 2 at (k, k) -> entry k is
+    log(1/2); the other diagonal entries are empty (round-off only, far below the peak)."""
     G, k, C = 14, 3, 4
     ys, xs = torch.meshgrid(torch.arange(G).float(), torch.arange(G).float(), indexing="ij")
     field = 1 + torch.cos(2 * math.pi * k * (xs + ys) / G)
@@ -157,10 +171,12 @@ def test_singular_spectrum_of_known_covariance():
     expected = torch.log(torch.tensor(variances, dtype=torch.float64) / 4.0)
     assert torch.allclose(relative_log_singular_values(x), expected, atol=1e-8)
     # rotated samples: the same spectrum (it does not depend on the basis)
-    rotation, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    generator = torch.Generator().manual_seed(1)
+    rotation, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=generator))
     assert torch.allclose(relative_log_singular_values(x @ rotation), expected, atol=1e-8)
     # token level: per image, then averaged over images
-    tokens = torch.stack([exact_covariance_samples(30, variances, seed=s) for s in range(3)]).float()
+    tokens = [exact_covariance_samples(30, variances, seed=s) for s in range(3)]
+    tokens = torch.stack(tokens).float()
     assert torch.allclose(token_singular_spectrum(tokens), expected.expand(3, 4), atol=1e-4)
     # rank-deficient: 3 samples in 4 dimensions give at most 2 nonzero values; no -inf
     few = relative_log_singular_values(torch.randn(3, 4, dtype=torch.float64))
@@ -168,7 +184,8 @@ def test_singular_spectrum_of_known_covariance():
 
 
 def run_analyze(args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "analyze.py"), *args], capture_output=True, text=True, cwd=ROOT,
+    command = [sys.executable, os.path.join(ROOT, "analyze.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=600)
 
 
@@ -178,15 +195,16 @@ def test_all_metrics_from_the_command_line(tiny_data, tiny_teacher, tmp_path):
     obj["model"] = {k: v * 1.5 for k, v in obj["model"].items()}
     torch.save(obj, other)
     out = tmp_path / "out"
-    result = run_analyze(["--metric=all", tiny_teacher, str(other), f"--data={tiny_data}", "--n_images=12",
-                          "--batch_size=5", f"--out={out}", "--labels=a,b"])
+    result = run_analyze(["--metric=all", tiny_teacher, str(other), f"--data={tiny_data}",
+                          "--n_images=12", "--batch_size=5", f"--out={out}", "--labels=a,b"])
     assert result.returncode == 0, result.stderr[-2000:]
     for metric in ("attn_map", "attn_distance", "attn_entropy", "nmi", "fourier", "svd"):
         report = json.load(open(out / f"{metric}.json"))
         assert set(report["models"]) == {"a", "b"}
         assert os.path.getsize(out / f"{metric}.png") > 5000
         if metric != "attn_map":
-            assert len(report["models"]["a"]["per_layer"]) == 2  # nano/4: 2 blocks, first block first
+            # nano/4: 2 blocks, first block first
+            assert len(report["models"]["a"]["per_layer"]) == 2
     entropy = json.load(open(out / "attn_entropy.json"))["models"]["a"]
     assert all(0 <= h <= math.log(64) + 1e-6 for layer in entropy["per_head"] for h in layer)
     svd = json.load(open(out / "svd.json"))["models"]["a"]
@@ -245,28 +263,38 @@ def test_metric_runs_on_vit_b_at_224(tmp_path):
     cfg = ViTConfig.from_name("B/16")
     path = tmp_path / "vitb.pt"
     torch.save(dict(model=ViT(cfg).state_dict(), model_args=cfg.to_dict(), config={}), path)
-    result = run_analyze(["--metric=all", str(path), "--n_images=2", "--batch_size=2", f"--out={tmp_path}"])
+    result = run_analyze(["--metric=all", str(path), "--n_images=2", "--batch_size=2",
+                          f"--out={tmp_path}"])
     assert result.returncode == 0, result.stderr[-2000:]
     for metric in ("attn_distance", "attn_entropy", "nmi", "fourier", "svd"):
-        assert len(json.load(open(tmp_path / f"{metric}.json"))["models"]["vitb"]["per_layer"]) == 12
-    assert json.load(open(tmp_path / "fourier.json"))["models"]["vitb"]["frequencies_pi"][-1] == pytest.approx(6 / 7)
+        vitb = json.load(open(tmp_path / f"{metric}.json"))["models"]["vitb"]
+        assert len(vitb["per_layer"]) == 12
+    fourier = json.load(open(tmp_path / "fourier.json"))["models"]["vitb"]
+    assert fourier["frequencies_pi"][-1] == pytest.approx(6 / 7)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--metric=entropy", "clip"], "error: unknown metric 'entropy': choose one of attn_map, attn_distance, attn_entropy, nmi, fourier, svd, hessian, landscape, shape_bias, ood, sharpness, curves, report or all"),
-    (["--metric=svd", "{teacher}", "--n_images=1"], "error: the image-level spectrum needs at least 2 images (n_images=1)"),
+    (["--metric=entropy", "clip"],
+     "error: unknown metric 'entropy': choose one of attn_map, attn_distance, attn_entropy, "
+     "nmi, fourier, svd, hessian, landscape, shape_bias, ood, sharpness, curves, report or all"),
+    (["--metric=svd", "{teacher}", "--n_images=1"],
+     "error: the image-level spectrum needs at least 2 images (n_images=1)"),
     (["--metric=nmi", "/no/such.pt"], "error: checkpoint '/no/such.pt' not found"),
     (["--metric=nmi"], "error: no model given"),
-    (["--metric=nmi", "{teacher}", "--n_imgs=3"], "error: unknown option '--n_imgs': options are --metric, --data"),
+    (["--metric=nmi", "{teacher}", "--n_imgs=3"],
+     "error: unknown option '--n_imgs': options are --metric, --data"),
     (["--metric=fourier", "{teacher}", "--fourier_at=mid"],
      "error: --fourier_at=mid: choose blocks or half"),
 ])
 def test_bad_input(tiny_teacher, tiny_data, args, message):
     result = run_analyze([a.format(teacher=tiny_teacher) for a in args] + [f"--data={tiny_data}"])
-    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-1000:]
+    assert result.returncode != 0, result.stderr[-1000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(message), result.stderr[-1000:]
 
 
 def test_options_take_the_value_after_a_space(tiny_data, tiny_teacher, tmp_path):
-    result = run_analyze(["--metric", "nmi", tiny_teacher, "--data", tiny_data, "--n_images", "4", "--out", str(tmp_path)])
+    result = run_analyze(["--metric", "nmi", tiny_teacher, "--data", tiny_data, "--n_images", "4",
+                          "--out", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-1000:]
     assert json.load(open(tmp_path / "nmi.json"))["settings"]["n_images"] == 4
