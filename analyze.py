@@ -906,7 +906,11 @@ def main(argv):
     if len(labels) != len(models) or len(set(labels)) != len(labels):
         raise SystemExit(f"error: --labels needs {len(models)} distinct comma-separated names, "
                          f"got '{opts['labels']}'")
-    os.makedirs(opts["out"], exist_ok=True)
+    try:
+        os.makedirs(opts["out"], exist_ok=True)
+    except OSError as e:  # a file of that name, a file on the way, no permission
+        raise SystemExit(f"error: --out={opts['out']} cannot be a directory ({e.strerror}): "
+                         f"give a directory for NAME.json and NAME.png") from None
     settings = {k: v for k, v in opts.items() if k not in ("labels", "out")}
     settings |= dict(models=dict(zip(labels, models)))
     if metric == "sharpness":  # the curves logged by finetune.py --hessian_every
@@ -932,6 +936,11 @@ def main(argv):
     try:
         for model_arg, label in zip(models, labels):
             model, info = load_model(model_arg)
+            bad = [k for k, t in model.state_dict().items()
+                   if t.is_floating_point() and not t.isfinite().all()]
+            if bad:
+                raise SystemExit(f"error: {model_arg} has non-finite (NaN/inf) weights, first in "
+                                 f"{bad[0]}: analyze a checkpoint saved before training diverged")
             model.to(device)
             cfg = model.config
             print(f"{label}: {info['source']}, {cfg.depth} blocks, {cfg.img_size} px")

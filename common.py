@@ -1,7 +1,8 @@
 """
-Leaf helpers the scripts share, values in and values out: --key=value overrides, the torchrun/DDP
-context, the lr schedule, the data position, the non-finite flag, checkpoint write / read / resume,
-the download with its SHA-256 check, the MFU meter, logging. Nothing here imports the project and
+Leaf helpers the scripts share, values in and values out: --key=value overrides, the option
+checks, the torchrun/DDP context, the lr schedule, the data position, the per-step seed, the
+non-finite flag, checkpoint write / read / resume, the SIGTERM flag, the download with its SHA-256
+check, the MFU meter, logging. Nothing here imports the project and
 nothing here runs a training loop: each script writes its own.
 """
 import ast
@@ -10,9 +11,11 @@ import json
 import math
 import os
 import pickle
+import signal
 import socket
 import tempfile
 import time
+import traceback
 import urllib.request
 import zipfile
 
@@ -61,7 +64,10 @@ def apply_overrides(config, argv):
             if not os.path.isfile(arg):
                 raise SystemExit(f"error: config file '{arg}' not found (options are --key=value)")
             file_globals = {}
-            exec(open(arg).read(), file_globals)
+            try:
+                exec(compile(open(arg).read(), arg, "exec"), file_globals)
+            except Exception as e:  # a config file is Python: its error becomes one line
+                raise SystemExit(f"error: config file {config_error(arg, e)}") from None
             for key, value in file_globals.items():
                 if key.startswith("_"):
                     continue
@@ -75,6 +81,60 @@ def apply_overrides(config, argv):
                     raise SystemExit(f"error: {arg}: '{key}' must be {kind}, got {value!r}")
                 config[key] = value
     return {k: config[k] for k in keys}
+
+
+def config_error(path, error):
+    """'PATH' line N: ErrorType: message, for an exception raised while running a config file"""
+    if isinstance(error, SyntaxError):
+        line, text = error.lineno, error.msg
+    else:
+        frames = traceback.extract_tb(error.__traceback__)
+        lines = [frame.lineno for frame in frames if frame.filename == path]
+        line, text = (lines[-1] if lines else None), first_line(error)
+    where = f" line {line}" if line else ""
+    return f"'{path}'{where}: {type(error).__name__}: {text}"
+
+
+# ----------------------------------------------------------------------------------------
+# option checks: every script calls option_error once, before any work
+
+def option_error(config, extra=()):
+    """The first option value that cannot work, as one line that says what to change, or None.
+    Checks the options the scripts share (each where the script has it), the device, then the
+    script's own `extra` (ok, message) pairs."""
+    rules = (  # (requirement, test, options)
+        (">= 1", lambda v: v >= 1,
+         ("micro_batch_size", "total_batch_size", "epochs", "log_interval", "save_interval")),
+        (">= 0", lambda v: v >= 0,
+         ("warmup_epochs", "stop_iter", "lr", "min_lr", "weight_decay", "grad_clip", "seed",
+          "num_workers", "eval_images", "hessian_every", "mixup", "cutmix", "color_jitter",
+          "commitment", "dead_threshold")),
+        ("in [0, 1)", lambda v: 0 <= v < 1,
+         ("beta1", "beta2", "drop_path", "label_smoothing", "ema_decay")),
+        ("in (0, 1]", lambda v: 0 < v <= 1, ("min_crop_scale", "crop_pct")),
+        ("in [0, 1]", lambda v: 0 <= v <= 1, ("flip", "reprob")),
+    )
+    for requirement, ok, names in rules:
+        for name in names:
+            if name in config and not ok(config[name]):  # NaN fails every test
+                return f"--{name}={config[name]} must be {requirement}"
+    device = config.get("device", "auto")
+    if device != "auto":
+        try:
+            kind, index = torch.device(device).type, torch.device(device).index
+        except RuntimeError:
+            return f"--device={device} is not a device: use auto, cpu, cuda or cuda:N"
+        if kind not in ("cpu", "cuda"):
+            return f"--device={device}: only cpu and cuda are supported: use cpu, cuda or cuda:N"
+        if kind == "cuda" and not torch.cuda.is_available():
+            return f"--device={device}: no CUDA GPU is visible: use --device=cpu (or auto)"
+        gpus = torch.cuda.device_count() if kind == "cuda" else 0
+        if kind == "cuda" and index is not None and index >= gpus:
+            return f"--device={device}: there are {gpus} GPUs (cuda:0 ...): pick one of them"
+    for ok, message in extra:
+        if not ok:
+            return message
+    return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -96,6 +156,9 @@ class Context:
                 torch.cuda.set_device(device)
             default_backend = "nccl" if device.startswith("cuda") else "gloo"
             dist.init_process_group(backend=backend or default_backend)
+            # host-side flags (a stop request) travel over gloo: no device sync in the loop
+            gloo = dist.get_backend() == "gloo"
+            self.cpu_group = None if gloo else dist.new_group(backend="gloo")
         else:
             self.rank, self.local_rank, self.world_size = 0, 0, 1
         self.device = device
@@ -116,6 +179,18 @@ class Context:
         if self.ddp:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def any_rank(self, flag):
+        """True on every rank when `flag` (a host bool) is True on at least one rank"""
+        if not self.ddp:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return bool(t.item())
+
+    def barrier(self):
+        if self.ddp:
+            dist.barrier(group=self.cpu_group)
 
     def close(self):
         if self.ddp:
@@ -174,6 +249,15 @@ def micro_batches(loader, sampler, start_iter, accum, iters_per_epoch):
                 break
             yield batch
         epoch, start = epoch + 1, 0
+
+
+def derived_seed(*keys):
+    """A seed for torch.manual_seed from integers such as (seed, rank, iteration, micro-step): the
+    first 8 bytes of their SHA-256. The loops reseed every micro-step with it, so drop path,
+    mixup and codebook restarts draw the same numbers in a resumed run as in an uninterrupted
+    one, on every rank, and no RNG state needs to be saved."""
+    digest = hashlib.sha256(",".join(str(int(k)) for k in keys).encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 def record_nonfinite(record, value, iter_num, what):
@@ -413,19 +497,6 @@ def add_module_state(module, classes, prefix, state_dict):
 # ----------------------------------------------------------------------------------------
 # checkpoints
 
-def rng_state():
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(checkpoint, path):
     """Atomic: write a temp file, fsync, rename over the old one. A crash or a full disk leaves the
     previous checkpoint as it was; non-finite weights are never written."""
@@ -454,18 +525,46 @@ def save_checkpoint(checkpoint, path):
                          "kept: free space there or choose another out_dir") from None
 
 
-def resume_from(ctx, path, optimizer, **modules):
-    """Load a run's checkpoint: each module from the entry of its name, the optimizer, the RNG.
-    -> the checkpoint (for iter_num and the rest)."""
+def resume_checkpoint(path, config, may_change):
+    """--resume=True: read the run's checkpoint, and refuse it when a setting outside `may_change`
+    has another value than the checkpoint's `config` (the continued run would then not be the
+    uninterrupted one): one line names each. -> the checkpoint"""
     if not os.path.exists(path):
         raise SystemExit(f"error: --resume=True but there is no checkpoint at {path}: start without --resume")
-    ckpt = read_checkpoint(path)
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not isinstance(ckpt, dict) or not {"config", "iter_num", "optimizer"} <= set(ckpt):
+        raise SystemExit(f"error: {path} is not a training checkpoint (no config, iter_num, "
+                         f"optimizer): start without --resume or in another out_dir")
+    saved = ckpt["config"]
+    changed = [k for k in sorted(config)
+               if k in saved and k not in may_change and saved[k] != config[k]]
+    if changed:
+        diff = ", ".join(f"{k} {saved[k]!r} -> {config[k]!r}" for k in changed)
+        raise SystemExit(f"error: --resume=True with settings that change the run: {diff}; resume "
+                         f"with the checkpoint's values, or start a new run in another out_dir")
+    return ckpt
+
+
+def resume_from(ckpt, optimizer, **modules):
+    """Load a checkpoint's state: each module from the entry of its name, and the optimizer."""
     for key, module in modules.items():
         module.load_state_dict(ckpt[key])
     optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"])
-    log(ctx, f"resumed from {path} at iteration {ckpt['iter_num']}")
-    return ckpt
+
+
+# ----------------------------------------------------------------------------------------
+# stopping on a signal
+
+def sigterm_flag():
+    """SIGTERM (what a scheduler sends before preemption; torchrun passes it on) no longer ends
+    the process at once: it appends to the returned list, which the training loop reads once per
+    iteration to save the finished step and stop. SIGINT (Ctrl-C) still interrupts at once."""
+    received = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    return received
 
 
 # ----------------------------------------------------------------------------------------

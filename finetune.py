@@ -22,15 +22,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (CheckpointError, Context, Meter, accumulation_steps, apply_overrides,
-                    check_out_dir, cosine_lr, lock_out_dir, log, micro_batches, peak_flops, pyplot,
-                    record_nonfinite, resume_from, rng_state, save_checkpoint, schedule_lengths,
-                    stop_if_nonfinite, wrap_for_training)
-from common import append_jsonl, trim_log, wandb_init
+from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl,
+                    apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log,
+                    micro_batches, option_error, peak_flops, pyplot, record_nonfinite,
+                    resume_checkpoint, resume_from, save_checkpoint, schedule_lengths,
+                    sigterm_flag, stop_if_nonfinite, trim_log, wandb_init, wrap_for_training)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
 from hessian import curvature
-from model import ViT, ViTConfig, adapt_state_dict
+from model import PRESETS, ViT, ViTConfig, adapt_state_dict
 from teacher import load_model
 
 # -----------------------------------------------------------------------------
@@ -89,6 +89,11 @@ dtype = "bfloat16"            # autocast dtype: bfloat16 | float16 | float32
 compile = True                # torch.compile the model
 backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 # -----------------------------------------------------------------------------
+# settings a resumed run may change: they decide where, how fast and how often to report, not
+# what is computed (device, compile and backend change float rounding only); resume refuses others
+RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "eval_interval", "log_interval",
+                     "num_workers", "device", "compile", "backend", "init_path", "hessian_every",
+                     "summarize")
 
 
 def build_model(num_classes):
@@ -99,6 +104,9 @@ def build_model(num_classes):
         return ViT(cfg), "random init"
     source, _ = load_model(init, init_path or None)
     src_cfg = source.config
+    if img_size % src_cfg.patch_size:
+        raise CheckpointError(f"--img_size={img_size} is not a multiple of the patch size "
+                              f"{src_cfg.patch_size} of '{init}': the patches must tile the image")
     if keep_head and src_cfg.num_classes != num_classes:
         raise CheckpointError(f"'{init}' has a head for {src_cfg.num_classes} classes but the data has {num_classes}: "
                               f"drop --keep_head to start a new head")
@@ -169,6 +177,25 @@ def print_summary(root):
 def main():
     if summarize:
         return print_summary(summarize)
+    # -------------------------------------------------------------------------
+    # options, all checked here before any work (the patch size of a checkpoint: in build_model);
+    # then the checkpoint to resume, if any
+    patch_size = ViTConfig.from_name(model).patch_size if model in PRESETS else 1
+    problem = option_error(config, [
+        (eval_interval >= 0, f"--eval_interval={eval_interval} must be >= 0 (0 = once per epoch)"),
+        (layer_decay > 0, f"--layer_decay={layer_decay} must be > 0 (1 = off)"),
+        (recount >= 1, f"--recount={recount} must be >= 1"),
+        (init != "scratch" or model in PRESETS,
+         f"unknown model size '{model}': choose one of {', '.join(PRESETS)}"),
+        (init != "scratch" or img_size % patch_size == 0,
+         f"--img_size={img_size} is not a multiple of the patch size {patch_size} of {model}: "
+         f"the patches must tile the image"),
+    ])
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = resume_checkpoint(ckpt_path, config, RESUME_MAY_CHANGE) if resume else None
+    sigterm = sigterm_flag()  # from here a SIGTERM only sets this flag; the loop saves and stops
     ctx = Context(device, dtype, backend)
     if ctx.master:  # before any work: out_dir is writable and no other run uses it
         check_out_dir(out_dir)
@@ -200,13 +227,18 @@ def main():
 
     iter_num, best_top1 = 0, 0.0
     if resume:
-        ckpt = resume_from(ctx, os.path.join(out_dir, "ckpt.pt"), optimizer, model=vit)
+        resume_from(ckpt, optimizer, model=vit)
         iter_num, best_top1 = ckpt["iter_num"], ckpt["best_top1"]
+        log(ctx, f"resumed from {ckpt_path} at iteration {iter_num}")
+        if iter_num >= end_iter:
+            log(ctx, f"nothing to do: the checkpoint is at iteration {iter_num}, "
+                     f"this run ends at {end_iter}")
+            ctx.close()
+            return
     log_path = os.path.join(out_dir, "log.jsonl")  # a JSON record per log line and per evaluation
     if ctx.master:  # a new run starts it afresh; a resumed one drops records past its checkpoint
         trim_log(log_path, iter_num)
     train_model = wrap_for_training(vit, ctx, compile)  # compiled and/or DDP; vit is saved
-    mix_generator = torch.Generator().manual_seed(seed * 7919 + ctx.rank)
 
     @torch.no_grad()
     def evaluate():
@@ -227,17 +259,25 @@ def main():
             counts[2] += len(labels)
         ctx.all_reduce_sum(counts)
         vit.train()
-        return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
+        top1_hits, top5_hits, images_read = counts.tolist()
+        if images_read == 0:  # a top-1 over no image is not a number
+            val_dir = os.path.join(root, "val")
+            raise SystemExit(f"error: iteration {iter_num}: no val image under {val_dir} "
+                             f"could be read (see the warnings): fix the val split")
+        return 100 * top1_hits / images_read, 100 * top5_hits / images_read
 
     sharpness_path = os.path.join(out_dir, "sharpness.json")
     sharpness_log = []
-    if resume and os.path.exists(sharpness_path):
-        sharpness_log = json.load(open(sharpness_path))
+    if resume and os.path.exists(sharpness_path):  # entries after the checkpoint are logged again
+        sharpness_log = [e for e in json.load(open(sharpness_path)) if e["iter"] <= iter_num]
 
     def log_sharpness():
         """top eigenvalue and Hutchinson trace of the loss on the first val batch, model in eval mode"""
         loader, _ = make_loader(val_set, micro_batch_size, False, num_workers=0)
         images, labels, _, _ = next(iter(loader))
+        if images is None:
+            raise SystemExit("error: the first val batch has no readable image: "
+                             "--hessian_every needs one")
         batch = [(images.to(ctx.device), labels.to(ctx.device))]
         vit.eval()
         r = curvature(vit, batch, k=1, max_iter=20, trace_products=10)
@@ -271,24 +311,33 @@ def main():
         lr_now = cosine_lr(iter_num, max_iters, warmup_iters, lr, min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr_now * group["lr_scale"]  # lr_scale: layer decay
+        readable = 0  # images of this step that could be read
         for micro_step in range(accum):
             images, labels, _, n_skipped = next(batches)
+            # this micro-step's random draws (mixup, drop path) follow from (seed, rank, iteration,
+            # micro-step): a resumed run draws exactly what the uninterrupted run drew
+            torch.manual_seed(derived_seed(seed, ctx.rank, iter_num, micro_step))
             skipped += n_skipped
             if images is None:  # every image of this micro-batch was unreadable
                 continue
+            readable += len(images)
             images = images.to(ctx.device, non_blocking=True)
             labels = labels.to(ctx.device, non_blocking=True)
             if ctx.ddp:  # sync gradients on the last micro-step only
                 train_model.require_backward_grad_sync = micro_step == accum - 1
             targets = smooth_one_hot(labels, num_classes, label_smoothing)  # (B, classes)
             if mixup > 0 or cutmix > 0:
-                images, targets = mixup_cutmix(images, targets, mixup, cutmix, mix_generator)
+                images, targets = mixup_cutmix(images, targets, mixup, cutmix)
             with ctx.autocast():
                 logits = train_model(images)  # (B, classes)
             loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()  # soft-target CE
             nonfinite = record_nonfinite(nonfinite, loss, iter_num, 0)
             (loss / accum).backward()
             meter.update(len(images) * ctx.world_size)
+        if readable == 0:  # not one readable image in a whole step: the train split is unreadable
+            raise SystemExit(f"error: iteration {iter_num}: none of the {accum * micro_batch_size} "
+                             f"images of the step could be read (see the warnings): "
+                             f"fix the train split under {root}")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
         nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
         optimizer.step()
@@ -312,19 +361,32 @@ def main():
             skipped = 0
         if hessian_every and iter_num % hessian_every == 0 and ctx.master:
             bar.write(log_sharpness())
-        if iter_num % eval_every == 0 or iter_num == end_iter:
+        # a SIGTERM seen by any rank: all ranks save this finished step together, then stop
+        stop = ctx.any_rank(bool(sigterm)) and iter_num < end_iter
+        at_eval = iter_num % eval_every == 0 or iter_num == end_iter
+        if at_eval or stop:
             stop_if_nonfinite(nonfinite, out_dir)  # a non-finite step is never saved
-            top1, top5 = evaluate()
-            best_top1 = max(best_top1, top1)
+            if at_eval:
+                top1, top5 = evaluate()
+                best_top1 = max(best_top1, top1)
+                if ctx.master:
+                    epoch = iter_num / iters_per_epoch
+                    bar.write(f"iter {iter_num} (epoch {epoch:.1f}): val top-1 {top1:.2f}%, "
+                              f"top-5 {top5:.2f}%")
+                    record = dict(iter=iter_num, epoch=epoch, val_top1=top1, val_top5=top5)
+                    append_jsonl(log_path, record, wandb_run)
             if ctx.master:
-                epoch = iter_num / iters_per_epoch
-                bar.write(f"iter {iter_num} (epoch {epoch:.1f}): val top-1 {top1:.2f}%, top-5 {top5:.2f}%")
-                record = dict(iter=iter_num, epoch=epoch, val_top1=top1, val_top5=top5)
-                append_jsonl(log_path, record, wandb_run)
                 checkpoint = dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config=config,
                                   optimizer=optimizer.state_dict(), iter_num=iter_num, best_top1=best_top1,
-                                  rng=rng_state(), classes=train_set.classes)
-                save_checkpoint(checkpoint, os.path.join(out_dir, "ckpt.pt"))
+                                  classes=train_set.classes)
+                save_checkpoint(checkpoint, ckpt_path)
+        if stop:
+            bar.close()
+            log(ctx, f"stopped by SIGTERM after iteration {iter_num}: checkpoint {ckpt_path}; "
+                     f"continue with --resume=True")
+            ctx.barrier()  # the other ranks wait for rank 0's checkpoint
+            ctx.close()
+            raise SystemExit(143)  # 128 + SIGTERM: the shell's code for a run ended by SIGTERM
     bar.close()
     if ctx.master:
         result = dict(top1=top1, top5=top5, best_top1=best_top1, iter_num=iter_num, config=config)
@@ -336,4 +398,10 @@ def main():
 
 if __name__ == "__main__":
     config = apply_overrides(globals(), sys.argv[1:])
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: stop at once with one line (rank 0's); checkpoints are kept
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped by Ctrl-C: the last checkpoint in {out_dir} (if any) is kept; "
+                  f"continue with --resume=True", file=sys.stderr)
+        raise SystemExit(130)  # 128 + SIGINT

@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (CheckpointError, Context, Meter, accumulation_steps, apply_overrides,
-                    check_out_dir, cosine_lr, lock_out_dir, log, micro_batches, peak_flops,
-                    record_nonfinite, resume_from, rng_state, save_checkpoint, schedule_lengths,
-                    stop_if_nonfinite, wrap_for_training)
-from common import append_jsonl, trim_log, wandb_init
+from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl,
+                    apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log,
+                    micro_batches, option_error, peak_flops, record_nonfinite, resume_checkpoint,
+                    resume_from, save_checkpoint, schedule_lengths, sigterm_flag,
+                    stop_if_nonfinite, trim_log, wandb_init, wrap_for_training)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.masks import BEIT_RATIO, MaskGenerator
-from model import DECODER_HEADS, DecoderHead, MDStudent, ViT, ViTConfig
+from model import DECODER_HEADS, PRESETS, DecoderHead, MDStudent, ViT, ViTConfig
 from teacher import WHITENINGS, Whitening, load_teacher
 from vqkd import load_tokenizer
 
@@ -92,6 +92,10 @@ backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 # -----------------------------------------------------------------------------
 
 LOSSES = ("smooth_l1", "mse", "cosine")
+# settings a resumed run may change: they decide where, how fast and how often to report, not
+# what is computed (device, compile and backend change float rounding only); resume refuses others
+RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "eval_interval", "log_interval",
+                     "num_workers", "device", "compile", "backend", "teacher_path")
 
 
 def md_loss(pred, targets, masks):
@@ -115,6 +119,25 @@ def md_loss(pred, targets, masks):
 
 
 def main():
+    # -------------------------------------------------------------------------
+    # options, all checked here before any work; then the checkpoint to resume, if any
+    patch_size = ViTConfig.from_name(model).patch_size if model in PRESETS else 1
+    choices = (("loss", loss, LOSSES), ("head", head, DECODER_HEADS),
+               ("whitening", whitening, WHITENINGS), ("loss_on", loss_on, ("masked", "all")),
+               ("target", target, ("features", "vqkd")))
+    problem = option_error(config, [
+        (eval_interval >= 1, f"--eval_interval={eval_interval} must be >= 1"),
+        (model in PRESETS, f"unknown model size '{model}': choose one of {', '.join(PRESETS)}"),
+        (img_size % patch_size == 0, f"--img_size={img_size} is not a multiple of the patch size "
+                                     f"{patch_size} of {model}: the patches must tile the image"),
+        *[(value in allowed, f"unknown {name} '{value}': choose {', '.join(allowed)}")
+          for name, value, allowed in choices],
+    ])
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = resume_checkpoint(ckpt_path, config, RESUME_MAY_CHANGE) if resume else None
+    sigterm = sigterm_flag()  # from here a SIGTERM only sets this flag; the loop saves and stops
     ctx = Context(device, dtype, backend)
     if ctx.master:  # before any work: out_dir is writable and no other run uses it
         check_out_dir(out_dir)
@@ -128,13 +151,8 @@ def main():
     try:
         cfg = ViTConfig.beit_v2(model, img_size=img_size, layer_scale=layer_scale, drop_path=drop_path,
                                 mask_token=True)
-        for name, value, choices in (("loss", loss, LOSSES), ("head", head, DECODER_HEADS),
-                                     ("whitening", whitening, WHITENINGS), ("loss_on", loss_on, ("masked", "all")),
-                                     ("target", target, ("features", "vqkd"))):
-            if value not in choices:
-                raise ValueError(f"unknown {name} '{value}': choose {', '.join(choices)}")
-        root = resolve_data_dir(data_dir)
         mask_fn = MaskGenerator(mask, cfg.grid, mask_ratio)
+        root = resolve_data_dir(data_dir)
         train_transform = TrainTransform(img_size, min_crop_scale, flip, color_jitter)
         train_set = ImageFolder(os.path.join(root, "train"), train_transform, mask_fn, seed)
         val_set = None
@@ -172,9 +190,14 @@ def main():
     optimizer = student.configure_optimizers(weight_decay, lr, (beta1, beta2), extra=decoder_params)
     iter_num, best_val_loss = 0, float("inf")
     if resume:
-        ckpt = resume_from(ctx, os.path.join(out_dir, "ckpt.pt"), optimizer, model=student, decoder=decoder,
-                           whitening=whitener)
+        resume_from(ckpt, optimizer, model=student, decoder=decoder, whitening=whitener)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        log(ctx, f"resumed from {ckpt_path} at iteration {iter_num}")
+        if iter_num >= end_iter:
+            log(ctx, f"nothing to do: the checkpoint is at iteration {iter_num}, "
+                     f"this run ends at {end_iter}")
+            ctx.close()
+            return
     log_path = os.path.join(out_dir, "log.jsonl")  # a JSON record per log line and per evaluation
     if ctx.master:  # a new run starts it afresh; a resumed one drops records past its checkpoint
         trim_log(log_path, iter_num)
@@ -206,7 +229,12 @@ def main():
         ctx.all_reduce_sum(total)
         md_student.train()
         whitener.train()
-        return (total[0] / total[1].clamp(min=1)).item()
+        loss_sum, images_read = total.tolist()
+        if images_read == 0:  # a val loss of 0 over no image would be a lie
+            val_dir = os.path.join(root, "val")
+            raise SystemExit(f"error: iteration {iter_num}: no val image under {val_dir} could be "
+                             f"read (see the warnings): fix the files, or remove the val split")
+        return loss_sum / images_read
 
     n_params = sum(p.numel() for p in student.parameters()) / 1e6
     source = f"tokenizer {tokenizer}" if target == "vqkd" else f"teacher {teacher}"
@@ -228,11 +256,16 @@ def main():
         lr_now = cosine_lr(iter_num, max_iters, warmup_iters, lr, min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr_now * group["lr_scale"]  # lr_scale: layer decay (1 here)
+        readable = 0  # images of this step that could be read
         for micro_step in range(accum):
             images, _, masks, n_skipped = next(batches)
+            # this micro-step's random draws (drop path) follow from (seed, rank, iteration,
+            # micro-step): a resumed run draws exactly what the uninterrupted run drew
+            torch.manual_seed(derived_seed(seed, ctx.rank, iter_num, micro_step))
             skipped += n_skipped
             if images is None:  # every image of this micro-batch was unreadable
                 continue
+            readable += len(images)
             images = images.to(ctx.device, non_blocking=True)
             masks = masks.to(ctx.device, non_blocking=True)  # (B, N) True = masked: M
             if ctx.ddp:  # sync gradients on the last micro-step only
@@ -244,6 +277,10 @@ def main():
             nonfinite = record_nonfinite(nonfinite, step_loss, iter_num, 0)
             (step_loss / accum).backward()
             meter.update(len(images) * ctx.world_size)
+        if readable == 0:  # not one readable image in a whole step: the train split is unreadable
+            raise SystemExit(f"error: iteration {iter_num}: none of the {accum * micro_batch_size} "
+                             f"images of the step could be read (see the warnings): "
+                             f"fix the train split under {root}")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
         nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
         optimizer.step()
@@ -265,9 +302,12 @@ def main():
                               lr=lr_now, grad_norm=grad_norm.item(), skipped=skipped, **speed)
                 append_jsonl(log_path, record, wandb_run)
             skipped = 0
-        if iter_num % eval_interval == 0 or iter_num == end_iter:
+        # a SIGTERM seen by any rank: all ranks save this finished step together, then stop
+        stop = ctx.any_rank(bool(sigterm)) and iter_num < end_iter
+        at_eval = iter_num % eval_interval == 0 or iter_num == end_iter
+        if at_eval or stop:
             stop_if_nonfinite(nonfinite, out_dir)  # a non-finite step is never saved
-            if val_set is not None:
+            if at_eval and val_set is not None:
                 val_loss = evaluate()
                 best_val_loss = min(best_val_loss, val_loss)
                 if ctx.master:
@@ -278,14 +318,27 @@ def main():
             if ctx.master:
                 checkpoint = dict(model=student.state_dict(), decoder=decoder.state_dict(),
                                   whitening=whitener.state_dict(), model_args=cfg.to_dict(), config=config,
-                                  optimizer=optimizer.state_dict(), iter_num=iter_num, best_val_loss=best_val_loss,
-                                  rng=rng_state())
-                save_checkpoint(checkpoint, os.path.join(out_dir, "ckpt.pt"))
+                                  optimizer=optimizer.state_dict(), iter_num=iter_num,
+                                  best_val_loss=best_val_loss)
+                save_checkpoint(checkpoint, ckpt_path)
+        if stop:
+            bar.close()
+            log(ctx, f"stopped by SIGTERM after iteration {iter_num}: checkpoint {ckpt_path}; "
+                     f"continue with --resume=True")
+            ctx.barrier()  # the other ranks wait for rank 0's checkpoint
+            ctx.close()
+            raise SystemExit(143)  # 128 + SIGTERM: the shell's code for a run ended by SIGTERM
     bar.close()
-    log(ctx, f"done: {iter_num} iterations, checkpoint {os.path.join(out_dir, 'ckpt.pt')}")
+    log(ctx, f"done: {iter_num} iterations, checkpoint {ckpt_path}")
     ctx.close()
 
 
 if __name__ == "__main__":
     config = apply_overrides(globals(), sys.argv[1:])
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: stop at once with one line (rank 0's); checkpoints are kept
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped by Ctrl-C: the last checkpoint in {out_dir} (if any) is kept; "
+                  f"continue with --resume=True", file=sys.stderr)
+        raise SystemExit(130)  # 128 + SIGINT

@@ -17,13 +17,13 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common import (CheckpointError, Context, Meter, accumulation_steps, apply_overrides,
-                    check_out_dir, cosine_lr, lock_out_dir, log, micro_batches, peak_flops,
-                    record_nonfinite, resume_from, rng_state, save_checkpoint, schedule_lengths,
-                    stop_if_nonfinite, wrap_for_training)
-from common import append_jsonl, trim_log, wandb_init
+from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl,
+                    apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log,
+                    micro_batches, option_error, peak_flops, record_nonfinite, resume_checkpoint,
+                    resume_from, save_checkpoint, schedule_lengths, sigterm_flag,
+                    stop_if_nonfinite, trim_log, wandb_init, wrap_for_training)
 from data import DataError, ImageFolder, TrainTransform, make_loader, resolve_data_dir
-from model import ViTConfig
+from model import PRESETS, ViTConfig
 from teacher import load_teacher
 from vqkd import VQKD, codebook_usage
 
@@ -67,9 +67,29 @@ dtype = "bfloat16"            # autocast dtype: bfloat16 | float16 | float32
 compile = False               # torch.compile the tokenizer
 backend = ""
 # -----------------------------------------------------------------------------
+# settings a resumed run may change: they decide where, how fast and how often to report, not
+# what is computed (device, compile and backend change float rounding only); resume refuses others
+RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "save_interval", "log_interval",
+                     "num_workers", "device", "compile", "backend", "teacher_path",
+                     "collapse_threshold")
 
 
 def main():
+    # -------------------------------------------------------------------------
+    # options, all checked here before any work; then the checkpoint to resume, if any
+    patch_size = ViTConfig.from_name(model).patch_size if model in PRESETS else 1
+    problem = option_error(config, [
+        (codebook_size >= 1, f"--codebook_size={codebook_size} must be >= 1"),
+        (code_dim >= 1, f"--code_dim={code_dim} must be >= 1"),
+        (model in PRESETS, f"unknown model size '{model}': choose one of {', '.join(PRESETS)}"),
+        (img_size % patch_size == 0, f"--img_size={img_size} is not a multiple of the patch size "
+                                     f"{patch_size} of {model}: the patches must tile the image"),
+    ])
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    path = os.path.join(out_dir, "tokenizer.pt")
+    ckpt = resume_checkpoint(path, config, RESUME_MAY_CHANGE) if resume else None
+    sigterm = sigterm_flag()  # from here a SIGTERM only sets this flag; the loop saves and stops
     ctx = Context(device, dtype, backend)
     if ctx.master:  # before any work: out_dir is writable and no other run uses it
         check_out_dir(out_dir)
@@ -94,10 +114,16 @@ def main():
     loader, sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed, num_workers)
     iters_per_epoch, max_iters, warmup_iters, end_iter = schedule_lengths(
         sampler, micro_batch_size, accum, epochs, warmup_epochs, stop_iter)
-    path = os.path.join(out_dir, "tokenizer.pt")
     iter_num = 0
     if resume:
-        iter_num = resume_from(ctx, path, optimizer, model=vq)["iter_num"]
+        resume_from(ckpt, optimizer, model=vq)
+        iter_num = ckpt["iter_num"]
+        log(ctx, f"resumed from {path} at iteration {iter_num}")
+        if iter_num >= end_iter:
+            log(ctx, f"nothing to do: the checkpoint is at iteration {iter_num}, "
+                     f"this run ends at {end_iter}")
+            ctx.close()
+            return
     log_path = os.path.join(out_dir, "log.jsonl")  # a JSON record per log line
     if ctx.master:  # a new run starts it afresh; a resumed one drops records past its checkpoint
         trim_log(log_path, iter_num)
@@ -121,11 +147,17 @@ def main():
         lr_now = cosine_lr(iter_num, max_iters, warmup_iters, lr, min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr_now * group["lr_scale"]
+        readable = 0  # images of this step that could be read
         for micro_step in range(accum):
             images, _, _, n_skipped = next(batches)
+            # this micro-step's random draws (codebook init and restarts) follow from (seed,
+            # iteration, micro-step): a resumed run draws what the uninterrupted run drew; the
+            # same on every rank, as the codebook must be
+            torch.manual_seed(derived_seed(seed, iter_num, micro_step))
             skipped += n_skipped
             if images is None:  # every image of this micro-batch was unreadable
                 continue
+            readable += len(images)
             images = images.to(ctx.device, non_blocking=True)
             if ctx.ddp:  # sync gradients on the last micro-step only
                 train_model.require_backward_grad_sync = micro_step == accum - 1
@@ -136,6 +168,10 @@ def main():
             nonfinite = record_nonfinite(nonfinite, loss, iter_num, 0)
             (loss / accum).backward()
             meter.update(len(images) * ctx.world_size)
+        if readable == 0:  # not one readable image in a whole step: the train split is unreadable
+            raise SystemExit(f"error: iteration {iter_num}: none of the {accum * micro_batch_size} "
+                             f"images of the step could be read (see the warnings): "
+                             f"fix the train split under {data_dir}")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
         nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
         optimizer.step()
@@ -165,12 +201,21 @@ def main():
                 append_jsonl(log_path, record, wandb_run)
             counts.zero_()
             skipped = 0
-        if iter_num % save_interval == 0 or iter_num == end_iter:
+        # a SIGTERM seen by any rank: all ranks save this finished step together, then stop
+        stop = ctx.any_rank(bool(sigterm)) and iter_num < end_iter
+        if iter_num % save_interval == 0 or iter_num == end_iter or stop:
             stop_if_nonfinite(nonfinite, out_dir)  # a non-finite step is never saved
             if ctx.master:
                 checkpoint = dict(model=vq.state_dict(), vqkd_args=vq.config, model_args=cfg.to_dict(), config=config,
-                                  optimizer=optimizer.state_dict(), iter_num=iter_num, rng=rng_state())
+                                  optimizer=optimizer.state_dict(), iter_num=iter_num)
                 save_checkpoint(checkpoint, path)
+        if stop:
+            bar.close()
+            log(ctx, f"stopped by SIGTERM after iteration {iter_num}: checkpoint {path}; "
+                     f"continue with --resume=True")
+            ctx.barrier()  # the other ranks wait for rank 0's checkpoint
+            ctx.close()
+            raise SystemExit(143)  # 128 + SIGTERM: the shell's code for a run ended by SIGTERM
     bar.close()
     log(ctx, f"done: {iter_num} iterations, tokenizer {path}")
     ctx.close()
@@ -178,4 +223,10 @@ def main():
 
 if __name__ == "__main__":
     config = apply_overrides(globals(), sys.argv[1:])
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: stop at once with one line (rank 0's); checkpoints are kept
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped by Ctrl-C: the last checkpoint in {out_dir} (if any) is kept; "
+                  f"continue with --resume=True", file=sys.stderr)
+        raise SystemExit(130)  # 128 + SIGINT

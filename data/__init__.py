@@ -8,6 +8,7 @@ of workers, and a resumed run sees exactly the samples an uninterrupted run woul
 """
 import math
 import os
+import signal
 import stat
 import sys
 
@@ -264,11 +265,19 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.indices()) - self.start
 
 
+def leave_sigterm_to_main(worker_id):
+    """A loader worker ignores SIGTERM (a scheduler may signal the whole process group): the main
+    process saves, stops, and shuts its workers down itself"""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_size, train, rank=0, world_size=1, seed=0, num_workers=2, num_samples=0):
     """num_samples > 0 uses only the first num_samples items (a fixed eval subset)"""
     n = min(num_samples, len(dataset)) if num_samples > 0 else len(dataset)
     sampler = EpochSampler(n, rank, world_size, shuffle=train, seed=seed, drop_last=train)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                                         collate_fn=collate, drop_last=train, pin_memory=torch.cuda.is_available())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                         num_workers=num_workers, collate_fn=collate,
+                                         drop_last=train, pin_memory=torch.cuda.is_available(),
+                                         worker_init_fn=leave_sigterm_to_main)
     return loader, sampler
 

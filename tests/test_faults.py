@@ -1,8 +1,10 @@
 """Reliability: killed runs resume to the same weights, checkpoints survive crashes, NaN stops
 cleanly, no file runs code when loaded, a full disk and a busy out_dir are one line."""
+import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +27,8 @@ COMMON = ["--img_size=32", "--total_batch_size=16", "--micro_batch_size=8", "--n
           "--dtype=float32", "--compile=False", "--log_interval=1", "--eval_interval=1"]
 MD = ["train_md.py", "--model=nano/4", "--epochs=3", "--warmup_epochs=1", "--teacher_bf16=False", "--eval_images=16", *COMMON]
 FT = ["finetune.py", "--epochs=1", "--warmup_epochs=0", *COMMON]
+RANDOM_MD = MD + ["--drop_path=0.2"]  # random draws in the forward pass
+RANDOM_FT = FT + ["--drop_path=0.2", "--mixup=0.8", "--cutmix=1.0"]  # and in the batch mixing
 
 
 def command(script_args, data, extra):
@@ -48,19 +52,33 @@ def assert_same(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+def wait_for_checkpoint(path, iteration, proc, timeout=600):
+    """poll until `path` holds a checkpoint of `iteration` or later (it is replaced atomically)"""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path) and torch.load(path, weights_only=True)["iter_num"] >= iteration:
+            return
+        assert proc.poll() is None, f"the run ended ({proc.returncode}) before {iteration}"
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint of iteration {iteration} in {timeout} s")
+
+
 @pytest.mark.parametrize("script", ["md", "ft"])
 def test_kill_minus_9_then_resume_is_bit_identical(tiny_data, tiny_teacher, tmp_path, script):
-    args = MD + [f"--teacher={tiny_teacher}"] if script == "md" else FT + [f"--init={tiny_teacher}"]
+    """Drop path on (and mixup + cutmix for fine-tuning): every random draw follows from (seed,
+    rank, iteration, micro-step), so wherever the kill falls the resumed run ends with the same
+    weights. The kill follows the checkpoint of a randomly chosen iteration (a file event)."""
+    if script == "md":
+        args = RANDOM_MD + [f"--teacher={tiny_teacher}"]
+    else:
+        args = RANDOM_FT + [f"--init={tiny_teacher}"]
     stop = "--stop_iter=8"
     straight = run(args, tiny_data, [stop, f"--out_dir={tmp_path / 'straight'}"])
     assert straight.returncode == 0, straight.stderr[-2000:]
     out = tmp_path / "killed"
     proc = subprocess.Popen(command(args, tiny_data, [stop, f"--out_dir={out}"]), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 120
-    while not (out / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(random.Random(script).uniform(0.0, 1.0))  # a point somewhere in the run, after a first checkpoint
+    wait_for_checkpoint(out / "ckpt.pt", random.Random(script).randint(1, 5), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed = run(args, tiny_data, [stop, f"--out_dir={out}", "--resume=True"])
@@ -69,7 +87,8 @@ def test_kill_minus_9_then_resume_is_bit_identical(tiny_data, tiny_teacher, tmp_
 
 
 def test_ddp_resume_matches_uninterrupted_ddp(tiny_data, tiny_teacher, tmp_path):
-    args = MD + [f"--teacher={tiny_teacher}", "--eval_interval=100"]
+    """with drop path: each rank's random draws follow from (seed, rank, iteration, micro-step)"""
+    args = MD + [f"--teacher={tiny_teacher}", "--eval_interval=100", "--drop_path=0.2"]
     launcher = lambda: (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}")
     a = run(args, tiny_data, ["--stop_iter=4", f"--out_dir={tmp_path / 'a'}"], launcher())
     assert a.returncode == 0, a.stderr[-2000:]
@@ -128,23 +147,27 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_data, tiny_teacher, tmp_path):
     out = tmp_path / "run"
-    good = run(MD + [f"--teacher={tiny_teacher}"], tiny_data, ["--stop_iter=2", f"--out_dir={out}"])
+    teacher = tmp_path / "teacher.pt"  # resume refuses another teacher: the file itself goes bad
+    obj = torch.load(tiny_teacher, weights_only=True)
+    torch.save(obj, teacher)
+    good = run(MD + [f"--teacher={teacher}"], tiny_data, ["--stop_iter=2", f"--out_dir={out}"])
     assert good.returncode == 0, good.stderr[-2000:]
     before = weights(out / "ckpt.pt")
-    obj = torch.load(tiny_teacher, weights_only=True)
     obj["model"]["blocks.0.mlp.fc1.weight"][0, 0] = float("nan")  # a teacher that yields NaN targets
-    bad_teacher = tmp_path / "nan_teacher.pt"
-    torch.save(obj, bad_teacher)
-    bad = run(MD + [f"--teacher={bad_teacher}"], tiny_data, ["--stop_iter=4", f"--out_dir={out}", "--resume=True"])
+    torch.save(obj, teacher)
+    bad = run(MD + [f"--teacher={teacher}"], tiny_data,
+              ["--stop_iter=4", f"--out_dir={out}", "--resume=True"])
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1].startswith("error: iteration 2: loss is nan; stopping, the last good checkpoint is in")
     assert_same(weights(out / "ckpt.pt"), before)
-    # fine-tuning with an infinite learning rate: NaN weights after one step are refused, not saved
+    # fine-tuning with an infinite learning rate (a new run: resume refuses a changed lr): NaN
+    # weights after one step are refused, not saved
     ft = tmp_path / "ft"
     first = run(FT + [f"--init={tiny_teacher}"], tiny_data, ["--stop_iter=1", f"--out_dir={ft}"])
     assert first.returncode == 0, first.stderr[-2000:]
     ft_before = weights(ft / "ckpt.pt")
-    blown = run(FT + [f"--init={tiny_teacher}"], tiny_data, ["--stop_iter=4", f"--out_dir={ft}", "--resume=True", "--lr=1e309"])
+    blown = run(FT + [f"--init={tiny_teacher}"], tiny_data,
+                ["--stop_iter=4", f"--out_dir={ft}", "--lr=1e309"])
     assert blown.returncode != 0 and "Traceback" not in blown.stderr
     last = blown.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and ("not finite" in last or "is nan" in last), last
@@ -401,3 +424,282 @@ def test_second_run_on_an_out_dir_is_refused_until_the_first_dies(tmp_path):
     third.seek(0)
     assert third.read() == f"pid {os.getpid()} on {os.uname().nodename}"
     third.close()
+
+
+# ---- issue 16 (second pass): resume refusals, signals, sharpness log, options, broken splits ----
+# Signals go to running processes; each test waits for a log line or a checkpoint file, no sleep.
+
+VQKD = ["train_vqkd.py", "--model=nano/4", "--codebook_size=64", "--epochs=50", "--img_size=32",
+        "--total_batch_size=16", "--micro_batch_size=8", "--num_workers=0", "--device=cpu",
+        "--dtype=float32", "--log_interval=1"]
+STOPPED = r"stopped by SIGTERM after iteration (\d+): checkpoint \S+; continue with --resume=True"
+
+
+def start(cmd, tmp_path):
+    """a run in its own process group (a terminal or scheduler signals the whole group), stdout
+    line by line; stderr to a file -> (process, stderr path)"""
+    err = tmp_path / f"stderr{len(list(tmp_path.glob('stderr*')))}.txt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=open(err, "w"), text=True,
+                            env=env, start_new_session=True)
+    return proc, err
+
+
+def wait_for_line(proc, prefix, err):
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return
+    raise AssertionError(f"the run ended without a line '{prefix}...': {open(err).read()[-2000:]}")
+
+
+def weights_at(path):
+    return torch.load(path, weights_only=True)
+
+
+def stopped_at(stdout_rest):
+    """N of the run's last line 'stopped by SIGTERM after iteration N: checkpoint ...'"""
+    last = stdout_rest.strip().splitlines()[-1]
+    match = re.fullmatch(STOPPED, last)
+    assert match, last
+    return int(match[1])
+
+
+def test_sigterm_saves_the_finished_step_and_resumes_exactly(tiny_data, tiny_teacher, tmp_path):
+    """SIGTERM to the whole process group, DataLoader workers included (as a scheduler sends it),
+    after the log line of iteration 2 of a long run: the run finishes its step, saves it, says so
+    in one line and exits 143; resumed, it ends where an uninterrupted run ends, bit for bit."""
+    args = RANDOM_MD + [f"--teacher={tiny_teacher}", "--epochs=50", "--eval_interval=100",
+                        "--num_workers=2"]
+    out = tmp_path / "stopped"
+    proc, err = start(command(args, tiny_data, [f"--out_dir={out}"]), tmp_path)
+    wait_for_line(proc, "iter 2:", err)
+    os.killpg(proc.pid, signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=600) == 143
+    n = stopped_at(rest)
+    assert n >= 2 and weights_at(out / "ckpt.pt")["iter_num"] == n
+    assert "Traceback" not in open(err).read()
+    end = f"--stop_iter={n + 2}"
+    straight = run(args, tiny_data, [end, f"--out_dir={tmp_path / 'straight'}"])
+    resumed = run(args, tiny_data, [end, f"--out_dir={out}", "--resume=True"])
+    assert straight.returncode == 0 and resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = weights_at(out / "ckpt.pt"), weights_at(tmp_path / "straight" / "ckpt.pt")
+    assert a["iter_num"] == b["iter_num"] == n + 2
+    assert_same(a["model"], b["model"])
+    assert_same(a["decoder"], b["decoder"])
+
+
+def test_sigterm_stops_the_tokenizer_with_a_checkpoint(tiny_data, tiny_teacher, tmp_path):
+    out = tmp_path / "tok"
+    cmd = [sys.executable, *VQKD, f"--data_dir={tiny_data}", f"--teacher={tiny_teacher}",
+           f"--out_dir={out}"]
+    proc, err = start(cmd, tmp_path)
+    wait_for_line(proc, "iter 2:", err)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=600) == 143
+    assert weights_at(out / "tokenizer.pt")["iter_num"] == stopped_at(rest) >= 2
+    assert "Traceback" not in open(err).read()
+
+
+def test_ctrl_c_stops_with_one_line(tiny_data, tiny_teacher, tmp_path):
+    """SIGINT to the whole foreground group (what a terminal sends on Ctrl-C), workers included"""
+    args = FT + [f"--init={tiny_teacher}", "--epochs=50", "--eval_interval=100", "--num_workers=2"]
+    proc, err = start(command(args, tiny_data, [f"--out_dir={tmp_path / 'ft'}"]), tmp_path)
+    wait_for_line(proc, "iter 1:", err)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.stdout.read()
+    assert proc.wait(timeout=600) == 130
+    lines = [line for line in open(err).read().splitlines() if line.strip()]
+    assert lines[-1].startswith("stopped by Ctrl-C: the last checkpoint in"), lines[-5:]
+    assert "Traceback" not in open(err).read()
+
+
+def process_of_rank(parent, rank):
+    """the pid of the torchrun worker of `rank` among the children of `parent` (from /proc)"""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:  # gone, or not ours
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} under {parent}")
+
+
+def test_sigterm_to_one_rank_stops_all_after_one_step(tiny_data, tiny_teacher, tmp_path):
+    """DDP: only rank 1 gets the signal; the ranks agree (a CPU all-reduce each iteration),
+    rank 0 saves that step, and no rank is left waiting in a collective"""
+    args = MD + [f"--teacher={tiny_teacher}", "--epochs=50", "--eval_interval=100"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                f"--master_port={free_port()}"]
+    out = tmp_path / "ddp"
+    proc, err = start([*launcher, *command(args, tiny_data, [f"--out_dir={out}"])[1:]], tmp_path)
+    wait_for_line(proc, "iter 2:", err)
+    os.kill(process_of_rank(proc.pid, 1), signal.SIGTERM)
+    rest = proc.stdout.read()
+    proc.wait(timeout=600)
+    stops = [line for line in rest.splitlines() if line.startswith("stopped by SIGTERM")]
+    assert len(stops) == 1, rest[-2000:] + open(err).read()[-2000:]
+    assert weights_at(out / "ckpt.pt")["iter_num"] == stopped_at(stops[0])
+
+
+def test_sharpness_log_after_a_resume_has_each_iteration_once(tiny_data, tiny_teacher, tmp_path):
+    """A run killed after logging the sharpness of iterations beyond its checkpoint: the resumed
+    run drops those entries and logs them again, so the log equals an uninterrupted run's."""
+    args = FT + [f"--init={tiny_teacher}", "--hessian_every=1", "--epochs=3", "--eval_interval=100"]
+    straight = run(args, tiny_data, ["--stop_iter=4", f"--out_dir={tmp_path / 'straight'}"])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    out = tmp_path / "run"
+    first = run(args, tiny_data, ["--stop_iter=2", f"--out_dir={out}"])  # checkpoint at 2
+    assert first.returncode == 0, first.stderr[-2000:]
+    # resumed again with no stop_iter: its next checkpoint would be at 27
+    proc, err = start(command(args, tiny_data, [f"--out_dir={out}", "--resume=True"]), tmp_path)
+    wait_for_line(proc, "iter 3: sharpness", err)
+    proc.kill()
+    proc.wait()
+    logged = [e["iter"] for e in json.load(open(out / "sharpness.json"))]
+    assert weights_at(out / "ckpt.pt")["iter_num"] == 2 and logged[:3] == [1, 2, 3]  # 3 is after it
+    resumed = run(args, tiny_data, ["--stop_iter=4", f"--out_dir={out}", "--resume=True"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected = json.load(open(tmp_path / "straight" / "sharpness.json"))
+    assert [e["iter"] for e in expected] == [1, 2, 3, 4]
+    assert json.load(open(out / "sharpness.json")) == expected
+    assert_same(weights(out / "ckpt.pt"), weights(tmp_path / "straight" / "ckpt.pt"))
+
+
+REFUSED = ("error: --resume=True with settings that change the run: {}; resume with the "
+           "checkpoint's values, or start a new run in another out_dir")
+
+
+def test_resume_refuses_changes_of_the_run_and_allows_the_rest(tiny_data, tiny_teacher, tmp_path):
+    import shutil
+    args = MD + [f"--teacher={tiny_teacher}"]
+    out = tmp_path / "run"
+    first = run(args, tiny_data, ["--stop_iter=1", f"--out_dir={out}"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    saved = (out / "ckpt.pt").read_bytes()
+    other_data = tmp_path / "data_copy"
+    shutil.copytree(tiny_data, other_data)
+    mask_ratio = 75 / 196
+    refused = [  # (changes, the differences named on the line)
+        (["--lr=1e-3", "--seed=1"], "lr 0.0015 -> 0.001, seed 0 -> 1"),
+        ([f"--data_dir={other_data}"], f"data_dir '{tiny_data}' -> '{other_data}'"),
+        (["--model=tiny/4"], "model 'nano/4' -> 'tiny/4'"),
+        (["--total_batch_size=8"], "total_batch_size 16 -> 8"),
+        (["--mask_ratio=0.5", "--epochs=4"], f"epochs 3 -> 4, mask_ratio {mask_ratio!r} -> 0.5"),
+    ]
+    for changes, named in refused:
+        result = run(args, tiny_data, ["--stop_iter=2", f"--out_dir={out}", "--resume=True",
+                                       *changes])
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and lines == [REFUSED.format(named)], result.stderr[-2000:]
+        assert (out / "ckpt.pt").read_bytes() == saved
+    # where, how often and how fast: allowed, and the result is the uninterrupted run's
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    allowed = run(args, tiny_data, ["--stop_iter=2", f"--out_dir={moved}", "--resume=True",
+                                    "--eval_interval=3", "--log_interval=2", "--num_workers=1",
+                                    "--device=cpu"])
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    straight = run(args, tiny_data, ["--stop_iter=2", f"--out_dir={tmp_path / 'straight'}"])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    assert_same(weights(moved / "ckpt.pt"), weights(tmp_path / "straight" / "ckpt.pt"))
+
+
+def test_fine_tuning_resume_refuses_a_changed_recipe(tiny_data, tiny_teacher, tmp_path):
+    args = FT + [f"--init={tiny_teacher}"]
+    first = run(args, tiny_data, ["--stop_iter=1", f"--out_dir={tmp_path}"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    result = run(args, tiny_data, ["--stop_iter=2", f"--out_dir={tmp_path}", "--resume=True",
+                                   "--mixup=0.5", "--drop_path=0.1", "--hessian_every=5"])
+    lines = result.stderr.strip().splitlines()
+    named = "drop_path 0.0 -> 0.1, mixup 0.0 -> 0.5"  # hessian_every may change
+    assert result.returncode != 0 and lines == [REFUSED.format(named)], result.stderr[-2000:]
+
+
+BAD_CONFIG = "lr = 1e-3\nwarmup = 1 / 0\n"
+NOT_TILED = "error: --img_size=30 is not a multiple of the patch size 4 of nano/4"
+OPTION_CASES = [  # (script, options, the one line)
+    ("md", ["--micro_batch_size=0"], "error: --micro_batch_size=0 must be >= 1"),
+    ("md", ["--eval_interval=0"], "error: --eval_interval=0 must be >= 1"),
+    ("md", ["--log_interval=0"], "error: --log_interval=0 must be >= 1"),
+    ("md", ["--lr=-0.001"], "error: --lr=-0.001 must be >= 0"),
+    ("md", ["--beta1=1.0"], "error: --beta1=1.0 must be in [0, 1)"),
+    ("md", ["--beta2=-0.5"], "error: --beta2=-0.5 must be in [0, 1)"),
+    ("md", ["--seed=-1"], "error: --seed=-1 must be >= 0"),
+    ("md", ["--num_workers=-2"], "error: --num_workers=-2 must be >= 0"),
+    ("md", ["--drop_path=1.0"], "error: --drop_path=1.0 must be in [0, 1)"),
+    ("md", ["--min_crop_scale=0.0"], "error: --min_crop_scale=0.0 must be in (0, 1]"),
+    ("md", ["--device=gpu"], "error: --device=gpu is not a device: use auto, cpu, cuda or cuda:N"),
+    ("md", ["--epochs=0"], "error: --epochs=0 must be >= 1"),
+    ("md", ["--total_batch_size=-16"], "error: --total_batch_size=-16 must be >= 1"),
+    ("md", ["--img_size=30"], NOT_TILED),
+    ("md", ["{config}"], "error: config file '{config}' line 2: ZeroDivisionError: division"),
+    ("ft", ["--crop_pct=0.0"], "error: --crop_pct=0.0 must be in (0, 1]"),
+    ("ft", ["--init=scratch", "--model=nano/4", "--img_size=30"], NOT_TILED),
+    ("ft", ["--min_crop_scale=1.5"], "error: --min_crop_scale=1.5 must be in (0, 1]"),
+    ("vqkd", ["--save_interval=0"], "error: --save_interval=0 must be >= 1"),
+    ("analyze", ["--out={a_file}", "{teacher}"],
+     "error: --out={a_file} cannot be a directory (File exists)"),
+    ("analyze", ["{nan_model}"],
+     "error: {nan_model} has non-finite (NaN/inf) weights, first in blocks.0.mlp.fc1.weight"),
+]
+
+
+@pytest.mark.parametrize("script, options, message", OPTION_CASES)
+def test_bad_option_is_one_line_before_any_work(tiny_data, tiny_teacher, tmp_path, script, options,
+                                                message):
+    names = dict(config=tmp_path / "bad_config.py", a_file=tmp_path / "a_file",
+                 nan_model=tmp_path / "nan.pt", teacher=tiny_teacher)
+    names["config"].write_text(BAD_CONFIG)
+    names["a_file"].write_text("not a directory")
+    obj = torch.load(tiny_teacher, weights_only=True)
+    obj["model"]["blocks.0.mlp.fc1.weight"][0, 0] = float("nan")
+    torch.save(obj, names["nan_model"])
+    options = [o.format(**names) for o in options]
+    out = tmp_path / "out"
+    if script == "analyze":  # a later --out wins
+        cmd = [sys.executable, "analyze.py", "--metric=attn_distance", f"--data={tiny_data}",
+               "--n_images=4", f"--out={out}", *options]
+    else:
+        base = {"md": MD + [f"--teacher={tiny_teacher}"], "ft": FT + [f"--init={tiny_teacher}"],
+                "vqkd": VQKD + [f"--teacher={tiny_teacher}"]}[script]
+        cmd = command(base, tiny_data, [f"--out_dir={out}", *options])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(message.format(**names)), lines[0]
+    assert not (out / "ckpt.pt").exists() and not (out / "tokenizer.pt").exists()
+
+
+def write_garbage_split(root, classes, per_class=8):
+    """files with image names whose bytes are no image"""
+    for c in classes:
+        os.makedirs(root / c)
+        for i in range(per_class):
+            (root / c / f"{c}{i}.jpg").write_bytes(b"not a JPEG at all " * i)
+
+
+def test_unreadable_train_or_val_split_is_one_clear_error(tiny_data, tiny_teacher, tmp_path):
+    import shutil
+    classes = sorted(os.listdir(os.path.join(tiny_data, "train")))
+    bad_train = tmp_path / "bad_train"
+    write_garbage_split(bad_train / "train", classes)
+    shutil.copytree(os.path.join(tiny_data, "val"), bad_train / "val")
+    bad_val = tmp_path / "bad_val"
+    shutil.copytree(os.path.join(tiny_data, "train"), bad_val / "train")
+    write_garbage_split(bad_val / "val", classes)
+    md, ft = MD + [f"--teacher={tiny_teacher}"], FT + [f"--init={tiny_teacher}"]
+    no_train = "error: iteration 0: none of the 16 images of the step could be read"
+    no_val = f"error: iteration 1: no val image under {bad_val / 'val'} could be read"
+    cases = [(md, bad_train, no_train), (ft, bad_train, no_train), (md, bad_val, no_val),
+             (ft, bad_val, no_val)]  # (script, data, the last line)
+    for i, (args, data, message) in enumerate(cases):
+        result = run(args, str(data), [f"--out_dir={tmp_path / str(i)}"])
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 1 and last.startswith(message), result.stderr[-2000:]
+        assert "Traceback" not in result.stderr and not (tmp_path / str(i) / "ckpt.pt").exists()
