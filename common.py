@@ -502,7 +502,8 @@ def save_checkpoint(checkpoint, path):
     previous checkpoint as it was; non-finite weights are never written."""
     for name, t in checkpoint["model"].items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise SystemExit(f"error: not saving {path}: weight '{name}' is not finite; the last good checkpoint is kept")
+            raise SystemExit(f"error: not saving {path}: weight '{name}' is not finite; the last good "
+                             f"checkpoint is kept")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     try:

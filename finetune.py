@@ -122,7 +122,8 @@ def build_model(num_classes):
     missing, unexpected = vit.load_state_dict(sd, strict=False)
     fresh = [k for k in missing if not k.startswith(("head.", "fc_norm.")) and "attn.rel_pos." not in k]
     if fresh or unexpected:
-        raise CheckpointError(f"'{init}' does not fit the fine-tuning model: missing {fresh[:4]}, unexpected {unexpected[:4]}")
+        raise CheckpointError(f"'{init}' does not fit the fine-tuning model: missing {fresh[:4]}, "
+                              f"unexpected {unexpected[:4]}")
     if not keep_head:  # BEiT: a near-zero new head, so the first steps do not disturb the features
         vit.head.weight.data.mul_(0.001)
     return vit, f"from {init}"
@@ -146,7 +147,9 @@ def print_summary(root):
     runs = []
     for path in sorted(glob.glob(os.path.join(root, "**", "result.json"), recursive=True)):
         r = json.load(open(path))
-        runs.append((r["config"]["init"], r["config"]["freeze_blocks"], r["config"]["lr"], r["top1"], r["top5"], os.path.dirname(path)))
+        settings = r["config"]
+        runs.append((settings["init"], settings["freeze_blocks"], settings["lr"], r["top1"], r["top5"],
+                     os.path.dirname(path)))
     if not runs:
         raise SystemExit(f"error: no result.json found under '{root}'")
     print(f"{'init':<28} {'frozen':>6} {'lr':>9} {'top-1':>7} {'top-5':>7}  run")
@@ -165,7 +168,8 @@ def print_summary(root):
         if len({f for f, _ in by_frozen}) > 1:
             axes[1].plot(*zip(*by_frozen), marker="o", label=os.path.basename(init_))
     axes[0].set(xscale="log", xlabel="learning rate", ylabel="top-1 (%)", title="top-1 vs learning rate (Fig. 8b)")
-    axes[1].set(xlabel="frozen blocks (depth = linear probe)", ylabel="top-1 (%)", title="top-1 vs frozen blocks (Fig. 8c)")
+    axes[1].set(xlabel="frozen blocks (depth = linear probe)", ylabel="top-1 (%)",
+                title="top-1 vs frozen blocks (Fig. 8c)")
     for ax in axes:
         ax.legend() if ax.lines else None
         ax.grid(alpha=0.3)
@@ -215,14 +219,17 @@ def main():
     except (DataError, CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     erase = RandomErasing(reprob, vit.config.mean, vit.config.std, recount) if reprob > 0 else None
-    train_set.transform = TrainTransform(img_size, min_crop_scale, 0.5, 0.0 if augment else color_jitter, augment, erase)
+    jitter = 0.0 if augment else color_jitter  # timm turns color jitter off under RandAugment
+    train_set.transform = TrainTransform(img_size, min_crop_scale, 0.5, jitter, augment, erase)
     num_classes = len(train_set.classes)
     freeze(vit)
     vit.to(ctx.device)
     optimizer = vit.configure_optimizers(weight_decay, lr, (beta1, beta2), layer_decay if layer_decay < 1 else None)
 
-    train_loader, train_sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed, num_workers)
-    iters_per_epoch, max_iters, warmup_iters, end_iter = schedule_lengths(train_sampler, micro_batch_size, accum, epochs, warmup_epochs, stop_iter)
+    train_loader, train_sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed,
+                                              num_workers)
+    iters_per_epoch, max_iters, warmup_iters, end_iter = schedule_lengths(
+        train_sampler, micro_batch_size, accum, epochs, warmup_epochs, stop_iter)
     eval_every = eval_interval or iters_per_epoch
 
     iter_num, best_top1 = 0, 0.0

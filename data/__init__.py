@@ -242,7 +242,8 @@ class EpochSampler(torch.utils.data.Sampler):
     set_epoch(epoch, start) also skips this rank's first `start` samples (for resume)."""
 
     def __init__(self, n, rank=0, world_size=1, shuffle=True, seed=0, drop_last=True):
-        self.n, self.rank, self.world_size, self.shuffle, self.seed, self.drop_last = n, rank, world_size, shuffle, seed, drop_last
+        self.n, self.rank, self.world_size = n, rank, world_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):

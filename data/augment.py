@@ -158,7 +158,8 @@ def mixup_cutmix(images, targets, mixup_alpha, cutmix_alpha, generator=None):
     if use_cutmix:
         H, W = images.shape[-2:]
         cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        cy, cx = int(torch.randint(0, H, (1,), generator=generator)), int(torch.randint(0, W, (1,), generator=generator))
+        cy = int(torch.randint(0, H, (1,), generator=generator))
+        cx = int(torch.randint(0, W, (1,), generator=generator))
         y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
         x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
         images = images.clone()

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 COMMON = ["--img_size=32", "--total_batch_size=16", "--micro_batch_size=8", "--num_workers=0", "--device=cpu",
           "--dtype=float32", "--compile=False", "--log_interval=1", "--eval_interval=1"]
-MD = ["train_md.py", "--model=nano/4", "--epochs=3", "--warmup_epochs=1", "--teacher_bf16=False", "--eval_images=16", *COMMON]
+MD = ["train_md.py", "--model=nano/4", "--epochs=3", "--warmup_epochs=1", "--teacher_bf16=False",
+      "--eval_images=16", *COMMON]
 FT = ["finetune.py", "--epochs=1", "--warmup_epochs=0", *COMMON]
 RANDOM_MD = MD + ["--drop_path=0.2"]  # random draws in the forward pass
 RANDOM_FT = FT + ["--drop_path=0.2", "--mixup=0.8", "--cutmix=1.0"]  # and in the batch mixing
@@ -39,7 +40,8 @@ def run(script_args, data, extra, launcher=()):
     cmd = command(script_args, data, extra)
     if launcher:
         cmd = [*launcher, *cmd[1:]]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
 def weights(path):
@@ -89,7 +91,8 @@ def test_kill_minus_9_then_resume_is_bit_identical(tiny_data, tiny_teacher, tmp_
 def test_ddp_resume_matches_uninterrupted_ddp(tiny_data, tiny_teacher, tmp_path):
     """with drop path: each rank's random draws follow from (seed, rank, iteration, micro-step)"""
     args = MD + [f"--teacher={tiny_teacher}", "--eval_interval=100", "--drop_path=0.2"]
-    launcher = lambda: (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}")
+    launcher = lambda: (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}")
     a = run(args, tiny_data, ["--stop_iter=4", f"--out_dir={tmp_path / 'a'}"], launcher())
     assert a.returncode == 0, a.stderr[-2000:]
     b1 = run(args, tiny_data, ["--stop_iter=2", f"--out_dir={tmp_path / 'b'}"], launcher())
@@ -112,7 +115,8 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     from common import save_checkpoint
     path = str(tmp_path / "ckpt.pt")
     save_checkpoint({"model": {"w": torch.arange(5.0)}, "iter_num": 7}, path)
-    proc = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE.format(root=ROOT, path=path)], stdout=subprocess.PIPE, text=True)
+    code = KILL_DURING_SAVE.format(root=ROOT, path=path)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
     deadline = time.time() + 60
     while not (os.path.exists(path + ".tmp") and os.path.getsize(path + ".tmp") > 1_000_000) and time.time() < deadline:
@@ -135,7 +139,8 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monke
     with pytest.raises(SystemExit, match="could not write .*No space left on device.*the previous checkpoint is kept"):
         save_checkpoint({"model": {"w": torch.ones(3)}}, path)
     monkeypatch.undo()
-    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.zeros(3)) and not os.path.exists(path + ".tmp")
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.zeros(3))
+    assert not os.path.exists(path + ".tmp")
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):
@@ -158,7 +163,8 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_data, t
     bad = run(MD + [f"--teacher={teacher}"], tiny_data,
               ["--stop_iter=4", f"--out_dir={out}", "--resume=True"])
     assert bad.returncode != 0
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: iteration 2: loss is nan; stopping, the last good checkpoint is in")
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: iteration 2: loss is nan; stopping, the last good checkpoint is in")
     assert_same(weights(out / "ckpt.pt"), before)
     # fine-tuning with an infinite learning rate (a new run: resume refuses a changed lr): NaN
     # weights after one step are refused, not saved

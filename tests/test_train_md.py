@@ -107,9 +107,10 @@ def free_port():
 
 def run_md(args, tiny_data, tiny_teacher, launcher=()):
     cmd = [*launcher] if launcher else [sys.executable]
-    cmd += [os.path.join(ROOT, "train_md.py"), f"--data_dir={tiny_data}", f"--teacher={tiny_teacher}", "--model=nano/4",
-            "--img_size=32", "--epochs=4", "--warmup_epochs=1", "--total_batch_size=16", "--micro_batch_size=8", "--num_workers=0", "--device=cpu",
-            "--dtype=float32", "--compile=False", "--teacher_bf16=False", "--eval_images=24", "--log_interval=1", *args]
+    cmd += [os.path.join(ROOT, "train_md.py"), f"--data_dir={tiny_data}", f"--teacher={tiny_teacher}",
+            "--model=nano/4", "--img_size=32", "--epochs=4", "--warmup_epochs=1", "--total_batch_size=16",
+            "--micro_batch_size=8", "--num_workers=0", "--device=cpu", "--dtype=float32", "--compile=False",
+            "--teacher_bf16=False", "--eval_images=24", "--log_interval=1", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     return result
@@ -144,10 +145,11 @@ def test_resume_equals_uninterrupted_run(tiny_data, tiny_teacher, tmp_path):
 
 
 def test_loss_falls_and_is_logged(tiny_data, tiny_teacher, tmp_path):
-    result = run_md(["--total_batch_size=16", "--lr=2e-3", "--eval_interval=9", f"--out_dir={tmp_path}", "--stop_iter=18"],
-                    tiny_data, tiny_teacher)
+    args = ["--total_batch_size=16", "--lr=2e-3", "--eval_interval=9", f"--out_dir={tmp_path}", "--stop_iter=18"]
+    result = run_md(args, tiny_data, tiny_teacher)
     assert result.returncode == 0, result.stderr[-2000:]
-    losses = [float(line.split("val loss ")[1]) for line in (result.stdout + result.stderr).splitlines() if "val loss" in line]
+    lines = (result.stdout + result.stderr).splitlines()
+    losses = [float(line.split("val loss ")[1]) for line in lines if "val loss" in line]
     assert len(losses) == 2 and losses[1] < losses[0]
     assert "img/s" in result.stdout + result.stderr
 
@@ -281,11 +283,14 @@ def test_transformer_head_sees_all_tokens():
 
 def test_ablation_flags_reach_the_run(tiny_data, tiny_teacher, tmp_path):
     """--head, --decoder_*, --whitening=bn, --loss_on, --mask, --teacher_layer end up in the trained objects"""
-    result = run_md(["--head=transformer", "--decoder_depth=1", "--decoder_width=24", "--decoder_heads=2", "--whitening=bn",
-                     "--loss_on=all", "--mask=random", "--mask_ratio=0.5", "--teacher_layer=1", "--stop_iter=2",
-                     f"--out_dir={tmp_path}"], tiny_data, tiny_teacher)
+    args = ["--head=transformer", "--decoder_depth=1", "--decoder_width=24", "--decoder_heads=2",
+            "--whitening=bn", "--loss_on=all", "--mask=random", "--mask_ratio=0.5", "--teacher_layer=1",
+            "--stop_iter=2", f"--out_dir={tmp_path}"]
+    result = run_md(args, tiny_data, tiny_teacher)
     assert result.returncode == 0, result.stderr[-2000:]
     ckpt = load(tmp_path / "ckpt.pt")
-    assert ckpt["decoder"]["proj_in.weight"].shape == (24, 48) and "blocks.1.norm1.weight" not in ckpt["decoder"]
-    assert ckpt["whitening"]["running_var"].shape == (48,) and not torch.equal(ckpt["whitening"]["running_var"], torch.ones(48))
+    assert ckpt["decoder"]["proj_in.weight"].shape == (24, 48)
+    assert "blocks.1.norm1.weight" not in ckpt["decoder"]
+    running_var = ckpt["whitening"]["running_var"]
+    assert running_var.shape == (48,) and not torch.equal(running_var, torch.ones(48))
     assert ckpt["config"]["loss_on"] == "all" and ckpt["config"]["teacher_layer"] == 1
