@@ -266,10 +266,12 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.indices()) - self.start
 
 
-def leave_sigterm_to_main(worker_id):
-    """A loader worker ignores SIGTERM (a scheduler may signal the whole process group): the main
-    process saves, stops, and shuts its workers down itself"""
+def leave_signals_to_main(worker_id):
+    """A loader worker ignores SIGTERM and SIGINT (a scheduler, or Ctrl-C in a terminal, signals the
+    whole process group): the main process saves or stops, and shuts its workers down itself. A
+    worker that ended on the signal first would otherwise turn the stop into a DataLoader error."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(dataset, batch_size, train, rank=0, world_size=1, seed=0, num_workers=2, num_samples=0):
@@ -279,6 +281,6 @@ def make_loader(dataset, batch_size, train, rank=0, world_size=1, seed=0, num_wo
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                          num_workers=num_workers, collate_fn=collate,
                                          drop_last=train, pin_memory=torch.cuda.is_available(),
-                                         worker_init_fn=leave_sigterm_to_main)
+                                         worker_init_fn=leave_signals_to_main)
     return loader, sampler
 
