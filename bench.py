@@ -42,16 +42,18 @@ def timeit(fn, steps=STEPS, warmup=1):
     """median seconds of fn() over steps runs, after warmup runs"""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(steps):
-        if DEVICE.startswith("cuda"):
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if DEVICE.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return float(np.median([seconds_of(fn) for _ in range(steps)]))
+
+
+def seconds_of(fn):
+    """wall seconds of one fn() call, the device's queue drained before and after"""
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
 
 def gemm_peak(dtype, n=2048):
@@ -183,13 +185,7 @@ def compare(fns, rounds=5, warmup=True):
     best = [float("inf")] * len(fns)
     for _ in range(rounds):
         for i, fn in enumerate(fns):
-            if DEVICE.startswith("cuda"):
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if DEVICE.startswith("cuda"):
-                torch.cuda.synchronize()
-            best[i] = min(best[i], time.perf_counter() - t)
+            best[i] = min(best[i], seconds_of(fn))
     return best
 
 
