@@ -201,10 +201,10 @@ def main():
     ckpt = resume_checkpoint(ckpt_path, config, RESUME_MAY_CHANGE) if resume else None
     sigterm = sigterm_flag()  # from here a SIGTERM only sets this flag; the loop saves and stops
     ctx = Context(device, dtype, backend)
+    wandb_run = wandb_init(ctx.master, wandb_log, wandb_project, wandb_run_name, config)
     if ctx.master:  # before any work: out_dir is writable and no other run uses it
         check_out_dir(out_dir)
         run_lock = lock_out_dir(out_dir)  # held until this process ends
-    wandb_run = wandb_init(ctx.master, wandb_log, wandb_project, wandb_run_name, config)
     accum = accumulation_steps(total_batch_size, micro_batch_size, ctx.world_size)
     torch.manual_seed(seed)  # same init on every rank
 

@@ -449,8 +449,14 @@ def start(cmd, tmp_path):
     err = tmp_path / f"stderr{len(list(tmp_path.glob('stderr*')))}.txt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=open(err, "w"), text=True,
-                            env=env, start_new_session=True)
+                            env=env, start_new_session=True, preexec_fn=default_sigint)
     return proc, err
+
+
+def default_sigint():
+    """Ctrl-C as in a terminal: a shell that runs the suite in the background (`cmd &`) starts it
+    with SIGINT ignored, which Python and its children would keep"""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_line(proc, prefix, err):
