@@ -445,11 +445,12 @@ def time_steps(fn, steps, warmup):
     return (time.perf_counter() - t) / steps, warm
 
 
-def measure_md_step(size, batch, compiled, steps):
+def measure_md_step(size, batch, compiled, steps, before=False):
     """train_md.py's loop body at its defaults, one micro-batch per step: teacher forward
-    under bf16 without grad, whitening N (ln), student + linear head under bf16 autocast
-    (compiled or not), smooth-L1 on the masked patches (md_loss), backward, clip at 3.0,
-    AdamW (fused on CUDA). Random images, BEiT block masks, a DeiT-like teacher of the size."""
+    under bf16 without grad (compiled with the student), whitening N (ln), student + linear head
+    under bf16 autocast (compiled or not), smooth-L1 on the masked patches (md_loss), backward,
+    clip at 3.0, AdamW (fused on CUDA). Random images, BEiT block masks, a DeiT-like teacher of
+    the size. before=True: the previous version, whose teacher was not compiled."""
     gpu_reset()
     torch.manual_seed(0)
     cfg = ViTConfig.beit_v2(size, mask_token=True)
@@ -470,8 +471,10 @@ def measure_md_step(size, batch, compiled, steps):
     nonfinite = torch.full((3,), -1.0, dtype=torch.float64, device=DEVICE)
     device_type = DEVICE.split(":")[0]
 
+    teacher_run = torch.compile(teacher) if compiled and not before else teacher
+
     def targets_of():
-        return whitener(teacher(images)[:, 1:])  # N(T(I)): (B, N, D_t)
+        return whitener(teacher_run(images)[:, 1:])  # N(T(I)): (B, N, D_t)
 
     def step():
         nonlocal nonfinite
@@ -525,6 +528,9 @@ def measure_classifier_step(size, batch, compiled, steps, use_timm):
     return dict(seconds=seconds, warm=warm, memory=gpu_peak_memory())
 
 
+BEFORE = " (before: teacher not compiled)"
+
+
 def mode_name(compiled):
     return "bf16 + compile" if compiled else "bf16, no compile"
 
@@ -558,11 +564,13 @@ def gpu_main():
         timm = None
     md_rows, timm_rows = {}, {}
 
-    def md_row(batch, compiled):
-        r = measure_md_step(size, batch, compiled, steps)
+    def md_row(batch, compiled, before=False):
+        r = measure_md_step(size, batch, compiled, steps, before)
         r["mfu"] = r["flops"] / r["seconds"] / peak if peak else float("nan")
-        md_rows[(batch, compiled)] = r
-        print(f"MD {size} {mode_name(compiled)}, batch {batch}: {1000 * r['seconds']:.1f} ms/step, "
+        mode = mode_name(compiled) + (BEFORE if before else "")
+        if not before:
+            md_rows[(batch, compiled)] = r
+        print(f"MD {size} {mode}, batch {batch}: {1000 * r['seconds']:.1f} ms/step, "
               f"{batch / r['seconds']:.0f} img/s, MFU {percent(r['mfu'])}, "
               f"teacher {percent(r['teacher'])}, peak memory {gib(r['memory'])} "
               f"(warmup {r['warm']:.0f} s){'' if r['finite'] else ', NOT FINITE'}", flush=True)
@@ -580,8 +588,12 @@ def gpu_main():
               f"{gib(ours['memory'])} / {gib(ref['memory'])} "
               f"(warmup {ours['warm']:.0f} s / {ref['warm']:.0f} s)", flush=True)
 
+    def md_row_before(batch, compiled):
+        md_row(batch, compiled, before=True)
+
     # the targets' rows first, so that a run cut short still has them
-    plan = [(md_row, batches[0], True), (md_row, batches[0], False), (timm_row, batches[0], True)]
+    plan = [(md_row, batches[0], True), (md_row_before, batches[0], True), (md_row, batches[0], False),
+            (timm_row, batches[0], True)]
     plan += [(md_row, batch, compiled) for batch in batches[1:] for compiled in (True, False)]
     plan.append((timm_row, batches[0], False))
     failed = 0
@@ -590,7 +602,7 @@ def gpu_main():
             row(batch, compiled)
         except Exception as e:  # out of memory, a compile error: one line, the other rows still run
             failed += 1
-            what = "MD" if row is md_row else "ours vs timm,"
+            what = "ours vs timm," if row is timm_row else "MD"
             print(f"{what} {size} {mode_name(compiled)}, batch {batch}: FAILED, "
                   f"{type(e).__name__}: {first_line(e)}", flush=True)
 

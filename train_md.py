@@ -87,7 +87,7 @@ flip = 0.5                    # horizontal flip probability
 seed = 0                      # model init, data order, augmentations, masks
 device = "auto"               # auto | cpu | cuda | cuda:1 ...
 dtype = "bfloat16"            # autocast dtype for the student: bfloat16 | float16 | float32
-compile = True                # torch.compile the student + head
+compile = True                # torch.compile the student + head, and the teacher's forward
 backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 # -----------------------------------------------------------------------------
 
@@ -202,13 +202,15 @@ def main():
     if ctx.master:  # a new run starts it afresh; a resumed one drops records past its checkpoint
         trim_log(log_path, iter_num)
     train_model = wrap_for_training(md_student, ctx, compile)  # compiled and/or DDP; md_student is saved
+    if target != "vqkd":  # the frozen teacher's forward (no grad), compiled with the student
+        teacher_run = torch.compile(teacher_model) if compile else teacher_model
 
     def targets_of(images):
         """N(T(I)): whitened teacher features per patch (B, N, D_t), or the tokenizer's codes (B, N)"""
         if target == "vqkd":
             with torch.no_grad():
                 return tokenizer_model.encode(images)[1]
-        return whitener(teacher_model(images)[:, 1:])  # drop CLS, whiten
+        return whitener(teacher_run(images)[:, 1:])  # drop CLS, whiten
 
     @torch.no_grad()
     def evaluate():

@@ -9,7 +9,8 @@
 #    H100, most of it torch.compile);
 # 3. the CUDA tests, tests/test_cuda.py (about 3 to 4 minutes).
 # Each part has a time limit (BENCH_TIMEOUT, TEST_TIMEOUT seconds; together under 8 minutes) so
-# that the tests run even if the benchmark is slow. Logs go to $OUT (env.txt, bench.txt,
+# that the tests run even if the benchmark is slow; BENCH_ARGS go to bench.py (e.g. "--batch=128
+# --steps=10"). Logs go to $OUT (env.txt, bench.txt,
 # tests.txt); the rows, tables and test results are printed again at the end. No network.
 set -u
 OUT=${OUT:-out/gpu_check}
@@ -33,7 +34,7 @@ PY
 } 2>&1 | tee "$OUT/env.txt"
 
 SECONDS=0
-timeout --kill-after=10 "${BENCH_TIMEOUT:-210}" $PYTHON bench.py --gpu 2>&1 | tee "$OUT/bench.txt"
+timeout --kill-after=10 "${BENCH_TIMEOUT:-210}" $PYTHON bench.py --gpu ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt"
 status=${PIPESTATUS[0]}
 echo "bench.py --gpu: exit $status after $SECONDS s (124: stopped at the time limit)" \
     | tee -a "$OUT/bench.txt"
