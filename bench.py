@@ -603,7 +603,8 @@ def gpu_main():
         except Exception as e:  # out of memory, a compile error: one line, the other rows still run
             failed += 1
             what = "ours vs timm," if row is timm_row else "MD"
-            print(f"{what} {size} {mode_name(compiled)}, batch {batch}: FAILED, "
+            mode = mode_name(compiled) + (BEFORE if row is md_row_before else "")
+            print(f"{what} {size} {mode}, batch {batch}: FAILED, "
                   f"{type(e).__name__}: {first_line(e)}", flush=True)
 
     def table_order(item):  # by batch, compiled first
