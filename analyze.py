@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import pyplot
+from common import option_error, pyplot
 from data import (IMAGE_EXTENSIONS, DataError, EvalTransform, ImageFolder, collate, load_image,
                   resolve_data_dir)
 from hessian import HessianOperator, curvature, lanczos, loss_landscape, mean_loss
@@ -777,6 +777,10 @@ def parse_args(argv):
         raise SystemExit("error: no model given: python analyze.py --metric NAME CKPT [CKPT ...]")
     if opts["fourier_at"] not in ("blocks", "half"):
         raise SystemExit(f"error: --fourier_at={opts['fourier_at']}: choose blocks or half")
+    problem = option_error(opts, [(opts[name] >= 1, f"--{name}={opts[name]} must be >= 1")
+                                  for name in ("n_images", "batch_size")])
+    if problem:
+        raise SystemExit(f"error: {problem}")
     return opts, models
 
 

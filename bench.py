@@ -4,6 +4,7 @@ same run. Prints one table; every ratio compares numbers taken here, now.
 
     python bench.py --quick          # tiny config, CPU, about a minute
     python bench.py                  # + ViT-Ti/S/B at 224 px (minutes on a 2-core CPU)
+    python bench.py --analysis       # only the analysis and curvature rows (--sizes=tiny/4,B/16)
     python bench.py --gpu            # on a GPU: ViT-B/16 at batch 64 and 128 (section at the end)
 
 MFU = achieved matmul FLOP/s (ViT.flops_per_image, x3 for forward+backward) / peak. On CUDA the
@@ -18,11 +19,12 @@ import time
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import peak_flops
 from data import TrainTransform, load_image
 from data.masks import BEIT_RATIO, MaskGenerator
-from hessian import HessianOperator, curvature, hutchinson, lanczos, power_iteration
+from hessian import HessianOperator, cross_entropy, curvature, hutchinson, lanczos, power_iteration
 from model import DecoderHead, MDStudent, ViT, ViTConfig
 from teacher import Teacher, Whitening
 from train_md import md_loss
@@ -221,12 +223,12 @@ def classifier_batch(size, B):
 
 
 def bench_hvp(size="tiny/4", vectors=8):
-    """one Hessian-vector product / one forward+backward over the same batch, three ways: double
-    backward building its own gradient graph; double backward with one graph serving `vectors`
-    products (HessianOperator: the trace's vectors, Lanczos on one batch); forward-over-reverse
-    (torch.func.jvp of torch.func.grad). All three through the math attention kernel."""
+    """one Hessian-vector product / one forward+backward over the same batch, four ways: the code
+    before (`Before`); double backward building its own gradient graph; double backward with one
+    graph serving `vectors` products (HessianOperator: the trace's vectors, Lanczos on one
+    batch); forward-over-reverse (torch.func.jvp of torch.func.grad). All through the math
+    attention kernel."""
     from torch.func import functional_call, grad, jvp
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     model, batches = classifier_batch(size, batch_for(size))
     (x, y), = batches
     shared = HessianOperator(model, batches)
@@ -249,24 +251,46 @@ def bench_hvp(size="tiny/4", vectors=8):
     def own_graph():
         return HessianOperator(model, batches)(V[0])
 
-    base, fresh, many, forward = compare([fwd_bwd, own_graph, lambda: shared(V),
-                                          forward_over_reverse])
-    return fresh / base, many / vectors / base, forward / base
+    def before():
+        return Before(model, batches)(V[0])
+
+    base, old, fresh, many, forward = compare([fwd_bwd, before, own_graph, lambda: shared(V),
+                                               forward_over_reverse])
+    return old / base, fresh / base, many / vectors / base, forward / base
 
 
-class RebuiltGraphs(HessianOperator):
-    """the products of the code before this version: each one builds its own gradient graph"""
+class Before(HessianOperator):
+    """the Hessian-vector product of the code before Lanczos (hessian.py at commit 1a52275, the
+    form PyHessian uses): every product builds its own gradient graph g (one forward + backward
+    with create_graph) and differentiates the scalar g . v"""
 
-    def graph(self, i):
-        self.last = None
-        return super().graph(i)
+    def __init__(self, model, batches, loss_fn=cross_entropy):
+        super().__init__(model, batches, loss_fn)
+        self.mask = torch.ones(self.size).to(self.params[0])  # every weight is a direction
+
+    def __call__(self, vectors):
+        vectors = vectors.reshape(-1, self.size)
+        out = torch.zeros_like(vectors)
+        for v, o in zip(vectors, out):
+            for inputs, targets in self.batches:
+                with sdpa_kernel(SDPBackend.MATH):
+                    loss = self.loss_fn(self.model, inputs, targets)
+                grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+                self.passes += len(targets) / self.total
+                used = [(g, u) for g, u in zip(grads, self.unflat(v)) if g is not None]
+                product = sum((g * u).sum() for g, u in used)
+                if not torch.is_tensor(product) or not product.requires_grad:
+                    continue
+                hv = torch.autograd.grad(product, self.params, allow_unused=True)
+                hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, self.params)]
+                o.add_(self.flat(hv), alpha=len(targets) / self.total)
+        self.products += len(vectors)
+        return out
 
 
-def bench_curvature(n=64):
-    """`analyze.py --metric hessian embedded --n_images=64 --batch_size=64` with the README's
-    settings (top 2 to tol 1e-3, 50 trace samples), before (power iteration, plain Hutchinson,
-    a graph per product) and now (Lanczos, deflated Hutchinson, one graph for all products), on
-    the embedded teacher (a trained tiny/4 classifier) over the same seeded val images"""
+def embedded_batches(n):
+    """the embedded teacher (a trained tiny/4 classifier) and n seeded val images as
+    `analyze.py --metric hessian embedded --n_images=n --batch_size=n` picks them"""
     from analyze import DEFAULTS, image_folder, labelled_batches
     from teacher import load_model
     from data import EvalTransform
@@ -276,7 +300,16 @@ def bench_curvature(n=64):
     dataset = image_folder(opts, "val")
     dataset.transform = EvalTransform(model.config.img_size)
     subset = np.random.default_rng(0).permutation(len(dataset))[:n].tolist()
-    batches = labelled_batches(model, dataset, subset, opts, DEVICE)
+    return model, labelled_batches(model, dataset, subset, opts, DEVICE)
+
+
+def bench_curvature(n=64, rounds=2):
+    """`analyze.py --metric hessian embedded --n_images=64 --batch_size=64` with the README's
+    settings (top 2 to tol 1e-3, 50 trace products), before (the code before Lanczos: power
+    iteration, plain Hutchinson, the `Before` product) and now (`curvature`: Lanczos, deflated
+    Hutchinson, one graph for all products), in forward+backward times over the same images;
+    the runs alternate, `rounds` each, and the fastest counts"""
+    model, batches = embedded_batches(n)
     (x, y), = batches
 
     def fwd_bwd():
@@ -286,31 +319,51 @@ def bench_curvature(n=64):
     old, new = {}, {}
 
     def before():
-        power = RebuiltGraphs(model, batches)
-        old["values"], _, histories = power_iteration(power, 2, 1e-3, 100)
+        operator = Before(model, batches)
+        old["values"], _, histories = power_iteration(operator, 2, 1e-3, 100)
         old["counts"] = [len(h) for h in histories]
-        old["trace"], old["stderr"], _ = hutchinson(power, 50, seed=1, chunk=1)
-        old["products"], old["passes"] = power.products, power.passes
+        old["trace"], old["stderr"], _ = hutchinson(operator, 50, seed=1, chunk=1)
+        old["products"], old["passes"] = operator.products, operator.passes
 
     def now():
         new.update(curvature(model, batches, 2, 1e-3, 100, 50))
 
     fb_s, = compare([fwd_bwd])
-    before_s, now_s = compare([before, now], rounds=1, warmup=False)  # minutes: one run each
-    exact = lanczos(HessianOperator(model, batches), 2, 1e-9, 300)["values"]  # the reference
+    before_s, now_s = compare([before, now], rounds=rounds, warmup=False)
+    fb_s = min(fb_s, *compare([fwd_bwd]))  # the fastest forward+backward, before or after
+    return dict(old=old, new=new, before_fb=before_s / fb_s, now_fb=now_s / fb_s)
 
-    def within(value, i):
-        return abs(value - exact[i]) <= 1e-3 * abs(exact[i])
 
-    # the products each method needs until its values are within 1e-3 of the exact ones
-    _, _, histories = power_iteration(HessianOperator(model, batches), 2, 0.0, 100)  # all 100
-    power_needed = [next((j + 1 for j, v in enumerate(h) if within(v, i)), None)
-                    for i, h in enumerate(histories)]
-    history = lanczos(HessianOperator(model, batches), 2, 0.0, 30)["history"]
-    lanczos_needed = next((j + 1 for j, vs in enumerate(history)
-                           if len(vs) == 2 and within(vs[0], 0) and within(vs[1], 1)), None)
-    return dict(old=old, new=new, exact=exact, before_fb=before_s / fb_s, now_fb=now_s / fb_s,
-                power_needed=power_needed, lanczos_needed=lanczos_needed)
+def eigen_counts(model, batches, seeds=3, cap=60):
+    """Hessian-vector products for the top 2 eigenvalues to relative 1e-3, per seed: by each
+    method's own stop rule (with the error it leaves), and until the values stay within 1e-3 of
+    the exact ones (power iteration run `cap` products per eigenvalue, None: not within)"""
+    hessian = HessianOperator(model, batches, keep_graphs=True)  # the counts, not the time
+    exact = lanczos(hessian, 3, 1e-10, 300)["values"]  # the reference
+
+    def error(values):
+        by_magnitude = sorted(values, key=abs, reverse=True)
+        return max(abs(v - e) / abs(e) for v, e in zip(by_magnitude, exact))
+
+    def stays_within(history, i):
+        out = [j for j, v in enumerate(history) if abs(v - exact[i]) > 1e-3 * abs(exact[i])]
+        last_out = out[-1] if out else -1
+        return last_out + 2 if last_out + 1 < len(history) else None
+
+    rows = []
+    for seed in range(seeds):
+        values, _, histories = power_iteration(hessian, 2, 1e-3, 100, seed)
+        _, _, long_histories = power_iteration(hessian, 2, 0.0, cap, seed)
+        needed = [stays_within(h, i) for i, h in enumerate(long_histories)]
+        found = lanczos(hessian, 2, 1e-3, 100, seed)
+        history = lanczos(hessian, 2, 0.0, cap, seed)["history"]  # Ritz values only move closer
+        within = [j + 1 for j, vs in enumerate(history)
+                  if len(vs) == 2 and error(vs) <= 1e-3]
+        rows.append(dict(power=sum(len(h) for h in histories), power_error=error(values),
+                         power_needed=None if None in needed else sum(needed),
+                         lanczos=found["steps"], lanczos_error=error(found["values"]),
+                         lanczos_needed=within[0] if within else None))
+    return exact, rows
 
 
 def main():
@@ -361,41 +414,52 @@ def main():
           f"{int(np.ceil(best / per_worker))} worker(s) feed the {SIZES[-1]} bf16 step "
           f"({best:.0f} img/s)")
     print()
+    analysis_main()
+
+
+def analysis_main():
+    """issue 15's numbers: analysis overhead, Hessian-vector product cost, eigenvalue counts,
+    trace error and the cost of --metric hessian, each against its baseline in this run"""
     for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
         n = 64 if size == "tiny/4" else 16
         blocks, half = bench_analysis(size, n)
         print(f"analysis: analyze.py --metric all on {size} costs {blocks:.2f}x the plain forwards "
               f"over the same {n} images ({half:.2f}x with --fourier_at=half)")
     for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
-        fresh, shared, forward = bench_hvp(size)
+        before, fresh, shared, forward = bench_hvp(size)
         print(f"Hessian-vector product, {size} batch {batch_for(size)}, in forward+backward "
-              f"passes: double backward {fresh:.2f}x with its own graph, {shared:.2f}x per "
-              f"product when one graph serves 8; forward-over-reverse {forward:.2f}x")
+              f"passes: before {before:.2f}x; double backward {fresh:.2f}x with its own graph, "
+              f"{shared:.2f}x per product when one graph serves 8; forward-over-reverse "
+              f"{forward:.2f}x")
+    print("top-2 eigenvalues to relative 1e-3, Hessian-vector products per run (3 seeds): by each "
+          "method's stop rule [largest error], and until both values stay within 1e-3 of the exact")
+    models = [("embedded teacher, 64 val images", embedded_batches(64)),
+              ("random-init tiny/4 classifier, 16 random images", classifier_batch("tiny/4", 16))]
+    for name, (model, batches) in models:
+        exact, counts = eigen_counts(model, batches, cap=80)
+        print(f"  {name} (exact top 3: {', '.join(f'{v:.4g}' for v in exact)})")
+        for method in ("power", "lanczos"):
+            label = "power iteration" if method == "power" else "Lanczos"
+            stops = ", ".join(f"{c[method]} [{c[method + '_error']:.0e}]" for c in counts)
+            needed = ", ".join(str(c[method + "_needed"]) for c in counts)
+            print(f"    {label:<16} stop rule: {stops}; within 1e-3 after: {needed}")
+        needed = [(c["power_needed"], c["lanczos_needed"]) for c in counts]
+        if all(p and q for p, q in needed):
+            ratio = sum(q for _, q in needed) / sum(p for p, _ in needed)
+            print(f"    Lanczos / power iteration, products until within 1e-3: {ratio:.2f}x")
+        else:
+            print("    (None: not within 1e-3 in the products run; no ratio)")
     r = bench_curvature()
-    old, new, exact = r["old"], r["new"], r["exact"]
-    errors = [max(abs(a - b) / abs(b) for a, b in zip(found, exact))
-              for found in (old["values"], new["eigenvalues"])]
-    power_per, lanczos_per = sum(old["counts"]) / 2, new["lanczos_steps"] / 2
-    print(f"top-2 eigenvalues (embedded teacher, 64 images), products per eigenvalue with tol "
-          f"1e-3: power iteration {power_per:.1f}, Lanczos {lanczos_per:.1f} "
-          f"({lanczos_per / power_per:.2f}x); largest relative error {errors[0]:.1e} vs "
-          f"{errors[1]:.1e}")
-    if None in r["power_needed"] or r["lanczos_needed"] is None:
-        print(f"  until both are within 1e-3 of the exact values: power iteration "
-              f"{r['power_needed']} (None: not within 100), Lanczos {r['lanczos_needed']}")
-    else:
-        power_per, lanczos_per = sum(r["power_needed"]) / 2, r["lanczos_needed"] / 2
-        print(f"  until both are within 1e-3 of the exact values: power iteration {power_per:.1f}, "
-              f"Lanczos {lanczos_per:.1f} per eigenvalue ({lanczos_per / power_per:.2f}x)")
+    old, new = r["old"], r["new"]
     ratio = new["trace_stderr"] / old["stderr"]
     print(f"trace from 50 products: plain Hutchinson {old['trace']:.4g} +- {old['stderr']:.3g}, "
           f"Lanczos-deflated ({new['lanczos_steps']} basis + {new['trace_samples']} samples) "
           f"{new['trace']:.4g} +- {new['trace_stderr']:.3g}: standard error {ratio:.2f}x")
     print(f"--metric hessian (top 2 to tol 1e-3, 50 trace products, 64 images) in forward+backward "
           f"passes over the images (time): before {r['before_fb']:.0f} ({old['products']} "
-          f"products, {old['passes']:.0f} gradient graphs), now {r['now_fb']:.0f} "
-          f"({new['products']} products, {new['passes']:.0f} gradient graph): "
-          f"{r['now_fb'] / r['before_fb']:.2f}x")
+          f"products, eigenvalues {old['values'][0]:.2f}, {old['values'][1]:.2f}), now "
+          f"{r['now_fb']:.0f} ({new['products']} products, {new['eigenvalues'][0]:.2f}, "
+          f"{new['eigenvalues'][1]:.2f}): {r['now_fb'] / r['before_fb']:.2f}x")
 
 
 # ----------------------------------------------------------------------------------------
@@ -636,5 +700,7 @@ def gpu_main():
 if __name__ == "__main__":
     if "gpu" in args:
         gpu_main()
+    elif "analysis" in args:
+        analysis_main()
     else:
         main()

@@ -266,12 +266,23 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.indices()) - self.start
 
 
-def leave_signals_to_main(worker_id):
+def quiet_when_main_is_gone(kind, value, traceback):
+    """A loader worker's sys.excepthook: a connection to the main process that broke (the main
+    process stopped on Ctrl-C while a worker's thread was handing it a batch's shared memory) is
+    not an error of the run and prints nothing; anything else prints as usual."""
+    if not issubclass(kind, (BrokenPipeError, ConnectionResetError)):
+        sys.__excepthook__(kind, value, traceback)
+
+
+def init_worker(worker_id):
     """A loader worker ignores SIGTERM and SIGINT (a scheduler, or Ctrl-C in a terminal, signals the
     whole process group): the main process saves or stops, and shuts its workers down itself. A
-    worker that ended on the signal first would otherwise turn the stop into a DataLoader error."""
+    worker that ended on the signal first would otherwise turn the stop into a DataLoader error,
+    and a worker whose main process left mid-transfer would print a traceback after the stop's one
+    line."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.excepthook = quiet_when_main_is_gone
 
 
 def make_loader(dataset, batch_size, train, rank=0, world_size=1, seed=0, num_workers=2, num_samples=0):
@@ -281,6 +292,6 @@ def make_loader(dataset, batch_size, train, rank=0, world_size=1, seed=0, num_wo
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                          num_workers=num_workers, collate_fn=collate,
                                          drop_last=train, pin_memory=torch.cuda.is_available(),
-                                         worker_init_fn=leave_signals_to_main)
+                                         worker_init_fn=init_worker)
     return loader, sampler
 

@@ -226,6 +226,17 @@ def test_hessian_vector_products_of_a_vit_are_exact(small_vit):
     assert torch.allclose(hv, H @ V[0], rtol=1e-9, atol=1e-9 * H.abs().max().item())
 
 
+def test_the_benchmarks_before_product_is_the_same_hessian(small_vit):
+    """bench.py's baseline (the code before Lanczos: a graph per product, grad of g . v) computes
+    the same products, so its counts and times compare like with like"""
+    from bench import Before
+    model, batches, H = small_vit
+    V = torch.randn(2, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    before = Before(model, batches)
+    assert torch.allclose(before(V), V @ H, rtol=1e-9, atol=1e-9 * H.abs().max().item())
+    assert before.products == 2 and before.passes == pytest.approx(2.0)  # a graph per product
+
+
 def test_eigenvalues_trace_and_landscape_of_a_vit(small_vit):
     model, batches, H = small_vit
     exact = torch.linalg.eigvalsh(H)
