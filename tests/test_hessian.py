@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hessian import (HessianOperator, curvature, hutchinson, lanczos, loss_landscape, mean_loss,
-                     power_iteration)
+from hessian import (CachedGELU, HessianOperator, curvature, hutchinson, lanczos, loss_landscape,
+                     mean_loss, power_iteration)
 from model import ViT, ViTConfig
 
 
@@ -201,6 +201,26 @@ def small_vit():
 
     assert loss(flat).item() == pytest.approx(mean_loss(model, batches), rel=1e-12)  # same model
     return model, batches, torch.func.hessian(loss)(flat)
+
+
+def test_the_cached_gelu_has_the_closed_form_derivatives():
+    """GELU(x) = x Phi(x): GELU' = Phi(x) + x phi(x), GELU'' = phi(x) (2 - x^2), phi the normal
+    density; under CachedGELU the gradient graph goes through hessian.GELU (a second product
+    reuses the kept derivatives and gives the same numbers)"""
+    x = torch.linspace(-4, 4, 41, dtype=torch.float64, requires_grad=True)
+    phi = torch.exp(-x.detach() ** 2 / 2) / math.sqrt(2 * math.pi)
+    Phi = 0.5 * (1 + torch.erf(x.detach() / math.sqrt(2)))
+    with CachedGELU():
+        y = F.gelu(x)
+        assert type(y.grad_fn).__name__ == "GELUBackward"  # hessian.GELU's node, not torch's
+        slope, = torch.autograd.grad(y.sum(), x, create_graph=True)
+    assert torch.allclose(y, x.detach() * Phi, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(slope, Phi + x.detach() * phi, rtol=1e-12, atol=1e-15)
+    for _ in range(2):
+        curve, = torch.autograd.grad(slope.sum(), x, retain_graph=True)
+        assert torch.allclose(curve, phi * (2 - x.detach() ** 2), rtol=1e-12, atol=1e-15)
+    with CachedGELU():  # the tanh approximation is left to torch
+        assert type(F.gelu(x, approximate="tanh").grad_fn).__name__ == "GeluBackward0"
 
 
 def test_hessian_vector_products_of_a_vit_are_exact(small_vit):
