@@ -795,6 +795,13 @@ def image_folder(opts, default_split):
     return ImageFolder(root, None)
 
 
+def subset_of(dataset, opts):
+    """the images analysed: opts["n_images"] indices of the dataset in an order seeded by
+    opts["seed"], the same for every model and metric"""
+    order = np.random.default_rng(opts["seed"]).permutation(len(dataset))
+    return order[:opts["n_images"]].tolist()
+
+
 def labelled_batches(model, dataset, subset, opts, device):
     """the subset as a list of (images, labels) on the device, for the loss of a classifier"""
     if model.head is None or model.config.num_classes != len(dataset.classes):
@@ -824,14 +831,14 @@ def predict_files(model, paths, transform, device, batch_size):
     return kept, torch.cat(logits) if logits else torch.zeros(0, 0)
 
 
-def classifier_metric(metric, model, info, opts, device, subset_of):
+def classifier_metric(metric, model, info, opts, device):
     """one model's entry for hessian, landscape, shape_bias or ood"""
     cfg = model.config
     transform = EvalTransform(cfg.img_size)
     if metric in ("hessian", "landscape"):
         dataset = image_folder(opts, "val")
         dataset.transform = transform
-        batches = labelled_batches(model, dataset, subset_of(dataset), opts, device)
+        batches = labelled_batches(model, dataset, subset_of(dataset, opts), opts, device)
         if metric == "landscape":  # the axes: the top-2 eigenvectors by magnitude
             hessian = HessianOperator(model, batches, keep_graphs=bool(opts["keep_graphs"]))
             eig = lanczos(hessian, 2, opts["tol"], opts["lanczos_steps"], opts["seed"])
@@ -932,10 +939,6 @@ def main(argv):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    def subset_of(dataset):  # a fixed, seeded subset of n_images
-        order = np.random.default_rng(opts["seed"]).permutation(len(dataset))
-        return order[:opts["n_images"]].tolist()
-
     results, maps = {m: {} for m in metrics}, {}
     try:
         for model_arg, label in zip(models, labels):
@@ -949,12 +952,11 @@ def main(argv):
             cfg = model.config
             print(f"{label}: {info['source']}, {cfg.depth} blocks, {cfg.img_size} px")
             if metric in CLASSIFIER:
-                results[metric][label] = classifier_metric(metric, model, info, opts, device,
-                                                           subset_of)
+                results[metric][label] = classifier_metric(metric, model, info, opts, device)
                 continue
             dataset = image_folder(opts, "val")
             dataset.transform = EvalTransform(cfg.img_size)
-            subset = torch.utils.data.Subset(dataset, subset_of(dataset))
+            subset = torch.utils.data.Subset(dataset, subset_of(dataset, opts))
             loader = torch.utils.data.DataLoader(subset, batch_size=opts["batch_size"],
                                                  collate_fn=collate)
             request = None

@@ -291,7 +291,7 @@ class Before(HessianOperator):
 def embedded_batches(n):
     """the embedded teacher (a trained tiny/4 classifier) and n seeded val images as
     `analyze.py --metric hessian embedded --n_images=n --batch_size=n` picks them"""
-    from analyze import DEFAULTS, image_folder, labelled_batches
+    from analyze import DEFAULTS, image_folder, labelled_batches, subset_of
     from teacher import load_model
     from data import EvalTransform
     model, _ = load_model("embedded")
@@ -299,8 +299,7 @@ def embedded_batches(n):
     opts = dict(DEFAULTS, n_images=n, batch_size=n)
     dataset = image_folder(opts, "val")
     dataset.transform = EvalTransform(model.config.img_size)
-    subset = np.random.default_rng(0).permutation(len(dataset))[:n].tolist()
-    return model, labelled_batches(model, dataset, subset, opts, DEVICE)
+    return model, labelled_batches(model, dataset, subset_of(dataset, opts), opts, DEVICE)
 
 
 def bench_curvature(n=64, rounds=2):
