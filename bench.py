@@ -227,7 +227,8 @@ def bench_hvp(size="tiny/4", vectors=8):
     before (`Before`); double backward building its own gradient graph; double backward with one
     graph serving `vectors` products (HessianOperator: the trace's vectors, Lanczos on one
     batch); forward-over-reverse (torch.func.jvp of torch.func.grad). All through the math
-    attention kernel."""
+    attention kernel. Last, a shared-graph product's FLOPs / a forward+backward's: the least a
+    product can cost at the same arithmetic speed."""
     from torch.func import functional_call, grad, jvp
     model, batches = classifier_batch(size, batch_for(size))
     (x, y), = batches
@@ -256,7 +257,18 @@ def bench_hvp(size="tiny/4", vectors=8):
 
     base, old, fresh, many, forward = compare([fwd_bwd, before, own_graph, lambda: shared(V),
                                                forward_over_reverse])
-    return old / base, fresh / base, many / vectors / base, forward / base
+    shared(V[:1])  # its graph is built: the count below is one product's own work
+    fb_flops, product_flops = flops_of(fwd_bwd), flops_of(lambda: shared(V[:1]))
+    return (old / base, fresh / base, many / vectors / base, forward / base,
+            product_flops / fb_flops)
+
+
+def flops_of(fn):
+    """matmul and convolution FLOPs of one call of fn (torch's FlopCounterMode)"""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 class Before(HessianOperator):
@@ -307,7 +319,8 @@ def bench_curvature(n=64, rounds=2):
     settings (top 2 to tol 1e-3, 50 trace products), before (the code before Lanczos: power
     iteration, plain Hutchinson, the `Before` product) and now (`curvature`: Lanczos, deflated
     Hutchinson, one graph for all products), in forward+backward times over the same images;
-    the runs alternate, `rounds` each, and the fastest counts"""
+    and now at before's accuracy (`--trace_tol` = before's standard error / |trace|, the samples
+    stop there). The runs alternate, `rounds` each, and the fastest counts"""
     model, batches = embedded_batches(n)
     (x, y), = batches
 
@@ -315,7 +328,7 @@ def bench_curvature(n=64, rounds=2):
         torch.nn.functional.cross_entropy(model(x), y).backward()
         model.zero_grad(set_to_none=True)
 
-    old, new = {}, {}
+    old, new, equal = {}, {}, {}
 
     def before():
         operator = Before(model, batches)
@@ -326,10 +339,15 @@ def bench_curvature(n=64, rounds=2):
     def now():
         new.update(curvature(model, batches, 2, 1e-3, 100, 50))
 
+    def at_equal_error():  # runs after before() has set the error to match
+        equal["tol"] = old["stderr"] / abs(old["trace"])
+        equal.update(curvature(model, batches, 2, 1e-3, 100, 500, equal["tol"]))
+
     fb_s, = compare([fwd_bwd])
-    before_s, now_s = compare([before, now], rounds=rounds, warmup=False)
+    before_s, now_s, equal_s = compare([before, now, at_equal_error], rounds=rounds, warmup=False)
     fb_s = min(fb_s, *compare([fwd_bwd]))  # the fastest forward+backward, before or after
-    return dict(old=old, new=new, before_fb=before_s / fb_s, now_fb=now_s / fb_s)
+    return dict(old=old, new=new, equal=equal, before_fb=before_s / fb_s, now_fb=now_s / fb_s,
+                equal_fb=equal_s / fb_s)
 
 
 def eigen_counts(model, batches, seeds=3, cap=60):
@@ -424,11 +442,11 @@ def analysis_main():
         print(f"analysis: analyze.py --metric all on {size} costs {blocks:.2f}x the plain forwards "
               f"over the same {n} images ({half:.2f}x with --fourier_at=half)")
     for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
-        before, fresh, shared, forward = bench_hvp(size)
+        before, fresh, shared, forward, flops = bench_hvp(size)
         print(f"Hessian-vector product, {size} batch {batch_for(size)}, in forward+backward "
               f"passes: before {before:.2f}x; double backward {fresh:.2f}x with its own graph, "
-              f"{shared:.2f}x per product when one graph serves 8; forward-over-reverse "
-              f"{forward:.2f}x")
+              f"{shared:.2f}x per product when one graph serves 8 (its FLOPs: {flops:.2f}x); "
+              f"forward-over-reverse {forward:.2f}x")
     print("top-2 eigenvalues to relative 1e-3, Hessian-vector products per run (3 seeds): by each "
           "method's stop rule [largest error], and until both values stay within 1e-3 of the exact")
     models = [("embedded teacher, 64 val images", embedded_batches(64)),
@@ -458,6 +476,10 @@ def analysis_main():
           f"products, eigenvalues {old['values'][0]:.2f}, {old['values'][1]:.2f}), now "
           f"{r['now_fb']:.0f} ({new['products']} products, {new['eigenvalues'][0]:.2f}, "
           f"{new['eigenvalues'][1]:.2f}): {r['now_fb'] / r['before_fb']:.2f}x")
+    equal = r["equal"]
+    print(f"  at before's trace error (--trace_tol={equal['tol']:.3g}, samples 10 at a time): "
+          f"{r['equal_fb']:.0f} ({equal['products']} products, {equal['trace']:.4g} +- "
+          f"{equal['trace_stderr']:.3g}): {r['equal_fb'] / r['before_fb']:.2f}x")
 
 
 # ----------------------------------------------------------------------------------------

@@ -66,9 +66,9 @@ class GELU(torch.autograd.Function):
 
 
 class GELUGrad(torch.autograd.Function):
-    """grad * GELU'(x), differentiable in grad and x: GELU''(x) = phi(x) (2 - x^2), computed at the
-    first Hessian-vector product and kept; slope = GELU'(x) is a constant of the graph (its
-    dependence on x is what GELU'' carries)"""
+    """grad * GELU'(x), differentiable in grad and x: grad GELU''(x), GELU''(x) = phi(x) (2 - x^2),
+    is computed at the first Hessian-vector product and kept (grad is a tensor of the graph too);
+    slope = GELU'(x) is a constant of the graph (its dependence on x is what GELU'' carries)"""
 
     @staticmethod
     def forward(ctx, grad, x, slope):
@@ -78,9 +78,9 @@ class GELUGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_grad):
         grad, x, slope = ctx.saved_tensors
-        if not hasattr(ctx, "curve"):
-            ctx.curve = normal_pdf(x) * (2 - x * x)
-        return grad_grad * slope, grad_grad * grad * ctx.curve, None
+        if not hasattr(ctx, "grad_curve"):
+            ctx.grad_curve = grad * normal_pdf(x) * (2 - x * x)
+        return grad_grad * slope, grad_grad * ctx.grad_curve, None
 
 
 class CachedGELU(TorchFunctionMode):
@@ -179,8 +179,9 @@ class HessianOperator:
         if kind == "normal":
             v = torch.randn(count, self.size, generator=generator)
         else:
-            v = torch.randint(0, 2, (count, self.size), generator=generator).float() * 2 - 1
-        return v.to(self.mask) * self.mask
+            bits = torch.randint(0, 2, (count, self.size), generator=generator, dtype=torch.int8)
+            v = bits.float().mul_(2).sub_(1)
+        return v.to(self.mask).mul_(self.mask)
 
 
 def orthogonalize(w, basis):
@@ -277,11 +278,12 @@ def hutchinson(hessian, samples=50, seed=0, basis=(), basis_trace=0.0, tol=0.0, 
     as fit in 1 GiB of float32)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     chunk = chunk or (10 if tol > 0 else max(1, 2 ** 28 // hessian.size))
+    Q = torch.stack(list(basis)) if len(basis) else None  # (m, P)
     estimates = []
     while len(estimates) < samples:
         v = hessian.random(g, "rademacher", min(chunk, samples - len(estimates)))
-        for q in basis:  # r = v - Q Q^T v (the basis is orthonormal)
-            v -= (v @ q)[:, None] * q
+        if Q is not None:  # r = v - Q Q^T v (the basis is orthonormal)
+            v -= (v @ Q.T) @ Q
         estimates += (hessian(v) * v).sum(1).tolist()
         t = torch.tensor(estimates, dtype=torch.float64)
         stderr = t.std().item() / math.sqrt(len(t)) if len(t) > 1 else float("nan")

@@ -210,15 +210,16 @@ def test_the_cached_gelu_has_the_closed_form_derivatives():
     x = torch.linspace(-4, 4, 41, dtype=torch.float64, requires_grad=True)
     phi = torch.exp(-x.detach() ** 2 / 2) / math.sqrt(2 * math.pi)
     Phi = 0.5 * (1 + torch.erf(x.detach() / math.sqrt(2)))
+    weight = torch.linspace(0.5, 2, 41, dtype=torch.float64)  # the gradient reaching the GELU
     with CachedGELU():
         y = F.gelu(x)
         assert type(y.grad_fn).__name__ == "GELUBackward"  # hessian.GELU's node, not torch's
-        slope, = torch.autograd.grad(y.sum(), x, create_graph=True)
+        slope, = torch.autograd.grad(y, x, weight, create_graph=True)  # weight GELU'(x)
     assert torch.allclose(y, x.detach() * Phi, rtol=1e-12, atol=1e-15)
-    assert torch.allclose(slope, Phi + x.detach() * phi, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(slope, weight * (Phi + x.detach() * phi), rtol=1e-12, atol=1e-15)
     for _ in range(2):
-        curve, = torch.autograd.grad(slope.sum(), x, retain_graph=True)
-        assert torch.allclose(curve, phi * (2 - x.detach() ** 2), rtol=1e-12, atol=1e-15)
+        curve, = torch.autograd.grad(slope.sum(), x, retain_graph=True)  # weight GELU''(x)
+        assert torch.allclose(curve, weight * phi * (2 - x.detach() ** 2), rtol=1e-12, atol=1e-15)
     with CachedGELU():  # the tanh approximation is left to torch
         assert type(F.gelu(x, approximate="tanh").grad_fn).__name__ == "GeluBackward0"
 
