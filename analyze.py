@@ -30,7 +30,7 @@ from tqdm import tqdm
 from common import option_error, pyplot
 from data import (IMAGE_EXTENSIONS, DataError, EvalTransform, ImageFolder, collate, load_image,
                   resolve_data_dir)
-from hessian import HessianOperator, curvature, lanczos, loss_landscape, mean_loss
+from hessian import HessianOperator, curvature, keep_freed_memory, lanczos, loss_landscape, mean_loss
 from teacher import CheckpointError, load_model
 
 REPRESENTATION = ("attn_map", "attn_distance", "attn_entropy", "nmi", "fourier", "svd")
@@ -854,7 +854,8 @@ def classifier_metric(metric, model, info, opts, device):
                     trace_samples=r["trace_samples"],
                     trace_products=r["lanczos_steps"] + r["trace_samples"],
                     lanczos_steps=r["lanczos_steps"], converged=r["converged"],
-                    hessian_vector_products=r["products"], gradient_passes=r["passes"],
+                    hessian_vector_products=r["products"], quadratic_forms=r["forms"],
+                    gradient_passes=r["passes"],
                     loss=mean_loss(model, batches), images=sum(len(t) for _, t in batches))
     if model.head is None:  # shape_bias, ood: decisions need class scores
         raise SystemExit(f"error: {metric} needs a classifier; this model has no classification "
@@ -903,6 +904,7 @@ def classifier_metric(metric, model, info, opts, device):
 
 def main(argv):
     opts, models = parse_args(argv)
+    keep_freed_memory()  # activation-sized temporaries reuse their pages (see hessian.py)
     if opts["metric"] == "report":  # a run of experiments/paper.sh -> RUN_ROOT/report.md
         return report(models)
     metric = opts["metric"]
@@ -1003,7 +1005,8 @@ def write(metric, results, settings, out, maps=None):
             values = ", ".join(f"{v:.4g}" for v in r["eigenvalues"])
             print(f"  {label:>20}: eigenvalues {values} (largest magnitude first), trace "
                   f"{r['trace']:.4g} +- {r['trace_stderr']:.2g}; {r['hessian_vector_products']} "
-                  f"Hessian-vector products, {r['gradient_passes']:.3g} gradient passes")
+                  f"Hessian-vector products, {r['quadratic_forms']} quadratic forms, "
+                  f"{r['gradient_passes']:.3g} gradient passes")
         elif metric == "shape_bias":
             print(f"  {label:>20}: shape bias {r['shape_bias']:.3f} over {r['images']} "
                   "cue-conflict images")

@@ -24,7 +24,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from common import peak_flops
 from data import TrainTransform, load_image
 from data.masks import BEIT_RATIO, MaskGenerator
-from hessian import HessianOperator, cross_entropy, curvature, hutchinson, lanczos, power_iteration
+from hessian import (HessianOperator, cross_entropy, curvature, hutchinson, keep_freed_memory, lanczos,
+                     power_iteration)
 from model import DecoderHead, MDStudent, ViT, ViTConfig
 from teacher import Teacher, Whitening
 from train_md import md_loss
@@ -227,8 +228,9 @@ def bench_hvp(size="tiny/4", vectors=8):
     before (`Before`); double backward building its own gradient graph; double backward with one
     graph serving `vectors` products (HessianOperator: the trace's vectors, Lanczos on one
     batch); forward-over-reverse (torch.func.jvp of torch.func.grad). All through the math
-    attention kernel. Last, a shared-graph product's FLOPs / a forward+backward's: the least a
-    product can cost at the same arithmetic speed."""
+    attention kernel. Then a shared-graph product's FLOPs / a forward+backward's: the least a
+    product can cost at the same arithmetic speed; and the trace's quadratic forms r^T H r by
+    Taylor mode (HessianOperator.quadratic, `vectors` per call), time and FLOPs per form."""
     from torch.func import functional_call, grad, jvp
     model, batches = classifier_batch(size, batch_for(size))
     (x, y), = batches
@@ -255,18 +257,28 @@ def bench_hvp(size="tiny/4", vectors=8):
     def before():
         return Before(model, batches)(V[0])
 
-    base, old, fresh, many, forward = compare([fwd_bwd, before, own_graph, lambda: shared(V),
-                                               forward_over_reverse])
+    base, old, fresh, many, forward, forms = compare([fwd_bwd, before, own_graph, lambda: shared(V),
+                                                      forward_over_reverse, lambda: shared.quadratic(V)])
     # shared keeps its latest graph, so the count below is one product's own work
     fb_flops, product_flops = flops_of(fwd_bwd), flops_of(lambda: shared(V[:1]))
+    form_flops = flops_of(lambda: shared.quadratic(V)) / vectors
     return (old / base, fresh / base, many / vectors / base, forward / base,
-            product_flops / fb_flops)
+            product_flops / fb_flops, forms / vectors / base, form_flops / fb_flops)
 
 
 def flops_of(fn):
-    """matmul and convolution FLOPs of one call of fn (torch's FlopCounterMode)"""
+    """matmul and convolution FLOPs of one call of fn (torch's FlopCounterMode, which does not
+    count the in-place addmm_ and baddbmm_ of Taylor mode: counted here, 2 per multiply-add)"""
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
+
+    def addmm_(out, a, b, *rest, out_shape=None, **kwargs):  # shapes: a (M, K), b (K, N)
+        return 2 * a[0] * a[1] * b[1]
+
+    def baddbmm_(out, a, b, *rest, out_shape=None, **kwargs):  # a (B, M, K), b (B, K, N)
+        return 2 * a[0] * a[1] * a[2] * b[2]
+
+    in_place = {torch.ops.aten.addmm_: addmm_, torch.ops.aten.baddbmm_: baddbmm_}
+    with FlopCounterMode(display=False, custom_mapping=in_place) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -279,6 +291,7 @@ class Before(HessianOperator):
     def __init__(self, model, batches, loss_fn=cross_entropy):
         super().__init__(model, batches, loss_fn)
         self.mask = torch.ones(self.size).to(self.params[0])  # every weight is a direction
+        self.taylor = False  # its trace samples were v . (H v), not quadratic forms by Taylor mode
 
     def __call__(self, vectors):
         vectors = vectors.reshape(-1, self.size)
@@ -318,7 +331,8 @@ def bench_curvature(n=64, rounds=2):
     """`analyze.py --metric hessian embedded --n_images=64 --batch_size=64` with the README's
     settings (top 2 to tol 1e-3, 50 trace products), before (the code before Lanczos: power
     iteration, plain Hutchinson, the `Before` product) and now (`curvature`: Lanczos, deflated
-    Hutchinson, one graph for all products), in forward+backward times over the same images;
+    Hutchinson by quadratic forms in Taylor mode, one graph for all products), in forward+backward
+    times over the same images;
     and now at before's accuracy (`--trace_tol` = before's standard error / |trace|, the samples
     stop there). The runs alternate, `rounds` each, and the fastest counts"""
     model, batches = embedded_batches(n)
@@ -436,17 +450,19 @@ def main():
 def analysis_main():
     """the analysis rows: --metric all overhead, Hessian-vector product cost, eigenvalue counts,
     trace error and the cost of --metric hessian, each against its baseline in this run"""
+    keep_freed_memory()  # as analyze.py does, for the baselines as well
     for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
         n = 64 if size == "tiny/4" else 16
         blocks, half = bench_analysis(size, n)
         print(f"analysis: analyze.py --metric all on {size} costs {blocks:.2f}x the plain forwards "
               f"over the same {n} images ({half:.2f}x with --fourier_at=half)")
     for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
-        before, fresh, shared, forward, flops = bench_hvp(size)
+        before, fresh, shared, forward, flops, form, form_flops = bench_hvp(size)
         print(f"Hessian-vector product, {size} batch {batch_for(size)}, in forward+backward "
               f"passes: before {before:.2f}x; double backward {fresh:.2f}x with its own graph, "
               f"{shared:.2f}x per product when one graph serves 8 (its FLOPs: {flops:.2f}x); "
-              f"forward-over-reverse {forward:.2f}x")
+              f"forward-over-reverse {forward:.2f}x; a trace sample r^T H r by Taylor mode "
+              f"{form:.2f}x (its FLOPs: {form_flops:.2f}x)")
     print("top-2 eigenvalues to relative 1e-3, Hessian-vector products per run (3 seeds): by each "
           "method's stop rule [largest error], and until both values stay within 1e-3 of the exact")
     models = [("embedded teacher, 64 val images", embedded_batches(64)),
@@ -474,11 +490,13 @@ def analysis_main():
     print(f"--metric hessian (top 2 to tol 1e-3, 50 trace products, 64 images) in forward+backward "
           f"passes over the images (time): before {r['before_fb']:.0f} ({old['products']} "
           f"products, eigenvalues {old['values'][0]:.2f}, {old['values'][1]:.2f}), now "
-          f"{r['now_fb']:.0f} ({new['products']} products, {new['eigenvalues'][0]:.2f}, "
+          f"{r['now_fb']:.0f} ({new['products']} products + {new['forms']} quadratic forms, "
+          f"{new['eigenvalues'][0]:.2f}, "
           f"{new['eigenvalues'][1]:.2f}): {r['now_fb'] / r['before_fb']:.2f}x")
     equal = r["equal"]
     print(f"  at before's trace error (--trace_tol={equal['tol']:.3g}, samples 10 at a time): "
-          f"{r['equal_fb']:.0f} ({equal['products']} products, {equal['trace']:.4g} +- "
+          f"{r['equal_fb']:.0f} ({equal['products']} products + {equal['forms']} forms, "
+          f"{equal['trace']:.4g} +- "
           f"{equal['trace_stderr']:.3g}): {r['equal_fb'] / r['before_fb']:.2f}x")
 
 

@@ -19,19 +19,27 @@ trace is E[v^T H v] over Rademacher v. The algorithms are cheaper than PyHessian
   backward with create_graph) is built once per call and every vector of the call is one more
   backward through it; graphs may also be kept between calls (`keep_graphs`). The graph's exact
   GELUs keep their first and second derivatives (`CachedGELU`), which every product reuses.
+- the trace's samples r^T H r need no H r: second-order forward mode (Taylor mode, `Jet`) runs
+  the model and loss once per vector on x(t) = x0 + t x1 + t^2 x2 along the weights w + t r and
+  reads r^T H r = 2 L2 off the loss. A linear layer then costs 4 matrix products (a product
+  through the gradient graph: 6), the forward's own values are recorded once per batch (`Tape`),
+  and the elementwise work is a forward's, not a double backward's. Models with an op that has
+  no rule fall back to r . (H r) (`HessianOperator.quadratic`).
 
 Vectors are flat: one tensor over the concatenated trainable parameters. Parameters that are
 frozen are not directions; parameters that get no gradient are directions of zero curvature
 (every vector made here is zero on them). Costs are counted on the operator: `products`
-(Hessian-vector products over all the images) and `passes` (gradient graphs built, in units of
-one forward+backward over all the images).
+(Hessian-vector products over all the images), `forms` (quadratic forms by Taylor mode) and
+`passes` (gradient graphs built, in units of one forward+backward over all the images).
 """
+import ctypes
 import math
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves, tree_map
 
 
 def cross_entropy(model, inputs, targets):
@@ -95,6 +103,22 @@ class CachedGELU(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def keep_freed_memory():
+    """glibc gives freed blocks of more than 128 KiB back to the OS at once (up to 32 MiB after it
+    adapts), and the next block of that size faults its pages in again. Taylor mode makes many
+    activation-sized temporaries: on the embedded teacher a quadratic form took 435 ms with
+    glibc's defaults and 333 ms with these thresholds raised to 1 GiB (a Hessian-vector product
+    527 vs 552 ms, a forward+backward 271 vs 283 ms; two runs of one script). Freed memory then
+    stays in the process for reuse (its resident size stays at its peak). Nothing off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
 class HessianOperator:
     """v -> H v for the batch-size-weighted mean loss over batches [(inputs, targets)], on flat
     vectors; the weights must not change while it is in use (it keeps gradient graphs).
@@ -112,12 +136,14 @@ class HessianOperator:
     def __init__(self, model, batches, loss_fn=cross_entropy, keep_graphs=False):
         self.model, self.batches, self.loss_fn = model, batches, loss_fn
         self.keep_graphs = keep_graphs
+        keep_freed_memory()
         self.params = trainable(model)
         self.shapes = [p.shape for p in self.params]
         self.sizes = [p.numel() for p in self.params]
         self.size = sum(self.sizes)
         self.total = sum(len(t) for _, t in batches)
-        self.products, self.passes = 0, 0.0
+        self.products, self.passes, self.forms = 0, 0.0, 0
+        self.taylor, self.why_not_taylor = True, None  # r^T H r by Taylor mode (see quadratic)
         self.graphs = [None] * len(batches)
         self.last = None  # (batch index, graph): the latest graph is always kept for the next call
         self.mask = None  # 1 where the parameter gets a gradient, set by the first graph
@@ -163,6 +189,44 @@ class HessianOperator:
         self.products += len(vectors)
         return out
 
+    def quadratic(self, vectors):
+        """vectors (m, P) -> r^T H r for each row r (m,): by second-order forward mode (Taylor
+        mode, see `Jet`) where every op of the model and loss has a rule, else as r . (H r).
+        One pass of the model per vector and batch gives L''(w + t r) at t = 0 exactly, with 4
+        matrix products per linear layer (a Hessian-vector product needs 6, and the trace needs
+        only these numbers); the pass over a batch's first vector records the values of the
+        forward on a `Tape` and the others replay them."""
+        vectors = vectors.reshape(-1, self.size)
+        if self.taylor:
+            try:
+                forms = self.taylor_forms(vectors)
+                self.forms += len(vectors)
+                return forms
+            except NotImplementedError as error:  # an op without a rule: products do it
+                self.taylor, self.why_not_taylor = False, str(error)
+        return (self(vectors) * vectors).sum(1)
+
+    def taylor_forms(self, vectors):
+        names = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        module = WithLoss(self.model, self.loss_fn)
+        out = torch.zeros(len(vectors), dtype=torch.float64)
+        previous = Jet.tape
+        try:
+            for inputs, targets in self.batches:
+                Jet.tape = Tape()
+                for i, r in enumerate(vectors):
+                    jets = {"model." + name: Jet(p.detach(), t)
+                            for name, p, t in zip(names, self.params, self.unflat(r))}
+                    with torch.no_grad():
+                        loss = torch.func.functional_call(module, jets, (inputs, targets))
+                    Jet.tape.replay()
+                    second = parts(loss)[2]
+                    if second is not None:  # L(t) = L0 + t L1 + t^2 L2: r^T H r = 2 L2
+                        out[i] += 2 * second.double().item() * len(targets) / self.total
+        finally:
+            Jet.tape = previous
+        return out.to(vectors)
+
     def flat(self, tensors):
         """per-parameter tensors -> one flat vector"""
         return torch.cat([t.reshape(-1) for t in tensors])
@@ -182,6 +246,355 @@ class HessianOperator:
             bits = torch.randint(0, 2, (count, self.size), generator=generator, dtype=torch.int8)
             v = bits.float().mul_(2).sub_(1)
         return v.to(self.mask).mul_(self.mask)
+
+
+# ----------------------------------------------------------------------------------------
+# quadratic forms r^T H r by second-order forward mode (Taylor mode)
+
+class Tape:
+    """the values of one forward, recorded by the first jet pass over a batch and replayed by the
+    next ones: every vector's pass runs the same ops on the same weights, so only its derivative
+    parts are new work"""
+
+    def __init__(self):
+        self.values, self.at, self.recording = [], 0, True
+
+    def __call__(self, compute):
+        if self.recording:
+            self.values.append(compute())
+            return self.values[-1]
+        self.at += 1
+        return self.values[self.at - 1]
+
+    def replay(self):
+        self.recording, self.at = False, 0
+
+
+def parts(x):
+    """(value, first, second) of a jet; a plain tensor or a number is a constant (None: zero)"""
+    return (x.value, x.first, x.second) if isinstance(x, Jet) else (x, None, None)
+
+
+def with_added(total, term):
+    """total + term, in place when total is a tensor this rule made (None: zero)"""
+    if term is None:
+        return total
+    return term if total is None else total.add_(term)
+
+
+def linear_rule(x, w, b=None):
+    """y = x w^T + b is bilinear in (x, w): y1 = x1 w0^T + x0 w1^T + b1,
+    y2 = x2 w0^T + x1 w1^T + x0 w2^T (w2 = 0: weights move on a line); 4 matrix products per
+    vector where a Hessian-vector product needs 6"""
+    (x0, x1, x2), (w0, w1, w2), (b0, b1, _) = parts(x), parts(w), parts(b)
+    y0 = Jet.tape(lambda: F.linear(x0, w0, b0))
+
+    def products(pairs, bias=None):
+        pairs = [(s, t) for s, t in pairs if s is not None and t is not None]
+        if not pairs:
+            return None if bias is None else bias.expand_as(y0).clone()
+        out = F.linear(*pairs[0], bias)
+        flat = out.view(-1, out.shape[-1])
+        for s, t in pairs[1:]:
+            flat.addmm_(s.reshape(-1, s.shape[-1]), t.T)
+        return out
+
+    return Jet.of(y0, products([(x1, w0), (x0, w1)], b1), products([(x2, w0), (x1, w1), (x0, w2)]))
+
+
+def bilinear(f, a, b):
+    """f bilinear in a and b (products of tensors): z1 = f(a1, b0) + f(a0, b1),
+    z2 = f(a2, b0) + f(a1, b1) + f(a0, b2)"""
+    (a0, a1, a2), (b0, b1, b2) = parts(a), parts(b)
+    z0 = Jet.tape(lambda: f(a0, b0))
+
+    def terms(pairs):
+        out = None
+        for s, t in pairs:
+            if s is None or t is None:
+                continue
+            if out is not None and f is torch.mul:
+                out.addcmul_(s, t)  # the product without a temporary
+            else:
+                out = with_added(out, f(s, t))
+        return out
+
+    return Jet.of(z0, terms([(a1, b0), (a0, b1)]), terms([(a2, b0), (a1, b1), (a0, b2)]))
+
+
+def conv2d_rule(x, w, b=None, *options):
+    z = bilinear(lambda s, t: F.conv2d(s, t, None, *options), x, w)
+    return z if b is None else add_rule(z, b[:, None, None])
+
+
+def add_rule(a, b, alpha=1):
+    """affine: the parts add, a constant only moves the value"""
+    (a0, a1, a2), (b0, b1, b2) = parts(a), parts(b)
+    z0 = Jet.tape(lambda: torch.add(a0, b0, alpha=alpha))
+
+    def combined(s, t):
+        if t is None:
+            return s
+        return t * alpha if s is None else torch.add(s, t, alpha=alpha)
+
+    return Jet.of(z0, combined(a1, b1), combined(a2, b2))
+
+
+def cat_rule(tensors, dim=0):
+    values = [parts(t)[0] for t in tensors]
+    z0 = Jet.tape(lambda: torch.cat(values, dim))
+    out = [z0]
+    for order in (1, 2):
+        pieces = [parts(t)[order] for t in tensors]
+        if all(p is None for p in pieces):
+            out.append(None)
+        else:
+            out.append(torch.cat([torch.zeros_like(v) if p is None else p
+                                  for p, v in zip(pieces, values)], dim))
+    return Jet.of(*out)
+
+
+def elementwise(x, value_slope_curve):
+    """z = phi(x) elementwise: z1 = phi'(x0) x1, z2 = phi'(x0) x2 + phi''(x0) x1^2 / 2"""
+    x0, x1, x2 = parts(x)
+    z0, slope, half_curve = Jet.tape(lambda: value_slope_curve(x0))
+    z1 = None if x1 is None else slope * x1
+    z2 = None if x1 is None else (half_curve * x1).mul_(x1)
+    if x2 is not None:
+        z2 = slope * x2 if z2 is None else z2.addcmul_(slope, x2)
+    return Jet.of(z0, z1, z2)
+
+
+def gelu_rule(x, approximate="none"):
+    if approximate != "none":
+        raise NotImplementedError("no second-order rule for the tanh GELU")
+
+    def value_slope_curve(x0):  # GELU' = Phi + x phi; GELU'' / 2 = phi (2 - x^2) / 2
+        pdf = normal_pdf(x0)
+        slope = 0.5 * (1 + torch.erf(x0 / math.sqrt(2))) + x0 * pdf
+        return F.gelu(x0), slope, pdf * (1 - 0.5 * x0 * x0)
+
+    return elementwise(x, value_slope_curve)
+
+
+def sigmoid_rule(x):
+    def value_slope_curve(x0):  # s' = s (1 - s); s'' / 2 = s' (1 - 2 s) / 2
+        s = torch.sigmoid(x0)
+        slope = s * (1 - s)
+        return s, slope, slope * (0.5 - s)
+
+    return elementwise(x, value_slope_curve)
+
+
+def softmax_rule(x, dim, dtype=None):
+    """p = softmax(x): p1 = p c1, c1 = x1 - <p, x1>; p2 = p (e - <p, e>), e = x2 + c1^2 / 2
+    (<., .> sums over dim)"""
+    if dtype is not None:
+        raise NotImplementedError("no second-order rule for softmax with a dtype")
+    x0, x1, x2 = parts(x)
+    p = Jet.tape(lambda: x0.softmax(dim).movedim(dim, -1))
+    x1, x2 = [None if t is None else t.movedim(dim, -1) for t in (x1, x2)]
+
+    def weighted(t):  # <p, t> by one matrix-vector product per row: (..., 1)
+        return (p.unsqueeze(-2) @ t.unsqueeze(-1)).squeeze(-1)
+
+    c1 = None if x1 is None else x1 - weighted(x1)
+    p1 = None if c1 is None else p * c1
+    if c1 is None:
+        e = x2
+    else:
+        e = (0.5 * c1).mul_(c1) if x2 is None else torch.addcmul(x2, c1, c1, value=0.5)
+    p2 = None if e is None else (e - weighted(e)).mul_(p)
+    return Jet.of(*[None if t is None else t.movedim(-1, dim) for t in (p, p1, p2)])
+
+
+def layer_norm_rule(x, shape, weight=None, bias=None, eps=1e-5):
+    """h = c s, c = x - mean x, s = (mean c^2 + eps)^-1/2. With u_k = (x_k - mean x_k) s and
+    m = mean(h0 u1): h1 = u1 - h0 m, h2 = u2 - u1 m + h0 (3 m^2 / 2 - mean(u1^2) / 2 - mean(h0 u2))
+    (the Taylor coefficients of c(t) s(t), s(t) = s (1 + d(t))^-1/2, d = s^2 (v(t) - v))"""
+    dims = tuple(range(-len(shape), 0))
+    x0, x1, x2 = parts(x)
+
+    def mean(t):
+        return t.mean(dims, keepdim=True)
+
+    def normalized(x0):
+        centered = x0 - mean(x0)
+        s = torch.rsqrt(mean(centered * centered) + eps)
+        return centered * s, s
+
+    h0, s = Jet.tape(lambda: normalized(x0))
+    u1 = None if x1 is None else (x1 - mean(x1)).mul_(s)
+    u2 = None if x2 is None else (x2 - mean(x2)).mul_(s)
+    h1 = h2 = None
+    if u1 is not None:
+        m = mean(h0 * u1)
+        h1 = torch.addcmul(u1, h0, m, value=-1)
+        sigma2 = 1.5 * m * m - 0.5 * mean(u1 * u1)
+        h2 = torch.addcmul(u1 * -m, h0, sigma2)
+    if u2 is not None:
+        sigma2 = -mean(h0 * u2)
+        h2 = with_added(h2, torch.addcmul(u2, h0, sigma2))
+    h = Jet.of(h0, h1, h2)
+    if weight is not None:
+        h = bilinear(torch.mul, h, weight)
+    return h if bias is None else add_rule(h, bias)
+
+
+def cross_entropy_rule(logits, targets, weight=None, size_average=None, ignore_index=-100,
+                       reduce=None, reduction="mean", label_smoothing=0.0):
+    """L = mean_b (logsumexp z_b - z_b[y_b]): L1 = mean(<p, z1> - z1[y]),
+    L2 = mean(<p, z2> - z2[y] + (<p, z1^2> - <p, z1>^2) / 2)"""
+    if (weight is not None or reduction != "mean" or label_smoothing or targets.is_floating_point()
+            or size_average is not None or reduce is not None or (targets == ignore_index).any()):
+        raise NotImplementedError("no second-order rule for this cross_entropy")
+    z0, z1, z2 = parts(logits)
+    loss, p = Jet.tape(lambda: (F.cross_entropy(z0, targets), z0.softmax(-1)))
+
+    def linear_part(t):
+        return ((p * t).sum(-1) - t.gather(-1, targets[:, None])[:, 0]).mean()
+
+    L1 = None if z1 is None else linear_part(z1)
+    L2 = None if z2 is None else linear_part(z2)
+    if z1 is not None:
+        average = (p * z1).sum(-1)
+        L2 = with_added(L2, 0.5 * ((p * z1 * z1).sum(-1) - average * average).mean())
+    return Jet.of(loss, L1, L2)
+
+
+def attention_rule(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False):
+    """y = softmax(S) v, S = q k^T scale + mask, written out: S and y are bilinear (S1 = q1 k0^T +
+    q0 k1^T, ...), the softmax has its rule. Each part goes to (batch, N, d) once and the products
+    accumulate in place (torch.matmul would copy the strided q, k, v parts for every product)"""
+    boolean_mask = attn_mask is not None and attn_mask.dtype == torch.bool
+    if dropout_p or is_causal or enable_gqa or boolean_mask:
+        raise NotImplementedError("no second-order rule for attention with dropout or a bool mask")
+    (q0, q1, q2), (k0, k1, k2), (v0, v1, v2), (m0, m1, m2) = map(parts, (q, k, v, attn_mask))
+    *lead, N, d = q0.shape
+    scale = d ** -0.5 if scale is None else scale
+
+    def flat(t):  # (..., N, d) -> (batch, N, d), one copy of a strided view
+        return None if t is None else t.reshape(-1, *t.shape[-2:])
+
+    def products(pairs, alpha=1.0, transposed=False):  # sum of alpha a b (b^T) over the pairs
+        out = None
+        for a, b in pairs:
+            if a is None or b is None:
+                continue
+            b = b.transpose(1, 2) if transposed else b
+            out = torch.bmm(a, b).mul_(alpha) if out is None else out.baddbmm_(a, b, alpha=alpha)
+        return out
+
+    def logits(q0, k0):
+        S = products([(flat(q0), flat(k0))], scale, True).view(*lead, N, N)
+        return S if m0 is None else S + m0
+
+    q0, k0, v0 = Jet.tape(lambda: (flat(q0), flat(k0), flat(v0)))
+    q1, q2, k1, k2, v1, v2 = map(flat, (q1, q2, k1, k2, v1, v2))
+    S0 = Jet.tape(lambda: logits(q0, k0))
+    S1 = products([(q1, k0), (q0, k1)], scale, True)
+    S2 = products([(q2, k0), (q1, k1), (q0, k2)], scale, True)
+    S1, S2 = [None if t is None else t.view(*lead, N, N) for t in (S1, S2)]
+    S1, S2 = with_added(S1, m1), with_added(S2, m2)
+    p0, p1, p2 = [flat(t) for t in parts(softmax_rule(Jet.of(S0, S1, S2), -1))]
+    y0 = Jet.tape(lambda: torch.bmm(p0, v0))
+    y1 = products([(p1, v0), (p0, v1)])
+    y2 = products([(p2, v0), (p1, v1), (p0, v2)])
+    return Jet.of(*[None if t is None else t.view(*lead, N, t.shape[-1]) for t in (y0, y1, y2)])
+
+
+def divide_rule(a, b):
+    if isinstance(b, Jet):
+        raise NotImplementedError("no second-order rule for a division by a jet")
+    return Jet.of(*[None if t is None else t / b for t in parts(a)])
+
+
+RULES = {F.linear: linear_rule, F.conv2d: conv2d_rule, F.gelu: gelu_rule,
+         F.layer_norm: layer_norm_rule,
+         F.cross_entropy: cross_entropy_rule, F.scaled_dot_product_attention: attention_rule,
+         torch.cat: cat_rule, torch.Tensor.__truediv__: divide_rule, torch.Tensor.div: divide_rule,
+         torch.Tensor.__rsub__: lambda a, b: add_rule(b, a, alpha=-1),
+         torch.Tensor.__rmatmul__: lambda a, b: bilinear(torch.matmul, b, a),
+         torch.Tensor.__iter__: lambda a: iter(a.unbind(0))}
+for f in (torch.sigmoid, torch.Tensor.sigmoid):
+    RULES[f] = sigmoid_rule
+for f in (torch.softmax, torch.Tensor.softmax):
+    RULES[f] = softmax_rule
+for f in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__):
+    RULES[f] = lambda a, b: bilinear(torch.mul, a, b)
+for f in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm):
+    RULES[f] = lambda a, b: bilinear(torch.matmul, a, b)
+for f in (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__):
+    RULES[f] = add_rule
+for f in (torch.sub, torch.Tensor.sub, torch.Tensor.__sub__):
+    RULES[f] = lambda a, b, alpha=1: add_rule(a, b, -alpha)
+# linear in their one tensor argument: each part goes through them as it is
+STRUCTURAL = {"view", "reshape", "permute", "transpose", "flatten", "unsqueeze", "squeeze",
+              "expand", "contiguous", "__getitem__", "unbind", "split", "chunk", "float", "double",
+              "to", "clone", "mean", "sum", "neg", "__neg__", "narrow", "select", "movedim", "t",
+              "__get__", "type_as"}
+# their result does not move with the weights
+CONSTANT = {"zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones",
+            "new_empty", "new_full", "detach"}
+
+
+class Jet(torch.Tensor):
+    """x(t) = x0 + t x1 + t^2 x2 + ..., a tensor on the line of weights w + t r, to second order:
+    the tensor itself is its value x0, `first` and `second` are the Taylor coefficients x1 and
+    x2 = x''(0) / 2 (None: zero). Torch functions of jets go through RULES and STRUCTURAL; others
+    raise NotImplementedError. Values computed by the rules go through `Jet.tape`."""
+
+    tape = staticmethod(lambda compute: compute())  # replaced by a Tape while quadratic() runs
+
+    @staticmethod
+    def __new__(cls, value, first=None, second=None):
+        jet = torch.Tensor._make_subclass(cls, value)
+        jet.value = value
+        jet.first, jet.second = [t if t is None or t.shape == value.shape  # as big as the value
+                                 else t.expand_as(value).contiguous() for t in (first, second)]
+        return jet
+
+    @classmethod
+    def of(cls, value, first, second):
+        return value if first is None and second is None else cls(value, first, second)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in RULES:
+            return RULES[func](*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        with torch._C.DisableTorchFunctionSubclass():
+            values = tree_map(lambda a: a.value if isinstance(a, Jet) else a, (args, kwargs))
+            z0 = Jet.tape(lambda: func(*values[0], **values[1]))
+            results = z0 if isinstance(z0, (tuple, list)) else [z0]
+            moves = all(torch.is_tensor(r) and r.is_floating_point() for r in results)
+            if name in CONSTANT or not moves:  # shapes, sizes, indices, constants
+                return z0
+            jets = [a for a in tree_leaves((args, kwargs)) if isinstance(a, Jet)]
+            if name not in STRUCTURAL or len(jets) != 1:
+                raise NotImplementedError(f"no second-order rule for {name or func}")
+            out = [z0]
+            for part in (jets[0].first, jets[0].second):
+                swapped = tree_map(lambda a: part if a is jets[0] else a, (args, kwargs))
+                out.append(None if part is None else func(*swapped[0], **swapped[1]))
+        if torch.is_tensor(z0):
+            return Jet.of(*out)
+        firsts, seconds = [[None] * len(z0) if o is None else o for o in out[1:]]
+        return type(z0)(Jet.of(*p) for p in zip(z0, firsts, seconds))
+
+
+class WithLoss(torch.nn.Module):
+    """model and loss as one module, so that torch.func.functional_call swaps the model's weights
+    for jets while loss_fn runs"""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, inputs, targets):
+        return self.loss_fn(self.model, inputs, targets)
 
 
 def orthogonalize(w, basis):
@@ -271,6 +684,7 @@ def power_iteration(hessian, k=2, tol=1e-3, max_iter=100, seed=0):
 def hutchinson(hessian, samples=50, seed=0, basis=(), basis_trace=0.0, tol=0.0, chunk=None):
     """tr H = tr(Q^T H Q) + E[r^T H r], r = v - Q Q^T v, v Rademacher (plain Hutchinson when the
     orthonormal basis Q is empty); basis_trace = tr(Q^T H Q) (Lanczos: the sum of its alphas).
+    The samples r^T H r are quadratic forms (`HessianOperator.quadratic`: Taylor mode).
     -> (estimate, standard error of the mean over the samples, samples used). With tol > 0 the
     samples go in chunks and stop once the standard error is <= tol |estimate| (PyHessian
     stops on the relative change of the running mean instead, which a lucky pair can end).
@@ -284,7 +698,7 @@ def hutchinson(hessian, samples=50, seed=0, basis=(), basis_trace=0.0, tol=0.0, 
         v = hessian.random(g, "rademacher", min(chunk, samples - len(estimates)))
         if Q is not None:  # r = v - Q Q^T v (the basis is orthonormal)
             v -= (v @ Q.T) @ Q
-        estimates += (hessian(v) * v).sum(1).tolist()
+        estimates += hessian.quadratic(v).tolist()
         t = torch.tensor(estimates, dtype=torch.float64)
         stderr = t.std().item() / math.sqrt(len(t)) if len(t) > 1 else float("nan")
         mean = basis_trace + t.mean().item()
@@ -297,11 +711,13 @@ def curvature(model, batches, k=2, tol=1e-3, max_iter=100, trace_products=50, tr
               seed=0, keep_graphs=False, loss_fn=cross_entropy):
     """top-k eigenvalues by Lanczos, then the trace by Hutchinson deflated with the same Krylov
     basis. trace_products counts every product the trace rests on: the m Lanczos steps (shared
-    with the eigenvalues, no extra cost) and trace_products - m Rademacher samples (at least 2),
-    so that plain and deflated Hutchinson compare at the same number of products.
+    with the eigenvalues, no extra cost) and trace_products - m Rademacher samples (at least 2,
+    each a quadratic form r^T H r, which costs less than a product), so that plain and deflated
+    Hutchinson compare at the same number of products.
     -> dict(eigenvalues, vectors (per-parameter tensors, one list per eigenvalue), trace,
-    trace_stderr, trace_samples, lanczos_steps, converged, residuals ||H y - lambda y||, products,
-    passes)"""
+    trace_stderr, trace_samples, lanczos_steps, converged, residuals ||H y - lambda y||, products
+    (Hessian-vector products), forms (quadratic forms by Taylor mode; 0 where the model has an
+    op without a rule: the samples were products then), passes)"""
     hessian = HessianOperator(model, batches, loss_fn, keep_graphs)
     eig = lanczos(hessian, k, tol, max_iter, seed)
     samples = max(trace_products - eig["steps"], 2)
@@ -310,7 +726,7 @@ def curvature(model, batches, k=2, tol=1e-3, max_iter=100, trace_products=50, tr
     return dict(eigenvalues=eig["values"], vectors=[hessian.unflat(v) for v in eig["vectors"]],
                 trace=trace, trace_stderr=stderr, trace_samples=used, lanczos_steps=eig["steps"],
                 converged=eig["converged"], residuals=eig["residuals"], products=hessian.products,
-                passes=hessian.passes)
+                forms=hessian.forms, passes=hessian.passes)
 
 
 @torch.no_grad()

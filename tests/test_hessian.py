@@ -130,8 +130,20 @@ def test_trace_stops_early_on_its_tolerance():
     model, batches, H, loss_fn = quadratic_problem([abs(v) for v in SPECTRUM])
     hessian = HessianOperator(model, batches, loss_fn)
     mean, stderr, used = hutchinson(hessian, 1000, seed=0, tol=0.1, chunk=10)
-    assert used < 1000 and used % 10 == 0 and hessian.products == used
+    assert used < 1000 and used % 10 == 0 and hessian.forms == used and hessian.products == 0
     assert stderr <= 0.1 * abs(mean)
+
+
+def test_quadratic_forms_of_a_quadratic_are_exact():
+    """Taylor mode through the test's own loss (matmul, add, mul by a constant): r^T H r of the
+    known H, with no Hessian-vector product"""
+    model, batches, H, loss_fn = quadratic_problem(SPECTRUM)
+    hessian = HessianOperator(model, batches, loss_fn)
+    V = hessian.random(torch.Generator().manual_seed(4), count=3)
+    dim = len(SPECTRUM)
+    expected = torch.einsum("mi,ij,mj->m", V[:, :dim], H, V[:, :dim])
+    assert torch.allclose(hessian.quadratic(V), expected, rtol=1e-12)
+    assert hessian.forms == 3 and hessian.products == 0
 
 
 def test_an_invariant_krylov_space_gives_the_exact_spectrum_and_trace():
@@ -245,6 +257,57 @@ def test_hessian_vector_products_of_a_vit_are_exact(small_vit):
         _, hv = torch.func.jvp(torch.func.grad(loss), ({n: params[n] for n in names},), (tangent,))
     hv = hessian.flat([hv[n] for n in names])
     assert torch.allclose(hv, H @ V[0], rtol=1e-9, atol=1e-9 * H.abs().max().item())
+
+
+def test_quadratic_forms_of_a_vit_are_exact(small_vit):
+    """r^T H r by Taylor mode (one forward of jets per vector and batch) against the explicit H"""
+    model, batches, H = small_vit
+    hessian = HessianOperator(model, batches)
+    V = hessian.random(torch.Generator().manual_seed(5), "rademacher", 4)
+    expected = torch.einsum("mi,ij,mj->m", V, H, V)
+    assert torch.allclose(hessian.quadratic(V), expected, rtol=1e-10, atol=1e-10 * H.abs().max().item())
+    assert hessian.forms == 4 and hessian.products == 0
+
+
+@pytest.mark.parametrize("options", [
+    dict(qkv_bias="qv", rel_pos="layer", layer_scale=0.1, abs_pos=False),  # BEiT v2
+    dict(qkv_bias="all", rel_pos="shared", abs_pos=False, pre_norm=True, act="quick_gelu",
+         patch_bias=False, global_pool="cls", norm_eps=1e-5),  # CLIP-like stem, shared bias
+    dict(qkv_bias="none", global_pool="avg")])
+def test_quadratic_forms_agree_with_double_backward_for_every_config_option(options):
+    """each option of model.py's ViT through Taylor mode, against torch's own double backward
+    (r . (H r)); the fused attention path (eval, no maps) included"""
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=5, **options)
+    model = ViT(cfg).double().eval()
+    for p in model.parameters():
+        p.data.add_(0.3 * torch.randn_like(p))
+    images = torch.rand(6, 3, 8, 8, dtype=torch.float64)
+    labels = torch.randint(0, 5, (6,))
+    batches = [(images[:2], labels[:2]), (images[2:], labels[2:])]
+    hessian = HessianOperator(model, batches)
+    V = hessian.random(torch.Generator().manual_seed(0), "rademacher", 3)
+    expected = (hessian(V) * V).sum(1)
+    assert torch.allclose(hessian.quadratic(V), expected, rtol=1e-10, atol=1e-10 * expected.abs().max())
+    assert hessian.forms == 3 and hessian.why_not_taylor is None
+
+
+def test_an_op_without_a_second_order_rule_falls_back_to_products():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    images = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    batches = [(images, torch.tensor([0, 1, 1, 0, 1]))]
+    hessian = HessianOperator(model, batches)
+    V = hessian.random(torch.Generator().manual_seed(1), count=2)
+    forms = hessian.quadratic(V)
+    assert hessian.forms == 0 and "tanh" in hessian.why_not_taylor and hessian.products == 2
+    names = [n for n, _ in model.named_parameters()]
+
+    def loss(theta):  # the exact Hessian of this small net, tanh written by torch
+        pieces = dict(zip(names, hessian.unflat(theta)))
+        return F.cross_entropy(torch.func.functional_call(model, pieces, (images,)), batches[0][1])
+
+    H = torch.func.hessian(loss)(hessian.flat([p.detach() for p in model.parameters()]))
+    assert torch.allclose(forms, torch.einsum("mi,ij,mj->m", V, H, V), rtol=1e-10)
 
 
 def test_the_benchmarks_before_product_is_the_same_hessian(small_vit):
