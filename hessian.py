@@ -54,6 +54,16 @@ def normal_pdf(x):
     return torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 
 
+def gelu_slope(x):
+    """GELU'(x) = Phi(x) + x phi(x) (exact GELU, x Phi(x))"""
+    return 0.5 * (1 + torch.erf(x / math.sqrt(2))) + x * normal_pdf(x)
+
+
+def gelu_curve(x):
+    """GELU''(x) = phi(x) (2 - x^2)"""
+    return normal_pdf(x) * (2 - x * x)
+
+
 class GELU(torch.autograd.Function):
     """exact GELU, x Phi(x), whose backward keeps its derivative Phi(x) + x phi(x) once computed:
     every Hessian-vector product runs this backward again (it is on the path from the weights to
@@ -69,7 +79,7 @@ class GELU(torch.autograd.Function):
         x, = ctx.saved_tensors
         if not hasattr(ctx, "slope"):
             with torch.no_grad():
-                ctx.slope = 0.5 * (1 + torch.erf(x / math.sqrt(2))) + x * normal_pdf(x)
+                ctx.slope = gelu_slope(x)
         return GELUGrad.apply(grad, x, ctx.slope)
 
 
@@ -87,7 +97,7 @@ class GELUGrad(torch.autograd.Function):
     def backward(ctx, grad_grad):
         grad, x, slope = ctx.saved_tensors
         if not hasattr(ctx, "grad_curve"):
-            ctx.grad_curve = grad * normal_pdf(x) * (2 - x * x)
+            ctx.grad_curve = grad * gelu_curve(x)
         return grad_grad * slope, grad_grad * ctx.grad_curve, None
 
 
@@ -369,10 +379,8 @@ def gelu_rule(x, approximate="none"):
     if approximate != "none":
         raise NotImplementedError("no second-order rule for the tanh GELU")
 
-    def value_slope_curve(x0):  # GELU' = Phi + x phi; GELU'' / 2 = phi (2 - x^2) / 2
-        pdf = normal_pdf(x0)
-        slope = 0.5 * (1 + torch.erf(x0 / math.sqrt(2))) + x0 * pdf
-        return F.gelu(x0), slope, pdf * (1 - 0.5 * x0 * x0)
+    def value_slope_curve(x0):
+        return F.gelu(x0), gelu_slope(x0), 0.5 * gelu_curve(x0)
 
     return elementwise(x, value_slope_curve)
 
@@ -486,13 +494,13 @@ def attention_rule(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scal
             out = torch.bmm(a, b).mul_(alpha) if out is None else out.baddbmm_(a, b, alpha=alpha)
         return out
 
-    def logits(q0, k0):
-        S = products([(flat(q0), flat(k0))], scale, True).view(*lead, N, N)
+    def logits():
+        S = products([(q0, k0)], scale, True).view(*lead, N, N)
         return S if m0 is None else S + m0
 
     q0, k0, v0 = Jet.tape(lambda: (flat(q0), flat(k0), flat(v0)))
     q1, q2, k1, k2, v1, v2 = map(flat, (q1, q2, k1, k2, v1, v2))
-    S0 = Jet.tape(lambda: logits(q0, k0))
+    S0 = Jet.tape(logits)
     S1 = products([(q1, k0), (q0, k1)], scale, True)
     S2 = products([(q2, k0), (q1, k1), (q0, k2)], scale, True)
     S1, S2 = [None if t is None else t.view(*lead, N, N) for t in (S1, S2)]
