@@ -332,8 +332,9 @@ def bench_curvature(n=64, rounds=2):
     settings (top 2 to tol 1e-3, 50 trace products), before (the code before Lanczos: power
     iteration, plain Hutchinson, the `Before` product) and now (`curvature`: Lanczos, deflated
     Hutchinson by quadratic forms in Taylor mode, one graph for all products), in forward+backward
-    times over the same images; and now at before's accuracy (`--trace_tol` = before's standard error / |trace|, the samples
-    stop there). The runs alternate, `rounds` each, and the fastest counts"""
+    times over the same images; and now at before's accuracy (`--trace_tol` = before's standard
+    error / |trace|, the samples stop there). The runs alternate, `rounds` each, and the fastest
+    counts"""
     model, batches = embedded_batches(n)
     (x, y), = batches
 
