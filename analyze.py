@@ -81,6 +81,11 @@ def patch_attention(logits):
     return logits[..., 1:, 1:].float().softmax(-1)
 
 
+def patch_log_attention(logits):
+    """log of patch_attention, exactly: log_softmax_k(z[q, k]) over the patch keys"""
+    return logits[..., 1:, 1:].float().log_softmax(-1)
+
+
 def patch_distances(grid, patch_size):
     """D[i, j] = patch_size * ||grid(i) - grid(j)||_2 in pixels: (N, N)"""
     ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
@@ -90,30 +95,28 @@ def patch_distances(grid, patch_size):
 
 def attention_distance(a, grid, patch_size, distances=None):
     """average attention distance: per query sum_k a[q,k] D[q,k], mean over queries
-    -> (B, H) pixels"""
-    D = patch_distances(grid, patch_size).to(a.device) if distances is None else distances
-    return (a * D).sum(-1).mean(-1)
+    -> (B, H) pixels (one product of the flattened maps with the flattened D)"""
+    D = patch_distances(grid, patch_size) if distances is None else distances
+    return a.flatten(-2) @ D.to(a).flatten() / a.shape[-1]
 
 
-def row_entropy(a):
-    """-sum_k a[q,k] log a[q,k] for every query row (nats) -> (B, H, N)"""
-    return -(a * torch.log(a.clamp_min(1e-30))).sum(-1)
+def attention_entropy(a, log_a=None):
+    """-sum_k a[q,k] log a[q,k] (nats), mean over queries -> (B, H). log_a: log a where it is
+    known exactly (collect: the log-softmax of the logits), else log of a floored at 1e-30
+    (0 log 0 = 0)"""
+    log_a = torch.log(a.clamp_min(1e-30)) if log_a is None else log_a
+    return -torch.linalg.vecdot(a.flatten(-2), log_a.flatten(-2)) / a.shape[-1]
 
 
-def attention_entropy(a, rows=None):
-    """-sum_k a[q,k] log a[q,k] (nats), mean over queries -> (B, H)"""
-    return (row_entropy(a) if rows is None else rows).mean(-1)
-
-
-def attention_nmi(a, rows=None):
+def attention_nmi(a, entropy=None):
     """NMI between queries and keys with p(q) = 1/N: p(k) = mean_q a[q,k],
     I = sum_{q,k} p(q) a[q,k] log(a[q,k] / p(k)), NMI = I / sqrt(H(q) H(k)), H(q) = log N
-    -> (B, H). Computed as I = H(k) - mean_q H(a[q,:]) (the same sum, rearranged), reusing the
-    row entropies."""
+    -> (B, H). Computed as I = H(k) - attention_entropy(a) (the same sum, rearranged); entropy:
+    that attention entropy when already computed."""
     N = a.shape[-1]
     p_k = a.mean(-2)  # (B, H, N)
-    h_k = -(p_k * torch.log(p_k.clamp_min(1e-30))).sum(-1)
-    mutual = (h_k - attention_entropy(a, rows)).clamp_min(0)
+    h_k = -torch.linalg.vecdot(p_k, torch.log(p_k.clamp_min(1e-30)))
+    mutual = (h_k - (attention_entropy(a) if entropy is None else entropy)).clamp_min(0)
     return mutual / torch.sqrt(math.log(N) * h_k).clamp_min(1e-12)
 
 
@@ -485,16 +488,17 @@ def collect(model, loader, device, want, map_request=None, fourier_at="blocks"):
             show = map_request is not None and layer == map_request["layer"]
             if not attention and not show:
                 continue
-            a = patch_attention(logits)  # (B, H, N, N)
-            if want & {"attn_entropy", "nmi"}:
-                rows = row_entropy(a)  # shared by both
+            log_a = patch_log_attention(logits)  # (B, H, N, N)
+            a = log_a.exp()
             if "attn_distance" in want:
                 distance = attention_distance(a, cfg.grid, cfg.patch_size, distances)
                 add(("attn_distance", layer), distance)
+            if want & {"attn_entropy", "nmi"}:
+                entropy = attention_entropy(a, log_a)  # shared by both
             if "attn_entropy" in want:
-                add(("attn_entropy", layer), attention_entropy(a, rows))
+                add(("attn_entropy", layer), entropy)
             if "nmi" in want:
-                add(("nmi", layer), attention_nmi(a, rows))
+                add(("nmi", layer), attention_nmi(a, entropy))
             if show and len(maps) * loader.batch_size < map_request["images"]:
                 maps.append((images.cpu(), a[:, :, map_request["queries"]].mean(1).cpu()))
     stats = {k: (v / count).cpu() for k, v in sums.items()}

@@ -235,27 +235,36 @@ def test_fourier_at_half_blocks_from_the_command_line(tiny_data, tiny_teacher, t
 def test_collect_matches_the_definitions_on_a_model(tiny_teacher):
     """collect()'s streamed sums against the metrics recomputed from ViT.forward_all's outputs,
     with the cl-vs-mim renormalization and the notebook's fft2 as the reference formulas"""
-    from analyze import collect, row_entropy
+    from analyze import collect, patch_distances
     from teacher import load_model
     model, _ = load_model(tiny_teacher)
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     loader = [(images[:4], None, None, None), (images[4:], None, None, None)]
-    want = {"attn_distance", "attn_entropy", "nmi", "fourier"}
+    want = {"attn_distance", "attn_entropy", "nmi", "fourier", "svd"}
     stats = collect(model, loader, "cpu", want, fourier_at="half")
     with torch.no_grad():
         out = model.forward_all(images)
+    D = patch_distances(8, 4).double()
     for layer, attn in enumerate(out["attn"]):
         a = attn[..., 1:, 1:].double()
         a = a / a.sum(-1, keepdim=True)
         entropy = -(a * a.log()).sum(-1).mean(-1).mean(0)
         assert torch.allclose(stats[("attn_entropy", layer)], entropy, atol=1e-5)
-        nmi = attention_nmi(a, row_entropy(a)).mean(0)
+        p_k = a.mean(-2, keepdim=True)  # the written-out sum of the NMI's definition
+        mutual = (a * (a / p_k).log()).sum((-2, -1)) / 64
+        h_k = -(p_k * p_k.log()).sum((-2, -1))
+        nmi = (mutual / (math.log(64) * h_k).sqrt()).mean(0)
         assert torch.allclose(stats[("nmi", layer)], nmi, atol=1e-5)
-        distance = attention_distance(a, 8, 4).mean(0)
+        distance = (a * D).sum(-1).mean(-1).mean(0)
         assert torch.allclose(stats[("attn_distance", layer)], distance, atol=1e-4)
     for layer, hidden in enumerate(out["hidden"]):
         expected = notebook_fourier(hidden[:, 1:].double(), 8).mean(0)
         assert torch.allclose(stats[("fourier", 2 * layer)], expected, atol=1e-5)
+        if layer > 0:  # the token covariance's singular values: those of the centred tokens, squared
+            tokens = hidden[:, 1:].double()
+            s = torch.linalg.svdvals(tokens - tokens.mean(1, keepdim=True)) ** 2 / 63  # (6, 64)
+            relative = (s / s[:, :1]).log()[:, :63]  # the 63 nonzero ones
+            assert torch.allclose(stats[("svd_token", layer)][:63], relative.mean(0), atol=1e-6)
 
 
 def test_metric_runs_on_vit_b_at_224(tmp_path):
