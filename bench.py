@@ -193,7 +193,8 @@ def compare(fns, rounds=5, warmup=True):
 
 
 def bench_analysis(size, n):
-    """collect() for every representation metric vs plain forwards over the same images"""
+    """collect() for every representation metric (Fourier after each block, and at half blocks)
+    and for each group of metrics alone vs plain forwards over the same images -> the ratios"""
     from analyze import collect
     model = ViT(ViTConfig.from_name(size)).to(DEVICE).eval()
     images = torch.rand(n, 3, model.config.img_size, model.config.img_size)
@@ -203,15 +204,21 @@ def bench_analysis(size, n):
 
     loader = torch.utils.data.DataLoader([(images[i], 0, None) for i in range(n)], batch_size=16,
                                          collate_fn=stack)
-    want = {"attn_distance", "attn_entropy", "nmi", "fourier", "svd"}
+    attention = {"attn_distance", "attn_entropy", "nmi"}
+    runs = {"all": (attention | {"fourier", "svd"}, "blocks"),
+            "half": (attention | {"fourier", "svd"}, "half"),
+            "attention": (attention, "blocks"), "fourier": ({"fourier"}, "blocks"),
+            "svd": ({"svd"}, "blocks")}
 
     @torch.no_grad()
     def plain():
         for x, _, _, _ in loader:
             model.forward_features(x.to(DEVICE))
-    plain_s, full_s, half_s = compare([plain, lambda: collect(model, loader, DEVICE, want),
-                                       lambda: collect(model, loader, DEVICE, want, None, "half")])
-    return full_s / plain_s, half_s / plain_s
+
+    def analysis(want, fourier_at):
+        return lambda: collect(model, loader, DEVICE, want, None, fourier_at)
+    plain_s, *seconds = compare([plain] + [analysis(*run) for run in runs.values()])
+    return {name: s / plain_s for name, s in zip(runs, seconds)}
 
 
 def classifier_batch(size, B):
@@ -453,9 +460,11 @@ def analysis_main():
     keep_freed_memory()  # as analyze.py does, for the baselines as well
     for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
         n = 64 if size == "tiny/4" else 16
-        blocks, half = bench_analysis(size, n)
-        print(f"analysis: analyze.py --metric all on {size} costs {blocks:.2f}x the plain forwards "
-              f"over the same {n} images ({half:.2f}x with --fourier_at=half)")
+        r = bench_analysis(size, n)
+        print(f"analysis: analyze.py --metric all on {size} costs {r['all']:.2f}x the plain forwards "
+              f"over the same {n} images ({r['half']:.2f}x with --fourier_at=half; each group alone: "
+              f"attention metrics {r['attention']:.2f}x, fourier {r['fourier']:.2f}x, "
+              f"svd {r['svd']:.2f}x)")
     for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
         before, fresh, shared, forward, flops, form, form_flops = bench_hvp(size)
         print(f"Hessian-vector product, {size} batch {batch_for(size)}, in forward+backward "
