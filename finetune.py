@@ -400,6 +400,7 @@ def main():
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump(result, f, indent=1)
         log(ctx, f"done: top-1 {top1:.2f}%, top-5 {top5:.2f}% ({os.path.join(out_dir, 'result.json')})")
+    ctx.barrier()  # ranks leave together: one gone mid-save can abort rank 0's gloo (SIGABRT, once in CI)
     ctx.close()
 
 

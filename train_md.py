@@ -332,6 +332,7 @@ def main():
             raise SystemExit(143)  # 128 + SIGTERM: the shell's code for a run ended by SIGTERM
     bar.close()
     log(ctx, f"done: {iter_num} iterations, checkpoint {ckpt_path}")
+    ctx.barrier()  # ranks leave together: one gone mid-save can abort rank 0's gloo (SIGABRT, once in CI)
     ctx.close()
 
 

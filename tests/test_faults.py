@@ -97,7 +97,8 @@ def test_ddp_resume_matches_uninterrupted_ddp(tiny_data, tiny_teacher, tmp_path)
     assert a.returncode == 0, a.stderr[-2000:]
     b1 = run(args, tiny_data, ["--stop_iter=2", f"--out_dir={tmp_path / 'b'}"], launcher())
     b2 = run(args, tiny_data, ["--stop_iter=4", f"--out_dir={tmp_path / 'b'}", "--resume=True"], launcher())
-    assert b1.returncode == 0 and b2.returncode == 0, b2.stderr[-2000:]
+    assert b1.returncode == 0, b1.stderr[-2000:]
+    assert b2.returncode == 0, b2.stderr[-2000:]
     assert_same(weights(tmp_path / "a" / "ckpt.pt"), weights(tmp_path / "b" / "ckpt.pt"))
 
 
