@@ -4,7 +4,8 @@ same run. Prints one table; every ratio compares numbers taken here, now.
 
     python bench.py --quick          # tiny config, CPU, about a minute
     python bench.py                  # + ViT-Ti/S/B at 224 px (minutes on a 2-core CPU)
-    python bench.py --analysis       # only the analysis and curvature rows (--sizes=tiny/4,B/16)
+    python bench.py --analysis       # only the analysis and curvature rows (--sizes=tiny/4,B/16;
+                                     # --counts=0: only the timed ones, not the product counts)
     python bench.py --gpu            # on a GPU: ViT-B/16 at batch 64 and 128 (section at the end)
 
 MFU = achieved matmul FLOP/s (ViT.flops_per_image, x3 for forward+backward) / peak. On CUDA the
@@ -68,6 +69,8 @@ def gemm_peak(dtype, n=2048):
 def batch_for(size):
     if "batch" in args:
         return int(args["batch"])
+    if DEVICE.startswith("cuda"):  # enough work per kernel launch
+        return {"tiny/4": 256, "Ti/16": 128, "S/16": 64, "B/16": 32}.get(size, 32)
     return {"tiny/4": 64, "Ti/16": 16, "S/16": 8, "B/16": 4}.get(size, 4)
 
 
@@ -192,7 +195,7 @@ def compare(fns, rounds=5, warmup=True):
     return best
 
 
-def bench_analysis(size, n):
+def bench_analysis(size, n, batch_size=16):
     """collect() for every representation metric (Fourier after each block, and at half blocks)
     and for each group of metrics alone vs plain forwards over the same images -> the ratios"""
     from analyze import collect
@@ -202,8 +205,8 @@ def bench_analysis(size, n):
     def stack(batch):
         return torch.stack([x[0] for x in batch]), None, None, 0
 
-    loader = torch.utils.data.DataLoader([(images[i], 0, None) for i in range(n)], batch_size=16,
-                                         collate_fn=stack)
+    loader = torch.utils.data.DataLoader([(images[i], 0, None) for i in range(n)],
+                                         batch_size=batch_size, collate_fn=stack)
     attention = {"attn_distance", "attn_entropy", "nmi"}
     runs = {"all": (attention | {"fourier", "svd"}, "blocks"),
             "half": (attention | {"fourier", "svd"}, "half"),
@@ -464,13 +467,17 @@ def analysis_main():
     """the analysis rows: --metric all overhead, Hessian-vector product cost, eigenvalue counts,
     trace error and the cost of --metric hessian, each against its baseline in this run"""
     keep_freed_memory()  # as analyze.py does, for the baselines as well
+    on_gpu = DEVICE.startswith("cuda")
+    print(f"analysis rows on {torch.cuda.get_device_name(DEVICE) if on_gpu else 'the CPU'}, "
+          f"torch {torch.__version__}")
     for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
-        n = 64 if size == "tiny/4" else 16
-        r = bench_analysis(size, n)
-        print(f"analysis: analyze.py --metric all on {size} costs {r['all']:.2f}x the plain forwards "
-              f"over the same {n} images ({r['half']:.2f}x with --fourier_at=half; each group alone: "
-              f"attention metrics {r['attention']:.2f}x, fourier {r['fourier']:.2f}x, "
-              f"svd {r['svd']:.2f}x)")
+        n = 128 if on_gpu else 64 if size == "tiny/4" else 16
+        for batch_size in (16, 64) if on_gpu else (16,):  # 16: analyze.py's default
+            r = bench_analysis(size, n, batch_size)
+            print(f"analysis: analyze.py --metric all on {size} costs {r['all']:.2f}x the plain "
+                  f"forwards over the same {n} images, {batch_size} per batch ({r['half']:.2f}x "
+                  f"with --fourier_at=half; each group alone: attention metrics "
+                  f"{r['attention']:.2f}x, fourier {r['fourier']:.2f}x, svd {r['svd']:.2f}x)")
     for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
         before, fresh, shared, forward, flops, form, form_flops = bench_hvp(size)
         print(f"Hessian-vector product, {size} batch {batch_for(size)}, in forward+backward "
@@ -478,6 +485,8 @@ def analysis_main():
               f"{shared:.2f}x per product when one graph serves 8 (its FLOPs: {flops:.2f}x); "
               f"forward-over-reverse {forward:.2f}x; a trace sample r^T H r by Taylor mode "
               f"{form:.2f}x (its FLOPs: {form_flops:.2f}x)")
+    if args.get("counts", "1") == "0":  # the counts below do not depend on the machine
+        return
     print("top-2 eigenvalues to relative 1e-3, Hessian-vector products per run (3 seeds): by each "
           "method's stop rule [largest error], and until both values stay within 1e-3 of the exact")
     models = [("embedded teacher, 64 val images", embedded_batches(64)),
