@@ -47,7 +47,8 @@ def cross_entropy(model, inputs, targets):
 
 
 def trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
+    """{name: parameter} of the parameters that require a gradient, in the model's order"""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def normal_pdf(x):
@@ -147,7 +148,8 @@ class HessianOperator:
         self.model, self.batches, self.loss_fn = model, batches, loss_fn
         self.keep_graphs = keep_graphs
         keep_freed_memory()
-        self.params = trainable(model)
+        named = trainable(model)
+        self.names, self.params = list(named), list(named.values())
         self.shapes = [p.shape for p in self.params]
         self.sizes = [p.numel() for p in self.params]
         self.size = sum(self.sizes)
@@ -217,7 +219,6 @@ class HessianOperator:
         return (self(vectors) * vectors).sum(1)
 
     def taylor_forms(self, vectors):
-        names = [name for name, p in self.model.named_parameters() if p.requires_grad]
         module = WithLoss(self.model, self.loss_fn)
         out = torch.zeros(len(vectors), dtype=torch.float64)
         previous = Jet.tape
@@ -226,7 +227,7 @@ class HessianOperator:
                 Jet.tape = Tape()
                 for i, r in enumerate(vectors):
                     jets = {"model." + name: Jet(p.detach(), t)
-                            for name, p, t in zip(names, self.params, self.unflat(r))}
+                            for name, p, t in zip(self.names, self.params, self.unflat(r))}
                     with torch.no_grad():
                         loss = torch.func.functional_call(module, jets, (inputs, targets))
                     Jet.tape.replay()
@@ -747,7 +748,7 @@ def mean_loss(model, batches, loss_fn=cross_entropy):
 def loss_landscape(model, batches, directions, span=0.5, steps=21, loss_fn=cross_entropy):
     """loss at theta + a d1 + b d2 on a steps x steps grid of a, b in [-span, span]
     -> (coords, grid[a][b])"""
-    params = trainable(model)
+    params = list(trainable(model).values())
     theta = [p.detach().clone() for p in params]
     coords = torch.linspace(-span, span, steps).tolist()
     grid = []
