@@ -224,6 +224,52 @@ def bench_analysis(size, n, batch_size=16):
     return {name: s / plain_s for name, s in zip(runs, seconds)}
 
 
+def bench_eigensolvers(n, count, workers=8):
+    """GPU only: float64 eigenvalues of `count` random symmetric n x n matrices (analyze.py's svd
+    metric solves one per image and layer) three ways, ms per matrix: torch's batched eigvalsh
+    on the device (it solves them one after another); the same split over `workers` CUDA
+    streams, one host thread each, so that the solves overlap; the host's LAPACK on `workers`
+    threads. -> (device, streams, host, largest difference from device)"""
+    from concurrent.futures import ThreadPoolExecutor
+    a = torch.randn(count, n, n, dtype=torch.float64, device=DEVICE)
+    matrices = a @ a.transpose(-1, -2)
+    streams = [torch.cuda.Stream(DEVICE) for _ in range(workers)]
+    main = torch.cuda.current_stream(DEVICE)
+
+    def on_stream(chunk, stream):
+        stream.wait_stream(main)  # the matrices were made on the main stream
+        with torch.cuda.stream(stream):
+            values = torch.linalg.eigvalsh(chunk)
+        values.record_stream(main)  # the caching allocator: used on main from here on
+        return values
+
+    def on_host(chunk):
+        return torch.linalg.eigvalsh(chunk.cpu())
+
+    with ThreadPoolExecutor(workers) as pool:
+        def overlapped():
+            values = list(pool.map(on_stream, matrices.chunk(workers), streams))
+            for stream in streams:
+                main.wait_stream(stream)
+            return torch.cat(values)
+
+        def host():  # one LAPACK thread per worker (torch's setting is MKL's, for every thread)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return torch.cat(list(pool.map(on_host, matrices.chunk(workers)))).to(DEVICE)
+            finally:
+                torch.set_num_threads(threads)
+
+        def device():
+            return torch.linalg.eigvalsh(matrices)
+
+        seconds = compare([device, overlapped, host], rounds=3)
+        reference = device()
+        difference = max((fn() - reference).abs().max().item() for fn in (overlapped, host))
+    return [1000 * s / count for s in seconds] + [difference / reference.abs().max().item()]
+
+
 def classifier_batch(size, B):
     cfg = ViTConfig.from_name(size, num_classes=10)
     torch.manual_seed(0)
@@ -478,6 +524,12 @@ def analysis_main():
                   f"forwards over the same {n} images, {batch_size} per batch ({r['half']:.2f}x "
                   f"with --fourier_at=half; each group alone: attention metrics "
                   f"{r['attention']:.2f}x, fourier {r['fourier']:.2f}x, svd {r['svd']:.2f}x)")
+    for n, count in ((64, 64), (196, 16), (196, 64)) if on_gpu else ():  # tiny/4's, ViT-B/16's
+        device, streams, host, difference = bench_eigensolvers(n, count)
+        print(f"eigenvalues of {count} symmetric {n} x {n} (float64), ms per matrix: torch's "
+              f"batched eigvalsh {device:.3f}; on 8 CUDA streams from 8 threads {streams:.3f}; the "
+              f"host's LAPACK on 8 threads {host:.3f} (largest difference {difference:.0e} of the "
+              f"largest eigenvalue)")
     for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
         before, fresh, shared, forward, flops, form, form_flops = bench_hvp(size)
         print(f"Hessian-vector product, {size} batch {batch_for(size)}, in forward+backward "
