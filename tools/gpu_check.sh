@@ -11,10 +11,10 @@
 # 4. python bench.py --gpu: the MD step of ViT-B/16 at batch 128 and 64, bf16 + compile and
 #    eager, teacher share, ours vs timm, peak memory; the key rows first (about 3 minutes on an
 #    H100, most of it torch.compile).
-# Each part has a time limit (ANALYSIS_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT seconds) so that a
-# slow part does not starve the next; BENCH_ARGS go to bench.py --gpu (e.g. "--batch=128
-# --steps=10"). Logs go to $OUT (env.txt, analysis.txt, tests.txt, bench.txt); the rows and the
-# test results are printed again at the end. No network.
+# Each part has a time limit (ANALYSIS_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT seconds: 200, 270
+# and 210 by default) so that a slow part does not starve the next; BENCH_ARGS go to bench.py
+# --gpu (e.g. "--batch=128 --steps=10"). Logs go to $OUT (env.txt, analysis.txt, tests.txt,
+# bench.txt); the rows and the test results are printed again at the end. No network.
 set -u
 OUT=${OUT:-out/gpu_check}
 PYTHON=${PYTHON:-python3}
@@ -60,7 +60,7 @@ echo "bench.py --gpu: exit $status after $SECONDS s (124: stopped at the time li
 echo
 echo "===== summary"
 cat "$OUT/env.txt"
-grep -E "^(analysis|Hessian-vector|bench.py --analysis)" "$OUT/analysis.txt"
+grep -E "^(analysis|eigenvalues of|Hessian-vector|bench.py --analysis)" "$OUT/analysis.txt"
 grep -E "(PASSED|FAILED|ERROR|SKIPPED)|s (call|setup) |passed|failed|tests/test_cuda.py: exit" \
     "$OUT/tests.txt" | tail -n 30
 grep -E "^(machine|timm|MD |ours vs timm|bench.py --gpu)" "$OUT/bench.txt"
