@@ -73,16 +73,12 @@ DEFAULTS = dict(
 # ----------------------------------------------------------------------------------------
 # metrics on tensors: each takes attention maps (B, H, N+1, N+1) with CLS first, or tokens
 
-def patch_attention(logits):
-    """patch-to-patch attention, CLS dropped: a[q, k] = softmax_k(z[q, k]) over the patch keys,
-    z the logits of a patch query (B, H, N+1, N+1), CLS first -> (B, H, N, N). The same numbers
-    as dropping the CLS row and column of the attention and renormalizing each row (cl-vs-mim),
-    without the cancellation of renormalizing probabilities that are nearly all on CLS."""
-    return logits[..., 1:, 1:].float().softmax(-1)
-
-
 def patch_log_attention(logits):
-    """log of patch_attention, exactly: log_softmax_k(z[q, k]) over the patch keys"""
+    """log of the patch-to-patch attention, CLS dropped: log a[q, k] = log_softmax_k(z[q, k]) over
+    the patch keys, z the logits of a patch query (B, H, N+1, N+1), CLS first -> (B, H, N, N);
+    exp of it is the attention. The same numbers as dropping the CLS row and column of the
+    attention and renormalizing each row (cl-vs-mim), without the cancellation of renormalizing
+    probabilities that are nearly all on CLS; the entropy takes the log exactly from here."""
     return logits[..., 1:, 1:].float().log_softmax(-1)
 
 

@@ -9,11 +9,16 @@ import sys
 import pytest
 import torch
 
-from analyze import (attention_distance, attention_entropy, attention_nmi, patch_attention,
+from analyze import (attention_distance, attention_entropy, attention_nmi, patch_log_attention,
                      relative_log_amplitude, relative_log_singular_values,
                      token_singular_spectrum)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def patch_attention(logits):
+    """the patch-to-patch attention a = exp(log a) of collect()"""
+    return patch_log_attention(logits).exp()
 
 
 def with_cls(a, cls_logit=0.7, seed=0):
