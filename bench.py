@@ -224,7 +224,7 @@ def bench_analysis(size, n, batch_size=16):
     return {name: s / plain_s for name, s in zip(runs, seconds)}
 
 
-def bench_eigensolvers(n, count, workers=8):
+def bench_eigensolvers(n, count, workers):
     """GPU only: float64 eigenvalues of `count` random symmetric n x n matrices (analyze.py's svd
     metric solves one per image and layer) three ways, ms per matrix: torch's batched eigvalsh
     on the device (it solves them one after another); the same split over `workers` CUDA
@@ -524,12 +524,13 @@ def analysis_main():
                   f"forwards over the same {n} images, {batch_size} per batch ({r['half']:.2f}x "
                   f"with --fourier_at=half; each group alone: attention metrics "
                   f"{r['attention']:.2f}x, fourier {r['fourier']:.2f}x, svd {r['svd']:.2f}x)")
+    workers = 8
     for n, count in ((64, 64), (196, 16), (196, 64)) if on_gpu else ():  # tiny/4's, ViT-B/16's
-        device, streams, host, difference = bench_eigensolvers(n, count)
+        device, streams, host, difference = bench_eigensolvers(n, count, workers)
         print(f"eigenvalues of {count} symmetric {n} x {n} (float64), ms per matrix: torch's "
-              f"batched eigvalsh {device:.3f}; on 8 CUDA streams from 8 threads {streams:.3f}; the "
-              f"host's LAPACK on 8 threads {host:.3f} (largest difference {difference:.0e} of the "
-              f"largest eigenvalue)")
+              f"batched eigvalsh {device:.3f}; on {workers} CUDA streams from {workers} threads "
+              f"{streams:.3f}; the host's LAPACK on {workers} threads {host:.3f} (largest "
+              f"difference {difference:.0e} of the largest eigenvalue)")
     for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
         before, fresh, shared, forward, flops, form, form_flops = bench_hvp(size)
         print(f"Hessian-vector product, {size} batch {batch_for(size)}, in forward+backward "
