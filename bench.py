@@ -195,9 +195,30 @@ def compare(fns, rounds=5, warmup=True):
     return best
 
 
+def median_ratios(fns, rounds=7):
+    """fns[i] / fns[0] for i >= 1: each fns[i] run between two runs of fns[0], divided by their
+    mean, median over `rounds`. On a shared machine whose speed drifts, and where the first run
+    after another kind of work is slow, this is steadier than the ratio of two minima."""
+    for fn in fns:
+        fn()
+    base, *others = fns
+    ratios = []
+    for _ in range(rounds):
+        before = seconds_of(base)
+        row = []
+        for fn in others:
+            seconds = seconds_of(fn)
+            after = seconds_of(base)
+            row.append(2 * seconds / (before + after))
+            before = after
+        ratios.append(row)
+    return np.median(np.array(ratios), axis=0).tolist()
+
+
 def bench_analysis(size, n, batch_size=16):
     """collect() for every representation metric (Fourier after each block, and at half blocks)
-    and for each group of metrics alone vs plain forwards over the same images -> the ratios"""
+    and for each group of metrics alone vs plain forwards over the same images -> the median
+    ratios"""
     from analyze import collect
     model = ViT(ViTConfig.from_name(size)).to(DEVICE).eval()
     images = torch.rand(n, 3, model.config.img_size, model.config.img_size)
@@ -220,8 +241,9 @@ def bench_analysis(size, n, batch_size=16):
 
     def analysis(want, fourier_at):
         return lambda: collect(model, loader, DEVICE, want, None, fourier_at)
-    plain_s, *seconds = compare([plain] + [analysis(*run) for run in runs.values()])
-    return {name: s / plain_s for name, s in zip(runs, seconds)}
+    rounds = 3 if DEVICE.startswith("cuda") else 7  # a GPU's times drift less; gpu_check's time limit
+    ratios = median_ratios([plain] + [analysis(*run) for run in runs.values()], rounds)
+    return dict(zip(runs, ratios))
 
 
 def bench_eigensolvers(n, count, workers):
@@ -517,12 +539,13 @@ def analysis_main():
     print(f"analysis rows on {torch.cuda.get_device_name(DEVICE) if on_gpu else 'the CPU'}, "
           f"torch {torch.__version__}")
     for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
-        n = 128 if on_gpu else 64 if size == "tiny/4" else 16
+        # ViT-B on CPU: two batches, so that one's eigenvalues overlap the next one's forward
+        n = 128 if on_gpu else 64 if size == "tiny/4" else 32
         for batch_size in (16, 64) if on_gpu else (16,):  # 16: analyze.py's default
             r = bench_analysis(size, n, batch_size)
             print(f"analysis: analyze.py --metric all on {size} costs {r['all']:.2f}x the plain "
-                  f"forwards over the same {n} images, {batch_size} per batch ({r['half']:.2f}x "
-                  f"with --fourier_at=half; each group alone: attention metrics "
+                  f"forwards over the same {n} images, {batch_size} per batch, median over rounds "
+                  f"({r['half']:.2f}x with --fourier_at=half; each group alone: attention metrics "
                   f"{r['attention']:.2f}x, fourier {r['fourier']:.2f}x, svd {r['svd']:.2f}x)")
     workers = 8
     for n, count in ((64, 64), (196, 16), (196, 64)) if on_gpu else ():  # tiny/4's, ViT-B/16's
