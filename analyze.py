@@ -143,14 +143,17 @@ def relative_log_amplitude(tokens, grid, dft=None):
 
 def relative_log_singular_values(x):
     """x (..., M, C) samples: singular values of the covariance, log, minus the log of the
-    largest -> (..., C) (at most M-1 are nonzero; zeros are floored at 1e-12 of the largest, so
-    their value is about -27.6). The covariance is symmetric PSD, so its singular values are its
+    largest -> (..., C) on the host (at most M-1 are nonzero; zeros are floored at 1e-12 of the
+    largest, so their value is about -27.6). The covariance is symmetric PSD, so its singular values are its
     eigenvalues, and its nonzero ones are those of the smaller Gram matrix x x^T when M < C (the
     same numbers, much cheaper)."""
     x = x.double() - x.double().mean(-2, keepdim=True)
     M, C = x.shape[-2:]
     gram = x @ x.transpose(-1, -2) if M < C else x.transpose(-1, -2) @ x
-    s = torch.linalg.eigvalsh(gram / max(M - 1, 1)).flip(-1).clamp_min(0)  # descending
+    # the eigenvalues on the host: cuSOLVER, as torch 2.11-2.14 calls it for n > 32, solves a
+    # batch one matrix after another (1.5 ms per 196 x 196 on an H200, 1.6 ms on one host core),
+    # and collect runs the host's cores side by side
+    s = torch.linalg.eigvalsh(gram.cpu() / max(M - 1, 1)).flip(-1).clamp_min(0)  # descending
     if M < C:
         s = torch.cat([s, s.new_zeros(*s.shape[:-1], C - M)], dim=-1)
     top = s[..., :1].clamp_min(1e-300)
@@ -445,7 +448,16 @@ def ood_summary(datasets):
 # ----------------------------------------------------------------------------------------
 # one pass over the images, accumulating every metric per layer
 
-SPECTRA_THREAD = ThreadPoolExecutor(1)  # collect's second thread, one for the process (see there)
+# collect's spectra workers, kept for the process (see there): every core but the one that drives
+# the forward, at least one. Several run one thread each: a worker with torch's default starts an
+# OpenMP team of all cores beside this thread's (2 cores: eigvalsh of 196 x 196 took 20 ms
+# instead of 2, and slowed this thread's next ops as well). A single worker (2 cores) keeps the
+# default: on tiny/4 it is the critical path and uses both cores while this thread waits
+# (--metric all 1.9x-2.2x the plain forwards; 2.4x-2.5x with the worker on one thread).
+HOST_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+SPECTRA_WORKERS = max(1, HOST_CORES - 1)
+ONE_THREAD_EACH = torch.set_num_threads if SPECTRA_WORKERS > 1 else None  # initializer of each worker
+SPECTRA_POOL = ThreadPoolExecutor(SPECTRA_WORKERS, initializer=ONE_THREAD_EACH, initargs=(1,))
 
 
 @torch.no_grad()
@@ -454,22 +466,26 @@ def collect(model, loader, device, want, map_request=None, fourier_at="blocks"):
     keeps the attention logits (explicit attention path) and the states analysis reads.
     Fourier points: 0 = embeddings, 2l = after block l, 2l - 1 = after block l's attention
     residual (read only with fourier_at="half"). Sums stay on the device until the end.
-    The svd metric's float64 eigenvalues, one small eigenproblem per image and layer that LAPACK
-    solves one after another on one core, run on a second thread while the forward goes on
-    (torch releases the GIL in its ops). The thread lives as long as the process: a new one per
-    call measured slower than none on tiny/4 (3.1x the plain forwards against 2.4x; the kept
-    one 2.0x). The other metrics are parallel tensor ops and stay on this thread."""
+    The svd metric's float64 eigenvalues, one small eigenproblem per image and layer, solved on
+    the host, run on SPECTRA_POOL while the forward goes on (torch releases the GIL in its ops):
+    one task per layer and batch, as many at once as there are workers. The workers live as long
+    as the process (a new thread per call measured slower than none on tiny/4: 3.1x the plain
+    forwards against 2.4x). On a GPU this takes the solves off cuSOLVER, which torch has solve
+    them one after another (H200, 16 cores, one batch of 64 images: B/16's 768 matrices take
+    1151 ms there and 243 ms on 16 host threads; tiny/4's 384 take 125 ms and 5.7 ms; measured
+    by tools/eigen_probe.py). The other
+    metrics are parallel tensor ops and stay on this thread."""
     cfg = model.config
     sums, count, pooled, maps = {}, 0, [], []
     distances = patch_distances(cfg.grid, cfg.patch_size).to(device)
     dft = diagonal_dft(cfg.grid, device)
     attention = want & {"attn_distance", "attn_entropy", "nmi"}
-    spectra = []  # (key, the spectra (B, C) being computed on SPECTRA_THREAD)
+    spectra = []  # (key, the spectra (B, C) being computed on SPECTRA_POOL)
 
     def add(key, value):  # value: (B, ...) per image -> running sum
         sums[key] = sums.get(key, 0) + value.double().sum(0)
 
-    def add_spectra(keep):  # the spectra from the second thread, all but the `keep` last
+    def add_spectra(keep):  # the spectra from the workers, all but the `keep` last
         while len(spectra) > keep:
             key, future = spectra.pop(0)
             add(key, future.result())
@@ -479,7 +495,7 @@ def collect(model, loader, device, want, map_request=None, fourier_at="blocks"):
         if "fourier" in want and (point % 2 == 0 or fourier_at == "half"):
             add(("fourier", point), relative_log_amplitude(tokens, cfg.grid, dft))
         if "svd" in want and point > 0 and point % 2 == 0:
-            spectrum = SPECTRA_THREAD.submit(token_singular_spectrum, tokens)
+            spectrum = SPECTRA_POOL.submit(token_singular_spectrum, tokens)
             spectra.append((("svd_token", point // 2), spectrum))
             pooled[-1].append(tokens.mean(1).float())  # (B, C)
 

@@ -246,50 +246,30 @@ def bench_analysis(size, n, batch_size=16):
     return dict(zip(runs, ratios))
 
 
-def bench_eigensolvers(n, count, workers):
+def bench_eigensolvers(n, count, per_task):
     """GPU only: float64 eigenvalues of `count` random symmetric n x n matrices (analyze.py's svd
-    metric solves one per image and layer) three ways, ms per matrix: torch's batched eigvalsh
-    on the device (it solves them one after another); the same split over `workers` CUDA
-    streams, one host thread each, so that the solves overlap; the host's LAPACK on `workers`
-    threads. -> (device, streams, host, largest difference from device)"""
-    from concurrent.futures import ThreadPoolExecutor
+    metric solves one per image and layer) two ways, ms per matrix: torch's batched eigvalsh on
+    the device (cuSOLVER, one matrix after another for n > 32); the host's LAPACK as
+    analyze.collect runs it, tasks of `per_task` matrices (one layer of a batch) on
+    analyze.SPECTRA_POOL's workers. -> (device, host, largest difference from device)"""
+    from analyze import SPECTRA_POOL
     a = torch.randn(count, n, n, dtype=torch.float64, device=DEVICE)
     matrices = a @ a.transpose(-1, -2)
-    streams = [torch.cuda.Stream(DEVICE) for _ in range(workers)]
-    main = torch.cuda.current_stream(DEVICE)
 
-    def on_stream(chunk, stream):
-        stream.wait_stream(main)  # the matrices were made on the main stream
-        with torch.cuda.stream(stream):
-            values = torch.linalg.eigvalsh(chunk)
-        values.record_stream(main)  # the caching allocator: used on main from here on
-        return values
+    def device():
+        return torch.linalg.eigvalsh(matrices)
 
     def on_host(chunk):
         return torch.linalg.eigvalsh(chunk.cpu())
 
-    with ThreadPoolExecutor(workers) as pool:
-        def overlapped():
-            values = list(pool.map(on_stream, matrices.chunk(workers), streams))
-            for stream in streams:
-                main.wait_stream(stream)
-            return torch.cat(values)
+    def host():
+        tasks = [SPECTRA_POOL.submit(on_host, chunk) for chunk in matrices.split(per_task)]
+        return torch.cat([task.result() for task in tasks]).to(DEVICE)
 
-        def host():  # one LAPACK thread per worker (torch's setting is MKL's, for every thread)
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                return torch.cat(list(pool.map(on_host, matrices.chunk(workers)))).to(DEVICE)
-            finally:
-                torch.set_num_threads(threads)
-
-        def device():
-            return torch.linalg.eigvalsh(matrices)
-
-        seconds = compare([device, overlapped, host], rounds=3)
-        reference = device()
-        difference = max((fn() - reference).abs().max().item() for fn in (overlapped, host))
-    return [1000 * s / count for s in seconds] + [difference / reference.abs().max().item()]
+    seconds = compare([device, host], rounds=3)
+    reference = device()
+    difference = (host() - reference).abs().max().item() / reference.abs().max().item()
+    return [1000 * s / count for s in seconds] + [difference]
 
 
 def classifier_batch(size, B):
@@ -547,12 +527,12 @@ def analysis_main():
                   f"forwards over the same {n} images, {batch_size} per batch, median over rounds "
                   f"({r['half']:.2f}x with --fourier_at=half; each group alone: attention metrics "
                   f"{r['attention']:.2f}x, fourier {r['fourier']:.2f}x, svd {r['svd']:.2f}x)")
-    workers = 8
-    for n, count in ((64, 64), (196, 16), (196, 64)) if on_gpu else ():  # tiny/4's, ViT-B/16's
-        device, streams, host, difference = bench_eigensolvers(n, count, workers)
-        print(f"eigenvalues of {count} symmetric {n} x {n} (float64), ms per matrix: torch's "
-              f"batched eigvalsh {device:.3f}; on {workers} CUDA streams from {workers} threads "
-              f"{streams:.3f}; the host's LAPACK on {workers} threads {host:.3f} (largest "
+    from analyze import SPECTRA_WORKERS
+    for size, n, depth in (("tiny/4", 64, 6), ("B/16", 196, 12)) if on_gpu else ():
+        device, host, difference = bench_eigensolvers(n, 64 * depth, per_task=64)
+        print(f"eigenvalues of {size}'s {64 * depth} token covariances from 64 images ({n} x {n}, "
+              f"float64), ms per matrix: torch's batched eigvalsh on the GPU {device:.3f}; the host's "
+              f"LAPACK on analyze.py's {SPECTRA_WORKERS} workers {host:.3f} (largest "
               f"difference {difference:.0e} of the largest eigenvalue)")
     for size in (SIZES[0], SIZES[-1]) if len(SIZES) > 1 else SIZES:
         before, fresh, shared, forward, flops, form, form_flops = bench_hvp(size)

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -237,16 +238,24 @@ def test_fourier_at_half_blocks_from_the_command_line(tiny_data, tiny_teacher, t
     assert os.path.getsize(tmp_path / "half" / "fourier.png") > 5000
 
 
-def test_collect_matches_the_definitions_on_a_model(tiny_teacher):
+@pytest.mark.parametrize("workers", [None, 3])
+def test_collect_matches_the_definitions_on_a_model(tiny_teacher, workers, monkeypatch):
     """collect()'s streamed sums against the metrics recomputed from ViT.forward_all's outputs,
-    with the cl-vs-mim renormalization and the notebook's fft2 as the reference formulas"""
+    with the cl-vs-mim renormalization and the notebook's fft2 as the reference formulas; with
+    the spectra pool of this machine, and with 3 workers solving layers side by side"""
+    import analyze
     from analyze import collect, patch_distances
     from teacher import load_model
+    if workers:
+        pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+        monkeypatch.setattr(analyze, "SPECTRA_POOL", pool)
     model, _ = load_model(tiny_teacher)
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     loader = [(images[:4], None, None, None), (images[4:], None, None, None)]
     want = {"attn_distance", "attn_entropy", "nmi", "fourier", "svd"}
+    threads = torch.get_num_threads()
     stats = collect(model, loader, "cpu", want, fourier_at="half")
+    assert torch.get_num_threads() == threads  # the workers' one thread each is theirs alone
     with torch.no_grad():
         out = model.forward_all(images)
     D = patch_distances(8, 4).double()

@@ -5,9 +5,9 @@
 #
 # 1. the machine and the packages (torch, numpy, pillow, tqdm, pytest; timm for one table);
 # 2. python bench.py --analysis --counts=0: analyze.py --metric all against plain forwards, and
-#    a Hessian-vector product against a forward+backward, on the GPU (tiny/4 and B/16; about 3
-#    minutes on an H200, most of it the svd metric);
-# 3. the CUDA tests, tests/test_cuda.py (4 minutes on an H200);
+#    a Hessian-vector product against a forward+backward, on the GPU (tiny/4 and B/16; 81 s on
+#    an H200 with 16 host cores);
+# 3. the CUDA tests, tests/test_cuda.py (3.5 minutes on an H200);
 # 4. python bench.py --gpu: the MD step of ViT-B/16 at batch 128 and 64, bf16 + compile and
 #    eager, teacher share, ours vs timm, peak memory; the key rows first (about 3 minutes on an
 #    H100, most of it torch.compile).
