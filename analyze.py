@@ -144,9 +144,9 @@ def relative_log_amplitude(tokens, grid, dft=None):
 def relative_log_singular_values(x):
     """x (..., M, C) samples: singular values of the covariance, log, minus the log of the
     largest -> (..., C) on the host (at most M-1 are nonzero; zeros are floored at 1e-12 of the
-    largest, so their value is about -27.6). The covariance is symmetric PSD, so its singular values are its
-    eigenvalues, and its nonzero ones are those of the smaller Gram matrix x x^T when M < C (the
-    same numbers, much cheaper)."""
+    largest, so their value is about -27.6). The covariance is symmetric PSD, so its singular
+    values are its eigenvalues, and its nonzero ones are those of the smaller Gram matrix x x^T
+    when M < C (the same numbers, much cheaper)."""
     x = x.double() - x.double().mean(-2, keepdim=True)
     M, C = x.shape[-2:]
     gram = x @ x.transpose(-1, -2) if M < C else x.transpose(-1, -2) @ x
@@ -473,8 +473,7 @@ def collect(model, loader, device, want, map_request=None, fourier_at="blocks"):
     forwards against 2.4x). On a GPU this takes the solves off cuSOLVER, which torch has solve
     them one after another (H200, 16 cores, one batch of 64 images: B/16's 768 matrices take
     1151 ms there and 243 ms on 16 host threads; tiny/4's 384 take 125 ms and 5.7 ms; measured
-    by tools/eigen_probe.py). The other
-    metrics are parallel tensor ops and stay on this thread."""
+    by tools/eigen_probe.py). The other metrics are parallel tensor ops and stay on this thread."""
     cfg = model.config
     sums, count, pooled, maps = {}, 0, [], []
     distances = patch_distances(cfg.grid, cfg.patch_size).to(device)
