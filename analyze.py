@@ -454,7 +454,7 @@ def ood_summary(datasets):
 # instead of 2, and slowed this thread's next ops as well). A single worker (2 cores) keeps the
 # default: on tiny/4 it is the critical path and uses both cores while this thread waits
 # (--metric all 1.9x-2.2x the plain forwards; 2.4x-2.5x with the worker on one thread).
-HOST_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+HOST_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 SPECTRA_WORKERS = max(1, HOST_CORES - 1)
 ONE_THREAD_EACH = torch.set_num_threads if SPECTRA_WORKERS > 1 else None  # initializer of each worker
 SPECTRA_POOL = ThreadPoolExecutor(SPECTRA_WORKERS, initializer=ONE_THREAD_EACH, initargs=(1,))
