@@ -6,28 +6,16 @@ on the GPU"). One CUDA GPU; about 2 minutes on an H200:
     PYTHONPATH=. python tools/eigen_probe.py
 """
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from bench import compare
 from model import ViT, ViTConfig
 
 CORES = len(os.sched_getaffinity(0))
 ONE_THREAD = ThreadPoolExecutor(CORES, initializer=torch.set_num_threads, initargs=(1,))
 DEFAULT_THREADS = ThreadPoolExecutor(CORES)  # each worker left at torch's default thread count
-
-
-def best_seconds(fn, rounds):
-    fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def probe(size, M, C, depth, B=64):
@@ -52,22 +40,23 @@ def probe(size, M, C, depth, B=64):
     def svd_driver(driver):  # singular values of the tall (C, M) centred tokens, squared
         return lambda: torch.linalg.svdvals(centred().transpose(-1, -2), driver=driver) ** 2 / (M - 1)
 
-    ways = {"eigvalsh on the GPU (what torch does: cuSOLVER, one matrix after another)":
-            lambda: torch.linalg.eigvalsh(gram()).flip(-1),
-            "the same in float32": lambda: torch.linalg.eigvalsh(gram().float()).flip(-1).double(),
-            "svdvals, driver gesvda (batched)": svd_driver("gesvda"),
-            "svdvals, driver gesvdj": svd_driver("gesvdj"),
-            "svdvals, driver gesvd": svd_driver("gesvd"),
-            f"host LAPACK on {CORES} threads of one thread each": on_pool(ONE_THREAD),
-            f"host LAPACK on {CORES} threads of torch's default each": on_pool(DEFAULT_THREADS),
-            "host LAPACK, torch's batched call": lambda: torch.linalg.eigvalsh(gram().cpu()),
-            "host LAPACK on one thread": lambda: ONE_THREAD.submit(torch.linalg.eigvalsh,
-                                                                  gram().cpu()).result()}
+    ways = {  # name: (way, timed rounds; one for the slow single-core ones)
+        "eigvalsh on the GPU (what torch does: cuSOLVER, one matrix after another)":
+            (lambda: torch.linalg.eigvalsh(gram()).flip(-1), 3),
+        "the same in float32": (lambda: torch.linalg.eigvalsh(gram().float()).flip(-1).double(), 3),
+        "svdvals, driver gesvda (batched)": (svd_driver("gesvda"), 3),
+        "svdvals, driver gesvdj": (svd_driver("gesvdj"), 3),
+        "svdvals, driver gesvd": (svd_driver("gesvd"), 3),
+        f"host LAPACK on {CORES} threads of one thread each": (on_pool(ONE_THREAD), 3),
+        f"host LAPACK on {CORES} threads of torch's default each": (on_pool(DEFAULT_THREADS), 3),
+        "host LAPACK, torch's batched call": (lambda: torch.linalg.eigvalsh(gram().cpu()), 1),
+        "host LAPACK on one thread":
+            (lambda: ONE_THREAD.submit(torch.linalg.eigvalsh, gram().cpu()).result(), 1)}
     print(f"\n{size}: {count} covariances {M} x {M} (tokens {M} x {C}), one batch of {B} images")
     top = reference[:, :1]
-    for name, way in ways.items():
+    for name, (way, rounds) in ways.items():
         try:
-            seconds = best_seconds(way, rounds=1 if "host" in name and "threads" not in name else 3)
+            seconds = compare([way], rounds)[0]  # bench.py's: a warm-up run, then the fastest
             values = way().cpu()
         except RuntimeError as e:  # a driver that fails on these matrices is a result too
             print(f"  {name}: failed: {str(e).splitlines()[0][:150]}")
@@ -79,7 +68,7 @@ def probe(size, M, C, depth, B=64):
     model = ViT(ViTConfig.from_name(size, num_classes=10)).cuda().eval()
     images = torch.rand(B, 3, model.config.img_size, model.config.img_size, device="cuda")
     with torch.no_grad():
-        seconds = best_seconds(lambda: model(images), rounds=5)
+        seconds = compare([lambda: model(images)], rounds=5)[0]
     print(f"  for scale: the plain fp32 forward of {size} on {B} images {1000 * seconds:.1f} ms")
 
 
