@@ -32,7 +32,7 @@ from common import option_error, pyplot
 from data import (IMAGE_EXTENSIONS, DataError, EvalTransform, ImageFolder, collate, load_image,
                   resolve_data_dir)
 from hessian import HessianOperator, curvature, keep_freed_memory, lanczos, loss_landscape, mean_loss
-from teacher import CheckpointError, load_model
+from teacher import NAMES, OFFICIAL, CheckpointError, load_model
 
 REPRESENTATION = ("attn_map", "attn_distance", "attn_entropy", "nmi", "fourier", "svd")
 CLASSIFIER = ("hessian", "landscape", "shape_bias", "ood")
@@ -46,7 +46,7 @@ DEFAULTS = dict(
     batch_size=16,      # images per forward
     out="out/analysis",  # where NAME.json and NAME.png go
     labels="",          # comma-separated legend labels, one per CKPT (default: file or
-                        # teacher names)
+                        # teacher names; folder names where two files share a name)
     layer=-1,           # attn_map: block whose attention is shown (-1 = last)
     queries="",         # attn_map: comma-separated query patch indices (default: 3 spread
                         # over the grid)
@@ -245,10 +245,19 @@ def decision_categories(labels, n_outputs, model_classes=None):
     """the categories a model chooses among: model-vs-human's 16 when the data's labels are among
     them and the model is an ImageNet-1k classifier or has all 16 (the benchmark ranks all 16:
     modelvshuman/datasets/decision_mappings.py, ImageNetProbabilitiesTo16ClassesMapping);
-    otherwise the labels present in the data"""
+    otherwise every class named in the model's checkpoint, the data's labels among them, so that
+    a subset of the data does not narrow the choice (a decision for a third class is neither
+    shape nor texture); the data's labels for a model without class names"""
     sixteen = set(IMAGENET_16)
     decides_16 = n_outputs == 1000 or sixteen <= set(model_classes or ())
-    return sorted(sixteen) if set(labels) <= sixteen and decides_16 else sorted(set(labels))
+    if set(labels) <= sixteen and decides_16:
+        return sorted(sixteen)
+    if not model_classes:
+        return sorted(set(labels))
+    missing = sorted(set(labels) - set(model_classes))
+    if missing:
+        raise ValueError(f"the model's classes {model_classes} lack the data's categories {missing}")
+    return list(model_classes)
 
 
 def shape_bias(decisions, shapes, textures):
@@ -530,6 +539,8 @@ def collect(model, loader, device, want, map_request=None, fourier_at="blocks"):
                 maps.append((images.cpu(), a[:, :, map_request["queries"]].mean(1).cpu()))
         add_spectra(keep=cfg.depth)  # all but this batch's: at most two batches are held
     add_spectra(keep=0)
+    if count == 0:
+        raise DataError("no image of the chosen subset could be read")
     stats = {k: (v / count).cpu() for k, v in sums.items()}
     stats["count"] = count
     if "svd" in want:
@@ -574,7 +585,7 @@ def summarize(metric, stats, cfg, fourier_at="blocks"):
 # ----------------------------------------------------------------------------------------
 # figures (matplotlib is optional: without it only the JSON is written)
 
-def plot(metric, results, path, maps=None, settings=None):
+def plot(metric, results, path, maps=None):
     plt = pyplot()
     if plt is None:
         print("(no figure: pip install matplotlib to get the PNG; the JSON is written)")
@@ -623,13 +634,14 @@ def plot(metric, results, path, maps=None, settings=None):
             for box in parts["boxes"]:
                 box.set(facecolor=f"C{i}", alpha=0.5)
             ax.plot([], [], color=f"C{i}", label=label, lw=6, alpha=0.5)
-        blocks = range(1, heads.shape[0] + 1)
-        ax.set_xticks(np.arange(1, heads.shape[0] + 1), labels=[str(l) for l in blocks])
+        blocks = range(1, max(len(r["per_head"]) for r in results.values()) + 1)
+        ax.set_xticks(list(blocks), labels=[str(l) for l in blocks])
         ax.set(xlabel="block", ylabel="attention entropy (nats) over heads",
                title="Attention entropy per head (Fig. 10)")
     elif metric == "svd":  # Figs. 4, 5: spectra per layer, lighter = deeper
         fig, axes = plt.subplots(2, len(labels), figsize=(4 * len(labels) + 1, 7), squeeze=False,
                                  constrained_layout=True)
+        depth = max(len(r["token_spectrum"]) for r in results.values())
         for i, label in enumerate(labels):
             r = results[label]
             for row, key in enumerate(("token_spectrum", "image_spectrum")):
@@ -637,18 +649,20 @@ def plot(metric, results, path, maps=None, settings=None):
                 spectra = r[key]
                 shown = r["image_usable"] if key == "image_spectrum" else r["token_usable"]
                 for l, s in enumerate(spectra):
-                    ax.plot(s[:shown], color=plt.cm.viridis(l / max(len(spectra) - 1, 1)), lw=1)
+                    ax.plot(s[:shown], color=plt.cm.viridis(l / max(depth - 1, 1)), lw=1)
                 level = "token" if row == 0 else "image"
                 ax.set(title=f"{label}: {level} level", xlabel="singular value index",
                        ylabel="Δ log singular value")
-        depth_colours = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(1, len(spectra)))
+        depth_colours = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(1, depth))
         fig.colorbar(depth_colours, ax=axes, label="block")
     elif metric == "attn_map":  # Fig. 2: query patch boxed, its attention overlaid
         rows = [(label, img, att) for label in labels for img, att in zip(*maps[label])]
-        queries = settings["queries"]
-        figsize = (2.2 * (len(queries) + 1), 2.2 * len(rows))
-        fig, axes = plt.subplots(len(rows), len(queries) + 1, figsize=figsize, squeeze=False)
+        columns = max(len(results[label]["queries"]) for label in labels)
+        figsize = (2.2 * (columns + 1), 2.2 * len(rows))
+        fig, axes = plt.subplots(len(rows), columns + 1, figsize=figsize, squeeze=False)
         for r, (label, img, att) in enumerate(rows):
+            queries, block = results[label]["queries"], results[label]["layer"] + 1
+            first_row = r == 0 or rows[r - 1][0] != label  # each model's first row is titled
             grid = int(round(att.shape[-1] ** 0.5))
             H, W = img.shape[-2:]
             axes[r, 0].imshow(img.permute(1, 2, 0).numpy())
@@ -664,11 +678,13 @@ def plot(metric, results, path, maps=None, settings=None):
                 corner = (x * W / grid - 0.5, y * H / grid - 0.5)
                 box = plt.Rectangle(corner, W / grid, H / grid, fill=False, ec="red", lw=1.5)
                 ax.add_patch(box)
-                ax.set_title(f"query {q}" if r == 0 else "", fontsize=8)
+                ax.set_title(f"block {block}, query {q}" if first_row else "", fontsize=8)
             for ax in axes[r]:
                 ax.set_xticks([])
                 ax.set_yticks([])
-        fig.suptitle(f"Attention of the query patch (red box), block {settings['layer_shown']}")
+            for ax in axes[r, len(queries) + 1:]:
+                ax.axis("off")
+        fig.suptitle("Attention of the query patch (red box)")
     if metric != "attn_map" and metric != "svd":
         ax.legend()
         ax.grid(alpha=0.3)
@@ -810,19 +826,24 @@ def parse_args(argv):
         raise SystemExit("error: no model given: python analyze.py --metric NAME CKPT [CKPT ...]")
     if opts["fourier_at"] not in ("blocks", "half"):
         raise SystemExit(f"error: --fourier_at={opts['fourier_at']}: choose blocks or half")
-    problem = option_error(opts, [(opts[name] >= 1, f"--{name}={opts[name]} must be >= 1")
-                                  for name in ("n_images", "batch_size")])
+    at_least_one = ("n_images", "batch_size", "map_images", "top_k", "lanczos_steps", "trace_products")
+    checks = [(opts[name] >= 1, f"--{name}={opts[name]} must be >= 1") for name in at_least_one]
+    checks += [(opts["steps"] >= 2, f"--steps={opts['steps']} must be >= 2 (grid points per axis)"),
+               (opts["span"] > 0, f"--span={opts['span']} must be > 0"),
+               (opts["tol"] >= 0 and opts["trace_tol"] >= 0, "--tol and --trace_tol must be >= 0")]
+    problem = option_error(opts, checks)
     if problem:
         raise SystemExit(f"error: {problem}")
     return opts, models
 
 
 def image_folder(opts, default_split):
-    """the ImageFolder to read: data/split, data/default_split if present, else data itself"""
+    """the ImageFolder to read: data/split when --split is given (an error where it is not
+    there), else data/default_split if present, else data itself"""
     root = resolve_data_dir(opts["data"])
-    for split in (opts["split"], default_split):
-        if split and os.path.isdir(os.path.join(root, split)):
-            return ImageFolder(os.path.join(root, split), None)
+    split = opts["split"] or default_split
+    if os.path.isdir(os.path.join(root, split)):
+        return ImageFolder(os.path.join(root, split), None)
     if opts["split"]:
         raise DataError(f"no folder '{opts['split']}' under '{root}'")
     return ImageFolder(root, None)
@@ -843,7 +864,10 @@ def labelled_batches(model, dataset, subset, opts, device):
                          f"{model.config.num_classes or 'no'} outputs: fine-tune it first")
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, subset),
                                          batch_size=opts["batch_size"], collate_fn=collate)
-    return [(x.to(device), y.to(device)) for x, y, _, _ in loader if x is not None]
+    batches = [(x.to(device), y.to(device)) for x, y, _, _ in loader if x is not None]
+    if not batches:
+        raise DataError(f"no image of the {len(subset)} chosen under '{dataset.root}' could be read")
+    return batches
 
 
 @torch.no_grad()
@@ -899,6 +923,8 @@ def classifier_metric(metric, model, info, opts, device):
         dataset = image_folder(opts, "cue-conflict" if has_mvh else "cue_conflict")
         paths = [p for p, _ in dataset.samples]
         kept, logits = predict_files(model, paths, transform, device, opts["batch_size"])
+        if not kept:
+            raise DataError(f"no readable cue-conflict image under '{dataset.root}'")
         shapes, textures = zip(*[cue_conflict_labels(p) for p in kept])
         categories = decision_categories(shapes + textures, logits.shape[-1], info.get("classes"))
         chosen = category_decisions(logits, categories, info.get("classes")).tolist()
@@ -940,32 +966,32 @@ def main(argv):
     keep_freed_memory()  # activation-sized temporaries reuse their pages (see hessian.py)
     if opts["metric"] == "report":  # a run of experiments/paper.sh -> RUN_ROOT/report.md
         return report(models)
-    metric = opts["metric"]
-    if metric == "curves":  # the log.jsonl of training runs, not models
-        return curves(models, opts["labels"], opts["out"])
-    metrics = list(REPRESENTATION) if metric == "all" else [metric]
-    if opts["labels"]:
-        labels = opts["labels"].split(",")
-    else:  # a checkpoint file's name, else the teacher's name as given
-        labels = [os.path.splitext(os.path.basename(m))[0] if os.path.exists(m) else m
-                  for m in models]
-    if len(labels) != len(models) or len(set(labels)) != len(labels):
-        raise SystemExit(f"error: --labels needs {len(models)} distinct comma-separated names, "
-                         f"got '{opts['labels']}'")
     try:
         os.makedirs(opts["out"], exist_ok=True)
     except OSError as e:  # a file of that name, a file on the way, no permission
         raise SystemExit(f"error: --out={opts['out']} cannot be a directory ({e.strerror}): "
                          f"give a directory for NAME.json and NAME.png") from None
+    metric = opts["metric"]
+    if metric == "curves":  # the log.jsonl of training runs, not models
+        return curves(models, opts["labels"], opts["out"])
+    metrics = list(REPRESENTATION) if metric == "all" else [metric]
+    labels = opts["labels"].split(",") if opts["labels"] else default_labels(models)
+    if len(labels) != len(models) or len(set(labels)) != len(labels):
+        given = f"got '{opts['labels']}'" if opts["labels"] else f"the default ones are {labels}"
+        raise SystemExit(f"error: --labels needs {len(models)} distinct comma-separated names: "
+                         f"{given}")
     settings = {k: v for k, v in opts.items() if k not in ("labels", "out")}
     settings |= dict(models=dict(zip(labels, models)))
     if metric == "sharpness":  # the curves logged by finetune.py --hessian_every
         try:
-            results = {label: json.load(open(path)) for label, path in zip(labels, models)}
+            results = {label: read_sharpness(path) for label, path in zip(labels, models)}
         except (OSError, ValueError) as e:
             raise SystemExit("error: sharpness takes the JSON logs of finetune.py "
                              f"--hessian_every: {e}")
         return write(metric, results, settings, opts["out"])
+    for model_arg in models:  # all of them before the first model's work
+        if model_arg not in OFFICIAL and model_arg != "embedded" and not os.path.isfile(model_arg):
+            raise SystemExit(f"error: no model '{model_arg}': not a file, and not one of {NAMES}")
     if "svd" in metrics and opts["n_images"] < 2:
         raise SystemExit("error: the image-level spectrum needs at least 2 images "
                          f"(n_images={opts['n_images']}); "
@@ -996,6 +1022,9 @@ def main(argv):
                                                  collate_fn=collate)
             request = None
             if "attn_map" in metrics:
+                if not -cfg.depth <= opts["layer"] < cfg.depth:
+                    raise SystemExit(f"error: --layer={opts['layer']}: {label} has {cfg.depth} blocks: "
+                                     f"give 0..{cfg.depth - 1} (-1 = the last)")
                 layer = opts["layer"] % cfg.depth
                 g = cfg.grid
                 if opts["queries"]:
@@ -1008,6 +1037,9 @@ def main(argv):
                                      f"0..{cfg.num_patches - 1} for {label}")
                 request = dict(layer=layer, queries=queries, images=opts["map_images"])
             stats = collect(model, loader, device, set(metrics), request, opts["fourier_at"])
+            if "svd" in metrics and stats["count"] < 2:
+                raise SystemExit(f"error: the image-level spectrum needs at least 2 images; only "
+                                 f"{stats['count']} of the {len(subset)} chosen could be read")
             for m in metrics:
                 if m == "attn_map":
                     maps[label] = stats["maps"]
@@ -1025,11 +1057,29 @@ def main(argv):
         write(m, results[m], settings | extra, opts["out"], maps)
 
 
+def default_labels(models):
+    """a checkpoint file's name without its extension, a teacher's name as given; the files'
+    folder names where two files have the same name (out/md/ckpt.pt, out/ft/ckpt.pt)"""
+    names = [os.path.splitext(os.path.basename(m))[0] if os.path.isfile(m) else m for m in models]
+    folders = [os.path.basename(os.path.dirname(os.path.abspath(m))) if os.path.isfile(m) else m
+               for m in models]
+    return folders if len(set(names)) < len(names) and len(set(folders)) == len(folders) else names
+
+
+def read_sharpness(path):
+    """finetune.py's sharpness.json: a list of {iter, eigenvalue, trace, trace_stderr}"""
+    log = json.load(open(path))
+    fields = {"iter", "eigenvalue", "trace"}
+    if not isinstance(log, list) or not all(isinstance(e, dict) and fields <= e.keys() for e in log):
+        raise ValueError(f"'{path}' is not a list of records with {', '.join(sorted(fields))}")
+    return log
+
+
 def write(metric, results, settings, out, maps=None):
     json_path, png_path = os.path.join(out, f"{metric}.json"), os.path.join(out, f"{metric}.png")
     with open(json_path, "w") as f:
         json.dump(dict(metric=metric, settings=settings, models=results), f)
-    drawn = plot(metric, results, png_path, maps, settings)
+    drawn = plot(metric, results, png_path, maps)
     print(f"{metric}: {json_path}" + (f", {png_path}" if drawn else ""))
     for label, r in results.items():
         if "per_layer" in r:
@@ -1040,12 +1090,16 @@ def write(metric, results, settings, out, maps=None):
                   f"{r['trace']:.4g} +- {r['trace_stderr']:.2g}; {r['hessian_vector_products']} "
                   f"Hessian-vector products, {r['quadratic_forms']} quadratic forms, "
                   f"{r['gradient_passes']:.3g} gradient passes")
-        elif metric == "shape_bias":
-            print(f"  {label:>20}: shape bias {r['shape_bias']:.3f} over {r['images']} "
+        elif metric == "shape_bias":  # None: no decision was the shape or the texture
+            print(f"  {label:>20}: shape bias {formatted(r['shape_bias'], '.3f')} over {r['images']} "
                   "cue-conflict images")
-        elif metric == "ood":
-            print(f"  {label:>20}: mean accuracy {r['mean_accuracy']:.3f} over "
+        elif metric == "ood":  # None: no dataset with a condition that counts
+            print(f"  {label:>20}: mean accuracy {formatted(r['mean_accuracy'], '.3f')} over "
                   f"{len(r['datasets'])} datasets")
+
+
+def formatted(value, spec):  # None (no value) as n/a
+    return "n/a" if value is None else format(value, spec)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1106,7 +1160,6 @@ def curves(paths, labels, out):
                 iters.append(record["iter"])
                 values.append(value)
         results[label] = {field: dict(iter=i, value=v) for field, (i, v) in series.items()}
-    os.makedirs(out, exist_ok=True)
     json_path, png_path = os.path.join(out, "curves.json"), os.path.join(out, "curves.png")
     with open(json_path, "w") as f:
         settings = dict(models=dict(zip(labels, paths)))

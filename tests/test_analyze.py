@@ -254,8 +254,13 @@ def test_collect_matches_the_definitions_on_a_model(tiny_teacher, workers, monke
     loader = [(images[:4], None, None, None), (images[4:], None, None, None)]
     want = {"attn_distance", "attn_entropy", "nmi", "fourier", "svd"}
     threads = torch.get_num_threads()
-    stats = collect(model, loader, "cpu", want, fourier_at="half")
-    assert torch.get_num_threads() == threads  # the workers' one thread each is theirs alone
+    try:
+        stats = collect(model, loader, "cpu", want, fourier_at="half")
+        assert torch.get_num_threads() == threads  # the workers' one thread each is theirs alone
+    finally:
+        if workers:  # threads started later take the count of torch's last set_num_threads call
+            pool.shutdown()
+            torch.set_num_threads(threads)
     with torch.no_grad():
         out = model.forward_all(images)
     D = patch_distances(8, 4).double()
@@ -302,7 +307,13 @@ def test_metric_runs_on_vit_b_at_224(tmp_path):
      "nmi, fourier, svd, hessian, landscape, shape_bias, ood, sharpness, curves, report or all"),
     (["--metric=svd", "{teacher}", "--n_images=1"],
      "error: the image-level spectrum needs at least 2 images (n_images=1)"),
-    (["--metric=nmi", "/no/such.pt"], "error: checkpoint '/no/such.pt' not found"),
+    (["--metric=nmi", "/no/such.pt"], "error: no model '/no/such.pt': not a file, and not one of clip"),
+    (["--metric=attn_map", "{teacher}", "--map_images=0"], "error: --map_images=0 must be >= 1"),
+    (["--metric=landscape", "{teacher}", "--steps=1"], "error: --steps=1 must be >= 2"),
+    (["--metric=hessian", "{teacher}", "--lanczos_steps=0"], "error: --lanczos_steps=0 must be >= 1"),
+    (["--metric=hessian", "{teacher}", "--top_k=0"], "error: --top_k=0 must be >= 1"),
+    (["--metric=nmi", "{teacher}", "--split=nosuch"], "error: no folder 'nosuch' under"),
+    (["--metric=attn_map", "{teacher}", "--layer=10"], "error: --layer=10: teacher has 2 blocks: give 0..1"),
     (["--metric=nmi"], "error: no model given"),
     (["--metric=nmi", "{teacher}", "--n_imgs=3"],
      "error: unknown option '--n_imgs': options are --metric, --data"),
@@ -314,6 +325,71 @@ def test_bad_input(tiny_teacher, tiny_data, args, message):
     assert result.returncode != 0, result.stderr[-1000:]
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith(message), result.stderr[-1000:]
+
+
+def test_a_bad_model_late_in_the_list_stops_before_the_first_ones_work(tiny_teacher, tiny_data):
+    result = run_analyze(["--metric=nmi", tiny_teacher, "/no/such.pt", f"--data={tiny_data}"])
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no model '/no/such.pt'")
+    assert "teacher:" not in result.stdout  # the line each model's work starts with
+
+
+def test_images_that_cannot_be_read_stop_with_one_line(tiny_teacher, tiny_data, tmp_path):
+    """every image of the 6 class folders is junk, then only one can be read"""
+    from data.embedded import CLASSES
+    for name in CLASSES:
+        os.makedirs(tmp_path / "junk" / "val" / name)
+        (tmp_path / "junk" / "val" / name / "0.jpg").write_bytes(b"not an image")
+    for metric in ("attn_distance", "hessian"):
+        result = run_analyze([f"--metric={metric}", tiny_teacher, f"--data={tmp_path / 'junk'}",
+                              "--n_images=6", f"--out={tmp_path / 'out'}"])
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines()[-1].startswith("error: no image of the"), result.stderr
+        assert "Traceback" not in result.stderr
+    first = sorted(os.listdir(os.path.join(tiny_data, "val", CLASSES[0])))[0]
+    real = os.path.join(tiny_data, "val", CLASSES[0], first)
+    (tmp_path / "junk" / "val" / CLASSES[0] / first).write_bytes(open(real, "rb").read())
+    result = run_analyze(["--metric=svd", tiny_teacher, f"--data={tmp_path / 'junk'}", "--n_images=7",
+                          f"--out={tmp_path / 'out'}"])
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: the image-level spectrum needs at least 2 images; only 1 of the 7 chosen could be read")
+
+
+def test_default_labels_of_files_with_one_name_are_their_folders(tiny_teacher, tiny_data, tmp_path):
+    """out/md/ckpt.pt and out/ft/ckpt.pt; finetune.py's sharpness.json of two runs (the README's
+    command); a JSON that is not such a log; --out that is a file, for curves as well"""
+    for run in ("md", "ft"):
+        os.makedirs(tmp_path / run)
+        (tmp_path / run / "ckpt.pt").write_bytes(open(tiny_teacher, "rb").read())
+        log = [dict(iter=i, eigenvalue=10.0 + i, trace=100.0 - i, trace_stderr=1.0) for i in (0, 5)]
+        json.dump(log, open(tmp_path / run / "sharpness.json", "w"))
+    ckpts = [str(tmp_path / run / "ckpt.pt") for run in ("md", "ft")]
+    result = run_analyze(["--metric=nmi", *ckpts, f"--data={tiny_data}", "--n_images=4",
+                          f"--out={tmp_path / 'out'}"])
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert list(json.load(open(tmp_path / "out" / "nmi.json"))["models"]) == ["md", "ft"]
+    logs = [str(tmp_path / run / "sharpness.json") for run in ("md", "ft")]
+    result = run_analyze(["--metric=sharpness", *logs, f"--out={tmp_path / 'out'}"])
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert json.load(open(tmp_path / "out" / "sharpness.json"))["models"]["ft"][1]["eigenvalue"] == 15.0
+    result = run_analyze(["--metric=sharpness", str(tmp_path / "out" / "nmi.json"), f"--out={tmp_path}"])
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: sharpness takes the JSON logs of finetune.py --hessian_every: "), result.stderr
+    for metric in ("curves", "nmi"):
+        result = run_analyze([f"--metric={metric}", logs[0], f"--out={logs[1]}"])
+        assert result.stderr.strip().splitlines()[-1].startswith(f"error: --out={logs[1]} cannot be"), \
+            result.stderr
+
+
+def test_summaries_without_a_value_print_n_a(tmp_path, capsys):
+    """a shape bias where no decision was the shape or the texture; an OOD mean over no dataset"""
+    import analyze
+    shape = dict(shape_bias=None, per_class={"circle": None}, images=2, excluded_agreeing=0)
+    analyze.write("shape_bias", {"m": shape}, {}, str(tmp_path))
+    analyze.write("ood", {"m": analyze.ood_summary({})}, {}, str(tmp_path))
+    printed = capsys.readouterr().out
+    assert "shape bias n/a over 2" in printed and "mean accuracy n/a over 0 datasets" in printed
+    assert json.load(open(tmp_path / "shape_bias.json"))["models"]["m"]["shape_bias"] is None
 
 
 def test_options_take_the_value_after_a_space(tiny_data, tiny_teacher, tmp_path):

@@ -67,8 +67,23 @@ def test_decision_categories_are_the_benchmarks_16_when_the_model_has_them():
     sixteen = sorted(IMAGENET_16)
     assert decision_categories(["cat", "dog"], 1000) == sixteen  # the benchmark ranks all 16
     assert decision_categories(["cat", "dog"], 20, sixteen + ["other"]) == sixteen
-    assert decision_categories(["dog", "cat", "dog"], 6, ["cat", "dog", "star"]) == ["cat", "dog"]
     assert decision_categories(["star", "circle"], 1000) == ["circle", "star"]  # not the 16
+
+
+def test_other_classifiers_decide_among_all_their_classes():
+    """not only among the labels of the images at hand: a model that always answers 'square' on
+    circle/star cue conflicts chooses neither shape nor texture, so it has no shape bias (deciding
+    between the two labels present would give it 0.5)"""
+    classes = ["circle", "square", "star"]
+    assert decision_categories(["star", "circle", "star"], 3, classes) == classes
+    shapes, textures = ["circle", "star", "circle", "star"], ["star", "circle", "star", "circle"]
+    logits = torch.tensor([[0.0, 5.0, 1.0], [1.0, 5.0, 0.0], [0.5, 2.0, 0.0], [0.0, 3.0, 2.9]])
+    categories = decision_categories(shapes + textures, 3, classes)
+    decisions = [categories[i] for i in category_decisions(logits, categories, classes)]
+    assert decisions == ["square"] * 4
+    assert shape_bias(decisions, shapes, textures) == (None, {"circle": None, "star": None})
+    with pytest.raises(ValueError, match="lack the data's categories"):
+        decision_categories(["circle", "heart"], 3, classes)
 
 
 def run_analyze(args):
