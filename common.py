@@ -591,23 +591,27 @@ def peak_flops(device):
 class Meter:
     """Throughput and MFU over the last logging interval."""
 
-    def __init__(self, flops_per_image, peak):
+    def __init__(self, flops_per_image, peak, iter_num=0):
+        """iter_num: the iteration the run starts from (a resumed run's checkpoint)"""
         self.flops_per_image, self.peak = flops_per_image, peak
-        self.t0, self.images = time.time(), 0
+        self.t0, self.images, self.iter_num = time.time(), 0, iter_num
 
     def update(self, images):
         self.images += images
 
-    def read(self, iters):
-        """-> (text, numbers) since the last read: numbers = {ms_per_iter, img_per_s, and mfu in %
-        where the peak is known}; the text shows the same numbers"""
+    def read(self, iter_num):
+        """-> (text, numbers) since the last read, iter_num the iteration now: numbers = {ms_per_iter,
+        img_per_s, and mfu in % where the peak is known}; the text shows the same numbers. The
+        iterations are counted from the last read's iter_num, as the first interval after a resume is
+        shorter than log_interval where the checkpoint's iteration is not a multiple of it."""
         dt = max(time.time() - self.t0, 1e-9)
+        iters = iter_num - self.iter_num
         numbers = dict(ms_per_iter=1000 * dt / max(iters, 1), img_per_s=self.images / dt)
         text = f"{numbers['ms_per_iter']:.0f} ms/iter, {numbers['img_per_s']:.1f} img/s"
         if self.peak:
             numbers["mfu"] = 100 * numbers["img_per_s"] * self.flops_per_image / self.peak
             text += f", MFU {numbers['mfu']:.1f}%"
-        self.t0, self.images = time.time(), 0
+        self.t0, self.images, self.iter_num = time.time(), 0, iter_num
         return text, numbers
 
 

@@ -302,7 +302,7 @@ def main():
              f"{trainable / 1e6:.2f}M trainable params, {num_classes} classes, {len(train_set)} train / "
              f"{len(val_set)} val images, {iters_per_epoch} iters/epoch, {max_iters} iters, "
              f"accumulation {accum}, {ctx.world_size} process(es) on {ctx.device}")
-    meter = Meter(3 * vit.flops_per_image(), peak_flops(ctx.device))
+    meter = Meter(3 * vit.flops_per_image(), peak_flops(ctx.device), iter_num)
 
     # -------------------------------------------------------------------------
     # training loop
@@ -357,7 +357,7 @@ def main():
             if ctx.master:
                 loss_value = loss.item()  # the last micro-batch's loss: read only here
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-                speed_text, speed = meter.read(log_interval)
+                speed_text, speed = meter.read(iter_num)
                 line = f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {speed_text}"
                 if skipped:
                     line += f", {skipped} unreadable images skipped"

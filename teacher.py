@@ -18,6 +18,7 @@ Any model form goes out in the layout of timm's beit / vision_transformer models
 the option timm has no counterpart for, if any) or as a project checkpoint:
     python teacher.py export --format=timm out/md/ckpt.pt md_timm.pth
 """
+import dataclasses
 import os
 
 import torch
@@ -248,10 +249,31 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR):
 
 
 def config_of(model_args, source):
+    """a checkpoint's model_args -> ViTConfig; an unknown key, or a value not of its field's type
+    (which would fail later, deep in building the model), is one line"""
     try:
-        return ViTConfig.from_dict(model_args)
+        cfg = ViTConfig.from_dict(model_args)
     except TypeError as e:
         raise CheckpointError(f"'{source}' has model_args this version cannot read: {e}") from None
+    for field in dataclasses.fields(cfg):
+        if not of_field_type(getattr(cfg, field.name), field.default):
+            expected = "a tuple of numbers" if isinstance(field.default, tuple) else type(field.default).__name__
+            stored = dict(model_args)[field.name]  # as in the file: from_dict made a tuple of a list
+            raise CheckpointError(f"'{source}' has model_args this version cannot read: "
+                                  f"{field.name}={stored!r}, expected {expected}")
+    return cfg
+
+
+def of_field_type(value, default):
+    """value has the type of a ViTConfig field whose default is `default`: bool is no number here,
+    an int is a float, a tuple (from_dict makes one of a list) holds numbers"""
+    if isinstance(default, tuple):
+        return isinstance(value, tuple) and all(of_field_type(v, 0.0) for v in value)
+    if isinstance(value, bool) or isinstance(default, bool):
+        return type(value) is type(default)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
 
 
 # ----------------------------------------------------------------------------------------

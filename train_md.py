@@ -244,7 +244,7 @@ def main():
              f"{iters_per_epoch} iters/epoch, {max_iters} iters, accumulation {accum}, "
              f"{ctx.world_size} process(es) on {ctx.device}")
     flops = 3 * student.flops_per_image() + target_flops  # student fwd+bwd, teacher (or tokenizer) fwd
-    meter = Meter(flops, peak_flops(ctx.device))
+    meter = Meter(flops, peak_flops(ctx.device), iter_num)
 
     # -------------------------------------------------------------------------
     # training loop
@@ -295,7 +295,7 @@ def main():
             if ctx.master:
                 loss_value = step_loss.item()  # the last micro-batch's loss: read only here
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-                speed_text, speed = meter.read(log_interval)
+                speed_text, speed = meter.read(iter_num)
                 line = f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {speed_text}"
                 if skipped:
                     line += f", {skipped} unreadable images skipped"

@@ -131,14 +131,17 @@ def main():
     log(ctx, f"VQ-KD: teacher {teacher} -> {model} encoder, {codebook_size} x {code_dim} codebook, "
              f"{len(train_set)} images, {iters_per_epoch} iters/epoch, {max_iters} iters, accumulation {accum}, "
              f"{ctx.world_size} process(es) on {ctx.device}")
-    meter = Meter(3 * vq.encoder.flops_per_image() + teacher_model.vit.flops_per_image(), peak_flops(ctx.device))
+    flops = 3 * vq.encoder.flops_per_image() + teacher_model.vit.flops_per_image()  # encoder fwd+bwd, teacher fwd
+    meter = Meter(flops, peak_flops(ctx.device), iter_num)
 
     # -------------------------------------------------------------------------
     # training loop
     batches = micro_batches(loader, sampler, iter_num, accum, iters_per_epoch)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     nonfinite = torch.full((3,), -1.0, dtype=torch.float64, device=ctx.device)  # checked at log lines only
-    counts = torch.zeros(codebook_size, device=ctx.device)  # code assignments since the last log line
+    # code assignments since the last log line: a resumed run continues the checkpoint's, whose
+    # iteration need not be a multiple of log_interval
+    counts = ckpt["counts"].to(ctx.device) if resume else torch.zeros(codebook_size, device=ctx.device)
     skipped = 0  # unreadable training images since the last log line
     bar = tqdm(total=end_iter, initial=iter_num, disable=None if ctx.master else True, desc="VQ-KD",
                dynamic_ncols=True)
@@ -184,7 +187,7 @@ def main():
             if ctx.master:
                 loss_value = loss.item()  # the last micro-batch's loss: read only here
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-                speed_text, speed = meter.read(log_interval)
+                speed_text, speed = meter.read(iter_num)
                 line = f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {speed_text}"
                 if skipped:
                     line += f", {skipped} unreadable images skipped"
@@ -207,7 +210,7 @@ def main():
             stop_if_nonfinite(nonfinite, out_dir)  # a non-finite step is never saved
             if ctx.master:
                 checkpoint = dict(model=vq.state_dict(), vqkd_args=vq.config, model_args=cfg.to_dict(), config=config,
-                                  optimizer=optimizer.state_dict(), iter_num=iter_num)
+                                  optimizer=optimizer.state_dict(), iter_num=iter_num, counts=counts.cpu())
                 save_checkpoint(checkpoint, path)
         if stop:
             bar.close()

@@ -68,13 +68,26 @@ def test_trim_log_keeps_records_up_to_the_checkpoint_and_drops_a_cut_line(tmp_pa
 def test_meter_numbers_are_the_numbers_of_its_text():
     meter = Meter(flops_per_image=2e9, peak=1e12)
     meter.update(64)
-    text, numbers = meter.read(iters=4)
+    text, numbers = meter.read(4)
     assert numbers["mfu"] == pytest.approx(100 * numbers["img_per_s"] * 2e9 / 1e12)
     expected = (f"{numbers['ms_per_iter']:.0f} ms/iter, {numbers['img_per_s']:.1f} img/s, "
                 f"MFU {numbers['mfu']:.1f}%")
     assert text == expected
-    text, numbers = Meter(2e9, None).read(iters=4)  # unknown peak: no MFU in text or numbers
+    text, numbers = Meter(2e9, None).read(4)  # unknown peak: no MFU in text or numbers
     assert "mfu" not in numbers and "MFU" not in text
+
+
+def test_meter_counts_the_iterations_since_its_last_read():
+    """Resumed at iteration 6 with log_interval 4: the first interval (to 8) has 2 iterations, the next
+    4. ms_per_iter and img_per_s must describe the same elapsed time in each."""
+    meter = Meter(2e9, None, iter_num=6)
+    for start, end in [(6, 8), (8, 12)]:
+        for _ in range(end - start):
+            for _ in range(2):  # two micro-batches of 8 images per iteration
+                meter.update(8)
+        _, numbers = meter.read(end)
+        images = 16 * (end - start)
+        assert numbers["ms_per_iter"] * (end - start) == pytest.approx(1000 * images / numbers["img_per_s"])
 
 
 # ---- the training scripts ----------------------------------------------------------------------
@@ -149,6 +162,22 @@ def test_vqkd_records(tiny_data, tiny_teacher, tmp_path):
         line = f"iter {r['iter']}: codebook usage {100 * r['codebook_usage']:.1f}% of 64 codes, " \
                f"perplexity {r['perplexity']:.1f}"
         assert line in result.stdout
+
+
+@pytest.mark.slow
+def test_vqkd_resume_logs_the_codebook_usage_of_the_uninterrupted_run(tiny_data, tiny_teacher, tmp_path):
+    """log_interval 2: stopped at 3, mid-interval, and resumed to 4; the record at 4 counts the codes of
+    iterations 3 and 4, as the uninterrupted run's does"""
+    vqkd = [*VQKD, f"--teacher={tiny_teacher}", "--log_interval=2"]
+    straight = run([*vqkd, "--stop_iter=4", f"--out_dir={tmp_path / 'a'}"], tiny_data)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = run([*vqkd, "--stop_iter=3", f"--out_dir={tmp_path / 'b'}"], tiny_data)
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = run([*vqkd, "--stop_iter=4", "--resume=True", f"--out_dir={tmp_path / 'b'}"], tiny_data)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected = without_timing(records(tmp_path / "a" / "log.jsonl"))
+    assert [r["iter"] for r in expected] == [2, 4]
+    assert without_timing(records(tmp_path / "b" / "log.jsonl")) == expected
 
 
 # ---- Weights & Biases ----------------------------------------------------------------------------

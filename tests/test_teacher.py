@@ -3,6 +3,8 @@ compute."""
 import os
 import pickle
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -235,6 +237,28 @@ def test_wrong_architecture_and_wrong_layout(tmp_path, tiny_teacher):
     torch.save(obj, bad_project)
     with pytest.raises(CheckpointError, match="missing keys"):
         load_teacher(str(bad_project))
+
+
+@pytest.mark.slow
+def test_model_args_of_the_wrong_type_is_one_line(tmp_path, tiny_teacher, tiny_data):
+    """a value that from_dict takes but the model cannot build with: refused by name, in one line,
+    by load_model and by the scripts that load a teacher or an init"""
+    obj = torch.load(tiny_teacher, weights_only=True)
+    obj["model_args"]["depth"] = "six"
+    path = tmp_path / "argtype.pt"
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError, match="model_args this version cannot read: depth='six', expected int"):
+        load_model(str(path))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    common = [f"--data_dir={tiny_data}", "--img_size=32", "--device=cpu", "--num_workers=0"]
+    scripts = [["train_md.py", "--model=nano/4", f"--teacher={path}", f"--out_dir={tmp_path / 'md'}"],
+               ["finetune.py", f"--init={path}", f"--out_dir={tmp_path / 'ft'}"]]
+    for args in scripts:
+        result = subprocess.run([sys.executable, *args, *common], capture_output=True, text=True, cwd=root,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and "depth='six', expected int" in last, last
 
 
 def test_download_checks_the_hash_and_writes_atomically(tmp_path, monkeypatch):
