@@ -253,8 +253,10 @@ def config_of(model_args, source):
     (which would fail later, deep in building the model), is one line"""
     try:
         cfg = ViTConfig.from_dict(model_args)
-    except TypeError as e:
+    except TypeError as e:  # an unknown field
         raise CheckpointError(f"'{source}' has model_args this version cannot read: {e}") from None
+    except KeyError as e:  # mean or std missing
+        raise CheckpointError(f"'{source}' has model_args this version cannot read: no {e}") from None
     for field in dataclasses.fields(cfg):
         if not of_field_type(getattr(cfg, field.name), field.default):
             expected = "a tuple of numbers" if isinstance(field.default, tuple) else type(field.default).__name__

@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import CheckpointError, read_checkpoint
-from model import Block, ViT, ViTConfig
+from model import Block, ViT
+from teacher import config_of
 
 
 class VQKD(nn.Module):
@@ -102,6 +103,6 @@ def load_tokenizer(path):
     obj = read_checkpoint(path)
     if not (isinstance(obj, dict) and "vqkd_args" in obj):
         raise CheckpointError(f"'{path}' is not a VQ-KD tokenizer written by train_vqkd.py")
-    vq = VQKD(ViTConfig.from_dict(obj["model_args"]), **obj["vqkd_args"])
+    vq = VQKD(config_of(obj["model_args"], path), **obj["vqkd_args"])
     vq.load_state_dict(obj["model"])
     return vq.eval().requires_grad_(False)

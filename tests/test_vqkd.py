@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
+from common import CheckpointError
 from model import ViTConfig
-from vqkd import VQKD, codebook_usage
+from vqkd import VQKD, codebook_usage, load_tokenizer
 
 
 def tokenizer(K=16, initialized=True, **kw):
@@ -13,6 +14,19 @@ def tokenizer(K=16, initialized=True, **kw):
     vq = VQKD(ViTConfig.from_name("nano/4"), teacher_dim=12, codebook_size=K, code_dim=4, **kw)
     vq.initialized.fill_(initialized)
     return vq
+
+
+def test_a_tokenizer_file_with_bad_model_args_is_refused_by_name(tmp_path):
+    """the checks of teacher.config_of: a value of the wrong type, a field missing"""
+    vq = tokenizer()
+    args = ViTConfig.from_name("nano/4").to_dict()
+    wrong_type = args | dict(depth="six")
+    no_mean = {k: v for k, v in args.items() if k != "mean"}
+    for args, message in ((wrong_type, "depth='six', expected int"), (no_mean, "no 'mean'")):
+        path = tmp_path / "tokenizer.pt"
+        torch.save(dict(model=vq.state_dict(), vqkd_args=vq.config, model_args=args), path)
+        with pytest.raises(CheckpointError, match=f"model_args this version cannot read: {message}"):
+            load_tokenizer(str(path))
 
 
 def test_codebook_starts_on_the_first_batch_vectors():
