@@ -3,6 +3,7 @@ line."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -348,7 +349,7 @@ def test_images_that_cannot_be_read_stop_with_one_line(tiny_teacher, tiny_data, 
         assert "Traceback" not in result.stderr
     first = sorted(os.listdir(os.path.join(tiny_data, "val", CLASSES[0])))[0]
     real = os.path.join(tiny_data, "val", CLASSES[0], first)
-    (tmp_path / "junk" / "val" / CLASSES[0] / first).write_bytes(open(real, "rb").read())
+    shutil.copy(real, tmp_path / "junk" / "val" / CLASSES[0] / first)
     result = run_analyze(["--metric=svd", tiny_teacher, f"--data={tmp_path / 'junk'}", "--n_images=7",
                           f"--out={tmp_path / 'out'}"])
     assert result.stderr.strip().splitlines()[-1] == (
@@ -360,9 +361,9 @@ def test_default_labels_of_files_with_one_name_are_their_folders(tiny_teacher, t
     command); a JSON that is not such a log; --out that is a file, for curves as well"""
     for run in ("md", "ft"):
         os.makedirs(tmp_path / run)
-        (tmp_path / run / "ckpt.pt").write_bytes(open(tiny_teacher, "rb").read())
+        shutil.copy(tiny_teacher, tmp_path / run / "ckpt.pt")
         log = [dict(iter=i, eigenvalue=10.0 + i, trace=100.0 - i, trace_stderr=1.0) for i in (0, 5)]
-        json.dump(log, open(tmp_path / run / "sharpness.json", "w"))
+        (tmp_path / run / "sharpness.json").write_text(json.dumps(log))
     ckpts = [str(tmp_path / run / "ckpt.pt") for run in ("md", "ft")]
     result = run_analyze(["--metric=nmi", *ckpts, f"--data={tiny_data}", "--n_images=4",
                           f"--out={tmp_path / 'out'}"])
