@@ -1255,7 +1255,7 @@ def read_run(root):
                 png = path[:-len(".json")] + ".png"
                 if os.path.exists(png):
                     figures.append((data["metric"], os.path.relpath(png, root),
-                                    data.get("settings", {}), list(data["models"])))
+                                    data.get("settings", {}), data["models"]))
     return metrics, figures, finetunes, [s[1:] for s in sorted(steps)]  # in the order they ended
 
 
@@ -1461,9 +1461,7 @@ def report_blocks(root, metrics, figures, finetunes, steps):
             doc.append(("h3", group))
         for metric, png, settings, models in sorted(shown, key=lambda f: order.get(f[0], 99)):
             caption = f"{metric} ({FIGURE_OF.get(metric, 'figure')}): {', '.join(models)}"
-            if "n_images" in settings:
-                caption += f", {settings['n_images']} images of {settings['data']}"
-            doc.append(("img", (png, caption)))
+            doc.append(("img", (png, caption + images_of(metric, settings, models))))
     if steps:
         doc.append(("h2", "How this run was made"))
         step_rows = [[name, f"{seconds / 60:.1f} min", f"`{command}`"]
@@ -1478,6 +1476,18 @@ def report_blocks(root, metrics, figures, finetunes, steps):
                          f"experiments/scales/{scale}.sh when the run began):"))
         doc.append(("pre", open(os.path.join(root, name)).read().strip()))
     return doc
+
+
+def images_of(metric, settings, models):
+    """a figure caption's images: shape_bias the cue-conflict images each model decided on;
+    sharpness (finetune.py's first val batch) and ood (the datasets' own) none; the others the
+    n_images of the data"""
+    if metric == "shape_bias":
+        counts = sorted({entry["images"] for entry in models.values()})
+        return f", {' or '.join(map(str, counts))} cue-conflict images of {settings.get('data')}"
+    if metric in ("sharpness", "ood") or "n_images" not in settings:
+        return ""
+    return f", {settings['n_images']} images of {settings['data']}"
 
 
 def to_markdown(doc):

@@ -130,7 +130,8 @@ def build_model(num_classes):
 
 
 def freeze(vit):
-    """Freeze the patch projection and/or the embedding plus the first freeze_blocks blocks."""
+    """Freeze the patch projection and/or the embedding plus the first freeze_blocks blocks, and
+    a shared relative position table (--rel_pos=False on a BEiT v2 init), which every block reads."""
     depth = vit.config.depth
     if not 0 <= freeze_blocks <= depth:
         raise SystemExit(f"error: freeze_blocks={freeze_blocks} must be in 0..{depth} ({depth} = linear probe)")
@@ -138,7 +139,8 @@ def freeze(vit):
         vit.patch_embed.requires_grad_(False)
     if freeze_blocks > 0:
         for name, p in vit.named_parameters():
-            if vit.layer_id(name) <= freeze_blocks or (freeze_blocks == depth and name.startswith("norm.")):
+            last_norm = freeze_blocks == depth and name.startswith("norm.")
+            if vit.layer_id(name) <= freeze_blocks or last_norm or name.startswith("rel_pos_bias."):
                 p.requires_grad_(False)
 
 

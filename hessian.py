@@ -649,7 +649,8 @@ def lanczos(hessian, k=2, tol=1e-3, max_iter=100, seed=0):
         history.append(values)
         gaps = [(theta - v).abs().sort().values[1].item() if len(theta) > 1 else math.inf
                 for v in values]
-        bounds = [min(r, r * r / gap) if gap > 0 else r for r, gap in zip(residuals, gaps)]
+        # a single Ritz value has no gap estimate (inf): its bound is the residual itself
+        bounds = [min(r, r * r / gap) if 0 < gap < math.inf else r for r, gap in zip(residuals, gaps)]
         invariant = beta <= 1e-7 * max(abs(v) for v in values)
         converged = len(values) == k and all(b <= tol * abs(v) for b, v in zip(bounds, values))
         if converged or invariant or len(basis) == min(max_iter, hessian.size):

@@ -170,13 +170,25 @@ def test_frozen_blocks_and_patch_projection_stay_bit_identical(tiny_data, tiny_t
     assert tuned["blocks.1.attn.rel_pos.relative_position_bias_table"].abs().sum() > 0
 
 
-def test_linear_probe_trains_only_the_head(tiny_data, tiny_teacher, tmp_path):
-    init = load(tiny_teacher)["model"]
-    args = [f"--init={tiny_teacher}", "--freeze_blocks=2", "--lr=1e-2", "--stop_iter=2",
+@pytest.mark.parametrize("shared_table", [False, True])
+def test_linear_probe_trains_only_the_head(tiny_data, tiny_teacher, tmp_path, shared_table):
+    """also from a BEiT v2 init that keeps its shared relative position table (--rel_pos=False):
+    every block reads the table, so it is frozen with them"""
+    path, extra = tiny_teacher, []
+    if shared_table:
+        from model import ViT, ViTConfig
+        cfg = ViTConfig.from_name("nano/4", num_classes=6, rel_pos="shared")
+        vit = ViT(cfg)
+        torch.nn.init.normal_(vit.rel_pos_bias.relative_position_bias_table)
+        path, extra = tmp_path / "shared.pt", ["--rel_pos=False"]
+        torch.save(dict(model=vit.state_dict(), model_args=cfg.to_dict(), config={}), path)
+    init = load(path)["model"]
+    args = [f"--init={path}", "--freeze_blocks=2", "--lr=1e-2", "--stop_iter=2", *extra,
             f"--out_dir={tmp_path}"]
     result = run_ft(args, tiny_data)
     assert result.returncode == 0, result.stderr[-2000:]
     tuned = load(tmp_path / "ckpt.pt")["model"]
+    assert ("rel_pos_bias.relative_position_bias_table" in tuned) == shared_table
     changed = {k for k in init if k in tuned and not torch.equal(init[k], tuned[k])}
     assert changed <= {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
     assert "head.weight" in changed

@@ -135,6 +135,9 @@ def test_every_claim_holds_or_fails_as_built(tmp_path, holds, teachers):
     # every figure, the fine-tuning table, the step record
     for metric in ("attn_distance", "nmi", "svd", "hessian", "shape_bias"):
         assert re.search(rf"!\[{metric}\]\(analysis/\w+/{metric}\.png\)", markdown), metric
+    # captions: the images each figure rests on (shape bias: the cue-conflict images decided on)
+    assert re.search(r"\*nmi \(Fig\. 6a\): [\w, ]+, 16 images of embedded\*", markdown)
+    assert "cue-conflict images of embedded*" in markdown and ", 10 cue-conflict images" in markdown
     top1 = 83 if holds else 99
     assert f"| ft_md_{t} | out/md_{t}/ckpt.pt | 0.001 | 10 | {top1}.00% |" in markdown
     assert "1 step(s), 1.5 minutes in all" in markdown
