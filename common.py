@@ -299,13 +299,20 @@ def download(url, sha256=None, cache_dir=CACHE_DIR):
     os.makedirs(cache_dir, exist_ok=True)
     tmp, digest = dest + ".part", hashlib.sha256()
     print(f"downloading {url} -> {dest}")
-    with urllib.request.urlopen(url) as response, open(tmp, "wb") as f:
-        size = int(response.headers.get("Content-Length", 0))
-        with tqdm(total=size, unit="B", unit_scale=True) as bar:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
+    try:
+        with urllib.request.urlopen(url) as response, open(tmp, "wb") as f:
+            size = int(response.headers.get("Content-Length", 0))
+            with tqdm(total=size, unit="B", unit_scale=True) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except OSError as e:  # no network, a refused or cut connection, HTTP errors (URLError)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = getattr(e, "reason", None) or e.strerror or e
+        raise CheckpointError(f"could not download {url} ({reason}): without a network, fetch it "
+                              "elsewhere and give its path (--teacher_path=, --init_path=)") from None
     if sha256 and not digest.hexdigest().startswith(sha256):
         os.remove(tmp)
         raise CheckpointError(f"download of {url} has SHA-256 {digest.hexdigest()}, expected {sha256}: "

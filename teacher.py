@@ -500,6 +500,9 @@ def main(argv):
     if fmt not in EXPORT_FORMATS:
         raise SystemExit(f"error: unknown --format '{fmt}': choose {' or '.join(EXPORT_FORMATS)}")
     src, dst = paths
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: no folder '{folder}' to write {dst} in")
     try:
         if fmt == "mdlab":
             export_weights(src, dst)

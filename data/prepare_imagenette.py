@@ -19,8 +19,13 @@ def extract(archive, root):
     """Unpack imagenette2-320/{train,val}/<wnid>/*.JPEG into root/{train,val} (atomic rename)."""
     tmp = root + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(tmp, filter="data")  # 'data' refuses absolute paths and links out of tmp
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")  # 'data' refuses absolute paths and links out of tmp
+    except (OSError, EOFError, tarfile.TarError) as e:  # no such file; not a tar archive; cut short
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "not a whole tar archive"
+        raise SystemExit(f"error: cannot extract '{archive}' ({reason}): give imagenette2-320.tgz") from None
     top = [d for d in os.listdir(tmp) if os.path.isdir(os.path.join(tmp, d, "train"))]
     if not top:
         raise SystemExit(f"error: '{archive}' has no <dir>/train folder: is it imagenette2-320.tgz?")
@@ -35,6 +40,9 @@ if __name__ == "__main__":
     root = args.get("root", os.path.join(HERE, "imagenette"))
     archive = args.get("archive")
     if archive is None:
-        from common import download
-        archive = download(URL, cache_dir=os.path.join(HERE, "downloads"))
+        from common import CheckpointError, download
+        try:
+            archive = download(URL, cache_dir=os.path.join(HERE, "downloads"))
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}".replace("(--teacher_path=, --init_path=)", "with --archive="))
     print(f"wrote {extract(archive, root)}")

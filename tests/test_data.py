@@ -289,3 +289,12 @@ def test_imagenette_archive_extracts_to_imagefolder(tmp_path, tiny_data):
     root = extract(str(archive), str(tmp_path / "imagenette"))
     assert len(ImageFolder(os.path.join(root, "train"), EvalTransform(32))) == 6 * 24
     assert ImageFolder(os.path.join(root, "val"), EvalTransform(32)).classes == sorted(CLASSES)
+    # a missing file, a file that is no archive, the archive cut short: one line, nothing left
+    cut = tmp_path / "cut.tgz"
+    cut.write_bytes(archive.read_bytes()[:len(archive.read_bytes()) // 2])
+    for bad, reason in ((tmp_path / "none.tgz", "No such file or directory"),
+                        (tmp_path / "imagenette" / "train" / CLASSES[0], "Is a directory"),
+                        (cut, "not a whole tar archive")):
+        with pytest.raises(SystemExit, match=rf"error: cannot extract '.*' \({reason}\)"):
+            extract(str(bad), str(tmp_path / "again"))
+        assert not os.path.exists(tmp_path / "again.tmp") and not os.path.exists(tmp_path / "again")

@@ -261,6 +261,13 @@ def test_model_args_of_the_wrong_type_is_one_line(tmp_path, tiny_teacher, tiny_d
         assert last.startswith("error:") and "depth='six', expected int" in last, last
 
 
+def test_export_to_a_folder_that_is_not_there_is_one_line(tmp_path, tiny_teacher):
+    from teacher import main
+    with pytest.raises(SystemExit, match="error: no folder '.*nowhere' to write"):
+        main(["export", tiny_teacher, str(tmp_path / "nowhere" / "teacher.pt")])
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_download_checks_the_hash_and_writes_atomically(tmp_path, monkeypatch):
     """download() over a file:// URL (no network): the right SHA-256 passes, a wrong one
     removes the file"""
@@ -281,6 +288,10 @@ def test_download_checks_the_hash_and_writes_atomically(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="expected 00000000"):
         common.download(src.as_uri(), "00000000", cache_dir=str(tmp_path / "other"))
     assert os.listdir(tmp_path / "other") == []
+    # a URL that cannot be fetched (here: no such file; offline: no such host) is one line
+    with pytest.raises(CheckpointError, match="could not download .*missing.pth"):
+        common.download((tmp_path / "missing.pth").as_uri(), cache_dir=str(tmp_path / "third"))
+    assert os.listdir(tmp_path / "third") == []
 
 
 class RunsCode:
