@@ -65,7 +65,7 @@ decoder_depth = 2             # transformer head: blocks
 decoder_heads = 8             # transformer head: attention heads
 loss = "smooth_l1"            # smooth_l1 | mse | cosine
 smooth_l1_beta = 2.0          # FD's beta
-loss_on = "masked"            # masked (MD) | all (every patch, FD-style)
+loss_on = "masked"            # masked (MD) | all (every patch; the input is still masked, unlike FD)
 mask = "block"                # block (BEiT) | random
 mask_ratio = BEIT_RATIO       # fraction of patches masked: 75/196
 # optimization (paper Table 1, BEiT v2 base column)
@@ -99,9 +99,10 @@ RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "eval_interval", "log_int
 
 
 def md_loss(pred, targets, masks):
-    """R, averaged over the masked patches (loss_on='masked', MD) or over every patch (loss_on='all',
-    FD-style). pred (B, N, D_t) or code logits (B, N, K); targets (B, N, D_t) whitened teacher
-    features or (B, N) code indices (target='vqkd': cross-entropy); masks (B, N) bool, True = masked.
+    """R, averaged over the masked patches (loss_on='masked', MD) or over every patch (loss_on='all':
+    FD's positions without CLS; the input stays masked). pred (B, N, D_t) or code logits (B, N, K);
+    targets (B, N, D_t) whitened teacher features or (B, N) code indices (target='vqkd':
+    cross-entropy); masks (B, N) bool, True = masked.
     Training and evaluation both call this: change the objective here."""
     pred = pred.float()
     if target == "vqkd":

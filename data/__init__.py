@@ -147,7 +147,10 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Resize the short side to size / crop_pct (bicubic), center crop size x size."""
+    """Resize the short side to size / crop_pct (bicubic), center crop size x size, with
+    torchvision's rounding (Resize(int) then CenterCrop: timm's eval transform). At size <= 32
+    an image already size x size passes unchanged (the embedded set), as BEiT's build_transform
+    leaves input_size <= 32 unresized."""
 
     def __init__(self, size, crop_pct=0.875):
         self.size, self.crop_pct = size, crop_pct
@@ -155,14 +158,13 @@ class EvalTransform:
     def __call__(self, img, rng=None):
         short = int(math.floor(self.size / self.crop_pct))
         w, h = img.size
-        if (w, h) != (self.size, self.size):
-            scale = short / min(w, h)
-            new_size = (max(self.size, round(w * scale)), max(self.size, round(h * scale)))
-            img = img.resize(new_size, Image.BICUBIC)
-            w, h = img.size
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-            img = img.crop((left, top, left + self.size, top + self.size))
-        return to_tensor(img)
+        if self.size <= 32 and (w, h) == (self.size, self.size):
+            return to_tensor(img)
+        new_size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        img = img.resize(new_size, Image.BICUBIC)
+        w, h = img.size
+        left, top = int(round((w - self.size) / 2)), int(round((h - self.size) / 2))
+        return to_tensor(img.crop((left, top, left + self.size, top + self.size)))
 
 
 # ----------------------------------------------------------------------------------------

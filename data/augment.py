@@ -114,10 +114,11 @@ class RandAugment:
 
 
 class RandomErasing:
-    """timm RandomErasing, mode 'pixel': with probability prob, `count` rectangles of area
-    fraction ~U(min_area, max_area) and log-uniform aspect in [0.3, 1/0.3] (10 tries each) are
-    filled with per-pixel Normal noise in the model's normalized space, i.e. mean + std * N(0, 1)
-    in [0, 1] space, since the model normalizes its own input. image: (3, H, W) float."""
+    """timm RandomErasing, mode 'pixel' (timm/data/random_erasing.py): with probability prob,
+    n ~ U{1..count} rectangles (n = 1 when count is 1), each of area fraction ~U(min_area,
+    max_area) / n and log-uniform aspect in [0.3, 1/0.3] (10 tries each), are filled with
+    per-pixel Normal noise in the model's normalized space, i.e. mean + std * N(0, 1) in [0, 1]
+    space, since the model normalizes its own input. image: (3, H, W) float."""
 
     def __init__(self, prob, mean, std, count=1, min_area=0.02, max_area=1 / 3, min_aspect=0.3):
         self.prob, self.count, self.min_aspect = prob, count, min_aspect
@@ -129,9 +130,10 @@ class RandomErasing:
             return image
         _, H, W = image.shape
         log_aspect = (math.log(self.min_aspect), -math.log(self.min_aspect))
-        for _ in range(self.count):
+        count = 1 if self.count == 1 else int(rng.integers(1, self.count + 1))
+        for _ in range(count):
             for _ in range(10):
-                area = H * W * rng.uniform(*self.area)
+                area = H * W * rng.uniform(*self.area) / count
                 aspect = math.exp(rng.uniform(*log_aspect))
                 h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
                 if h < H and w < W:
@@ -160,8 +162,9 @@ def mixup_cutmix(images, targets, mixup_alpha, cutmix_alpha, generator=None):
         cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
         cy = int(torch.randint(0, H, (1,), generator=generator))
         cx = int(torch.randint(0, W, (1,), generator=generator))
-        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
-        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
+        # timm's rand_bbox: an odd cut keeps its extra pixel on the far side
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, H)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, W)
         images = images.clone()
         images[..., y0:y1, x0:x1] = flipped[..., y0:y1, x0:x1]
         lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)  # the area actually kept

@@ -72,6 +72,18 @@ def test_transforms_give_floats_in_unit_range():
     assert torch.allclose(EvalTransform(32)(same), torch.full((3, 32, 32), 0.2))  # 51 / 255
 
 
+@pytest.mark.parametrize("w, h, size",
+                         [(300, 257, 224), (256, 259, 224), (224, 224, 224), (500, 375, 224), (33, 41, 32)])
+def test_eval_transform_is_torchvisions_resize_and_center_crop(w, h, size):
+    """timm's eval transform (Resize(size / 0.875) bicubic, CenterCrop(size)), pixel for pixel, for
+    an image already size x size too (only at size <= 32 does such an image pass unchanged)"""
+    T = pytest.importorskip("torchvision.transforms")
+    img = Image.fromarray(np.random.default_rng(w * h).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    reference = T.Compose([T.Resize(int(size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+                           T.CenterCrop(size), T.ToTensor()])
+    assert torch.equal(EvalTransform(size)(img), reference(img))
+
+
 def test_same_seed_same_sample_regardless_of_order():
     tf = TrainTransform(32, 0.2)
     img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 40, 3), dtype=np.uint8))

@@ -109,6 +109,40 @@ def test_random_erasing_pixel_mode():
     assert hits / 2000 == pytest.approx(0.25, abs=0.03)
 
 
+def test_random_erasing_of_several_rectangles_erases_what_timms_does():
+    """count 3: 1 to 3 rectangles that share the area drawn (timm RandomErasing, max_count=3):
+    the mean erased fraction over many draws agrees with timm's"""
+    timm_erasing = pytest.importorskip("timm.data.random_erasing")
+    import random
+    random.seed(0)
+    theirs = timm_erasing.RandomErasing(1.0, mode="pixel", max_count=3, device="cpu")
+    ours = RandomErasing(1.0, (0.0,) * 3, (1.0,) * 3, count=3)
+    rng = np.random.default_rng(0)
+
+    def erased(out):
+        return (out != -9.0).any(0).float().mean().item()
+    draws = 3000
+    mine = np.mean([erased(ours(torch.full((3, 64, 64), -9.0), rng)) for _ in range(draws)])
+    timms = np.mean([erased(theirs(torch.full((3, 64, 64), -9.0))) for _ in range(draws)])
+    assert mine == pytest.approx(timms, abs=0.012)  # 0.168 each; 0.41 with the area not shared
+
+
+def test_cutmix_box_is_timms(monkeypatch):
+    """the pasted box of timm's rand_bbox for the same centre and lambda, odd cuts included"""
+    mixup = pytest.importorskip("timm.data.mixup")
+    images = torch.stack([torch.zeros(1, 9, 9), torch.ones(1, 9, 9)])
+    for seed in range(20):
+        cut, soft = mixup_cutmix(images, torch.eye(2), 0.0, 1.0, torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed)  # the draws mixup_cutmix made: lambda, then centre
+        lam = float(np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=g))).beta(1, 1))
+        centre = iter([int(torch.randint(0, 9, (1,), generator=g)), int(torch.randint(0, 9, (1,), generator=g))])
+        monkeypatch.setattr(mixup.np.random, "randint", lambda *args, **kw: next(centre))
+        y0, y1, x0, x1 = mixup.rand_bbox((1, 9, 9), lam)
+        expected = torch.zeros(9, 9)
+        expected[y0:y1, x0:x1] = 1
+        assert torch.equal(cut[0, 0], expected), seed
+
+
 def test_label_smoothing_closed_form():
     targets = smooth_one_hot(torch.tensor([2, 0]), 4, 0.1)
     expected = torch.tensor([[0.025, 0.025, 0.925, 0.025],
