@@ -311,8 +311,8 @@ def download(url, sha256=None, cache_dir=CACHE_DIR):
         if os.path.exists(tmp):
             os.remove(tmp)
         reason = getattr(e, "reason", None) or e.strerror or e
-        raise CheckpointError(f"could not download {url} ({reason}): without a network, fetch it "
-                              "elsewhere and give its path (--teacher_path=, --init_path=)") from None
+        raise CheckpointError(f"could not download {url} ({reason}): fetch the file elsewhere and "
+                              "give its path instead of the name") from None
     if sha256 and not digest.hexdigest().startswith(sha256):
         os.remove(tmp)
         raise CheckpointError(f"download of {url} has SHA-256 {digest.hexdigest()}, expected {sha256}: "

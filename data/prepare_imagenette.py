@@ -44,5 +44,5 @@ if __name__ == "__main__":
         try:
             archive = download(URL, cache_dir=os.path.join(HERE, "downloads"))
         except CheckpointError as e:
-            raise SystemExit(f"error: {e}".replace("(--teacher_path=, --init_path=)", "with --archive="))
+            raise SystemExit(f"error: {e}".replace("instead of the name", "with --archive="))
     print(f"wrote {extract(archive, root)}")
