@@ -290,8 +290,9 @@ class CheckpointError(ValueError):
     """Bad model input; the message is one line that names the file and the problem."""
 
 
-def download(url, sha256=None, cache_dir=CACHE_DIR):
-    """Fetch url into cache_dir once (atomic rename), checking the SHA-256 (or its prefix)."""
+def download(url, sha256=None, cache_dir=CACHE_DIR, instead="give its path instead of the name"):
+    """Fetch url into cache_dir once (atomic rename), checking the SHA-256 (or its prefix).
+    instead: what the caller's user can do without a network, said when the fetch fails."""
     from tqdm import tqdm
     dest = os.path.join(cache_dir, os.path.basename(url))
     if os.path.exists(dest):
@@ -312,7 +313,7 @@ def download(url, sha256=None, cache_dir=CACHE_DIR):
             os.remove(tmp)
         reason = getattr(e, "reason", None) or e.strerror or e
         raise CheckpointError(f"could not download {url} ({reason}): fetch the file elsewhere and "
-                              "give its path instead of the name") from None
+                              f"{instead}") from None
     if sha256 and not digest.hexdigest().startswith(sha256):
         os.remove(tmp)
         raise CheckpointError(f"download of {url} has SHA-256 {digest.hexdigest()}, expected {sha256}: "

@@ -42,7 +42,8 @@ if __name__ == "__main__":
     if archive is None:
         from common import CheckpointError, download
         try:
-            archive = download(URL, cache_dir=os.path.join(HERE, "downloads"))
+            archive = download(URL, cache_dir=os.path.join(HERE, "downloads"),
+                               instead="give its path with --archive=")
         except CheckpointError as e:
-            raise SystemExit(f"error: {e}".replace("instead of the name", "with --archive="))
+            raise SystemExit(f"error: {e}")
     print(f"wrote {extract(archive, root)}")

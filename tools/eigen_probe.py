@@ -5,15 +5,14 @@ on the GPU"). One CUDA GPU; about 2 minutes on an H200:
 
     PYTHONPATH=. python tools/eigen_probe.py
 """
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from analyze import HOST_CORES as CORES
 from bench import compare
 from model import ViT, ViTConfig
 
-CORES = len(os.sched_getaffinity(0))
 ONE_THREAD = ThreadPoolExecutor(CORES, initializer=torch.set_num_threads, initargs=(1,))
 DEFAULT_THREADS = ThreadPoolExecutor(CORES)  # each worker left at torch's default thread count
 
