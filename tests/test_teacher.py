@@ -289,8 +289,11 @@ def test_download_checks_the_hash_and_writes_atomically(tmp_path, monkeypatch):
         common.download(src.as_uri(), "00000000", cache_dir=str(tmp_path / "other"))
     assert os.listdir(tmp_path / "other") == []
     # a URL that cannot be fetched (here: no such file; offline: no such host) is one line
-    with pytest.raises(CheckpointError, match="could not download .*missing.pth"):
+    with pytest.raises(CheckpointError, match="could not download .*missing.pth.*instead of the name"):
         common.download((tmp_path / "missing.pth").as_uri(), cache_dir=str(tmp_path / "third"))
+    with pytest.raises(CheckpointError, match="fetch the file elsewhere and give it with --archive=$"):
+        common.download((tmp_path / "missing.pth").as_uri(), cache_dir=str(tmp_path / "third"),
+                        instead="give it with --archive=")
     assert os.listdir(tmp_path / "third") == []
 
 
