@@ -891,10 +891,9 @@ def predict_files(model, paths, transform, device, batch_size):
 def classifier_metric(metric, model, info, opts, device):
     """one model's entry for hessian, landscape, shape_bias or ood"""
     cfg = model.config
-    transform = EvalTransform(cfg.img_size)
     if metric in ("hessian", "landscape"):
         dataset = image_folder(opts, "val")
-        dataset.transform = transform
+        dataset.transform = EvalTransform(cfg.img_size)
         batches = labelled_batches(model, dataset, subset_of(dataset, opts), opts, device)
         if metric == "landscape":  # the axes: the top-2 eigenvectors by magnitude
             hessian = HessianOperator(model, batches, keep_graphs=bool(opts["keep_graphs"]))
@@ -917,6 +916,9 @@ def classifier_metric(metric, model, info, opts, device):
     if model.head is None:  # shape_bias, ood: decisions need class scores
         raise SystemExit(f"error: {metric} needs a classifier; this model has no classification "
                          "head: fine-tune it first, or give an ImageNet-1k classifier (deit)")
+    # the benchmark's stimuli at the model's size are seen whole, as model-vs-human feeds its 224 px
+    # images (datasets/base.py: no resize at image_size 224); other sizes are resized and cropped
+    transform = EvalTransform(cfg.img_size, keep_exact_size=True)
     if metric == "shape_bias":
         # model-vs-human's datasets folder holds cue-conflict/, the embedded data cue_conflict/
         has_mvh = os.path.isdir(os.path.join(resolve_data_dir(opts["data"]), "cue-conflict"))

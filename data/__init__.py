@@ -148,17 +148,20 @@ class TrainTransform:
 
 class EvalTransform:
     """Resize the short side to size / crop_pct (bicubic), center crop size x size, with
-    torchvision's rounding (Resize(int) then CenterCrop: timm's eval transform). At size <= 32
-    an image already size x size passes unchanged (the embedded set), as BEiT's build_transform
-    leaves input_size <= 32 unresized."""
+    torchvision's rounding (Resize(int) then CenterCrop: timm's eval transform). An image already
+    size x size passes unchanged where keep_exact_size: by default only at size <= 32 (the
+    embedded set), as BEiT's build_transform leaves input_size <= 32 unresized; at every size for
+    the benchmark stimuli of shape bias and OOD, which model-vs-human's loader feeds whole (no
+    resize for its 224 px datasets)."""
 
-    def __init__(self, size, crop_pct=0.875):
+    def __init__(self, size, crop_pct=0.875, keep_exact_size=None):
         self.size, self.crop_pct = size, crop_pct
+        self.keep_exact_size = size <= 32 if keep_exact_size is None else keep_exact_size
 
     def __call__(self, img, rng=None):
         short = int(math.floor(self.size / self.crop_pct))
         w, h = img.size
-        if self.size <= 32 and (w, h) == (self.size, self.size):
+        if self.keep_exact_size and (w, h) == (self.size, self.size):
             return to_tensor(img)
         new_size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
         img = img.resize(new_size, Image.BICUBIC)

@@ -181,6 +181,49 @@ def test_ood_and_shape_bias_from_the_command_line_on_the_real_layout(stub, tmp_p
     assert all(v == pytest.approx(2 / 3) for v in sb["per_class"].values())
 
 
+def test_benchmark_images_are_seen_whole(tmp_path):
+    """model-vs-human feeds its 224 px images to the model unresized and uncropped (its
+    PytorchLoader resizes only datasets whose image_size is not 224; none is): a stimulus at the
+    model's size reaches the model whole. Here the drawn blocks lie on the top edge of a 64 px
+    image, which the eval transform's resize-and-centre-crop would cut off; shape bias and OOD
+    accuracy are then the same as on the 16 px stubs above."""
+    from model import ViT, ViTConfig
+    size = 64
+
+    def draw_on_edge(category, path):  # category k: a white 4x4 block at the top edge, at x = 4k
+        k = CATEGORIES.index(category)
+        img = np.zeros((size, size, 3), np.uint8)
+        img[:4, 4 * k:4 * k + 4] = 255
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(img).save(path)
+
+    cfg = ViTConfig(img_size=size, patch_size=size, embed_dim=16, depth=0, num_heads=1, num_classes=1000)
+    model = ViT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.norm.weight.fill_(1)
+        model.fc_norm.weight.fill_(1)
+        for k, category in enumerate(CATEGORIES):
+            model.patch_embed.proj.weight[k, :, :4, 4 * k:4 * k + 4] = 1
+            model.head.weight[IMAGENET_16[category], k] = 10.0
+    checkpoint = str(tmp_path / "edge.pt")
+    torch.save(dict(model=model.state_dict(), model_args=cfg.to_dict(), config={}), checkpoint)
+    datasets = tmp_path / "datasets"
+    for i, shape in enumerate(CATEGORIES):
+        texture = CATEGORIES[(i + 1) % 16]
+        for n, decided in enumerate((shape, shape, texture)):
+            draw_on_edge(decided, str(datasets / "cue-conflict" / shape / f"{shape}{n + 1}-{texture}{n + 1}.png"))
+    r = run_analyze(["--metric=shape_bias", checkpoint, f"--data={datasets}", f"--out={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.load(open(tmp_path / "shape_bias.json"))["models"]["edge"]
+    assert result["images"] == 48 and result["shape_bias"] == pytest.approx(2 / 3)
+    r = run_analyze(["--metric=ood", checkpoint, f"--data={datasets}", f"--out={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.load(open(tmp_path / "ood.json"))["models"]["edge"]
+    assert result["datasets"]["cue-conflict"]["accuracy"] == pytest.approx(2 / 3)
+
+
 def test_bad_input_is_one_line(stub, tmp_path):
     datasets, raw = tmp_path / "datasets", tmp_path / "raw-data"
     session = datasets / "colour" / "dnn" / "session-1"
