@@ -5,6 +5,7 @@ non-finite flag, checkpoint write / read / resume, the SIGTERM flag, the downloa
 check, the MFU meter, logging. Nothing here imports the project and
 nothing here runs a training loop: each script writes its own.
 """
+import argparse
 import ast
 import hashlib
 import json
@@ -327,10 +328,15 @@ def first_line(error):
     return text[0] if text else ""
 
 
+# DINO's training checkpoints (main_dino.py) hold its argparse options: plain attributes, safe to read
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+
 def read_checkpoint(path):
     """Load a file as plain data; nothing stored in it runs. Pickles are read with
-    weights_only=True, so a file that would run code on load is refused; TorchScript archives
-    (CLIP's) give their parameters and buffers by read_torchscript, never torch.jit.load."""
+    weights_only=True (which also admits argparse.Namespace, above), so a file that would run code
+    on load is refused; TorchScript archives (CLIP's) give their parameters and buffers by
+    read_torchscript, never torch.jit.load."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' not found")
     if zipfile.is_zipfile(path):

@@ -119,9 +119,14 @@ def convert_timm(sd, cfg=None):
     names are ours but for layer scale (timm's ls1.gamma / ls2.gamma are gamma_1 / gamma_2).
     Without `cfg` the shapes tell the rest but the number of heads: like CLIP's, it is taken as
     embed_dim / 64 (true for every official ViT)."""
+    if "dist_token" in sd:  # every block attends to it: dropping it would be another model
+        raise CheckpointError("is a distilled DeiT (it has a distillation token, which model.py's ViT has "
+                              "not): give the DeiT without distillation (deit_base_patch16_224)")
+    if "cls_token" not in sd:
+        raise CheckpointError("is a ViT without a class token, which model.py's ViT always has")
     out = {}
     for k, v in sd.items():
-        if k.startswith(("head_dist", "dist_token")):  # DeiT's distillation token and head
+        if k.startswith(("head.mlp.", "head.last_layer.")):  # DINO's projection head (its training checkpoint)
             continue
         out[k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")] = v
     if cfg is not None:
