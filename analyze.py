@@ -612,13 +612,14 @@ def plot(metric, results, path, maps=None):
                 continue
             ax.plot(layers, r["per_layer"], marker="o", color=f"C{i}", label=label)
         first = results[labels[0]]
-        if metric == "fourier" and any(p.endswith("attention") for p in first["points"]):
-            for l in range(1, len(first["per_layer"]) + 1):  # how-do-vits-work: attention shaded
-                ax.axvspan(l - 1, l - 0.5, color="tab:gray", alpha=0.15, lw=0)
+        halves = metric == "fourier" and any(p.endswith("attention") for p in first["points"])
+        for l in range(1, len(first["per_layer"]) + 1) if halves else ():  # how-do-vits-work: attention shaded
+            ax.axvspan(l - 1, l - 0.5, color="tab:gray", alpha=0.15, lw=0)
         ylabel = {"attn_distance": "attention distance (pixels)",
                   "nmi": "normalized mutual information",
                   "fourier": "Δ log amplitude at the highest frequency"}[metric]
-        xlabel = "depth (blocks; shaded: attention halves)" if metric == "fourier" else "block"
+        xlabel = "depth (blocks; shaded: attention halves)" if halves else "depth (blocks)"
+        xlabel = xlabel if metric == "fourier" else "block"
         title = {"attn_distance": "Average attention distance (Fig. 3a)",
                  "nmi": "NMI of queries and keys (Fig. 6a)",
                  "fourier": "Relative log amplitude (Fig. 3b)"}[metric]
@@ -1187,7 +1188,8 @@ def plot_curves(results, path):
     for ax, (field, title) in zip(axes[0], panels):
         for i, (label, r) in enumerate(results.items()):
             if field in r:
-                marker = "o" if field.startswith("val_") else None  # evaluations are few: marked
+                few = field.startswith("val_") or len(r[field]["iter"]) < 2  # a single point needs a marker
+                marker = "o" if few else None  # evaluations are few: marked
                 ax.plot(r[field]["iter"], r[field]["value"], color=f"C{i}", marker=marker,
                         label=label)
         ax.set(xlabel="iteration", title=title)
@@ -1304,13 +1306,20 @@ def less_texture(metrics, finetunes, t):
     return numbers, md > direct
 
 
+def stopped_early(result):
+    """' (stopped at iteration i of n)' for a result.json of a run that --stop_iter ended early"""
+    if result["iter_num"] < result.get("max_iters", result["iter_num"]):
+        return f" (stopped at iteration {result['iter_num']} of {result['max_iters']})"
+    return ""
+
+
 def better_baseline(metrics, finetunes, t):
     """val top-1 of result.json: ft_t (the teacher fine-tuned directly) against ft_md_t"""
     if "ft_" + t not in finetunes or "ft_md_" + t not in finetunes:
         return f"no result.json in ft_{t} and ft_md_{t}"
     direct, md = finetunes["ft_" + t], finetunes["ft_md_" + t]
-    numbers = (f"ft_{t} (direct, lr {direct['config']['lr']:.3g}) {direct['top1']:.2f}%, "
-               f"ft_md_{t} (lr {md['config']['lr']:.3g}) {md['top1']:.2f}%")
+    numbers = (f"ft_{t} (direct, lr {direct['config']['lr']:.3g}) {direct['top1']:.2f}%{stopped_early(direct)}, "
+               f"ft_md_{t} (lr {md['config']['lr']:.3g}) {md['top1']:.2f}%{stopped_early(md)}")
     if t != "clip":
         numbers += f" (stand-ins: {t} for CLIP, its MD student's fine-tune for FD-CLIP)"
     return numbers, direct["top1"] > md["top1"]
@@ -1451,7 +1460,7 @@ def report_blocks(root, metrics, figures, finetunes, steps):
     doc.append(("table", (header, rows)))
     doc.append(("h2", "Fine-tuning top-1 per init"))
     ft_rows = [[run, str(r["config"].get("init", "")), f"{r['config'].get('lr', float('nan')):.3g}",
-                str(r["config"].get("epochs", "")), f"{r['top1']:.2f}%", f"{r['top5']:.2f}%",
+                str(r["config"].get("epochs", "")) + stopped_early(r), f"{r['top1']:.2f}%", f"{r['top5']:.2f}%",
                 f"{r['best_top1']:.2f}%"] for run, r in sorted(finetunes.items())]
     doc.append(("table", (["run", "init", "lr", "epochs", "val top-1", "top-5", "best top-1"],
                           ft_rows)))

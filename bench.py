@@ -2,7 +2,7 @@
 How close the MD training step is to the machine's limit, measured against baselines in the
 same run. Prints one table; every ratio compares numbers taken here, now.
 
-    python bench.py --quick          # tiny config, CPU, about a minute
+    python bench.py --quick          # tiny config, no analysis rows, CPU, about 2 minutes
     python bench.py                  # + ViT-Ti/S/B at 224 px (minutes on a 2-core CPU)
     python bench.py --analysis       # only the analysis and curvature rows (--sizes=tiny/4,B/16;
                                      # --counts=0: only the timed ones, not the product counts)
@@ -508,7 +508,10 @@ def main():
           f"{int(np.ceil(best / per_worker))} worker(s) feed the {SIZES[-1]} bf16 step "
           f"({best:.0f} img/s)")
     print()
-    analysis_main()
+    if QUICK:
+        print("(--quick: no analysis and curvature rows; python bench.py --analysis gives them)")
+    else:
+        analysis_main()
 
 
 def analysis_main():

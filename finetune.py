@@ -150,8 +150,10 @@ def print_summary(root):
     for path in sorted(glob.glob(os.path.join(root, "**", "result.json"), recursive=True)):
         r = json.load(open(path))
         settings = r["config"]
-        runs.append((settings["init"], settings["freeze_blocks"], settings["lr"], r["top1"], r["top5"],
-                     os.path.dirname(path)))
+        run = os.path.dirname(path)
+        if r["iter_num"] < r.get("max_iters", r["iter_num"]):
+            run += f" (stopped at iteration {r['iter_num']} of {r['max_iters']})"
+        runs.append((settings["init"], settings["freeze_blocks"], settings["lr"], r["top1"], r["top5"], run))
     if not runs:
         raise SystemExit(f"error: no result.json found under '{root}'")
     print(f"{'init':<28} {'frozen':>6} {'lr':>9} {'top-1':>7} {'top-5':>7}  run")
@@ -398,10 +400,12 @@ def main():
             raise SystemExit(143)  # 128 + SIGTERM: the shell's code for a run ended by SIGTERM
     bar.close()
     if ctx.master:
-        result = dict(top1=top1, top5=top5, best_top1=best_top1, iter_num=iter_num, config=config)
+        result = dict(top1=top1, top5=top5, best_top1=best_top1, iter_num=iter_num, max_iters=max_iters,
+                      config=config)  # iter_num < max_iters: stopped early by --stop_iter
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump(result, f, indent=1)
-        log(ctx, f"done: top-1 {top1:.2f}%, top-5 {top5:.2f}% ({os.path.join(out_dir, 'result.json')})")
+        ended = "done" if iter_num >= max_iters else f"stopped at iteration {iter_num} of {max_iters} (--stop_iter)"
+        log(ctx, f"{ended}: top-1 {top1:.2f}%, top-5 {top5:.2f}% ({os.path.join(out_dir, 'result.json')})")
     ctx.barrier()  # ranks leave together: one gone mid-save can abort rank 0's gloo (SIGABRT, once in CI)
     ctx.close()
 

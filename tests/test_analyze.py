@@ -398,3 +398,22 @@ def test_options_take_the_value_after_a_space(tiny_data, tiny_teacher, tmp_path)
                           "--out", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-1000:]
     assert json.load(open(tmp_path / "nmi.json"))["settings"]["n_images"] == 4
+
+
+def test_figures_draw_a_single_point_and_name_only_what_they_show(tmp_path, monkeypatch):
+    """a curve of one logged record is drawn (a marker: a line of one point is invisible), and the
+    Fourier figure's axis mentions shaded attention halves only when it has them"""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    import analyze
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)  # keep each figure to look at it
+    assert analyze.plot_curves({"run": {"loss": {"iter": [30], "value": [0.5]}}}, str(tmp_path / "c.png"))
+    (line,) = kept[-1].axes[0].lines
+    assert line.get_marker() == "o" and len(line.get_xdata()) == 1
+    for points, shaded in ((["embedding", "block 1"], False),
+                           (["embedding", "block 1 attention", "block 1"], True)):
+        depth = [0, 1] if not shaded else [0, 0.5, 1]
+        entry = dict(per_layer=[0.1], points=points, depth=depth, spectrum=[[0.0, -1.0]] * len(points))
+        analyze.plot("fourier", {"m": entry}, str(tmp_path / "f.png"))
+        ax = kept[-1].axes[0]
+        assert ("shaded" in ax.get_xlabel()) == shaded and (len(ax.patches) > 0) == shaded

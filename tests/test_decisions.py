@@ -130,6 +130,13 @@ def test_sharpness_logged_during_finetuning_and_plotted(tiny_data, tiny_teacher,
            "--stop_iter=4", "--hessian_every=2", f"--out_dir={tmp_path / 'ft'}"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    # 144 train images, batches of 16: an epoch is 9 iterations, of which --stop_iter ran 4
+    assert "stopped at iteration 4 of 9 (--stop_iter): top-1" in r.stdout
+    result = json.load(open(tmp_path / "ft" / "result.json"))
+    assert (result["iter_num"], result["max_iters"]) == (4, 9)
+    summary = subprocess.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"], capture_output=True,
+                             text=True, cwd=ROOT, timeout=600)
+    assert "(stopped at iteration 4 of 9)" in summary.stdout, summary.stdout + summary.stderr
     log = json.load(open(tmp_path / "ft" / "sharpness.json"))
     assert [e["iter"] for e in log] == [2, 4]
     assert all(np.isfinite(e["eigenvalue"]) and np.isfinite(e["trace"]) for e in log)

@@ -84,8 +84,9 @@ def make_run(root, teachers, holds):
     write_metric(root, "finetuned", "hessian", hessian)
     write_metric(root, "finetuned", "shape_bias", shape)
     for run, (init, top1) in finetunes.items():  # finetune.py's result.json
+        done = 90 if run == "ft_scratch" else 180  # ft_scratch: stopped half way by --stop_iter
         write_json(os.path.join(root, run, "result.json"),
-                   dict(top1=top1, top5=100.0, best_top1=top1, iter_num=180,
+                   dict(top1=top1, top5=100.0, best_top1=top1, iter_num=done, max_iters=180,
                         config=dict(init=init, lr=1e-3, epochs=10, freeze_blocks=0)))
         write_json(os.path.join(root, run, "sharpness.json"), [])  # a list, not a metric
     os.makedirs(os.path.join(root, "steps"))
@@ -140,6 +141,7 @@ def test_every_claim_holds_or_fails_as_built(tmp_path, holds, teachers):
     assert "cue-conflict images of embedded*" in markdown and ", 10 cue-conflict images" in markdown
     top1 = 83 if holds else 99
     assert f"| ft_md_{t} | out/md_{t}/ckpt.pt | 0.001 | 10 | {top1}.00% |" in markdown
+    assert "| ft_scratch | scratch | 0.001 | 10 (stopped at iteration 90 of 180) | 60.00% |" in markdown
     assert "1 step(s), 1.5 minutes in all" in markdown
     # the HTML page says the same
     page = open(os.path.join(root, "report.html")).read()
