@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import option_error, pyplot
+from common import option_error, pyplot, write_atomic
 from data import (IMAGE_EXTENSIONS, DataError, EvalTransform, ImageFolder, collate, load_image,
                   resolve_data_dir)
 from hessian import HessianOperator, curvature, keep_freed_memory, lanczos, loss_landscape, mean_loss
@@ -1080,8 +1080,7 @@ def read_sharpness(path):
 
 def write(metric, results, settings, out, maps=None):
     json_path, png_path = os.path.join(out, f"{metric}.json"), os.path.join(out, f"{metric}.png")
-    with open(json_path, "w") as f:
-        json.dump(dict(metric=metric, settings=settings, models=results), f)
+    write_atomic(json_path, json.dumps(dict(metric=metric, settings=settings, models=results)))
     drawn = plot(metric, results, png_path, maps)
     print(f"{metric}: {json_path}" + (f", {png_path}" if drawn else ""))
     for label, r in results.items():
@@ -1164,9 +1163,8 @@ def curves(paths, labels, out):
                 values.append(value)
         results[label] = {field: dict(iter=i, value=v) for field, (i, v) in series.items()}
     json_path, png_path = os.path.join(out, "curves.json"), os.path.join(out, "curves.png")
-    with open(json_path, "w") as f:
-        settings = dict(models=dict(zip(labels, paths)))
-        json.dump(dict(metric="curves", settings=settings, models=results), f)
+    settings = dict(models=dict(zip(labels, paths)))
+    write_atomic(json_path, json.dumps(dict(metric="curves", settings=settings, models=results)))
     drawn = plot_curves(results, png_path)
     print(f"curves: {json_path}" + (f", {png_path}" if drawn else ""))
     for label, r in results.items():
@@ -1566,8 +1564,7 @@ def report(args):
                          "experiments/paper.sh SCALE first")
     doc = report_blocks(root, metrics, figures, finetunes, steps)
     for name, text in (("report.md", to_markdown(doc)), ("report.html", to_html(doc))):
-        with open(os.path.join(root, name), "w") as f:
-            f.write(text)
+        write_atomic(os.path.join(root, name), text)
     print(f"report: {os.path.join(root, 'report.md')} and report.html")
     for title, _, _, rows in claim_verdicts(metrics, finetunes, teachers_of(metrics)):
         for t, _, verdict in rows:

@@ -519,25 +519,30 @@ def save_checkpoint(checkpoint, path):
             raise SystemExit(f"error: not saving {path}: weight '{name}' is not finite; the last good "
                              f"checkpoint is kept")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_atomic(checkpoint, path, "the previous checkpoint is kept: free space there or choose another out_dir")
+
+
+def save_atomic(obj, path, kept):
+    """torch.save through a temp file beside path, fsync and a rename: a crash, Ctrl-C or a full
+    disk leaves what was at path as it was, and no temp file. A failed write is one line that
+    ends with `kept` (what the user still has)."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        # torch.save's zip writer turns a failed write (a full disk) into a RuntimeError
-        # whose context is the OSError
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
+        # torch.save's zip writer turns a failed write (a full disk) into a RuntimeError whose
+        # context is the OSError
         cause = e if isinstance(e, OSError) else e.__context__
-        if isinstance(cause, OSError) and cause.strerror:
-            reason = cause.strerror
-        else:
-            reason = f"{e}".split("\n")[0]
-        raise SystemExit(f"error: could not write {path} ({reason}); the previous checkpoint is "
-                         "kept: free space there or choose another out_dir") from None
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else f"{e}".split("\n")[0]
+        raise SystemExit(f"error: could not write {path} ({reason}); {kept}") from None
 
 
 def resume_checkpoint(path, config, may_change):
@@ -629,12 +634,34 @@ class Meter:
         return text, numbers
 
 
+def write_error(path, e):
+    """the one line for an OSError e while writing path (a full disk, a file size limit)"""
+    return f"error: could not write {path} ({e.strerror or e}): free space there or choose another out_dir"
+
+
+def write_atomic(path, text):
+    """Write text to path through a temp file and a rename: a crash or a full disk leaves the old
+    file as it was (and no temp file); a failed write is one line."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(write_error(path, e)) from None
+
+
 def append_jsonl(path, record, wandb_run=None):
     """Append one record (a dict with 'iter') to path as a line of JSON, written and closed at once,
     so a killed run loses at most a truncated last line; also to the W&B run when there is one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise SystemExit(write_error(path, e)) from None
     if wandb_run is not None:
         wandb_run.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
 
@@ -654,9 +681,7 @@ def trim_log(path, last_iter):
                 continue
             if keep:
                 kept.append(line if line.endswith("\n") else line + "\n")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, "".join(kept))
 
 
 def wandb_init(master, wandb_log, project, run_name, config):
@@ -722,7 +747,11 @@ def lock_out_dir(out_dir):
         f.close()
         raise SystemExit(f"error: out_dir '{out_dir}' is in use by a running run ({holder}): "
                          "wait for it to end or choose another out_dir") from None
-    f.truncate(0)
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    f.flush()
+    try:
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+    except OSError as e:
+        f.close()
+        raise SystemExit(write_error(os.path.join(out_dir, "run.lock"), e)) from None
     return f

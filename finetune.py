@@ -26,7 +26,7 @@ from common import (CheckpointError, Context, Meter, accumulation_steps, append_
                     apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log,
                     micro_batches, option_error, peak_flops, pyplot, record_nonfinite,
                     resume_checkpoint, resume_from, save_checkpoint, schedule_lengths,
-                    sigterm_flag, stop_if_nonfinite, trim_log, wandb_init, wrap_for_training)
+                    sigterm_flag, stop_if_nonfinite, trim_log, wandb_init, wrap_for_training, write_atomic)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
 from hessian import curvature
@@ -148,12 +148,19 @@ def print_summary(root):
     """lr and freeze_blocks -> top-1 of every run under root (each run's result.json)."""
     runs = []
     for path in sorted(glob.glob(os.path.join(root, "**", "result.json"), recursive=True)):
-        r = json.load(open(path))
-        settings = r["config"]
+        try:
+            r = json.load(open(path))
+            settings = r["config"]
+            scores = (settings["init"], settings["freeze_blocks"], settings["lr"], r["top1"], r["top5"])
+            stopped = r["iter_num"] < r.get("max_iters", r["iter_num"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"warning: skipping {path}: not a result.json of finetune.py ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+            continue
         run = os.path.dirname(path)
-        if r["iter_num"] < r.get("max_iters", r["iter_num"]):
+        if stopped:
             run += f" (stopped at iteration {r['iter_num']} of {r['max_iters']})"
-        runs.append((settings["init"], settings["freeze_blocks"], settings["lr"], r["top1"], r["top5"], run))
+        runs.append((*scores, run))
     if not runs:
         raise SystemExit(f"error: no result.json found under '{root}'")
     print(f"{'init':<28} {'frozen':>6} {'lr':>9} {'top-1':>7} {'top-5':>7}  run")
@@ -296,9 +303,7 @@ def main():
         vit.train()
         sharpness_log.append(dict(iter=iter_num, eigenvalue=value, trace=trace, trace_stderr=stderr))
         os.makedirs(out_dir, exist_ok=True)
-        with open(sharpness_path + ".tmp", "w") as f:
-            json.dump(sharpness_log, f)
-        os.replace(sharpness_path + ".tmp", sharpness_path)
+        write_atomic(sharpness_path, json.dumps(sharpness_log))
         return f"iter {iter_num}: sharpness (top Hessian eigenvalue) {value:.4g}, trace {trace:.4g}"
 
     trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
@@ -402,8 +407,7 @@ def main():
     if ctx.master:
         result = dict(top1=top1, top5=top5, best_top1=best_top1, iter_num=iter_num, max_iters=max_iters,
                       config=config)  # iter_num < max_iters: stopped early by --stop_iter
-        with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        write_atomic(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1))
         ended = "done" if iter_num >= max_iters else f"stopped at iteration {iter_num} of {max_iters} (--stop_iter)"
         log(ctx, f"{ended}: top-1 {top1:.2f}%, top-5 {top5:.2f}% ({os.path.join(out_dir, 'result.json')})")
     ctx.barrier()  # ranks leave together: one gone mid-save can abort rank 0's gloo (SIGABRT, once in CI)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import CACHE_DIR, CheckpointError, download, read_checkpoint
+from common import CACHE_DIR, CheckpointError, download, read_checkpoint, save_atomic
 from model import ViT, ViTConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -358,6 +358,9 @@ class Whitening(nn.Module):
         return x
 
 
+EXPORT_KEPT = "any file there before is kept"  # export's files are written atomically (save_atomic)
+
+
 def export_weights(src, dst):
     """A project checkpoint reduced to what a teacher needs (weights, model_args, config): no
     optimizer or RNG state. This is how data/embedded_teacher.pt is made from a finetune.py run.
@@ -365,13 +368,13 @@ def export_weights(src, dst):
     obj = read_checkpoint(src)
     if isinstance(obj, dict) and "model_args" in obj:
         keep = ("model", "model_args", "config", "classes")
-        torch.save({k: obj[k] for k in keep if k in obj}, dst)
+        save_atomic({k: obj[k] for k in keep if k in obj}, dst, EXPORT_KEPT)
         return
     vit, info = load_model(src)
     out = dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config={})
     if info.get("classes"):
         out["classes"] = info["classes"]
-    torch.save(out, dst)
+    save_atomic(out, dst, EXPORT_KEPT)
 
 
 # ----------------------------------------------------------------------------------------
@@ -488,7 +491,7 @@ def export_timm(src, dst):
         out["mask_token"] = vit.mask_token.detach()
     if info.get("classes"):
         out["classes"] = info["classes"]
-    torch.save(out, dst)
+    save_atomic(out, dst, EXPORT_KEPT)
     return name, kwargs, vit.config
 
 
@@ -508,6 +511,8 @@ def main(argv):
     folder = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(folder):
         raise SystemExit(f"error: no folder '{folder}' to write {dst} in")
+    if os.path.isdir(dst):
+        raise SystemExit(f"error: '{dst}' is a folder: give the file to write in it, like {dst}/export.pt")
     try:
         if fmt == "mdlab":
             export_weights(src, dst)

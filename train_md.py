@@ -126,7 +126,25 @@ def main():
     choices = (("loss", loss, LOSSES), ("head", head, DECODER_HEADS),
                ("whitening", whitening, WHITENINGS), ("loss_on", loss_on, ("masked", "all")),
                ("target", target, ("features", "vqkd")))
+    # Adam's first step moves by lr / (1 - beta1), AdamW's decay multiplies by 1 - lr * weight_decay:
+    # both must fit a float32 (the cosine schedule never exceeds max(lr, min_lr))
+    float_max = torch.finfo(torch.float32).max
     problem = option_error(config, [
+        *[(value <= float_max * (1 - beta1),
+           f"--{name}={value} must be <= {float_max * (1 - beta1):.3g} (float32's max x "
+           f"(1 - beta1)): Adam's first step, lr / (1 - beta1), must fit a float32")
+          for name, value in (("lr", lr), ("min_lr", min_lr))],
+        (max(lr, min_lr) * weight_decay <= float_max,
+         f"--weight_decay={weight_decay} must be <= {float_max:.3g} / max(lr, min_lr): "
+         f"AdamW's decay, 1 - lr x weight_decay, must fit a float32"),
+        (smooth_l1_beta >= 0, f"--smooth_l1_beta={smooth_l1_beta} must be >= 0 (0 = the L1 loss)"),
+        (decoder_width >= 1, f"--decoder_width={decoder_width} must be >= 1"),
+        (decoder_depth >= 0, f"--decoder_depth={decoder_depth} must be >= 0 (0 = no blocks: projection, "
+                             f"positions, norm and output only)"),
+        (decoder_heads >= 1, f"--decoder_heads={decoder_heads} must be >= 1"),
+        (head != "transformer" or decoder_depth == 0 or decoder_heads < 1 or decoder_width % decoder_heads == 0,
+         f"--decoder_heads={decoder_heads} must divide --decoder_width={decoder_width}: each attention head "
+         f"of the transformer head gets width / heads channels"),
         (eval_interval >= 1, f"--eval_interval={eval_interval} must be >= 1"),
         (model in PRESETS, f"unknown model size '{model}': choose one of {', '.join(PRESETS)}"),
         (img_size % patch_size == 0, f"--img_size={img_size} is not a multiple of the patch size "

@@ -6,7 +6,9 @@ Randomness is per sample: the sampler yields (index, epoch) and the dataset seed
 generator with (seed, epoch, index), so augmentations and masks do not depend on the number
 of workers, and a resumed run sees exactly the samples an uninterrupted run would have.
 """
+import atexit
 import math
+import multiprocessing
 import os
 import signal
 import stat
@@ -288,6 +290,22 @@ def init_worker(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.excepthook = quiet_when_main_is_gone
+
+
+def kill_workers_left():
+    """At exit: loader workers still alive (the run ended on an error while its loader was still
+    referenced, e.g. by the traceback) ignore the SIGTERM that multiprocessing's own exit handler
+    sends them before it joins them, so the process would wait for them forever; SIGKILL ends them.
+    Registered after multiprocessing's handler (torch imports it first), so it runs before it.
+    torch's SIGCHLD handler, which reports a killed worker as an error, is put back first."""
+    workers = [w for w in multiprocessing.active_children() if w.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
+
+
+atexit.register(kill_workers_left)
 
 
 def make_loader(dataset, batch_size, train, rank=0, world_size=1, seed=0, num_workers=2, num_samples=0):

@@ -36,11 +36,12 @@ def extract(archive, root):
 
 
 if __name__ == "__main__":
-    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
-    root = args.get("root", os.path.join(HERE, "imagenette"))
-    archive = args.get("archive")
-    if archive is None:
-        from common import CheckpointError, download
+    from common import CheckpointError, apply_overrides, download
+    args = apply_overrides(dict(root=os.path.join(HERE, "imagenette"), archive=""), sys.argv[1:])
+    root, archive = args["root"], args["archive"]
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise SystemExit(f"error: --root={root} is a file, not a folder: give a folder to extract into")
+    if not archive:
         try:
             archive = download(URL, cache_dir=os.path.join(HERE, "downloads"),
                                instead="give its path with --archive=")

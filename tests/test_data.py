@@ -310,3 +310,29 @@ def test_imagenette_archive_extracts_to_imagefolder(tmp_path, tiny_data):
         with pytest.raises(SystemExit, match=rf"error: cannot extract '.*' \({reason}\)"):
             extract(str(bad), str(tmp_path / "again"))
         assert not os.path.exists(tmp_path / "again.tmp") and not os.path.exists(tmp_path / "again")
+
+
+def test_imagenette_bad_options_are_one_line_before_any_download(tmp_path, tiny_data):
+    """a misspelled or unknown option, or one without '=', is refused by name (not dropped, which would start
+    the download); --root an existing file is refused before anything is extracted"""
+    import subprocess
+    import sys
+    import tarfile
+    good = tmp_path / "imagenette2-320.tgz"
+    with tarfile.open(good, "w:gz") as tar:
+        tar.add(os.path.join(tiny_data, "val"), arcname="imagenette2-320/val")
+        tar.add(os.path.join(tiny_data, "val"), arcname="imagenette2-320/train")
+    root_file = tmp_path / "rootfile"
+    root_file.write_text("not a folder")
+    missing = f"--archive={tmp_path / 'none.tgz'}"  # a file that is not there: never a download, even unchecked
+    unknown = "unknown option '--archiv': valid options are archive, root"
+    for args, expected in (([missing, "--archiv=in.tgz"], unknown),
+                           ([missing, "--root", str(tmp_path / "out")], "option '--root' needs a value"),
+                           ([missing, "--bogus=1"], "unknown option '--bogus'"),
+                           ([f"--archive={good}", f"--root={root_file}"], f"--root={root_file} is a file")):
+        r = subprocess.run([sys.executable, "-m", "data.prepare_imagenette", *args], capture_output=True,
+                           text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+        assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+        assert r.stderr.startswith("error:") and expected in r.stderr, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["imagenette2-320.tgz", "rootfile"]
+    assert root_file.read_text() == "not a folder"

@@ -134,9 +134,12 @@ def test_sharpness_logged_during_finetuning_and_plotted(tiny_data, tiny_teacher,
     assert "stopped at iteration 4 of 9 (--stop_iter): top-1" in r.stdout
     result = json.load(open(tmp_path / "ft" / "result.json"))
     assert (result["iter_num"], result["max_iters"]) == (4, 9)
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "result.json").write_text('{"top1": 1.0, "top5"')  # a run killed mid-write
     summary = subprocess.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"], capture_output=True,
                              text=True, cwd=ROOT, timeout=600)
     assert "(stopped at iteration 4 of 9)" in summary.stdout, summary.stdout + summary.stderr
+    assert f"warning: skipping {tmp_path / 'cut' / 'result.json'}: not a result.json" in summary.stderr
     log = json.load(open(tmp_path / "ft" / "sharpness.json"))
     assert [e["iter"] for e in log] == [2, 4]
     assert all(np.isfinite(e["eigenvalue"]) and np.isfinite(e["trace"]) for e in log)

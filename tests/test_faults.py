@@ -382,6 +382,46 @@ def test_real_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
         subprocess.run(["umount", str(disk)])
 
 
+def file_size_limit(size):
+    """preexec_fn: writes past `size` bytes fail with EFBIG in the child (Python ignores SIGXFSZ)"""
+    import resource
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+def test_a_failed_write_with_loader_workers_ends_the_process(tiny_data, tiny_teacher, tmp_path):
+    """A checkpoint (700 KB) that cannot be written in a run whose loader has a worker: one error
+    line, and the process ends. Before, it hung at exit: multiprocessing's exit handler sends the
+    workers SIGTERM, which they ignore (data.init_worker), then waits for them."""
+    args = [*MD, f"--teacher={tiny_teacher}", "--num_workers=1", "--eval_interval=2", "--stop_iter=4"]
+    cmd = command(args, tiny_data, [f"--out_dir={tmp_path / 'run'}"])
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), preexec_fn=file_size_limit(300_000))
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.strip().startswith(f"error: could not write {tmp_path / 'run' / 'ckpt.pt'} (File too large)")
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+
+
+def test_log_and_lock_write_failures_are_one_line(tiny_data, tiny_teacher, tmp_path):
+    """log.jsonl and run.lock on a disk with no room: one error line, not an OSError traceback"""
+    disk = tmp_path / "full"
+    mount_tmpfs(disk, "size=1m")
+    try:
+        out = disk / "run"
+        out.mkdir()
+        (out / "run.lock").write_text("pid 1 on x")  # the lock's file exists: the run gets past it
+        with open(disk / "filler", "wb", buffering=0) as f:  # fill the disk to its last block
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        r = run([*MD, f"--teacher={tiny_teacher}", "--stop_iter=2"], tiny_data, [f"--out_dir={out}"])
+        assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+        assert "No space left on device" in r.stderr and r.stderr.startswith("error: could not write")
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
 def test_out_dir_that_is_a_file_or_read_only_stops_before_any_work(tmp_path):
     from common import check_out_dir
     afile = tmp_path / "afile"

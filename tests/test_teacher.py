@@ -371,3 +371,26 @@ def test_shipped_embedded_teacher_is_far_better_than_chance():
     assert correct / len(val) > 0.8
     # as an MD teacher it gives (B, 65, 96) tokens for 32 px images
     assert load_teacher("embedded")(torch.rand(2, 3, 32, 32)).shape == (2, 65, 96)
+
+
+def test_export_that_cannot_be_written_keeps_the_source_and_is_one_line(tmp_path, tiny_teacher):
+    """export writes atomically: a write cut short by a full disk (here a 100 kB file-size limit, so the write
+    fails with EFBIG) onto SRC itself leaves SRC whole and no temp file; DST a folder: one line too"""
+    import resource
+    import shutil
+    src = str(tmp_path / "self.pt")
+    shutil.copy(tiny_teacher, src)
+    before = open(src, "rb").read()
+    assert len(before) > 100_000
+
+    def export(dst, limit=False):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "teacher.py"), "export", src, dst],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300,
+                              preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)))
+                              if limit else None)
+    for dst, limit, expected in ((src, True, "File too large"), (str(tmp_path), False, "is a folder")):
+        r = export(dst, limit)
+        assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+        assert r.stderr.startswith("error:") and expected in r.stderr, r.stderr
+        assert open(src, "rb").read() == before and sorted(os.listdir(tmp_path)) == ["self.pt"]
+    load_model(src)

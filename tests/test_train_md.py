@@ -294,3 +294,37 @@ def test_ablation_flags_reach_the_run(tiny_data, tiny_teacher, tmp_path):
     running_var = ckpt["whitening"]["running_var"]
     assert running_var.shape == (48,) and not torch.equal(running_var, torch.ones(48))
     assert ckpt["config"]["loss_on"] == "all" and ckpt["config"]["teacher_layer"] == 1
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--smooth_l1_beta=-1.0"], "smooth_l1_beta"),            # smooth_l1_loss refuses beta < 0
+    (["--head=transformer", "--decoder_width=256", "--decoder_heads=7"], "decoder_heads"),  # 256 % 7
+    (["--decoder_heads=0"], "decoder_heads"),
+    (["--lr=1e38"], "lr"),                                    # Adam's lr / (1 - beta1) overflows float32
+    (["--min_lr=1e38"], "min_lr"),
+    (["--weight_decay=1e300"], "weight_decay"),               # 1 - lr x weight_decay overflows float32
+    (["--head=transformer", "--decoder_depth=-1"], "decoder_depth"),
+    (["--decoder_width=0"], "decoder_width"),
+])
+def test_option_that_cannot_work_is_one_line_before_training(tiny_data, tiny_teacher, tmp_path, args, option):
+    """values that used to crash mid-run (or were silently accepted) stop before any work, in one line"""
+    cmd = [sys.executable, os.path.join(ROOT, "train_md.py"), f"--data_dir={tiny_data}",
+           f"--teacher={tiny_teacher}", "--model=nano/4", "--img_size=32", "--epochs=4", "--warmup_epochs=0",
+           "--total_batch_size=16", "--micro_batch_size=8", "--num_workers=0", "--device=cpu",
+           "--dtype=float32", "--compile=False", "--teacher_bf16=False", "--eval_images=24",
+           f"--out_dir={tmp_path / 'out'}", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{args} was not refused before training")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --{option}="), result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_transformer_head_with_zero_blocks_works():
+    """--decoder_depth=0 is allowed: the transformer head is then projection, positions, norm, output"""
+    head = DecoderHead("transformer", 8, 4, num_tokens=5, width=6, depth=0, heads=7)
+    assert head(torch.randn(2, 5, 8)).shape == (2, 4, 4)
