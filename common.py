@@ -636,7 +636,7 @@ class Meter:
 
 def write_error(path, e):
     """the one line for an OSError e while writing path (a full disk, a file size limit)"""
-    return f"error: could not write {path} ({e.strerror or e}): free space there or choose another out_dir"
+    return f"error: could not write {path} ({e.strerror or e}): free space there or write to another folder"
 
 
 def write_atomic(path, text):
