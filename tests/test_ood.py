@@ -95,21 +95,27 @@ def test_fixture_gives_model_vs_humans_numbers():
 # ----------------------------------------------------------------------------------------
 # the command line on the real folder layout, with a checkpoint that decides what is drawn
 
-def draw(category, path):
-    """a 16x16 image showing category k of the 16 (sorted) as a white 4x4 block at k on black"""
-    y, x = divmod(CATEGORIES.index(category), 4)
-    img = np.zeros((16, 16, 3), np.uint8)
-    img[4 * y:4 * y + 4, 4 * x:4 * x + 4] = 255
+def block(category, size):
+    """where category k of the 16 (sorted) is drawn as a white 4x4 block: in a 4x4 grid filling a
+    16 px image; at any other size along the top edge, at x = 4k"""
+    y, x = divmod(CATEGORIES.index(category), 4) if size == 16 else (0, CATEGORIES.index(category))
+    return slice(4 * y, 4 * y + 4), slice(4 * x, 4 * x + 4)
+
+
+def draw(category, path, size=16):
+    """a size x size image showing `category` as its white 4x4 block on black"""
+    img = np.zeros((size, size, 3), np.uint8)
+    img[block(category, size)] = 255
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(img).save(path)
 
 
-def stub_checkpoint(path):
-    """an ImageNet-1k project checkpoint that decides the category drawn by draw(): one 16x16
+def stub_checkpoint(path, size=16):
+    """an ImageNet-1k project checkpoint that decides the category drawn by draw(): one size x size
     patch, no blocks; embedding k sums block k, so after the norms it is largest at the drawn k;
     the head maps it onto category k's ImageNet classes"""
     from model import ViT, ViTConfig
-    cfg = ViTConfig(img_size=16, patch_size=16, embed_dim=16, depth=0, num_heads=1,
+    cfg = ViTConfig(img_size=size, patch_size=size, embed_dim=16, depth=0, num_heads=1,
                     num_classes=1000)
     model = ViT(cfg)
     with torch.no_grad():
@@ -118,8 +124,7 @@ def stub_checkpoint(path):
         model.norm.weight.fill_(1)
         model.fc_norm.weight.fill_(1)
         for k, category in enumerate(CATEGORIES):
-            y, x = divmod(k, 4)
-            model.patch_embed.proj.weight[k, :, 4 * y:4 * y + 4, 4 * x:4 * x + 4] = 1
+            model.patch_embed.proj.weight[(k, slice(None), *block(category, size))] = 1
             model.head.weight[IMAGENET_16[category], k] = 10.0
     torch.save(dict(model=model.state_dict(), model_args=cfg.to_dict(), config={}), path)
 
@@ -187,33 +192,13 @@ def test_benchmark_images_are_seen_whole(tmp_path):
     model's size reaches the model whole. Here the drawn blocks lie on the top edge of a 64 px
     image, which the eval transform's resize-and-centre-crop would cut off; shape bias and OOD
     accuracy are then the same as on the 16 px stubs above."""
-    from model import ViT, ViTConfig
-    size = 64
-
-    def draw_on_edge(category, path):  # category k: a white 4x4 block at the top edge, at x = 4k
-        k = CATEGORIES.index(category)
-        img = np.zeros((size, size, 3), np.uint8)
-        img[:4, 4 * k:4 * k + 4] = 255
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(img).save(path)
-
-    cfg = ViTConfig(img_size=size, patch_size=size, embed_dim=16, depth=0, num_heads=1, num_classes=1000)
-    model = ViT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        model.norm.weight.fill_(1)
-        model.fc_norm.weight.fill_(1)
-        for k, category in enumerate(CATEGORIES):
-            model.patch_embed.proj.weight[k, :, :4, 4 * k:4 * k + 4] = 1
-            model.head.weight[IMAGENET_16[category], k] = 10.0
     checkpoint = str(tmp_path / "edge.pt")
-    torch.save(dict(model=model.state_dict(), model_args=cfg.to_dict(), config={}), checkpoint)
+    stub_checkpoint(checkpoint, size=64)
     datasets = tmp_path / "datasets"
     for i, shape in enumerate(CATEGORIES):
         texture = CATEGORIES[(i + 1) % 16]
         for n, decided in enumerate((shape, shape, texture)):
-            draw_on_edge(decided, str(datasets / "cue-conflict" / shape / f"{shape}{n + 1}-{texture}{n + 1}.png"))
+            draw(decided, str(datasets / "cue-conflict" / shape / f"{shape}{n + 1}-{texture}{n + 1}.png"), size=64)
     r = run_analyze(["--metric=shape_bias", checkpoint, f"--data={datasets}", f"--out={tmp_path}"])
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.load(open(tmp_path / "shape_bias.json"))["models"]["edge"]
