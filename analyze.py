@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import option_error, pyplot, write_atomic
+from common import option_error, pyplot, stopped_early, write_atomic
 from data import (IMAGE_EXTENSIONS, DataError, EvalTransform, ImageFolder, collate, load_image,
                   resolve_data_dir)
 from hessian import HessianOperator, curvature, keep_freed_memory, lanczos, loss_landscape, mean_loss
@@ -1302,13 +1302,6 @@ def less_texture(metrics, finetunes, t):
     numbers = (f"teacher {t} {before:.3f} before fine-tuning, " if before is not None else "")
     numbers += f"ft_{t} {direct:.3f}, ft_md_{t} {md:.3f}"
     return numbers, md > direct
-
-
-def stopped_early(result):
-    """' (stopped at iteration i of n)' for a result.json of a run that --stop_iter ended early"""
-    if result["iter_num"] < result.get("max_iters", result["iter_num"]):
-        return f" (stopped at iteration {result['iter_num']} of {result['max_iters']})"
-    return ""
 
 
 def better_baseline(metrics, finetunes, t):

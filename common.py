@@ -646,6 +646,14 @@ class Meter:
         return text, numbers
 
 
+def stopped_early(result):
+    """' (stopped at iteration i of n)' for finetune.py's result.json of a run --stop_iter ended
+    early (iter_num < max_iters; files without max_iters ran to their end), else ''"""
+    if result["iter_num"] < result.get("max_iters", result["iter_num"]):
+        return f" (stopped at iteration {result['iter_num']} of {result['max_iters']})"
+    return ""
+
+
 def write_error(path, e):
     """the one line for an OSError e while writing path (a full disk, a file size limit)"""
     return f"error: could not write {path} ({e.strerror or e}): free space there or write to another folder"

@@ -26,7 +26,8 @@ from common import (CheckpointError, Context, Meter, accumulation_steps, append_
                     apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log,
                     micro_batches, option_error, peak_flops, pyplot, record_nonfinite,
                     resume_checkpoint, resume_from, save_checkpoint, schedule_lengths,
-                    sigterm_flag, stop_if_nonfinite, trim_log, wandb_init, wrap_for_training, write_atomic)
+                    sigterm_flag, stop_if_nonfinite, stopped_early, trim_log, wandb_init, wrap_for_training,
+                    write_atomic)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
 from hessian import curvature
@@ -152,14 +153,11 @@ def print_summary(root):
             r = json.load(open(path))
             settings = r["config"]
             scores = (settings["init"], settings["freeze_blocks"], settings["lr"], r["top1"], r["top5"])
-            stopped = r["iter_num"] < r.get("max_iters", r["iter_num"])
+            run = os.path.dirname(path) + stopped_early(r)
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"warning: skipping {path}: not a result.json of finetune.py ({type(e).__name__}: {e})",
                   file=sys.stderr)
             continue
-        run = os.path.dirname(path)
-        if stopped:
-            run += f" (stopped at iteration {r['iter_num']} of {r['max_iters']})"
         runs.append((*scores, run))
     if not runs:
         raise SystemExit(f"error: no result.json found under '{root}'")
