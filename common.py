@@ -119,6 +119,18 @@ def option_error(config, extra=()):
         for name in names:
             if name in config and not ok(config[name]):  # NaN fails every test
                 return f"--{name}={config[name]} must be {requirement}"
+    if {"lr", "min_lr", "weight_decay", "beta1"} <= set(config):
+        # Adam's first step moves by lr / (1 - beta1), AdamW's decay multiplies by 1 - lr x weight_decay:
+        # both must fit a float32 (the cosine schedule never exceeds max(lr, min_lr))
+        float_max, beta1 = torch.finfo(torch.float32).max, config["beta1"]
+        for name in ("lr", "min_lr"):
+            if config[name] > float_max * (1 - beta1):
+                return (f"--{name}={config[name]} must be <= {float_max * (1 - beta1):.3g} (float32's max x "
+                        f"(1 - beta1)): Adam's first step, lr / (1 - beta1), must fit a float32")
+        weight_decay = config["weight_decay"]
+        if max(config["lr"], config["min_lr"]) * weight_decay > float_max:
+            return (f"--weight_decay={weight_decay} must be <= {float_max:.3g} / max(lr, min_lr): "
+                    f"AdamW's decay, 1 - lr x weight_decay, must fit a float32")
     device = config.get("device", "auto")
     if device != "auto":
         try:

@@ -126,17 +126,7 @@ def main():
     choices = (("loss", loss, LOSSES), ("head", head, DECODER_HEADS),
                ("whitening", whitening, WHITENINGS), ("loss_on", loss_on, ("masked", "all")),
                ("target", target, ("features", "vqkd")))
-    # Adam's first step moves by lr / (1 - beta1), AdamW's decay multiplies by 1 - lr * weight_decay:
-    # both must fit a float32 (the cosine schedule never exceeds max(lr, min_lr))
-    float_max = torch.finfo(torch.float32).max
     problem = option_error(config, [
-        *[(value <= float_max * (1 - beta1),
-           f"--{name}={value} must be <= {float_max * (1 - beta1):.3g} (float32's max x "
-           f"(1 - beta1)): Adam's first step, lr / (1 - beta1), must fit a float32")
-          for name, value in (("lr", lr), ("min_lr", min_lr))],
-        (max(lr, min_lr) * weight_decay <= float_max,
-         f"--weight_decay={weight_decay} must be <= {float_max:.3g} / max(lr, min_lr): "
-         f"AdamW's decay, 1 - lr x weight_decay, must fit a float32"),
         (smooth_l1_beta >= 0, f"--smooth_l1_beta={smooth_l1_beta} must be >= 0 (0 = the L1 loss)"),
         (decoder_width >= 1, f"--decoder_width={decoder_width} must be >= 1"),
         (decoder_depth >= 0, f"--decoder_depth={decoder_depth} must be >= 0 (0 = no blocks: projection, "

@@ -167,14 +167,15 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_data, t
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("error: iteration 2: loss is nan; stopping, the last good checkpoint is in")
     assert_same(weights(out / "ckpt.pt"), before)
-    # fine-tuning with an infinite learning rate (a new run: resume refuses a changed lr): NaN
-    # weights after one step are refused, not saved
+    # fine-tuning with the largest learning rate the options allow (a new run: resume refuses a
+    # changed lr): AdamW's decay, 1 - lr x weight_decay, is -1.5e36, so the second step
+    # overflows the weights to inf; the first save, after iteration 4, is refused
     ft = tmp_path / "ft"
     first = run(FT + [f"--init={tiny_teacher}"], tiny_data, ["--stop_iter=1", f"--out_dir={ft}"])
     assert first.returncode == 0, first.stderr[-2000:]
     ft_before = weights(ft / "ckpt.pt")
     blown = run(FT + [f"--init={tiny_teacher}"], tiny_data,
-                ["--stop_iter=4", f"--out_dir={ft}", "--lr=1e309"])
+                ["--stop_iter=4", "--eval_interval=4", f"--out_dir={ft}", "--lr=3e37"])
     assert blown.returncode != 0 and "Traceback" not in blown.stderr
     last = blown.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and ("not finite" in last or "is nan" in last), last
@@ -727,7 +728,9 @@ OPTION_CASES = [  # (script, options, the one line)
     ("ft", ["--crop_pct=0.0"], "error: --crop_pct=0.0 must be in (0, 1]"),
     ("ft", ["--init=scratch", "--model=nano/4", "--img_size=30"], NOT_TILED),
     ("ft", ["--min_crop_scale=1.5"], "error: --min_crop_scale=1.5 must be in (0, 1]"),
+    ("ft", ["--lr=1e38"], "error: --lr=1e+38 must be <= 3.4e+37 (float32's max x (1 - beta1))"),  # Adam overflows
     ("vqkd", ["--save_interval=0"], "error: --save_interval=0 must be >= 1"),
+    ("vqkd", ["--weight_decay=1e300"], "error: --weight_decay=1e+300 must be <= 3.4e+38 / max(lr, min_lr)"),
     ("analyze", ["--out={a_file}", "{teacher}"],
      "error: --out={a_file} cannot be a directory (File exists)"),
     ("analyze", ["--device=gpu", "{teacher}"],
