@@ -283,14 +283,20 @@ def record_nonfinite(record, value, iter_num, what):
     return torch.where(first, found, record)
 
 
-def stop_if_nonfinite(record, out_dir):
+def stop_if_nonfinite(record, ckpt_path):
     """Read the record to the CPU (one sync: at log lines and before each checkpoint, never per step)
     and stop with one line if a step was not finite; its weights are then never saved."""
     iteration, what, value = record.tolist()
     if iteration >= 0:
         name = "loss" if what == 0 else "gradient norm"
-        raise SystemExit(f"error: iteration {int(iteration)}: {name} is {value}; stopping, "
-                         f"the last good checkpoint is in {out_dir}")
+        raise SystemExit(f"error: iteration {int(iteration)}: {name} is {value}; stopping, {kept_checkpoint(ckpt_path)}")
+
+
+def kept_checkpoint(path):
+    """what a run that stops without saving leaves the user"""
+    if os.path.exists(path):
+        return f"the last good checkpoint is {path}"
+    return f"no checkpoint was saved before ({path} does not exist)"
 
 
 # ----------------------------------------------------------------------------------------
@@ -528,10 +534,9 @@ def save_checkpoint(checkpoint, path):
     previous checkpoint as it was; non-finite weights are never written."""
     for name, t in checkpoint["model"].items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise SystemExit(f"error: not saving {path}: weight '{name}' is not finite; the last good "
-                             f"checkpoint is kept")
+            raise SystemExit(f"error: not saving {path}: weight '{name}' is not finite; {kept_checkpoint(path)}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_atomic(checkpoint, path, "the previous checkpoint is kept: free space there or choose another out_dir")
+    save_atomic(checkpoint, path, f"{kept_checkpoint(path)}: free space there or choose another out_dir")
 
 
 def save_atomic(obj, path, kept):

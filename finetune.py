@@ -360,7 +360,7 @@ def main():
         bar.update(1)
 
         if iter_num % log_interval == 0:
-            stop_if_nonfinite(nonfinite, out_dir)
+            stop_if_nonfinite(nonfinite, ckpt_path)
             if ctx.master:
                 loss_value = loss.item()  # the last micro-batch's loss: read only here
                 bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -379,7 +379,7 @@ def main():
         stop = ctx.any_rank(bool(sigterm)) and iter_num < end_iter
         at_eval = iter_num % eval_every == 0 or iter_num == end_iter
         if at_eval or stop:
-            stop_if_nonfinite(nonfinite, out_dir)  # a non-finite step is never saved
+            stop_if_nonfinite(nonfinite, ckpt_path)  # a non-finite step is never saved
             if at_eval:
                 top1, top5 = evaluate()
                 best_top1 = max(best_top1, top1)

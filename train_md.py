@@ -300,7 +300,7 @@ def main():
         bar.update(1)
 
         if iter_num % log_interval == 0:
-            stop_if_nonfinite(nonfinite, out_dir)
+            stop_if_nonfinite(nonfinite, ckpt_path)
             if ctx.master:
                 loss_value = step_loss.item()  # the last micro-batch's loss: read only here
                 bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -317,7 +317,7 @@ def main():
         stop = ctx.any_rank(bool(sigterm)) and iter_num < end_iter
         at_eval = iter_num % eval_interval == 0 or iter_num == end_iter
         if at_eval or stop:
-            stop_if_nonfinite(nonfinite, out_dir)  # a non-finite step is never saved
+            stop_if_nonfinite(nonfinite, ckpt_path)  # a non-finite step is never saved
             if at_eval and val_set is not None:
                 val_loss = evaluate()
                 best_val_loss = min(best_val_loss, val_loss)

@@ -183,7 +183,7 @@ def main():
         bar.update(1)
 
         if iter_num % log_interval == 0:
-            stop_if_nonfinite(nonfinite, out_dir)
+            stop_if_nonfinite(nonfinite, path)
             if ctx.master:
                 loss_value = loss.item()  # the last micro-batch's loss: read only here
                 bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -207,7 +207,7 @@ def main():
         # a SIGTERM seen by any rank: all ranks save this finished step together, then stop
         stop = ctx.any_rank(bool(sigterm)) and iter_num < end_iter
         if iter_num % save_interval == 0 or iter_num == end_iter or stop:
-            stop_if_nonfinite(nonfinite, out_dir)  # a non-finite step is never saved
+            stop_if_nonfinite(nonfinite, path)  # a non-finite step is never saved
             if ctx.master:
                 checkpoint = dict(model=vq.state_dict(), vqkd_args=vq.config, model_args=cfg.to_dict(), config=config,
                                   optimizer=optimizer.state_dict(), iter_num=iter_num, counts=counts.cpu())

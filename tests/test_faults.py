@@ -137,7 +137,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monke
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(SystemExit, match="could not write .*No space left on device.*the previous checkpoint is kept"):
+    with pytest.raises(SystemExit, match="could not write .*No space left on device.*the last good checkpoint is "):
         save_checkpoint({"model": {"w": torch.ones(3)}}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.zeros(3))
@@ -146,7 +146,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monke
 
 def test_non_finite_weights_are_never_saved(tmp_path):
     from common import save_checkpoint
-    with pytest.raises(SystemExit, match="weight 'w' is not finite"):
+    with pytest.raises(SystemExit, match="weight 'w' is not finite; no checkpoint was saved before"):
         save_checkpoint({"model": {"w": torch.tensor([1.0, float("nan")])}}, str(tmp_path / "c.pt"))
     assert not os.path.exists(tmp_path / "c.pt")
 
@@ -165,7 +165,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_data, t
               ["--stop_iter=4", f"--out_dir={out}", "--resume=True"])
     assert bad.returncode != 0
     last = bad.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: iteration 2: loss is nan; stopping, the last good checkpoint is in")
+    assert last.startswith(f"error: iteration 2: loss is nan; stopping, the last good checkpoint is {out / 'ckpt.pt'}")
     assert_same(weights(out / "ckpt.pt"), before)
     # fine-tuning with the largest learning rate the options allow (a new run: resume refuses a
     # changed lr): AdamW's decay, 1 - lr x weight_decay, is -1.5e36, so the second step
@@ -375,7 +375,7 @@ def test_real_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
             save_checkpoint({"model": {"w": torch.ones(2_000_000)}}, path)  # 8 MB on a 4 MB disk
         message = str(e.value)
         assert message.startswith(f"error: could not write {path} (No space left on device)")
-        assert "\n" not in message
+        assert f"the last good checkpoint is {path}" in message and "\n" not in message
         assert os.listdir(disk) == ["ckpt.pt"]  # no ckpt.pt.tmp left behind
         ckpt = torch.load(path, weights_only=True)
         assert ckpt["iter_num"] == 7 and torch.equal(ckpt["model"]["w"], torch.arange(5.0))
@@ -400,6 +400,7 @@ def test_a_failed_write_with_loader_workers_ends_the_process(tiny_data, tiny_tea
     assert r.returncode == 1, r.stderr[-2000:]
     assert r.stderr.strip().startswith(f"error: could not write {tmp_path / 'run' / 'ckpt.pt'} (File too large)")
     assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert "no checkpoint was saved before" in r.stderr  # the first save: there is no previous one to keep
 
 
 def test_log_and_lock_write_failures_are_one_line(tiny_data, tiny_teacher, tmp_path):
