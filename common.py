@@ -289,7 +289,8 @@ def stop_if_nonfinite(record, ckpt_path):
     iteration, what, value = record.tolist()
     if iteration >= 0:
         name = "loss" if what == 0 else "gradient norm"
-        raise SystemExit(f"error: iteration {int(iteration)}: {name} is {value}; stopping, {kept_checkpoint(ckpt_path)}")
+        kept = kept_checkpoint(ckpt_path)
+        raise SystemExit(f"error: iteration {int(iteration)}: {name} is {value}; stopping, {kept}")
 
 
 def kept_checkpoint(path):
@@ -562,19 +563,22 @@ def save_atomic(obj, path, kept):
         raise SystemExit(f"error: could not write {path} ({reason}); {kept}") from None
 
 
-def resume_checkpoint(path, config, may_change):
-    """--resume=True: read the run's checkpoint, and refuse it when a setting outside `may_change`
-    has another value than the checkpoint's `config` (the continued run would then not be the
-    uninterrupted one): one line names each. -> the checkpoint"""
+def resume_checkpoint(path, config, may_change, entries=()):
+    """--resume=True: read the run's checkpoint, and refuse it when it lacks one of the script's
+    `entries` or when a setting outside `may_change` has another value than the checkpoint's
+    `config` (the continued run would then not be the uninterrupted one): one line names each.
+    -> the checkpoint"""
     if not os.path.exists(path):
         raise SystemExit(f"error: --resume=True but there is no checkpoint at {path}: start without --resume")
     try:
         ckpt = read_checkpoint(path)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
-    if not isinstance(ckpt, dict) or not {"config", "iter_num", "optimizer"} <= set(ckpt):
-        raise SystemExit(f"error: {path} is not a training checkpoint (no config, iter_num, "
-                         f"optimizer): start without --resume or in another out_dir")
+    needed = ("config", "iter_num", "optimizer", *entries)
+    missing = [key for key in needed if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise SystemExit(f"error: {path} is not this script's training checkpoint (no {', '.join(missing)}): "
+                         f"start without --resume or in another out_dir")
     saved = ckpt["config"]
     changed = [k for k in sorted(config)
                if k in saved and k not in may_change and saved[k] != config[k]]
@@ -585,11 +589,16 @@ def resume_checkpoint(path, config, may_change):
     return ckpt
 
 
-def resume_from(ckpt, optimizer, **modules):
-    """Load a checkpoint's state: each module from the entry of its name, and the optimizer."""
-    for key, module in modules.items():
-        module.load_state_dict(ckpt[key])
-    optimizer.load_state_dict(ckpt["optimizer"])
+def resume_from(ckpt, path, optimizer, **modules):
+    """Load a checkpoint's state: each module from the entry of its name, and the optimizer; an
+    entry that does not fit (another model, or a file edited by hand) is one line."""
+    for key, target in [*modules.items(), ("optimizer", optimizer)]:
+        try:
+            target.load_state_dict(ckpt[key])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            reason = f"{e}".strip().split("\n")[0]
+            raise SystemExit(f"error: {path}: its '{key}' does not fit this run ({reason}): start without "
+                             f"--resume or in another out_dir") from None
 
 
 # ----------------------------------------------------------------------------------------

@@ -95,6 +95,8 @@ backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "eval_interval", "log_interval",
                      "num_workers", "device", "compile", "backend", "init_path", "hessian_every",
                      "summarize")
+# the checkpoint entries --resume reads, besides config, iter_num and optimizer
+RESUME_ENTRIES = ("model", "best_top1")
 
 
 def build_model(num_classes):
@@ -207,7 +209,7 @@ def main():
     if problem:
         raise SystemExit(f"error: {problem}")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = resume_checkpoint(ckpt_path, config, RESUME_MAY_CHANGE) if resume else None
+    ckpt = resume_checkpoint(ckpt_path, config, RESUME_MAY_CHANGE, RESUME_ENTRIES) if resume else None
     sigterm = sigterm_flag()  # from here a SIGTERM only sets this flag; the loop saves and stops
     ctx = Context(device, dtype, backend)
     wandb_run = wandb_init(ctx.master, wandb_log, wandb_project, wandb_run_name, config)
@@ -243,7 +245,7 @@ def main():
 
     iter_num, best_top1 = 0, 0.0
     if resume:
-        resume_from(ckpt, optimizer, model=vit)
+        resume_from(ckpt, ckpt_path, optimizer, model=vit)
         iter_num, best_top1 = ckpt["iter_num"], ckpt["best_top1"]
         log(ctx, f"resumed from {ckpt_path} at iteration {iter_num}")
         if iter_num >= end_iter:

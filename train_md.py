@@ -96,6 +96,8 @@ LOSSES = ("smooth_l1", "mse", "cosine")
 # what is computed (device, compile and backend change float rounding only); resume refuses others
 RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "eval_interval", "log_interval",
                      "num_workers", "device", "compile", "backend", "teacher_path")
+# the checkpoint entries --resume reads, besides config, iter_num and optimizer
+RESUME_ENTRIES = ("model", "decoder", "whitening", "best_val_loss")
 
 
 def md_loss(pred, targets, masks):
@@ -145,7 +147,7 @@ def main():
     if problem:
         raise SystemExit(f"error: {problem}")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = resume_checkpoint(ckpt_path, config, RESUME_MAY_CHANGE) if resume else None
+    ckpt = resume_checkpoint(ckpt_path, config, RESUME_MAY_CHANGE, RESUME_ENTRIES) if resume else None
     sigterm = sigterm_flag()  # from here a SIGTERM only sets this flag; the loop saves and stops
     ctx = Context(device, dtype, backend)
     wandb_run = wandb_init(ctx.master, wandb_log, wandb_project, wandb_run_name, config)
@@ -199,7 +201,7 @@ def main():
     optimizer = student.configure_optimizers(weight_decay, lr, (beta1, beta2), extra=decoder_params)
     iter_num, best_val_loss = 0, float("inf")
     if resume:
-        resume_from(ckpt, optimizer, model=student, decoder=decoder, whitening=whitener)
+        resume_from(ckpt, ckpt_path, optimizer, model=student, decoder=decoder, whitening=whitener)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         log(ctx, f"resumed from {ckpt_path} at iteration {iter_num}")
         if iter_num >= end_iter:

@@ -72,6 +72,8 @@ backend = ""
 RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "save_interval", "log_interval",
                      "num_workers", "device", "compile", "backend", "teacher_path",
                      "collapse_threshold")
+# the checkpoint entries --resume reads, besides config, iter_num and optimizer
+RESUME_ENTRIES = ("model", "counts")
 
 
 def main():
@@ -88,7 +90,7 @@ def main():
     if problem:
         raise SystemExit(f"error: {problem}")
     path = os.path.join(out_dir, "tokenizer.pt")
-    ckpt = resume_checkpoint(path, config, RESUME_MAY_CHANGE) if resume else None
+    ckpt = resume_checkpoint(path, config, RESUME_MAY_CHANGE, RESUME_ENTRIES) if resume else None
     sigterm = sigterm_flag()  # from here a SIGTERM only sets this flag; the loop saves and stops
     ctx = Context(device, dtype, backend)
     wandb_run = wandb_init(ctx.master, wandb_log, wandb_project, wandb_run_name, config)
@@ -116,7 +118,7 @@ def main():
         sampler, micro_batch_size, accum, epochs, warmup_epochs, stop_iter)
     iter_num = 0
     if resume:
-        resume_from(ckpt, optimizer, model=vq)
+        resume_from(ckpt, path, optimizer, model=vq)
         iter_num = ckpt["iter_num"]
         log(ctx, f"resumed from {path} at iteration {iter_num}")
         if iter_num >= end_iter:
