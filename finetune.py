@@ -286,8 +286,15 @@ def main():
 
     sharpness_path = os.path.join(out_dir, "sharpness.json")
     sharpness_log = []
-    if resume and os.path.exists(sharpness_path):  # entries after the checkpoint are logged again
-        sharpness_log = [e for e in json.load(open(sharpness_path)) if e["iter"] <= iter_num]
+    if resume and ctx.master and os.path.exists(sharpness_path):  # entries after the checkpoint are logged again
+        try:
+            with open(sharpness_path) as f:
+                sharpness_log = [e for e in json.load(f) if e["iter"] <= iter_num]
+        except (ValueError, TypeError, KeyError) as e:  # edited or cut by hand: set aside, not lost
+            aside = sharpness_path + ".unreadable"
+            os.replace(sharpness_path, aside)
+            log(ctx, f"warning: {sharpness_path} is unreadable ({type(e).__name__}: {e}); moved to {aside}, "
+                     f"the sharpness curve starts again at iteration {iter_num}")
 
     def log_sharpness():
         """top eigenvalue and Hutchinson trace of the loss on the first val batch, model in eval mode"""

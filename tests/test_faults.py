@@ -658,6 +658,23 @@ def test_sharpness_log_after_a_resume_has_each_iteration_once(tiny_data, tiny_te
     assert_same(weights(out / "ckpt.pt"), weights(tmp_path / "straight" / "ckpt.pt"))
 
 
+def test_resume_with_a_cut_sharpness_log_sets_it_aside(tiny_data, tiny_teacher, tmp_path):
+    """a sharpness.json cut or edited by hand (the run itself writes it atomically): the resumed
+    run keeps the bytes beside it, says so, and logs the curve again; before, a JSONDecodeError"""
+    args = FT + [f"--init={tiny_teacher}", "--hessian_every=1", "--epochs=3", "--eval_interval=100"]
+    out = tmp_path / "run"
+    first = run(args, tiny_data, ["--stop_iter=2", f"--out_dir={out}"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    text = (out / "sharpness.json").read_text()
+    cut = text[: len(text) // 2]
+    (out / "sharpness.json").write_text(cut)
+    resumed = run(args, tiny_data, ["--stop_iter=3", f"--out_dir={out}", "--resume=True"])
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr[-2000:]
+    assert f"warning: {out / 'sharpness.json'} is unreadable" in resumed.stdout + resumed.stderr
+    assert (out / "sharpness.json.unreadable").read_text() == cut
+    assert [e["iter"] for e in json.load(open(out / "sharpness.json"))] == [3]
+
+
 REFUSED = ("error: --resume=True with settings that change the run: {}; resume with the "
            "checkpoint's values, or start a new run in another out_dir")
 
