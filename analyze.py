@@ -827,6 +827,10 @@ def parse_args(argv):
         raise SystemExit("error: no model given: python analyze.py --metric NAME CKPT [CKPT ...]")
     if opts["fourier_at"] not in ("blocks", "half"):
         raise SystemExit(f"error: --fourier_at={opts['fourier_at']}: choose blocks or half")
+    queries = [q.strip() for q in opts["queries"].split(",")] if opts["queries"] else []
+    if not all(q.isdigit() for q in queries):
+        raise SystemExit(f"error: --queries={opts['queries']}: give comma-separated patch indices, "
+                         f"e.g. --queries=0,98,195")
     at_least_one = ("n_images", "batch_size", "map_images", "top_k", "lanczos_steps", "trace_products")
     checks = [(opts[name] >= 1, f"--{name}={opts[name]} must be >= 1") for name in at_least_one]
     checks += [(opts["steps"] >= 2, f"--steps={opts['steps']} must be >= 2 (grid points per axis)"),
@@ -1036,8 +1040,8 @@ def main(argv):
                     queries = [g // 4 * g + g // 4, (g // 2) * g + g // 2,
                                (3 * g // 4) * g + g // 4]
                 if any(not 0 <= q < cfg.num_patches for q in queries):
-                    raise SystemExit("error: queries must be patch indices in "
-                                     f"0..{cfg.num_patches - 1} for {label}")
+                    raise SystemExit(f"error: --queries={opts['queries']}: {label} has patch indices "
+                                     f"0..{cfg.num_patches - 1}")
                 request = dict(layer=layer, queries=queries, images=opts["map_images"])
             stats = collect(model, loader, device, set(metrics), request, opts["fourier_at"])
             if "svd" in metrics and stats["count"] < 2:
