@@ -780,7 +780,8 @@ OPTION_CASES = [  # (script, options, the one line)
      "error: --device=gpu is not a device: use auto, cpu, cuda or cuda:N"),
     ("analyze", ["--batch_size=0", "{teacher}"], "error: --batch_size=0 must be >= 1"),
     ("analyze", ["--queries=a,b", "{teacher}"], "error: --queries=a,b: give comma-separated patch indices"),
-    ("analyze", ["--metric=attn_map", "--queries=5000", "{teacher}"], "error: --queries=5000: teacher has patch indices 0.."),
+    ("analyze", ["--metric=attn_map", "--queries=5000", "{teacher}"],
+     "error: --queries=5000: teacher has patch indices 0.."),
     ("analyze", ["{nan_model}"],
      "error: {nan_model} has non-finite (NaN/inf) weights, first in blocks.0.mlp.fc1.weight"),
 ]
