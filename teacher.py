@@ -364,10 +364,11 @@ EXPORT_KEPT = "any file there before is kept"  # export's files are written atom
 def export_weights(src, dst):
     """A project checkpoint reduced to what a teacher needs (weights, model_args, config): no
     optimizer or RNG state. This is how data/embedded_teacher.pt is made from a finetune.py run.
+    A train_vqkd.py tokenizer keeps its vqkd_args, so that --tokenizer still reads it.
     Any other model form (a timm file, say) becomes such a checkpoint of its converted weights."""
     obj = read_checkpoint(src)
     if isinstance(obj, dict) and "model_args" in obj:
-        keep = ("model", "model_args", "config", "classes")
+        keep = ("model", "model_args", "vqkd_args", "config", "classes")
         save_atomic({k: obj[k] for k in keep if k in obj}, dst, EXPORT_KEPT)
         return
     vit, info = load_model(src)

@@ -29,6 +29,22 @@ def test_a_tokenizer_file_with_bad_model_args_is_refused_by_name(tmp_path):
             load_tokenizer(str(path))
 
 
+def test_an_exported_tokenizer_is_still_a_tokenizer(tmp_path):
+    """teacher.py export of a train_vqkd.py file (its entries as that script saves them) drops the
+    optimizer and keeps what load_tokenizer reads; before, vqkd_args was dropped too"""
+    from teacher import export_weights
+    vq = tokenizer()
+    src, dst = tmp_path / "tokenizer.pt", tmp_path / "exported.pt"
+    optimizer = torch.optim.AdamW(vq.parameters())
+    torch.save(dict(model=vq.state_dict(), vqkd_args=vq.config, model_args=ViTConfig.from_name("nano/4").to_dict(),
+                    config={}, optimizer=optimizer.state_dict(), iter_num=3, counts=torch.zeros(16)), src)
+    export_weights(str(src), str(dst))
+    assert "optimizer" not in torch.load(dst, weights_only=True)
+    loaded = load_tokenizer(str(dst)).state_dict()
+    assert loaded.keys() == vq.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in vq.state_dict().items())
+
+
 def test_codebook_starts_on_the_first_batch_vectors():
     vq = tokenizer(K=8, initialized=False)
     z = torch.nn.functional.normalize(torch.randn(1, 20, 4), dim=-1)
