@@ -49,6 +49,9 @@ def apply_overrides(config, argv):
     exist; values keep the default's type. Anything wrong exits with one line."""
     keys = sorted(k for k, v in config.items()
                   if not k.startswith("_") and not k.isupper() and isinstance(v, (bool, int, float, str)))
+    if "--help" in argv or "-h" in argv:
+        print(usage(config, keys))
+        raise SystemExit(0)
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
@@ -84,6 +87,21 @@ def apply_overrides(config, argv):
     return {k: config[k] for k in keys}
 
 
+def usage(config, keys):
+    """--help: the script's docstring, then its settings as its config block writes them (each
+    default with its comment, in the file's order), then name = value for any setting without such a line"""
+    lines = [(config.get("__doc__") or "").strip(), "", "options (--key=value, or config files of such assignments):"]
+    source = config.get("__file__")
+    written = {}
+    if source and os.path.isfile(source):
+        for line in open(source):
+            name = line.split("=")[0].strip()
+            if line[:1].isalpha() and name in keys and name not in written:
+                written[name] = line.rstrip()
+    lines += list(written.values()) + [f"{k} = {config[k]!r}" for k in keys if k not in written]
+    return "\n".join(lines)
+
+
 def config_error(path, error):
     """'PATH' line N: ErrorType: message, for an exception raised while running a config file"""
     if isinstance(error, SyntaxError):
@@ -105,7 +123,7 @@ def option_error(config, extra=()):
     script's own `extra` (ok, message) pairs."""
     rules = (  # (requirement, test, options)
         (">= 1", lambda v: v >= 1,
-         ("micro_batch_size", "total_batch_size", "epochs", "log_interval", "save_interval")),
+         ("micro_batch_size", "total_batch_size", "epochs", "log_interval", "save_interval", "img_size")),
         (">= 0", lambda v: v >= 0,
          ("warmup_epochs", "stop_iter", "lr", "min_lr", "weight_decay", "grad_clip", "seed",
           "num_workers", "eval_images", "hessian_every", "mixup", "cutmix", "color_jitter",
@@ -561,6 +579,15 @@ def save_atomic(obj, path, kept):
         cause = e if isinstance(e, OSError) else e.__context__
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else f"{e}".split("\n")[0]
         raise SystemExit(f"error: could not write {path} ({reason}); {kept}") from None
+
+
+def check_finite(module, path):
+    """a loaded model whose weights hold NaN or inf (a checkpoint saved after training diverged)
+    is one line naming the first such weight"""
+    bad = [k for k, t in module.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise CheckpointError(f"'{path}' has non-finite (NaN/inf) weights, first in {bad[0]}: use a "
+                              f"checkpoint saved before training diverged")
 
 
 def resume_checkpoint(path, config, may_change, entries=()):

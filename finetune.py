@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl,
+from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl, check_finite,
                     apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log,
                     micro_batches, option_error, peak_flops, pyplot, record_nonfinite,
                     resume_checkpoint, resume_from, save_checkpoint, schedule_lengths,
@@ -99,19 +99,26 @@ RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "eval_interval", "log_int
 RESUME_ENTRIES = ("model", "best_top1")
 
 
-def build_model(num_classes):
-    """The ViT to fine-tune and a note on where its weights came from."""
+def build_model(classes):
+    """The ViT to fine-tune for the data's class names, and a note on where its weights came from."""
+    num_classes = len(classes)
     if init == "scratch":
         cfg = ViTConfig.beit_v2(model, img_size=img_size, rel_pos="layer", layer_scale=layer_scale,
                                 drop_path=drop_path, num_classes=num_classes, global_pool="mean")
         return ViT(cfg), "random init"
-    source, _ = load_model(init, init_path or None)
+    source, info = load_model(init, init_path or None)
+    check_finite(source, init)
     src_cfg = source.config
     if img_size % src_cfg.patch_size:
         raise CheckpointError(f"--img_size={img_size} is not a multiple of the patch size "
                               f"{src_cfg.patch_size} of '{init}': the patches must tile the image")
     if keep_head and src_cfg.num_classes != num_classes:
         raise CheckpointError(f"'{init}' has a head for {src_cfg.num_classes} classes but the data has {num_classes}: "
+                              f"drop --keep_head to start a new head")
+    if keep_head and info.get("classes") and list(info["classes"]) != list(classes):
+        differ = next(i for i, (a, b) in enumerate(zip(info["classes"], classes)) if a != b)
+        raise CheckpointError(f"'{init}' has a head for other classes than the data: output {differ} is "
+                              f"{info['classes'][differ]!r}, the data's class {differ} is {classes[differ]!r}; "
                               f"drop --keep_head to start a new head")
     # a new head pools with "mean", except on BEiT-style "avg" models, which have no final norm
     pool = src_cfg.global_pool if keep_head or src_cfg.global_pool == "avg" else "mean"
@@ -154,7 +161,8 @@ def print_summary(root):
         try:
             r = json.load(open(path))
             settings = r["config"]
-            scores = (settings["init"], settings["freeze_blocks"], settings["lr"], r["top1"], r["top5"])
+            scores = (str(settings["init"]), int(settings["freeze_blocks"]), float(settings["lr"]),
+                      float(r["top1"]), float(r["top5"]))  # a value edited to null or text: skipped
             run = os.path.dirname(path) + stopped_early(r)
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"warning: skipping {path}: not a result.json of finetune.py ({type(e).__name__}: {e})",
@@ -226,7 +234,7 @@ def main():
         val_set = ImageFolder(os.path.join(root, "val"), EvalTransform(img_size, crop_pct), None, seed)
         if val_set.classes != train_set.classes:
             raise DataError(f"train/ and val/ under '{root}' have different classes")
-        vit, origin = build_model(len(train_set.classes))
+        vit, origin = build_model(train_set.classes)
     except (DataError, CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     erase = RandomErasing(reprob, vit.config.mean, vit.config.std, recount) if reprob > 0 else None

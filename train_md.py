@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl,
+from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl, check_finite,
                     apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log,
                     micro_batches, option_error, peak_flops, record_nonfinite, resume_checkpoint,
                     resume_from, save_checkpoint, schedule_lengths, sigterm_flag,
@@ -129,6 +129,8 @@ def main():
                ("whitening", whitening, WHITENINGS), ("loss_on", loss_on, ("masked", "all")),
                ("target", target, ("features", "vqkd")))
     problem = option_error(config, [
+        (target != "vqkd" or tokenizer, "--target=vqkd needs --tokenizer=PATH: the tokenizer.pt that "
+                                        "train_vqkd.py writes in its out_dir"),
         (smooth_l1_beta >= 0, f"--smooth_l1_beta={smooth_l1_beta} must be >= 0 (0 = the L1 loss)"),
         (decoder_width >= 1, f"--decoder_width={decoder_width} must be >= 1"),
         (decoder_depth >= 0, f"--decoder_depth={decoder_depth} must be >= 0 (0 = no blocks: projection, "
@@ -171,12 +173,14 @@ def main():
             val_set = ImageFolder(os.path.join(root, "val"), EvalTransform(img_size), mask_fn, seed + 1)
         if target == "vqkd":
             tokenizer_model = load_tokenizer(tokenizer).to(ctx.device)
+            check_finite(tokenizer_model, tokenizer)
             source_cfg = tokenizer_model.encoder.config
             out_dim = tokenizer_model.config["codebook_size"]
             target_flops = tokenizer_model.encoder.flops_per_image()
         else:
             teacher_dtype = torch.bfloat16 if teacher_bf16 else None
             teacher_model = load_teacher(teacher, teacher_path or None, teacher_layer, teacher_dtype).to(ctx.device)
+            check_finite(teacher_model, teacher)
             source_cfg, out_dim = teacher_model.vit.config, teacher_model.out_dim
             target_flops = teacher_model.vit.flops_per_image()
     except (DataError, CheckpointError, ValueError) as e:

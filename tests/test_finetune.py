@@ -251,6 +251,23 @@ def test_md_checkpoint_finetunes_and_reports_top1(tiny_data, tiny_teacher, tmp_p
     assert summary.returncode == 0 and "top-1" in summary.stdout
 
 
+def test_summary_skips_a_result_with_a_value_edited_to_null(tmp_path):
+    """--summarize over a sweep where one result.json has top1 null: that run is skipped with a
+    warning, the others are listed; before, a TypeError traceback from sorting"""
+    import json
+    for name, top1 in (("good", 71.5), ("edited", None)):
+        (tmp_path / name).mkdir()
+        result = dict(top1=top1, top5=90.0, best_top1=top1, iter_num=10, max_iters=10,
+                      config=dict(init="clip", freeze_blocks=0, lr=5e-5))
+        (tmp_path / name / "result.json").write_text(json.dumps(result))
+    summary = subprocess.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert summary.returncode == 0, summary.stderr[-2000:]
+    assert f"warning: skipping {tmp_path / 'edited' / 'result.json'}" in summary.stderr
+    (row,) = [line for line in summary.stdout.splitlines() if line.startswith("clip")]
+    assert "71.50" in row and row.endswith(str(tmp_path / "good"))
+
+
 def test_ddp_eval_counts_each_image_once(tiny_data, tiny_teacher, tmp_path):
     """48 val images over 2 ranks: top-1 equals the one-process value exactly."""
     from tests.test_train_md import free_port
@@ -273,6 +290,8 @@ def test_ddp_eval_counts_each_image_once(tiny_data, tiny_teacher, tmp_path):
     (["--init=/no/such/file.pt"], "error: checkpoint '/no/such/file.pt' not found"),
     (["--init=nothing"], "error: unknown model 'nothing'"),
     (["--keep_head=True", "--init={ten}"], "has a head for 10 classes but the data has 6"),
+    (["--keep_head=True", "--init={swapped}"],  # the data's 6 names in another order: before, accepted
+     "has a head for other classes than the data: output 0 is"),
     (["--init=scratch", "--model=nano/4", "--freeze_blocks=3"],
      "error: freeze_blocks=3 must be in 0..2"),
 ])
@@ -281,7 +300,13 @@ def test_bad_input_is_one_clear_line(tiny_data, tmp_path, args, message):
     cfg = ViTConfig.from_name("nano/4", num_classes=10)
     ten = tmp_path / "ten.pt"
     torch.save(dict(model=ViT(cfg).state_dict(), model_args=cfg.to_dict(), config={}), ten)
-    result = run_ft([f"--out_dir={tmp_path}", *[a.format(ten=ten) for a in args]], tiny_data)
+    six = ViTConfig.from_name("nano/4", num_classes=6)
+    swapped = tmp_path / "swapped.pt"
+    classes = sorted(os.listdir(os.path.join(tiny_data, "train")))
+    torch.save(dict(model=ViT(six).state_dict(), model_args=six.to_dict(), config={}, classes=classes[::-1]),
+               swapped)
+    names = dict(ten=ten, swapped=swapped)
+    result = run_ft([f"--out_dir={tmp_path}", *[a.format(**names) for a in args]], tiny_data)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert message in last and "Traceback" not in result.stderr, result.stderr[-1500:]

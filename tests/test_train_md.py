@@ -300,6 +300,7 @@ def test_ablation_flags_reach_the_run(tiny_data, tiny_teacher, tmp_path):
     (["--smooth_l1_beta=-1.0"], "smooth_l1_beta"),            # smooth_l1_loss refuses beta < 0
     (["--head=transformer", "--decoder_width=256", "--decoder_heads=7"], "decoder_heads"),  # 256 % 7
     (["--decoder_heads=0"], "decoder_heads"),
+    (["--target=vqkd"], "target"),                            # no --tokenizer: "checkpoint '' not found"
     (["--lr=1e38"], "lr"),                                    # Adam's lr / (1 - beta1) overflows float32
     (["--min_lr=1e38"], "min_lr"),
     (["--weight_decay=1e300"], "weight_decay"),               # 1 - lr x weight_decay overflows float32
@@ -322,6 +323,20 @@ def test_option_that_cannot_work_is_one_line_before_training(tiny_data, tiny_tea
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: --{option}="), result.stderr[-2000:]
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("script", ["train_md.py", "finetune.py", "train_vqkd.py"])
+def test_help_lists_every_option_with_its_commented_default(script):
+    """--help (before: "option '--help' needs a value") prints the docstring and each setting's
+    line of the config block, as the file writes it"""
+    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    source = open(os.path.join(ROOT, script)).read()
+    assert result.stdout.startswith(source.split('"""')[1].strip().splitlines()[0])
+    for name in ("lr", "out_dir", "seed"):
+        (line,) = [x for x in source.splitlines() if x.startswith(f"{name} = ")]
+        assert line in result.stdout.splitlines()
 
 
 def test_transformer_head_with_zero_blocks_works():
