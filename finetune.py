@@ -28,7 +28,8 @@ from common import (CheckpointError, Context, Meter, accumulation_steps, append_
                     resume_checkpoint, resume_from, save_checkpoint, schedule_lengths,
                     sigterm_flag, stop_if_nonfinite, stopped_early, trim_log, wandb_init, wrap_for_training,
                     write_atomic)
-from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
+from data import (DataError, EvalTransform, ImageFolder, TrainTransform, check_same_classes, make_loader,
+                  resolve_data_dir)
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
 from hessian import curvature
 from model import PRESETS, ViT, ViTConfig, adapt_state_dict
@@ -232,8 +233,7 @@ def main():
         augment = RandAugment(randaug) if randaug else None
         train_set = ImageFolder(os.path.join(root, "train"), None, None, seed)
         val_set = ImageFolder(os.path.join(root, "val"), EvalTransform(img_size, crop_pct), None, seed)
-        if val_set.classes != train_set.classes:
-            raise DataError(f"train/ and val/ under '{root}' have different classes")
+        check_same_classes(train_set, val_set, root)
         vit, origin = build_model(train_set.classes)
     except (DataError, CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")

@@ -64,9 +64,11 @@ def float_to_uint8(arr):
 
 
 def load_image(path):
-    """Decode to 8-bit RGB: grayscale, palette, CMYK and alpha (composited on white) included;
-    16-bit images are scaled, not clipped; 32-bit float images (TIFF) by float_to_uint8. Raises
-    for anything that is not a regular file and for more than MAX_PIXELS to decode."""
+    """Decode to 8-bit RGB: grayscale, palette, CMYK and alpha (composited on white) included.
+    16-bit grayscale (PIL's 'I;16*' modes; 'I' from PNG or PPM, which PIL opens so too) has full
+    scale 65535 whatever its pixel values: v -> round(v / 65535 * 255). 32-bit integer ('I', e.g.
+    TIFF) and float ('F') images have no standard full scale and go through float_to_uint8.
+    Raises for anything that is not a regular file and for more than MAX_PIXELS to decode."""
     with open_regular_file(path) as f, Image.open(f) as img:
         if img.format == "JPEG":
             img.draft("RGB", (1024, 1024))  # decode large JPEGs at reduced size: fast and small
@@ -75,12 +77,10 @@ def load_image(path):
             raise DataError(f"'{path}' is {width} x {height} pixels, more than MAX_PIXELS = "
                             f"{MAX_PIXELS} (a decompression bomb?): not decoded")
         img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float64)
-            full_scale = 65535.0 if arr.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(arr / full_scale * 255, 0, 255).astype(np.uint8))
-        if img.mode == "F":
-            img = Image.fromarray(float_to_uint8(np.asarray(img)))
+        if img.mode.startswith("I;16") or (img.mode == "I" and img.format in ("PNG", "PPM")):  # 16 bits
+            img = Image.fromarray(np.round(np.asarray(img, dtype=np.float64) / 65535 * 255).astype(np.uint8))
+        if img.mode in ("I", "F"):
+            img = Image.fromarray(float_to_uint8(np.asarray(img, dtype=np.float64)))
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -177,8 +177,9 @@ class EvalTransform:
 
 def image_files(folder):
     """The regular files (or links to one) with an image extension under folder, in the order
-    of sorted(os.walk(folder)); named pipes, sockets and devices are not images. The file type
-    comes from the directory listing (a stat only for links), cheap for a million files."""
+    of sorted(os.walk(folder)); named pipes, sockets and devices are not images, and hidden
+    entries (names starting with '.': .ipynb_checkpoints, macOS's ._x.jpg) are skipped. The file
+    type comes from the directory listing (a stat only for links), cheap for a million files."""
     names = {}  # directory -> its image file names
     pending = [folder]
     while pending:
@@ -189,6 +190,8 @@ def image_files(folder):
         except OSError as e:
             raise DataError(f"cannot list '{directory}' ({e.strerror or e})") from None
         for entry in entries:
+            if entry.name.startswith("."):
+                continue
             if entry.is_dir():
                 if not entry.is_symlink():  # like os.walk: links to folders are not followed
                     pending.append(entry.path)
@@ -198,18 +201,23 @@ def image_files(folder):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """root/class_name/image.ext. Items are keyed by (index, epoch) and return
-    (image (3, H, W), label, mask (N,) or None), or None for an unreadable file (reported)."""
+    """root/class_name/image.ext; hidden folders are no classes, and a class folder without
+    images is an error. Items are keyed by (index, epoch) and return (image (3, H, W), label,
+    mask (N,) or None), or None for an unreadable file (reported)."""
 
     def __init__(self, root, transform, mask_fn=None, seed=0):
         if not os.path.isdir(root):
             raise DataError(f"image folder '{root}' not found: expected root/class_name/image.jpg")
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        self.samples = [(path, label) for label, c in enumerate(self.classes)
-                        for path in image_files(os.path.join(root, c))]
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        files = [image_files(os.path.join(root, c)) for c in self.classes]
+        self.samples = [(path, label) for label, paths in enumerate(files) for path in paths]
         if not self.samples:
             raise DataError(f"no images found under '{root}': expected root/class_name/image.jpg "
                             f"({', '.join(IMAGE_EXTENSIONS)})")
+        empty = [c for c, paths in zip(self.classes, files) if not paths]
+        if empty:
+            raise DataError(f"class folder(s) {', '.join(empty)} under '{root}' hold no images "
+                            f"({', '.join(IMAGE_EXTENSIONS)}): add images or remove the folder(s)")
         self.root, self.transform, self.mask_fn, self.seed = root, transform, mask_fn, seed
 
     def __len__(self):
@@ -228,6 +236,15 @@ class ImageFolder(torch.utils.data.Dataset):
         image = self.transform(img, rng)
         mask = torch.from_numpy(self.mask_fn(rng)).flatten() if self.mask_fn is not None else None
         return image, label, mask
+
+
+def check_same_classes(train_set, val_set, root):
+    """DataError naming the classes only in train/ and only in val/, where they differ"""
+    train, val = set(train_set.classes), set(val_set.classes)
+    if train != val:
+        raise DataError(f"train/ and val/ under '{root}' have different classes: only in train/: "
+                        f"{', '.join(sorted(train - val)) or 'none'}; only in val/: "
+                        f"{', '.join(sorted(val - train)) or 'none'}: give both the same class folders")
 
 
 def collate(batch):

@@ -248,6 +248,39 @@ def test_float_tiff_is_scaled_not_black(tmp_path):
     assert np.abs(out - expected).max() == 0 and out[0, 1] == 0 and out.max() == 255
 
 
+def png16(path, arr):
+    """a 16-bit grayscale PNG (big-endian samples) written byte by byte, not by PIL"""
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in arr)  # filter byte, then the row
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", arr.shape[1], arr.shape[0], 16, 0, 0, 0, 0)  # size, 16 bits, grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+    return str(path)
+
+
+def test_16_bit_images_have_full_scale_65535_whatever_their_values(tmp_path):
+    """a dark 16-bit image stays dark: v -> round(v / 65535 * 255), from PIL's PNG, a PNG written
+    byte by byte and a 16-bit PGM; 32-bit integer TIFFs are stretched from min..max"""
+    def expected(v):
+        return np.round(np.asarray(v, dtype=np.float64) / 65535 * 255).astype(int)
+    for v in (200, 300):
+        path = save(Image.fromarray(np.full((8, 8), v, dtype=np.uint16)), tmp_path / f"c{v}.png")
+        out = np.asarray(load_image(path)).astype(int)
+        assert (out == expected(v)).all(), (v, out[0, 0])  # 200 -> 1, not 200
+        (tmp_path / f"c{v}.pgm").write_bytes(b"P5 8 8 65535\n" + np.full(64, v, dtype=">u2").tobytes())
+        assert (np.asarray(load_image(str(tmp_path / f"c{v}.pgm"))) == expected(v)).all()
+    ramp = np.array([[0, 1, 128, 200, 255, 256, 300, 32768, 40000, 65534, 65535, 0]] * 3)
+    out = np.asarray(load_image(png16(tmp_path / "ramp.png", ramp))).astype(int)
+    assert out.shape == (3, 12, 3) and (out == expected(ramp)[..., None]).all()
+    wide = np.linspace(-1000, 5000, 64).astype(np.int32).reshape(8, 8)
+    path = save(Image.fromarray(wide), tmp_path / "wide.tif")
+    assert Image.open(path).mode == "I"
+    out = np.asarray(load_image(path))[..., 2].astype(int)
+    assert (out == np.round((wide + 1000) / 6000 * 255)).all()
+
+
 def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="not found"):
         ImageFolder(str(tmp_path / "missing"), EvalTransform(8))
@@ -256,6 +289,44 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
         ImageFolder(str(tmp_path / "empty"), EvalTransform(8))
     with pytest.raises(DataError, match="data directory"):
         resolve_data_dir(str(tmp_path / "nowhere"))
+
+
+def class_folders(root, classes):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        save(Image.new("RGB", (8, 8), (1, 2, 3)), root / c / "1.png")
+
+
+def test_hidden_folders_are_no_classes_and_empty_classes_are_errors(tmp_path):
+    class_folders(tmp_path / "train", ["cat", "dog"])
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()  # Jupyter's, with an image in it
+    save(Image.new("RGB", (8, 8)), tmp_path / "train" / ".ipynb_checkpoints" / "1-checkpoint.png")
+    (tmp_path / "train" / "cat" / "._1.png").write_bytes(b"\0\5\26\7")  # macOS's AppleDouble file
+    (tmp_path / "train" / "cat" / ".cache").mkdir()
+    save(Image.new("RGB", (8, 8)), tmp_path / "train" / "cat" / ".cache" / "2.png")
+    train = ImageFolder(str(tmp_path / "train"), EvalTransform(8))
+    assert train.classes == ["cat", "dog"]
+    assert train.samples == [(str(tmp_path / "train" / c / "1.png"), i) for i, c in enumerate(["cat", "dog"])]
+    (tmp_path / "train" / "emu").mkdir()
+    (tmp_path / "train" / "emu" / "notes.txt").write_text("no image")
+    (tmp_path / "train" / "fox").mkdir()
+    with pytest.raises(DataError, match=r"^class folder\(s\) emu, fox under '.*train' hold no images"):
+        ImageFolder(str(tmp_path / "train"), EvalTransform(8))
+
+
+def test_train_and_val_classes_that_differ_are_named(tmp_path):
+    from data import check_same_classes  # new: imported here, so that only this test needs it
+    class_folders(tmp_path / "train", ["cat", "dog", "emu", "fox"])
+    class_folders(tmp_path / "val", ["cat", "dog", "gnu"])
+    (tmp_path / "val" / ".ipynb_checkpoints").mkdir()
+    class_folders(tmp_path / "same", ["cat", "dog", "emu", "fox"])
+    train = ImageFolder(str(tmp_path / "train"), EvalTransform(8))
+    check_same_classes(train, ImageFolder(str(tmp_path / "same"), EvalTransform(8)), str(tmp_path))
+    val = ImageFolder(str(tmp_path / "val"), EvalTransform(8))
+    with pytest.raises(DataError) as e:
+        check_same_classes(train, val, str(tmp_path))
+    assert str(e.value) == (f"train/ and val/ under '{tmp_path}' have different classes: only in train/: emu, fox; "
+                            "only in val/: gnu: give both the same class folders")
 
 
 def test_sampler_shards_cover_each_sample_once():
@@ -309,7 +380,61 @@ def test_imagenette_archive_extracts_to_imagefolder(tmp_path, tiny_data):
                         (cut, "not a whole tar archive")):
         with pytest.raises(SystemExit, match=rf"error: cannot extract '.*' \({reason}\)"):
             extract(str(bad), str(tmp_path / "again"))
-        assert not os.path.exists(tmp_path / "again.tmp") and not os.path.exists(tmp_path / "again")
+        assert sorted(os.listdir(tmp_path)) == ["cut.tgz", "imagenette", "imagenette2-320.tgz"]
+
+
+def imagenette_archive(path, wnids=("n01440764", "n02102040")):
+    """a real tar.gz in imagenette2-320's layout: {train,val}/<wnid>/*.JPEG and the csv at the top"""
+    import tarfile
+    src = path.parent / "src" / "imagenette2-320"
+    for split in ("train", "val"):
+        for i, wnid in enumerate(wnids):
+            (src / split / wnid).mkdir(parents=True)
+            for j in range(2):
+                save(Image.new("RGB", (12, 10), (40 * i, 90, 30 * j)), src / split / wnid / f"{wnid}_{j}.JPEG")
+    (src / "noisy_imagenette.csv").write_text("path,noisy_labels_0\n")
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(src, arcname="imagenette2-320")
+    return str(path)
+
+
+def tree(folder):
+    """{relative path: bytes} of every file under folder"""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def test_imagenette_extract_never_deletes_a_users_files(tmp_path):
+    """a --root with anything the tool did not write is refused and kept as it was (the old code
+    deleted it whole); an empty folder or an earlier extraction is replaced; a user's folder named
+    like the old fixed temporary one (root.tmp) is left alone"""
+    from data.prepare_imagenette import extract
+    archive = imagenette_archive(tmp_path / "imagenette2-320.tgz")
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("my work")
+    save(Image.new("RGB", (8, 8)), mine / "sub" / "keep.png")
+    before, listing = tree(mine), sorted(os.listdir(tmp_path))
+    with pytest.raises(SystemExit, match=r"^error: --root=.*mine is neither empty nor an earlier extraction of this "
+                                         r"tool \(it holds 'notes.txt'\): give a new or empty folder"):
+        extract(archive, str(mine))
+    assert tree(mine) == before and sorted(os.listdir(tmp_path)) == listing  # nothing deleted, nothing left
+    (tmp_path / "fresh.tmp").mkdir()
+    (tmp_path / "fresh.tmp" / "keep.txt").write_text("mine too")
+    fresh = extract(archive, str(tmp_path / "fresh"))
+    assert (tmp_path / "fresh.tmp" / "keep.txt").read_text() == "mine too"
+    train = ImageFolder(os.path.join(fresh, "train"), EvalTransform(8))
+    assert train.classes == ["n01440764", "n02102040"] and len(train) == 4
+    first = tree(fresh)
+    assert extract(archive, fresh) == fresh and tree(fresh) == first  # an earlier extraction: replaced
+    (tmp_path / "empty").mkdir()
+    assert tree(extract(archive, str(tmp_path / "empty"))) == first
+    user_image = os.path.join(fresh, "train", "n01440764", "mine.JPEG")
+    save(Image.new("RGB", (8, 8)), user_image)
+    with pytest.raises(SystemExit, match=r"it holds 'train/n01440764/mine.JPEG'"):
+        extract(archive, fresh)
+    assert tree(fresh) == {**first, "train/n01440764/mine.JPEG": open(user_image, "rb").read()}
+    assert sorted(os.listdir(tmp_path)) == sorted(listing + ["empty", "fresh", "fresh.tmp"])
 
 
 def test_imagenette_bad_options_are_one_line_before_any_download(tmp_path, tiny_data):
@@ -324,15 +449,20 @@ def test_imagenette_bad_options_are_one_line_before_any_download(tmp_path, tiny_
         tar.add(os.path.join(tiny_data, "val"), arcname="imagenette2-320/train")
     root_file = tmp_path / "rootfile"
     root_file.write_text("not a folder")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my work")
+    not_empty = "is neither empty nor an earlier extraction of this tool (it holds 'notes.txt')"
     missing = f"--archive={tmp_path / 'none.tgz'}"  # a file that is not there: never a download, even unchecked
     unknown = "unknown option '--archiv': valid options are archive, root"
     for args, expected in (([missing, "--archiv=in.tgz"], unknown),
                            ([missing, "--root", str(tmp_path / "out")], "option '--root' needs a value"),
                            ([missing, "--bogus=1"], "unknown option '--bogus'"),
-                           ([f"--archive={good}", f"--root={root_file}"], f"--root={root_file} is a file")):
+                           ([f"--archive={good}", f"--root={root_file}"], f"--root={root_file} is a file"),
+                           ([f"--archive={good}", f"--root={tmp_path / 'mine'}"], not_empty),
+                           ([f"--root={tmp_path / 'mine'}"], not_empty)):  # refused before the download
         r = subprocess.run([sys.executable, "-m", "data.prepare_imagenette", *args], capture_output=True,
                            text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
         assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
         assert r.stderr.startswith("error:") and expected in r.stderr, r.stderr
-    assert sorted(os.listdir(tmp_path)) == ["imagenette2-320.tgz", "rootfile"]
-    assert root_file.read_text() == "not a folder"
+    assert sorted(os.listdir(tmp_path)) == ["imagenette2-320.tgz", "mine", "rootfile"]
+    assert root_file.read_text() == "not a folder" and os.listdir(tmp_path / "mine") == ["notes.txt"]

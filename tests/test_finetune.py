@@ -312,6 +312,17 @@ def test_bad_input_is_one_clear_line(tiny_data, tmp_path, args, message):
     assert message in last and "Traceback" not in result.stderr, result.stderr[-1500:]
 
 
+def test_train_and_val_with_other_classes_are_named(tiny_data, tmp_path):
+    import shutil
+    shutil.copytree(tiny_data, tmp_path / "data")
+    first = sorted(os.listdir(tmp_path / "data" / "val"))[0]
+    os.rename(tmp_path / "data" / "val" / first, tmp_path / "data" / "val" / "zebra")
+    result = run_ft(["--init=scratch", "--model=nano/4", f"--out_dir={tmp_path / 'out'}"], str(tmp_path / "data"))
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"only in train/: {first}; only in val/: zebra" in last, result.stderr[-2000:]
+
+
 def test_dataset_without_images_is_one_clear_line(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
     (tmp_path / "val" / "a").mkdir(parents=True)
