@@ -72,7 +72,7 @@ def extract(archive, root):
 
 if __name__ == "__main__":
     from common import CheckpointError, apply_overrides, download
-    args = apply_overrides(dict(root=os.path.join(HERE, "imagenette"), archive=""), sys.argv[1:])
+    args = apply_overrides(dict(root=os.path.join(HERE, "imagenette"), archive="", __doc__=__doc__), sys.argv[1:])
     root, archive = args["root"], args["archive"]
     if os.path.exists(root) and not os.path.isdir(root):
         raise SystemExit(f"error: --root={root} is a file, not a folder: give a folder to extract into")
