@@ -19,7 +19,9 @@ the option timm has no counterpart for, if any) or as a project checkpoint:
     python teacher.py export --format=timm out/md/ckpt.pt md_timm.pth
 """
 import dataclasses
+import math
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -51,7 +53,7 @@ NAMES = ", ".join(list(OFFICIAL) + ["embedded"])
 def unwrap_state_dict(obj):
     """Strip the usual wrappers: {'model': ...}, {'state_dict': ...}, DINO's {'teacher': ...},
     BEiT v2's {'module': ...} (as timm's beit checkpoint_filter_fn unwraps it), and the
-    'module.' / 'backbone.' prefixes."""
+    'module.' / 'backbone.' / '_orig_mod.' (torch.compile) prefixes."""
     for key in ("teacher", "model", "module", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -59,8 +61,8 @@ def unwrap_state_dict(obj):
         raise CheckpointError("not a state dict of tensors")
     out = {}
     for k, v in obj.items():
-        for prefix in ("module.", "backbone.", "_orig_mod."):
-            k = k[len(prefix):] if k.startswith(prefix) else k
+        while k.startswith(("module.", "backbone.", "_orig_mod.")):  # DDP(compile(m)) and compile(DDP(m)) alike
+            k = k.partition(".")[2]
         out[k] = v
     return out
 
@@ -85,16 +87,39 @@ def pool_of(sd):
     return "mean" if "fc_norm.weight" in sd else "cls"
 
 
-def convert_clip(sd):
+# embed_dim -> number of heads, for files that do not record it (the keys cannot tell): model.py's PRESETS, every
+# registered ViT of that width with a class token in timm (vision_transformer, beit, deit) and open_clip's ViT
+# towers (model_configs/*.json). Not embed_dim / 64 for nano/4, tiny/4, timm's test_vit, vit_so400m, vit_huge,
+# vit_giant, vit_gigantic, open_clip's ViT-H, ViT-g, ViT-bigG, ViT-e (tests/test_teacher.py reads both libraries).
+KNOWN_HEADS = {48: 2, 64: 2, 96: 3, 192: 3, 384: 6, 512: 8, 768: 12, 896: 14, 1024: 16, 1152: 16, 1280: 16,
+               1408: 16, 1536: 24, 1664: 16, 1792: 16}
+
+
+def heads_of(D, source):
+    """the number of heads of a D-wide ViT whose file does not record it: KNOWN_HEADS, else a guess, with a warning"""
+    if D in KNOWN_HEADS:
+        return KNOWN_HEADS[D]
+    print(f"warning: {source} does not record its number of heads, and width {D} is not in teacher.KNOWN_HEADS: "
+          f"guessed {max(1, D // 64)} (embed_dim / 64); if wrong, the model computes something else: add the width "
+          "to KNOWN_HEADS, or give a project checkpoint whose model_args hold num_heads", file=sys.stderr)
+    return max(1, D // 64)
+
+
+CLIP_ACTS = ("quick_gelu", "gelu")
+
+
+def convert_clip(sd, source, act="quick_gelu"):
     """OpenAI CLIP visual tower -> (ViTConfig, state dict). ln_post becomes the final norm
-    (applied to every token); the projection to the joint space is dropped."""
+    (applied to every token); the projection to the joint space is dropped. The keys do not say
+    the activation: QuickGELU is OpenAI's (and open_clip's `-quickgelu` models'), GELU open_clip's
+    other models' (LAION's ViT-B-16, ...)."""
     sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")} or sd
     D = sd["conv1.weight"].shape[0]
     patch = sd["conv1.weight"].shape[-1]
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
     grid = int(round((sd["positional_embedding"].shape[0] - 1) ** 0.5))
     cfg = ViTConfig(img_size=grid * patch, patch_size=patch, embed_dim=D, depth=depth,
-                    num_heads=max(1, D // 64), patch_bias=False, act="quick_gelu", norm_eps=1e-5,
+                    num_heads=heads_of(D, source), patch_bias=False, act=act, norm_eps=1e-5,
                     pre_norm=True, global_pool="cls", mean=CLIP_MEAN, std=CLIP_STD)
     renames = [("ln_1.", "norm1."), ("ln_2.", "norm2."), ("attn.in_proj_weight", "attn.qkv.weight"),
                ("attn.in_proj_bias", "attn.qkv.bias"), ("attn.out_proj.", "attn.proj."),
@@ -114,11 +139,10 @@ def convert_clip(sd):
     return cfg, out
 
 
-def convert_timm(sd, cfg=None):
+def convert_timm(sd, source, cfg=None):
     """timm `vision_transformer` layout (DINO, DeiT, timm vit_*, export_timm's files): the key
     names are ours but for layer scale (timm's ls1.gamma / ls2.gamma are gamma_1 / gamma_2).
-    Without `cfg` the shapes tell the rest but the number of heads: like CLIP's, it is taken as
-    embed_dim / 64 (true for every official ViT)."""
+    Without `cfg` the shapes tell the rest but the number of heads: like CLIP's, heads_of(embed_dim)."""
     if "dist_token" in sd:  # every block attends to it: dropping it would be another model
         raise CheckpointError("is a distilled DeiT (it has a distillation token, which model.py's ViT has "
                               "not): give the DeiT without distillation (deit_base_patch16_224)")
@@ -137,7 +161,7 @@ def convert_timm(sd, cfg=None):
     grid = int(round((out["pos_embed"].shape[1] - 1) ** 0.5))
     num_classes = out["head.weight"].shape[0] if "head.weight" in out else 0
     cfg = ViTConfig(img_size=grid * patch, patch_size=patch, embed_dim=D, depth=depth,
-                    num_heads=max(1, D // 64), num_classes=num_classes, global_pool=pool_of(out),
+                    num_heads=heads_of(D, source), num_classes=num_classes, global_pool=pool_of(out),
                     qkv_bias="all" if "blocks.0.attn.qkv.bias" in out else "none",
                     layer_scale=LAYER_SCALE if "blocks.0.gamma_1" in out else 0.0,
                     mlp_ratio=out["blocks.0.mlp.fc1.weight"].shape[0] / D)
@@ -148,14 +172,14 @@ LAYER_SCALE = 0.1  # files do not store layer scale's init value; any value > 0 
 BEIT_PRETRAINING_HEADS = ("lm_head.", "cls_pt_layers.", "cls_pt_norm.", "cls_pt_lm_head.")
 
 
-def convert_beit(sd, cfg=None):
+def convert_beit(sd, source, cfg=None):
     """timm `beit` layout -> (ViTConfig, state dict). Followed: timm/models/beit.py (Beit and its
     checkpoint_filter_fn, which drops the relative position index buffers: they are the same
     function of the grid as RelativePositionBias.index here) and microsoft/unilm
     beit2/modeling_pretrain.py, whose pretraining heads (lm_head, cls_pt_*) are not part of the
     ViT. The key names are ours but for the per-layer table (attn.relative_position_bias_table).
     Without `cfg` the shapes tell the rest; the number of heads comes from a relative position
-    table where there is one, else embed_dim / 64. Input normalization is not in the file:
+    table where there is one, else heads_of(embed_dim). Input normalization is not in the file:
     ImageNet's mean/std, as BEiT v2 uses (BEiT v1 used 0.5, 0.5)."""
     layer_key = "blocks.0.attn.rel_pos.relative_position_bias_table"
     shared_key = "rel_pos_bias.relative_position_bias_table"
@@ -180,7 +204,7 @@ def convert_beit(sd, cfg=None):
         raise CheckpointError("has no position embedding or table: its image size is unknown")
     rel_pos = "layer" if layer_key in out else "shared" if shared_key in out else "none"
     cfg = ViTConfig(img_size=grid * patch, patch_size=patch, embed_dim=D, depth=depth,
-                    num_heads=table.shape[1] if table is not None else max(1, D // 64),
+                    num_heads=table.shape[1] if table is not None else heads_of(D, source),
                     mlp_ratio=out["blocks.0.mlp.fc1.weight"].shape[0] / D,
                     qkv_bias="qv" if "blocks.0.attn.q_bias" in out else "none",
                     abs_pos="pos_embed" in out, rel_pos=rel_pos,
@@ -207,9 +231,19 @@ def build_vit(cfg, sd, source):
     return model
 
 
-def load_model(name_or_path, path=None, cache_dir=CACHE_DIR):
+def read_model_file(path):
+    """read_checkpoint, which would call a folder a missing file"""
+    if os.path.isdir(path):
+        raise CheckpointError(f"'{path}' is a folder, not a checkpoint file: give a file in it, like "
+                              f"{os.path.join(path, 'ckpt.pt')}")
+    return read_checkpoint(path)
+
+
+def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
     """Any model form -> (ViT in eval mode, info dict). `path` is a local copy of an official
-    teacher's file (no download)."""
+    teacher's file (no download). `act` is the activation of a CLIP-layout file, which its keys do
+    not tell: "quick_gelu" (OpenAI's; assumed without `act`, with a warning unless it is teacher
+    `clip`'s file) or "gelu" (open_clip's models without -quickgelu in their name)."""
     name = str(name_or_path)
     if name in OFFICIAL:
         url, sha, layout = OFFICIAL[name]
@@ -220,20 +254,26 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR):
         source, layout = name, None
     else:
         raise CheckpointError(f"unknown model '{name}': choose {NAMES} or a checkpoint path")
-    obj = read_checkpoint(source)
-    if isinstance(obj, dict) and "model_args" in obj and "model" in obj:  # project checkpoint
-        cfg = config_of(obj["model_args"], source)
-        model = build_vit(cfg, obj["model"], f"'{source}'")
-        info = dict(source=source, kind="project", config=obj.get("config", {}), classes=obj.get("classes"))
-        return model.eval(), info
+    if act not in (None, *CLIP_ACTS):
+        raise CheckpointError(f"unknown activation '{act}' for a CLIP-layout file: choose {' or '.join(CLIP_ACTS)}")
+    obj = read_model_file(source)
+    project = isinstance(obj, dict) and "model_args" in obj and "model" in obj
     try:
-        sd = unwrap_state_dict(obj)
+        sd = unwrap_state_dict(obj["model"] if project else obj)  # a project's 'model' may have DDP/compile prefixes
     except CheckpointError as e:
         raise CheckpointError(f"'{source}' is {e}") from None
-    found = detect_layout(sd)
+    found = "project" if project else detect_layout(sd)
     if found is None:
         raise CheckpointError(f"'{source}' is not a CLIP, DINO/DeiT (timm), BEiT or project "
                               f"checkpoint: keys start {list(sd)[:3]}")
+    if act is not None and found != "clip":
+        raise CheckpointError(f"'{source}' is a {found} checkpoint: an activation is chosen for CLIP-layout files "
+                              f"only, whose keys do not tell it")
+    if project:
+        cfg = config_of(obj["model_args"], source)
+        model = build_vit(cfg, sd, f"'{source}'")
+        info = dict(source=source, kind="project", config=obj.get("config", {}), classes=obj.get("classes"))
+        return model.eval(), info
     if layout is not None and found != layout:
         raise CheckpointError(f"'{source}' has the {found} layout, but teacher '{name}' needs the {layout} "
                               f"layout")
@@ -242,9 +282,14 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR):
     cfg = config_of(extra["mdlab_args"], source) if extra else None
     try:
         if found == "clip":
-            cfg, sd = convert_clip(sd)
+            if act is None and name not in OFFICIAL:
+                print(f"warning: '{source}' has CLIP's layout, whose keys do not tell the activation: QuickGELU "
+                      "assumed (OpenAI's CLIP, open_clip's -quickgelu models); for open_clip's GELU models "
+                      "(LAION's ViT-B-16, ...) write a teacher with python teacher.py export --act=gelu SRC DST",
+                      file=sys.stderr)
+            cfg, sd = convert_clip(sd, f"'{source}'", act or "quick_gelu")
         else:
-            cfg, sd = (convert_beit if found == "beit" else convert_timm)(sd, cfg)
+            cfg, sd = (convert_beit if found == "beit" else convert_timm)(sd, f"'{source}'", cfg)
     except CheckpointError as e:
         raise CheckpointError(f"'{source}' {e}") from None
     if "mask_token" in extra:
@@ -254,8 +299,9 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR):
 
 
 def config_of(model_args, source):
-    """a checkpoint's model_args -> ViTConfig; an unknown key, or a value not of its field's type
-    (which would fail later, deep in building the model), is one line"""
+    """a checkpoint's model_args -> ViTConfig; an unknown key, a value not of its field's type, or one
+    out of its field's range (which would fail later, deep in building the model, or build another model
+    silently) is one line"""
     try:
         cfg = ViTConfig.from_dict(model_args)
     except TypeError as e:  # an unknown field
@@ -268,7 +314,36 @@ def config_of(model_args, source):
             stored = dict(model_args)[field.name]  # as in the file: from_dict made a tuple of a list
             raise CheckpointError(f"'{source}' has model_args this version cannot read: "
                                   f"{field.name}={stored!r}, expected {expected}")
+    problem = value_problem(cfg)
+    if problem:
+        name, allowed = problem
+        raise CheckpointError(f"'{source}' has model_args model.py's ViT does not take: "
+                              f"{name}={dict(model_args)[name]!r}, expected {allowed}")
     return cfg
+
+
+CHOICES = dict(qkv_bias=("all", "qv", "none"), act=("gelu", "quick_gelu"), rel_pos=("none", "shared", "layer"),
+               global_pool=("mean", "cls", "avg"))  # model.py would read any other string as one of these
+
+
+def value_problem(cfg):
+    """(field, what it allows) for the first value of a ViTConfig of the right types that model.py's ViT
+    cannot be built or run with, or would read as another option; None if there is none"""
+    D = cfg.embed_dim
+    checks = [("img_size", cfg.img_size >= 1, ">= 1"),
+              ("patch_size", 1 <= cfg.patch_size <= cfg.img_size, f"1..img_size ({cfg.img_size})"),
+              ("embed_dim", D >= 1, ">= 1"), ("depth", cfg.depth >= 1, ">= 1"),
+              ("num_heads", cfg.num_heads >= 1 and D % cfg.num_heads == 0, f"a divisor of embed_dim ({D})"),
+              ("mlp_ratio", 1 <= D * cfg.mlp_ratio < math.inf, "> 0, at least one hidden unit"),
+              ("norm_eps", 0 < cfg.norm_eps < math.inf, "> 0"),
+              ("layer_scale", 0 <= cfg.layer_scale < math.inf, ">= 0 (0: off)"),
+              ("drop_path", 0 <= cfg.drop_path < 1, "in [0, 1)"),
+              ("num_classes", cfg.num_classes >= 0, ">= 0 (0: no head)"),
+              ("mean", len(cfg.mean) == 3 and all(map(math.isfinite, cfg.mean)), "3 finite numbers (R, G, B)"),
+              ("std", len(cfg.std) == 3 and all(0 < s < math.inf for s in cfg.std), "3 positive numbers (R, G, B)")]
+    checks += [(name, getattr(cfg, name) in allowed, " or ".join(map(repr, allowed)))
+               for name, allowed in CHOICES.items()]
+    return next(((name, allowed) for name, ok, allowed in checks if not ok), None)
 
 
 def of_field_type(value, default):
@@ -321,8 +396,8 @@ class Teacher(nn.Module):
         return x.to(self.dtype) if self.dtype is not None else x
 
 
-def load_teacher(name_or_path, path=None, layer=-1, dtype=None, cache_dir=CACHE_DIR):
-    vit, _ = load_model(name_or_path, path, cache_dir)
+def load_teacher(name_or_path, path=None, layer=-1, dtype=None, cache_dir=CACHE_DIR, act=None):
+    vit, _ = load_model(name_or_path, path, cache_dir, act)
     return Teacher(vit, layer, dtype)
 
 
@@ -361,17 +436,18 @@ class Whitening(nn.Module):
 EXPORT_KEPT = "any file there before is kept"  # export's files are written atomically (save_atomic)
 
 
-def export_weights(src, dst):
+def export_weights(src, dst, act=None):
     """A project checkpoint reduced to what a teacher needs (weights, model_args, config): no
     optimizer or RNG state. This is how data/embedded_teacher.pt is made from a finetune.py run.
     A train_vqkd.py tokenizer keeps its vqkd_args, so that --tokenizer still reads it.
-    Any other model form (a timm file, say) becomes such a checkpoint of its converted weights."""
-    obj = read_checkpoint(src)
-    if isinstance(obj, dict) and "model_args" in obj:
+    Any other model form (a timm file, say) becomes such a checkpoint of its converted weights
+    (`act`: a CLIP-layout file's activation, as load_model takes it)."""
+    obj = read_model_file(src)
+    if isinstance(obj, dict) and "model_args" in obj and act is None:
         keep = ("model", "model_args", "vqkd_args", "config", "classes")
         save_atomic({k: obj[k] for k in keep if k in obj}, dst, EXPORT_KEPT)
         return
-    vit, info = load_model(src)
+    vit, info = load_model(src, act=act)
     out = dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config={})
     if info.get("classes"):
         out["classes"] = info["classes"]
@@ -476,13 +552,14 @@ def to_timm(vit):
     return name, kwargs, sd
 
 
-def export_timm(src, dst):
+def export_timm(src, dst, act=None):
     """Any model form -> a file that timm.create_model(name, checkpoint_path=dst, **kwargs) loads
     with no missing or unexpected keys: {"state_dict", "arch", "timm_kwargs"}, the entries timm's
     load_checkpoint reads and its train script writes (timm/models/_helpers.py load_state_dict,
     timm/utils/checkpoint_saver.py), beside what the way back needs and timm has no place for:
-    "mdlab_args" (the ViTConfig), the mask token, class names. -> (name, kwargs, ViTConfig)"""
-    vit, info = load_model(src)
+    "mdlab_args" (the ViTConfig), the mask token, class names. `act` as load_model takes it.
+    -> (name, kwargs, ViTConfig)"""
+    vit, info = load_model(src, act=act)
     try:
         name, kwargs, sd = to_timm(vit)
     except CheckpointError as e:
@@ -497,15 +574,24 @@ def export_timm(src, dst):
 
 
 def main(argv):
-    usage = "usage: python teacher.py export [--format=mdlab|timm] SRC DST"
-    paths = [a for a in argv[1:] if not a.startswith("--")]
-    if argv[:1] != ["export"] or len(paths) != 2:
+    usage = "usage: python teacher.py export [--format=mdlab|timm] [--act=quick_gelu|gelu] SRC DST"
+    if argv[:1] != ["export"]:
         raise SystemExit(usage)
-    fmt = "mdlab"
-    for flag in (a for a in argv[1:] if a.startswith("--")):
-        key, _, fmt = flag[2:].partition("=")
-        if key != "format":
-            raise SystemExit(f"error: unknown option '{flag}'; {usage}")
+    opts, paths, rest = dict(format="mdlab", act=None), [], list(argv[1:])
+    while rest:
+        arg = rest.pop(0)
+        if not arg.startswith("--"):
+            paths.append(arg)
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if key not in opts:
+            raise SystemExit(f"error: unknown option '{arg}'; {usage}")
+        if not eq and not rest:
+            raise SystemExit(f"error: option '--{key}' needs a value; {usage}")
+        opts[key] = value if eq else rest.pop(0)  # --format=timm or --format timm
+    if len(paths) != 2:
+        raise SystemExit(usage)
+    fmt = opts["format"]
     if fmt not in EXPORT_FORMATS:
         raise SystemExit(f"error: unknown --format '{fmt}': choose {' or '.join(EXPORT_FORMATS)}")
     src, dst = paths
@@ -516,9 +602,9 @@ def main(argv):
         raise SystemExit(f"error: '{dst}' is a folder: give the file to write in it, like {dst}/export.pt")
     try:
         if fmt == "mdlab":
-            export_weights(src, dst)
+            export_weights(src, dst, opts["act"])
             return print(f"wrote {dst}")
-        name, kwargs, cfg = export_timm(src, dst)
+        name, kwargs, cfg = export_timm(src, dst, opts["act"])
     except CheckpointError as e:
         raise SystemExit(f"error: {e}")
     args = "".join(f", {k}={v!r}" for k, v in kwargs.items())

@@ -4,13 +4,14 @@ import argparse
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from model import ViT, ViTConfig
+from model import PRESETS, ViT, ViTConfig
 from teacher import CheckpointError, Whitening, load_model, load_teacher
 
 try:
@@ -180,6 +181,88 @@ def test_clip_torchscript_archive(clip_model, images, tmp_path):
     assert (out[:, 1:] - tokens).abs().max().item() < 1e-4
 
 
+def small_clip(width, head_width, quick_gelu, seed):
+    """open_clip's CLIP with a small vision tower (32 px, patch 4, 2 blocks) of width / head_width heads"""
+    def build():
+        from open_clip.model import CLIP as OpenCLIP
+        vision = dict(image_size=32, patch_size=4, width=width, layers=2, head_width=head_width)
+        text = dict(context_length=8, vocab_size=50, width=32, heads=2, layers=1)
+        return OpenCLIP(16, vision, text, quick_gelu=quick_gelu)
+    return reference_model(open_clip, "open_clip", build, seed)
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_clip_layout_heads_from_the_table_and_the_activation_asked_for(quick_gelu, tmp_path, capsys):
+    """a 96-wide tower of 3 heads (32 channels each: not embed_dim / 64) gets its heads from
+    KNOWN_HEADS. The keys do not tell the activation: QuickGELU is assumed, with a warning saying
+    so; open_clip's GELU models load with act='gelu', or as the project checkpoint export --act=gelu
+    writes, which every script takes as a teacher"""
+    from teacher import main
+    m = small_clip(96, 32, quick_gelu, seed=5)
+    path = str(tmp_path / "clip.pt")
+    torch.save(m.state_dict(), path)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    m.visual.output_tokens = True
+    with torch.no_grad():
+        _, tokens = m.visual((images - CLIP[0]) / CLIP[1])
+        out = load_teacher(path, **({} if quick_gelu else dict(act="gelu")))(images)
+    assert (out[:, 1:] - tokens).abs().max().item() < 1e-5
+    assert ("QuickGELU assumed" in capsys.readouterr().err) == quick_gelu
+    if quick_gelu:
+        return
+    main(["export", "--act=gelu", path, str(tmp_path / "teacher.pt")])
+    with torch.no_grad():
+        out = load_teacher(str(tmp_path / "teacher.pt"))(images)
+    assert (out[:, 1:] - tokens).abs().max().item() < 1e-5
+    vit, _ = load_model(path)  # not asked for: QuickGELU, and the warning says so in one line
+    warning = capsys.readouterr().err.strip()
+    assert vit.config.act == "quick_gelu" and "\n" not in warning and "--act=gelu" in warning, warning
+    with pytest.raises(CheckpointError, match="is a project checkpoint: an activation is chosen for CLIP-layout"):
+        load_model(str(tmp_path / "teacher.pt"), act="gelu")
+
+
+# one registered timm ViT of each width (with its class token, where one has it); built on the meta device
+TIMM_HEADS = ("test_vit", "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_medium_patch16_clip_224",
+              "vit_base_patch16_224", "vit_base_patch16_plus_240", "vit_large_patch16_224",
+              "vit_so400m_patch14_reg1_tipsv2", "vit_huge_patch14_224", "vit_giant_patch14_224",
+              "vit_giant_patch14_dinov2", "vit_gigantic_patch14_224")
+
+
+def test_known_head_counts_are_the_reference_libraries():
+    """KNOWN_HEADS, used where a file does not record its heads, against model.py's PRESETS, timm's
+    registered models and every ViT tower in CLIP's layout among open_clip's model configs: the same
+    heads for each width, and no width of theirs missing"""
+    from teacher import KNOWN_HEADS
+    if timm is None or open_clip is None:
+        pytest.skip("timm or open_clip not installed (pip install -r requirements-dev.txt)")
+    found = {}  # width -> {heads: [models]}
+    for name, (width, _, heads, _, _) in PRESETS.items():
+        found.setdefault(width, {}).setdefault(heads, []).append(name)
+    for name in TIMM_HEADS:
+        with torch.device("meta"):  # no memory, no weights
+            m = timm.create_model(name)
+        found.setdefault(m.embed_dim, {}).setdefault(m.blocks[0].attn.num_heads, []).append(name)
+    default_head_width = open_clip.model.CLIPVisionCfg().head_width
+    for name in open_clip.list_models():
+        vision = open_clip.get_model_config(name).get("vision_cfg", {})
+        if isinstance(vision.get("layers"), int) and not vision.get("timm_model_name"):  # not a ResNet, nor timm's
+            heads = vision["width"] // vision.get("head_width", default_head_width)
+            found.setdefault(vision["width"], {}).setdefault(heads, []).append(name)
+    assert {w: sorted(h) for w, h in found.items()} == {w: [h] for w, h in KNOWN_HEADS.items()}, found
+
+
+def test_width_not_in_the_table_is_guessed_with_a_warning(tmp_path, capsys):
+    if timm is None:
+        pytest.skip("timm not installed (pip install -r requirements-dev.txt)")
+    from timm.models.vision_transformer import VisionTransformer
+    sd = VisionTransformer(img_size=32, patch_size=16, embed_dim=80, depth=1, num_heads=2).state_dict()
+    torch.save(sd, tmp_path / "w80.pth")
+    vit, _ = load_model(str(tmp_path / "w80.pth"))
+    warning = capsys.readouterr().err.strip()
+    assert vit.config.num_heads == 1 and warning.count("\n") == 0
+    assert warning.startswith("warning: ") and "guessed 1" in warning and "KNOWN_HEADS" in warning, warning
+
+
 def test_project_checkpoint_as_teacher_and_layer_choice(tiny_teacher):
     obj = torch.load(tiny_teacher, weights_only=True)
     vit = ViT(ViTConfig.from_dict(obj["model_args"]))
@@ -192,6 +275,24 @@ def test_project_checkpoint_as_teacher_and_layer_choice(tiny_teacher):
         assert torch.allclose(load_teacher(tiny_teacher, layer=1)(x), hidden[1], atol=1e-5)
     with pytest.raises(ValueError, match="out of range"):
         load_teacher(tiny_teacher, layer=7)
+
+
+def test_project_checkpoint_with_compile_or_ddp_prefixes(tiny_teacher, tmp_path):
+    """'model' saved from torch.compile's module (its state_dict names every key _orig_mod.), from
+    DDP's (module.), or both, in either order, loads as the plain checkpoint"""
+    obj = torch.load(tiny_teacher, weights_only=True)
+    vit, _ = load_model(tiny_teacher)
+    compiled = torch.compile(vit).state_dict()  # only wrapped: nothing is compiled before a call
+    assert all(k.startswith("_orig_mod.") for k in compiled)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    for name, model in (("compiled", compiled), ("ddp", {"module." + k: v for k, v in obj["model"].items()}),
+                        ("ddp_compiled", {"module." + k: v for k, v in compiled.items()}),
+                        ("compiled_ddp", {"_orig_mod.module." + k: v for k, v in obj["model"].items()})):
+        torch.save(dict(obj, model=model), tmp_path / f"{name}.pt")
+        loaded, info = load_model(str(tmp_path / f"{name}.pt"))
+        assert info["kind"] == "project"
+        with torch.no_grad():
+            assert torch.equal(loaded(images), vit(images)), name
 
 
 def test_teacher_is_frozen_and_stays_in_eval(tiny_teacher):
@@ -301,6 +402,34 @@ def test_model_args_of_the_wrong_type_is_one_line(tmp_path, tiny_teacher, tiny_d
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and "depth='six', expected int" in last, last
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("patch_size", 0, "patch_size=0, expected 1..img_size (32)"),  # was a ZeroDivisionError
+    ("num_classes", -1, "num_classes=-1, expected >= 0 (0: no head)"),  # a RuntimeError
+    ("mean", [0.5, 0.5], "mean=[0.5, 0.5], expected 3 finite numbers (R, G, B)"),  # a shape error
+    ("std", [0.0, 0.0, 0.0], "std=[0.0, 0.0, 0.0], expected 3 positive numbers (R, G, B)"),  # NaN outputs
+    ("act", "relu", "act='relu', expected 'gelu' or 'quick_gelu'"),  # exact GELU, silently
+    ("rel_pos", "layers", "rel_pos='layers', expected 'none' or 'shared' or 'layer'"),  # 'none', silently
+    ("num_heads", 5, "num_heads=5, expected a divisor of embed_dim (48)"),  # a view error in the forward
+])
+def test_model_args_out_of_range_is_one_line(field, value, expected, tmp_path, tiny_teacher):
+    obj = torch.load(tiny_teacher, weights_only=True)
+    obj["model_args"][field] = value
+    torch.save(obj, tmp_path / "bad.pt")
+    message = f"'{tmp_path / 'bad.pt'}' has model_args model.py's ViT does not take: {expected}"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(message)}$"):
+        load_model(str(tmp_path / "bad.pt"))
+
+
+def test_export_of_a_folder_says_it_is_a_folder(tmp_path):
+    from teacher import main
+    message = f"'{tmp_path}' is a folder, not a checkpoint file: give a file in it, like {tmp_path / 'ckpt.pt'}"
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(message)}$"):
+        main(["export", str(tmp_path), str(tmp_path / "out.pt")])
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_teacher(str(tmp_path))
+    assert os.listdir(tmp_path) == []
 
 
 def test_export_to_a_folder_that_is_not_there_is_one_line(tmp_path, tiny_teacher):

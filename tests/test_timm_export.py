@@ -100,6 +100,24 @@ def test_round_trip_ours_timm_ours_is_bit_identical(case, tmp_path):
     assert all(torch.equal(again["model"][k], original[k]) for k in original)
 
 
+@pytest.mark.parametrize("preset, case", [("tiny/4", "deit"), ("nano/4", "deit"), ("tiny/4", "beit_abs_pos")])
+def test_export_resaved_by_timm_loads_with_its_heads(preset, case, tmp_path, capsys):
+    """export, loaded by timm as the printed call does, saved again as timm's bare state dict: the
+    file no longer says the heads (tiny/4: 96 wide, 3 heads; nano/4: 48 wide, 2), which come from
+    KNOWN_HEADS, not embed_dim / 64"""
+    cfg = ViTConfig.from_name(preset, **CASES[case][0])
+    vit = project_checkpoint(cfg, tmp_path / "ckpt.pt", seed=2)
+    export_timm(str(tmp_path / "ckpt.pt"), str(tmp_path / "out.pth"))
+    d = torch.load(tmp_path / "out.pth", weights_only=True)
+    tm = timm.create_model(d["arch"], checkpoint_path=str(tmp_path / "out.pth"), **d["timm_kwargs"]).eval()
+    torch.save(tm.state_dict(), tmp_path / "bare.pth")
+    back, _ = load_model(str(tmp_path / "bare.pth"))
+    assert back.config.num_heads == cfg.num_heads and capsys.readouterr().err == ""
+    with torch.no_grad():
+        assert max_diff(back(IMAGES), vit(IMAGES)) <= 1e-5
+        assert max_diff(back(IMAGES), tm(normalized(IMAGES, cfg))) <= 1e-5
+
+
 def test_relative_position_index_is_timms():
     from timm.models.beit import gen_relative_position_index
     for grid in (2, 4, 7):
@@ -180,6 +198,17 @@ def test_unknown_format_is_one_line(tmp_path):
         main(["export", "--format=onnx", str(tmp_path / "ckpt.pt"), str(tmp_path / "out.onnx")])
     assert str(e.value) == "error: unknown --format 'onnx': choose mdlab or timm"
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_format_given_after_a_space(tmp_path):
+    """--format timm as --format=timm; --format with nothing after it is one line"""
+    project_checkpoint(ViTConfig.from_name("nano/4"), tmp_path / "ckpt.pt")
+    main(["export", "--format", "timm", str(tmp_path / "ckpt.pt"), str(tmp_path / "out.pth")])
+    assert torch.load(tmp_path / "out.pth", weights_only=True)["arch"] == VIT
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(tmp_path / "ckpt.pt"), str(tmp_path / "again.pth"), "--format"])
+    assert str(e.value).startswith("error: option '--format' needs a value; usage: python teacher.py export")
+    assert not (tmp_path / "again.pth").exists()
 
 
 def test_command_line_prints_a_create_model_call_that_loads(tmp_path):
