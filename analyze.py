@@ -229,11 +229,14 @@ TRIAL_COLUMNS = ("imagename", "condition", "category", "object_response")  # + s
 def category_decisions(logits, categories, model_classes=None):
     """the chosen category per image among `categories`: for an ImageNet-1k classifier the
     category whose ImageNet classes have the highest mean probability (model-vs-human); for other
-    label sets, the highest logit among the model's classes with those names -> (B,) indices"""
+    label sets, the highest logit among the model's classes with those names (a model without
+    class names and one output per category: output i is categories[i]) -> (B,) indices"""
     if logits.shape[-1] == 1000 and set(categories) <= set(IMAGENET_16):
         probs = logits.float().softmax(-1)
         scores = torch.stack([probs[:, IMAGENET_16[c]].mean(-1) for c in categories], -1)
     else:
+        if not model_classes and logits.shape[-1] == len(categories):
+            model_classes = list(categories)
         missing = [c for c in categories if model_classes is None or c not in model_classes]
         if missing:
             raise ValueError(f"the model's classes {model_classes} lack the categories {missing}")
@@ -247,13 +250,21 @@ def decision_categories(labels, n_outputs, model_classes=None):
     modelvshuman/datasets/decision_mappings.py, ImageNetProbabilitiesTo16ClassesMapping);
     otherwise every class named in the model's checkpoint, the data's labels among them, so that
     a subset of the data does not narrow the choice (a decision for a third class is neither
-    shape nor texture); the data's labels for a model without class names"""
+    shape nor texture). A model without class names has them in the data's order, as
+    finetune.py's ImageFolder numbers the sorted class folders: output i is the i-th of the 16
+    for a 16-way model, else of the data's sorted labels, of which it needs one output each"""
     sixteen = set(IMAGENET_16)
-    decides_16 = n_outputs == 1000 or sixteen <= set(model_classes or ())
+    decides_16 = n_outputs == 1000 or sixteen <= set(model_classes or ()) or (
+        not model_classes and n_outputs == len(sixteen))
     if set(labels) <= sixteen and decides_16:
         return sorted(sixteen)
     if not model_classes:
-        return sorted(set(labels))
+        categories = sorted(set(labels))
+        if n_outputs != len(categories):
+            raise ValueError(f"the model names no classes and has {n_outputs} outputs, but the data has "
+                             f"{len(categories)} categories {categories}: give a checkpoint that names "
+                             "its classes (finetune.py saves them)")
+        return categories
     missing = sorted(set(labels) - set(model_classes))
     if missing:
         raise ValueError(f"the model's classes {model_classes} lack the data's categories {missing}")
@@ -318,19 +329,25 @@ def condition_key(condition):
     return "nan" if math.isnan(value) else value
 
 
+def hidden(path):
+    """a path with a part that starts with '.': macOS's '._' AppleDouble files and .DS_Store, a
+    notebook's .ipynb_checkpoints/, which are not data"""
+    return any(part.startswith(".") for part in os.path.normpath(path).split(os.sep))
+
+
 def ood_images(folder):
     """one model-vs-human dataset folder -> [(path, condition, category)], in either layout of its
     release (modelvshuman/datasets/base.py, Dataset.contains_sessions; datasets/info_mappings.py):
     dnn/session-N/<trial>_<experiment>_dnn_<condition>_<category>_<image>.png for 14 datasets
     (InfoMappingWithSessions), <category>/<image>.png for cue-conflict, edge and silhouette
-    (ImageNetInfoMapping, condition 'NaN')"""
+    (ImageNetInfoMapping, condition 'NaN'); hidden entries are skipped"""
     images = []
     sessions = os.path.join(folder, "dnn")
     if os.path.isdir(sessions):
         for session in sorted(os.listdir(sessions)):
             d = os.path.join(sessions, session)
-            for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
-                if not f.lower().endswith(IMAGE_EXTENSIONS):
+            for f in sorted(os.listdir(d)) if os.path.isdir(d) and not hidden(session) else []:
+                if hidden(f) or not f.lower().endswith(IMAGE_EXTENSIONS):
                     continue
                 fields = f.split("_")
                 if len(fields) < 6:
@@ -341,9 +358,9 @@ def ood_images(folder):
     else:
         for category in sorted(os.listdir(folder)):
             d = os.path.join(folder, category)
-            files = sorted(os.listdir(d)) if os.path.isdir(d) else []
+            files = sorted(os.listdir(d)) if os.path.isdir(d) and not hidden(category) else []
             images += [(os.path.join(d, f), "NaN", category) for f in files
-                       if f.lower().endswith(IMAGE_EXTENSIONS)]
+                       if not hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
     if not images:
         raise DataError(f"no images in '{folder}': a model-vs-human dataset folder holds "
                         "dnn/session-1/*.png or <category>/*.png")
@@ -356,29 +373,34 @@ def human_trials(folder):
     in any case (modelvshuman/helper/plotting_helper.py, read_all_csv_files_from_directory lowers
     them); only subjects named 'subject-...' are humans, as the benchmark's own evaluation writes
     its models' CSVs into the same folders (modelvshuman/plotting/plot.py,
-    get_human_and_CNN_subjects)"""
+    get_human_and_CNN_subjects). Text is UTF-8, a byte order mark skipped, as pandas.read_csv reads
+    it (plotting_helper.py, read_data)"""
     subjects = {}
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".csv"):
             continue
         path = os.path.join(folder, name)
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            columns = {c.strip().lower(): c for c in reader.fieldnames or []}
-            missing = [c for c in ("subj",) + TRIAL_COLUMNS if c not in columns]
-            if missing:
-                raise DataError(f"{path} lacks the column(s) {', '.join(missing)}: "
-                                "model-vs-human's raw-data CSVs have subj, "
-                                f"{', '.join(TRIAL_COLUMNS)}")
-            for row in reader:
-                subject = row[columns["subj"]]
-                if subject.startswith("subject-"):
-                    trial = tuple(row[columns[c]] for c in TRIAL_COLUMNS)
-                    subjects.setdefault(subject, (path, []))[1].append(trial)
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM is no part of a name
+                reader = csv.DictReader(f)
+                columns = {c.strip().lower(): c for c in reader.fieldnames or []}
+                missing = [c for c in ("subj",) + TRIAL_COLUMNS if c not in columns]
+                if missing:
+                    raise DataError(f"{path} lacks the column(s) {', '.join(missing)}: "
+                                    "model-vs-human's raw-data CSVs have subj, "
+                                    f"{', '.join(TRIAL_COLUMNS)}")
+                for row in reader:
+                    subject = row[columns["subj"]]
+                    if subject.startswith("subject-"):
+                        trial = tuple(row[columns[c]] for c in TRIAL_COLUMNS)
+                        subjects.setdefault(subject, (path, []))[1].append(trial)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x}): save it as "
+                            "UTF-8, the encoding model-vs-human's pandas.read_csv reads") from None
     return subjects
 
 
-def ood_scores(name, model_trials, humans=None, images_at="the model's trials"):
+def ood_scores(name, model_trials, humans=None, images_at="the model's trials", unreadable=()):
     """the benchmark's numbers for one dataset from trials (imagename, condition, category,
     response) of the model and of each human subject, matched by short image name within a
     condition (modelvshuman/plotting/analyses.py, ErrorConsistency.analysis: per condition, sorted
@@ -386,7 +408,10 @@ def ood_scores(name, model_trials, humans=None, images_at="the model's trials"):
     conditions (the excluded ones dropped: plotting/plot.py, get_mean_over_datasets), also per
     condition and over all trials. error_consistency: per subject, kappa per benchmark condition,
     mean over conditions; then the mean over subjects (plot.py, get_raw_benchmark_df and
-    format_benchmark_df). cue-conflict, edge, silhouette, sketch, stylized: one condition."""
+    format_benchmark_df). cue-conflict, edge, silhouette, sketch, stylized: one condition.
+    unreadable: (imagename, condition) of the dataset's images that could not be read; the humans'
+    trials on them are left out and counted (human_trials_unreadable), not taken for images missing
+    from the release."""
     parametric = name in OOD_CONDITIONS
     excluded = {condition_key(c) for c in OOD_EXCLUDED.get(name, [])}
 
@@ -404,7 +429,8 @@ def ood_scores(name, model_trials, humans=None, images_at="the model's trials"):
         per_condition.setdefault(k[0], []).append(correct[k])
     kept = [c for (condition, _), c in correct.items() if condition not in excluded]
     result = dict(accuracy=float(np.mean(kept)) if kept else None,
-                  accuracy_all_trials=float(np.mean(list(correct.values()))), images=len(correct))
+                  accuracy_all_trials=float(np.mean(list(correct.values()))), images=len(correct),
+                  unreadable_images=len(unreadable))
     if parametric:  # in the benchmark's order, named as experiments.py names them
         conditions = OOD_CONDITIONS[name][1]
         rank = {condition_key(c): i for i, c in enumerate(conditions)}
@@ -415,12 +441,15 @@ def ood_scores(name, model_trials, humans=None, images_at="the model's trials"):
         result["excluded_conditions"] = OOD_EXCLUDED[name]
     if humans is None:
         return result
-    per_subject = {}
-    for subject, (path, trials) in sorted(humans.items()):
+    skipped = {key(image, condition) for image, condition in unreadable}
+    per_subject, matched = {}, 0
+    for subject, (path, all_trials) in sorted(humans.items()):
+        trials = [t for t in all_trials if key(t[0], t[1]) not in skipped]
+        matched += len(trials)
         missing = [t for t in trials if key(t[0], t[1]) not in correct]
         if missing:
             image, condition = missing[0][:2]
-            raise DataError(f"{path}: {len(missing)} of the {len(trials)} trials of {subject} show "
+            raise DataError(f"{path}: {len(missing)} of the {len(all_trials)} trials of {subject} show "
                             f"images that are not in {images_at} (first: '{image}', condition "
                             f"'{condition}', short name '{short_image_name(image)}'): give the "
                             "dataset folder of the same model-vs-human release")
@@ -437,7 +466,8 @@ def ood_scores(name, model_trials, humans=None, images_at="the model's trials"):
     values = list(per_subject.values())
     result.update(error_consistency=float(np.mean(values)) if values else None,
                   error_consistency_per_subject=per_subject, subjects=len(values),
-                  human_trials_matched=sum(len(t) for _, t in humans.values()))
+                  human_trials_matched=matched,
+                  human_trials_unreadable=sum(len(t) for _, t in humans.values()) - matched)
     return result
 
 
@@ -818,6 +848,8 @@ def parse_args(argv):
             except ValueError:
                 kind = type(DEFAULTS[key]).__name__
                 raise SystemExit(f"error: --{key}={value}: '{key}' must be {kind}") from None
+            if isinstance(opts[key], float) and not math.isfinite(opts[key]):
+                raise SystemExit(f"error: --{key}={value}: '{key}' must be a finite number")
         else:
             models.append(arg)
     if opts["metric"] not in METRICS + ("all",):
@@ -861,15 +893,26 @@ def subset_of(dataset, opts):
     return order[:opts["n_images"]].tolist()
 
 
-def labelled_batches(model, dataset, subset, opts, device):
-    """the subset as a list of (images, labels) on the device, for the loss of a classifier"""
+def labelled_batches(model, dataset, subset, opts, device, classes=None):
+    """the subset as a list of (images, labels) on the device, for the loss of a classifier.
+    classes: the class names of the model's outputs, where its checkpoint has them; the data's class
+    folders must be those names, in any order: each image's label is the output of its folder's name"""
     if model.head is None or model.config.num_classes != len(dataset.classes):
         raise SystemExit(f"error: the Hessian needs a classifier for the data's "
                          f"{len(dataset.classes)} classes; this model has "
                          f"{model.config.num_classes or 'no'} outputs: fine-tune it first")
+    output = torch.arange(len(dataset.classes))  # data label -> model output
+    if classes:
+        if sorted(classes) != dataset.classes:
+            only_model = sorted(set(classes) - set(dataset.classes))
+            only_data = sorted(set(dataset.classes) - set(classes))
+            raise SystemExit(f"error: the model's classes are not the class folders under '{dataset.root}': "
+                             f"{only_model} only in the model, {only_data} only in the data: give the data "
+                             "the model was fine-tuned on")
+        output = torch.tensor([list(classes).index(c) for c in dataset.classes])
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, subset),
                                          batch_size=opts["batch_size"], collate_fn=collate)
-    batches = [(x.to(device), y.to(device)) for x, y, _, _ in loader if x is not None]
+    batches = [(x.to(device), output[y].to(device)) for x, y, _, _ in loader if x is not None]
     if not batches:
         raise DataError(f"no image of the {len(subset)} chosen under '{dataset.root}' could be read")
     return batches
@@ -899,14 +942,16 @@ def classifier_metric(metric, model, info, opts, device):
     if metric in ("hessian", "landscape"):
         dataset = image_folder(opts, "val")
         dataset.transform = EvalTransform(cfg.img_size)
-        batches = labelled_batches(model, dataset, subset_of(dataset, opts), opts, device)
+        batches = labelled_batches(model, dataset, subset_of(dataset, opts), opts, device,
+                                   info.get("classes"))
         if metric == "landscape":  # the axes: the top-2 eigenvectors by magnitude
             hessian = HessianOperator(model, batches, keep_graphs=bool(opts["keep_graphs"]))
             eig = lanczos(hessian, 2, opts["tol"], opts["lanczos_steps"], opts["seed"])
             directions = [hessian.unflat(v) for v in eig["vectors"]]
             coords, grid = loss_landscape(model, batches, directions, opts["span"], opts["steps"])
             return dict(eigenvalues=eig["values"], eigenvalue_order="largest magnitude first",
-                        coords=coords, loss=grid, center_loss=mean_loss(model, batches))
+                        coords=coords, loss=grid, center_loss=mean_loss(model, batches),
+                        images=sum(len(t) for _, t in batches))
         r = curvature(model, batches, opts["top_k"], opts["tol"], opts["lanczos_steps"],
                       opts["trace_products"], opts["trace_tol"], opts["seed"],
                       bool(opts["keep_graphs"]))
@@ -928,12 +973,13 @@ def classifier_metric(metric, model, info, opts, device):
         # model-vs-human's datasets folder holds cue-conflict/, the embedded data cue_conflict/
         has_mvh = os.path.isdir(os.path.join(resolve_data_dir(opts["data"]), "cue-conflict"))
         dataset = image_folder(opts, "cue-conflict" if has_mvh else "cue_conflict")
-        paths = [p for p, _ in dataset.samples]
+        paths = [p for p, _ in dataset.samples]  # hidden entries are no samples (data.image_files)
         kept, logits = predict_files(model, paths, transform, device, opts["batch_size"])
         if not kept:
             raise DataError(f"no readable cue-conflict image under '{dataset.root}'")
         shapes, textures = zip(*[cue_conflict_labels(p) for p in kept])
-        categories = decision_categories(shapes + textures, logits.shape[-1], info.get("classes"))
+        listed = [label for p in paths for label in cue_conflict_labels(p)]  # read or not
+        categories = decision_categories(listed, logits.shape[-1], info.get("classes"))
         chosen = category_decisions(logits, categories, info.get("classes")).tolist()
         decisions = [categories[i] for i in chosen]
         overall, per_class = shape_bias(decisions, shapes, textures)
@@ -958,13 +1004,18 @@ def classifier_metric(metric, model, info, opts, device):
         if not kept:
             raise DataError(f"no readable image in '{folder}'")
         labels = {p: (condition, category) for p, condition, category in images}
-        truth = [category for _, _, category in images]
-        categories = decision_categories(truth, logits.shape[-1], info.get("classes"))
+        listed = [category for _, _, category in images]  # read or not
+        categories = decision_categories(listed, logits.shape[-1], info.get("classes"))
         chosen = category_decisions(logits, categories, info.get("classes")).tolist()
         trials = [(os.path.basename(p), *labels[p], categories[i]) for p, i in zip(kept, chosen)]
+        read = set(kept)
+        unreadable = [(os.path.basename(p), condition) for p, condition, _ in images if p not in read]
         human_dir = os.path.join(opts["human"], name) if opts["human"] else ""
         humans = human_trials(human_dir) if os.path.isdir(human_dir) else None
-        entry[name] = ood_scores(name, trials, humans, f"'{folder}'")
+        entry[name] = ood_scores(name, trials, humans, f"'{folder}'", unreadable)
+        if entry[name].get("human_trials_unreadable"):
+            print(f"warning: {name}: {entry[name]['human_trials_unreadable']} human trials show the "
+                  f"{len(unreadable)} unreadable image(s) above and are left out", file=sys.stderr)
     return ood_summary(entry)
 
 
@@ -1047,13 +1098,13 @@ def main(argv):
             if "svd" in metrics and stats["count"] < 2:
                 raise SystemExit(f"error: the image-level spectrum needs at least 2 images; only "
                                  f"{stats['count']} of the {len(subset)} chosen could be read")
-            for m in metrics:
+            for m in metrics:  # images: how many of the subset were read
                 if m == "attn_map":
                     maps[label] = stats["maps"]
                     results[m][label] = dict(layer=request["layer"], queries=request["queries"],
-                                             attention=stats["maps"][1].tolist())
+                                             attention=stats["maps"][1].tolist(), images=stats["count"])
                 else:
-                    results[m][label] = summarize(m, stats, cfg, opts["fourier_at"])
+                    results[m][label] = summarize(m, stats, cfg, opts["fourier_at"]) | dict(images=stats["count"])
     except (CheckpointError, DataError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     for m in metrics:
@@ -1082,9 +1133,21 @@ def read_sharpness(path):
     return log
 
 
+def strict_json(obj):
+    """obj as JSON text without the NaN and Infinity tokens that JSON has not (Python writes them,
+    strict parsers refuse them): a non-finite number is written as null, no value"""
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        return [finite(v) for v in x] if isinstance(x, (list, tuple)) else x
+    return json.dumps(finite(obj), allow_nan=False)
+
+
 def write(metric, results, settings, out, maps=None):
     json_path, png_path = os.path.join(out, f"{metric}.json"), os.path.join(out, f"{metric}.png")
-    write_atomic(json_path, json.dumps(dict(metric=metric, settings=settings, models=results)))
+    write_atomic(json_path, strict_json(dict(metric=metric, settings=settings, models=results)))
     drawn = plot(metric, results, png_path, maps)
     print(f"{metric}: {json_path}" + (f", {png_path}" if drawn else ""))
     for label, r in results.items():
@@ -1168,7 +1231,7 @@ def curves(paths, labels, out):
         results[label] = {field: dict(iter=i, value=v) for field, (i, v) in series.items()}
     json_path, png_path = os.path.join(out, "curves.json"), os.path.join(out, "curves.png")
     settings = dict(models=dict(zip(labels, paths)))
-    write_atomic(json_path, json.dumps(dict(metric="curves", settings=settings, models=results)))
+    write_atomic(json_path, strict_json(dict(metric="curves", settings=settings, models=results)))
     drawn = plot_curves(results, png_path)
     print(f"curves: {json_path}" + (f", {png_path}" if drawn else ""))
     for label, r in results.items():
@@ -1485,15 +1548,14 @@ def report_blocks(root, metrics, figures, finetunes, steps):
 
 
 def images_of(metric, settings, models):
-    """a figure caption's images: shape_bias the cue-conflict images each model decided on;
-    sharpness (finetune.py's first val batch) and ood (the datasets' own) none; the others the
-    n_images of the data"""
-    if metric == "shape_bias":
-        counts = sorted({entry["images"] for entry in models.values()})
-        return f", {' or '.join(map(str, counts))} cue-conflict images of {settings.get('data')}"
-    if metric in ("sharpness", "ood") or "n_images" not in settings:
+    """a figure caption's images: the images each model's entry says were read (shape_bias: the
+    cue-conflict images decided on), the data's n_images in a file written before entries said it;
+    sharpness (finetune.py's first val batch), ood (the datasets' own) and curves none"""
+    if metric in ("sharpness", "ood", "curves"):
         return ""
-    return f", {settings['n_images']} images of {settings['data']}"
+    counts = sorted({entry.get("images", settings.get("n_images")) for entry in models.values()} - {None})
+    kind = " cue-conflict" if metric == "shape_bias" else ""
+    return f", {' or '.join(map(str, counts))}{kind} images of {settings.get('data')}" if counts else ""
 
 
 def to_markdown(doc):

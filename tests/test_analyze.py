@@ -320,6 +320,11 @@ def test_metric_runs_on_vit_b_at_224(tmp_path):
      "error: unknown option '--n_imgs': options are --metric, --data"),
     (["--metric=fourier", "{teacher}", "--fourier_at=mid"],
      "error: --fourier_at=mid: choose blocks or half"),
+    (["--metric=landscape", "{teacher}", "--span=inf", "--steps=2", "--lanczos_steps=2", "--n_images=2"],
+     "error: --span=inf: 'span' must be a finite number"),
+    (["--metric=hessian", "{teacher}", "--trace_tol=1e999", "--top_k=1", "--lanczos_steps=2",
+      "--trace_products=3", "--n_images=2"], "error: --trace_tol=1e999: 'trace_tol' must be a finite number"),
+    (["--metric=hessian", "{teacher}", "--tol=nan"], "error: --tol=nan: 'tol' must be a finite number"),
 ])
 def test_bad_input(tiny_teacher, tiny_data, args, message):
     result = run_analyze([a.format(teacher=tiny_teacher) for a in args] + [f"--data={tiny_data}"])
@@ -391,6 +396,47 @@ def test_summaries_without_a_value_print_n_a(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "shape bias n/a over 2" in printed and "mean accuracy n/a over 0 datasets" in printed
     assert json.load(open(tmp_path / "shape_bias.json"))["models"]["m"]["shape_bias"] is None
+
+
+def strict_json(path):
+    """a JSON file read as strict JSON parsers read it: NaN, Infinity and -Infinity are no tokens"""
+    def refuse(token):
+        raise ValueError(f"{path} has {token}, which is not JSON")
+    return json.loads(open(path).read(), parse_constant=refuse)
+
+
+def test_written_json_is_strict_json(tmp_path):
+    """a run that diverged logs a loss of NaN (common.append_jsonl, json.dumps's NaN token) and a
+    sharpness log with an infinite trace: curves.json and sharpness.json hold null there"""
+    from common import append_jsonl
+    log = tmp_path / "run" / "log.jsonl"
+    append_jsonl(str(log), dict(iter=0, loss=2.3, lr=1e-3))
+    append_jsonl(str(log), dict(iter=10, loss=float("nan"), lr=1e-3))
+    (tmp_path / "run" / "sharpness.json").write_text(json.dumps(
+        [dict(iter=0, eigenvalue=3.0, trace=40.0, trace_stderr=1.0),
+         dict(iter=10, eigenvalue=float("nan"), trace=float("inf"), trace_stderr=float("nan"))]))
+    result = run_analyze(["--metric=curves", str(log), f"--out={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert strict_json(tmp_path / "curves.json")["models"]["run"]["loss"]["value"] == [2.3, None]
+    result = run_analyze(["--metric=sharpness", str(tmp_path / "run" / "sharpness.json"), f"--out={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-1000:]
+    last = strict_json(tmp_path / "sharpness.json")["models"]["sharpness"][1]
+    assert last == dict(iter=10, eigenvalue=None, trace=None, trace_stderr=None)
+
+
+def test_representation_metrics_record_the_images_read(tiny_teacher, tiny_data, tmp_path):
+    """--n_images=64 of a folder with 8 images: every entry says 8 were read"""
+    for name in sorted(os.listdir(os.path.join(tiny_data, "val")))[:2]:
+        folder = os.path.join(tiny_data, "val", name)
+        os.makedirs(tmp_path / "few" / name)
+        for f in sorted(os.listdir(folder))[:4]:
+            shutil.copy(os.path.join(folder, f), tmp_path / "few" / name / f)
+    result = run_analyze(["--metric=all", tiny_teacher, f"--data={tmp_path / 'few'}", "--n_images=64",
+                          f"--out={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-1000:]
+    for metric in ("attn_map", "attn_distance", "attn_entropy", "nmi", "fourier", "svd"):
+        report = json.load(open(tmp_path / f"{metric}.json"))
+        assert report["settings"]["n_images"] == 64 and report["models"]["teacher"]["images"] == 8, metric
 
 
 def test_options_take_the_value_after_a_space(tiny_data, tiny_teacher, tmp_path):

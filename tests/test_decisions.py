@@ -67,7 +67,19 @@ def test_decision_categories_are_the_benchmarks_16_when_the_model_has_them():
     sixteen = sorted(IMAGENET_16)
     assert decision_categories(["cat", "dog"], 1000) == sixteen  # the benchmark ranks all 16
     assert decision_categories(["cat", "dog"], 20, sixteen + ["other"]) == sixteen
-    assert decision_categories(["star", "circle"], 1000) == ["circle", "star"]  # not the 16
+    assert decision_categories(["cat", "dog"], 16) == sixteen  # 16 outputs, no names: the 16 in order
+
+
+def test_a_model_without_class_names_has_them_in_the_datas_order():
+    """finetune.py's ImageFolder numbers the sorted class folders: output i is the i-th label"""
+    assert decision_categories(["star", "circle", "star"], 2) == ["circle", "star"]
+    logits = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    assert category_decisions(logits, ["circle", "star"]).tolist() == [1, 0]
+    # an ImageNet-1k classifier decides among the 16 only; any other count cannot be mapped
+    with pytest.raises(ValueError, match=r"names no classes and has 1000 outputs, but the data has 2"):
+        decision_categories(["star", "circle"], 1000)
+    with pytest.raises(ValueError, match=r"names no classes and has 3 outputs"):
+        decision_categories(["star", "circle"], 3)
 
 
 def test_other_classifiers_decide_among_all_their_classes():
@@ -158,3 +170,52 @@ def test_hessian_needs_a_classifier_for_the_data(tiny_data, tmp_path):
     assert r.returncode != 0
     assert ("the Hessian needs a classifier for the data's 6 classes; "
             "this model has 10 outputs") in r.stderr
+
+
+def save_variant(path, checkpoint, classes, order=None):
+    """the checkpoint with other class names (None: none), its head's outputs taken in `order`"""
+    obj = torch.load(checkpoint, weights_only=True)
+    if order is not None:
+        for key in ("head.weight", "head.bias"):
+            obj["model"][key] = obj["model"][key][order]
+    if classes is None:
+        del obj["classes"]
+    else:
+        obj["classes"] = classes
+    torch.save(obj, path)
+    return str(path)
+
+
+def test_hessian_and_landscape_label_the_data_by_the_checkpoints_class_names(tiny_data, tiny_teacher,
+                                                                              tmp_path):
+    """the same classifier with its outputs in another order (and the names in that order) has the
+    same loss: each folder's images are labelled with the output of that name; other names stop"""
+    from data.embedded import CLASSES
+    classes = sorted(CLASSES)
+    shuffled = save_variant(tmp_path / "shuffled.pt", tiny_teacher, classes[::-1], order=list(range(6))[::-1])
+    for metric, loss, extra in (("hessian", "loss", ["--top_k=1", "--trace_products=4"]),
+                                ("landscape", "center_loss", ["--steps=2"])):
+        r = run_analyze([f"--metric={metric}", tiny_teacher, shuffled, "--labels=sorted,shuffled",
+                         f"--data={tiny_data}", "--n_images=12", "--lanczos_steps=2", *extra,
+                         f"--out={tmp_path}"])
+        assert r.returncode == 0, r.stderr[-2000:]
+        models = json.load(open(tmp_path / f"{metric}.json"))["models"]
+        assert models["shuffled"][loss] == pytest.approx(models["sorted"][loss], rel=1e-6)
+        assert models["shuffled"]["images"] == 12
+    renamed = save_variant(tmp_path / "renamed.pt", tiny_teacher, ["disc" if c == "circle" else c for c in classes])
+    r = run_analyze(["--metric=hessian", renamed, f"--data={tiny_data}", f"--out={tmp_path}"])
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("error: the model's classes are not the class folders under "
+                               f"'{os.path.join(tiny_data, 'val')}': ['disc'] only in the model, "
+                               "['circle'] only in the data: give the data the model was fine-tuned on")
+
+
+def test_shape_bias_of_a_classifier_without_class_names(tiny_data, tiny_teacher, tmp_path):
+    """a checkpoint that names no classes has finetune.py's order, the sorted class folders: the
+    same decisions as the same model with its names"""
+    nameless = save_variant(tmp_path / "nameless.pt", tiny_teacher, None)
+    r = run_analyze(["--metric=shape_bias", tiny_teacher, nameless, "--labels=named,nameless",
+                     f"--data={tiny_data}", f"--out={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    models = json.load(open(tmp_path / "shape_bias.json"))["models"]
+    assert models["nameless"] == models["named"] and models["named"]["images"] == 30

@@ -110,13 +110,14 @@ def draw(category, path, size=16):
     Image.fromarray(img).save(path)
 
 
-def stub_checkpoint(path, size=16):
+def stub_checkpoint(path, size=16, outputs=1000):
     """an ImageNet-1k project checkpoint that decides the category drawn by draw(): one size x size
-    patch, no blocks; embedding k sums block k, so after the norms it is largest at the drawn k;
-    the head maps it onto category k's ImageNet classes"""
+    patch, one block whose zero weights add nothing; embedding k sums block k, so after the norms it
+    is largest at the drawn k; the head maps it onto category k's ImageNet classes (outputs=16: onto
+    output k, no class names)"""
     from model import ViT, ViTConfig
-    cfg = ViTConfig(img_size=size, patch_size=size, embed_dim=16, depth=0, num_heads=1,
-                    num_classes=1000)
+    cfg = ViTConfig(img_size=size, patch_size=size, embed_dim=16, depth=1, num_heads=1,
+                    num_classes=outputs)
     model = ViT(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -125,7 +126,7 @@ def stub_checkpoint(path, size=16):
         model.fc_norm.weight.fill_(1)
         for k, category in enumerate(CATEGORIES):
             model.patch_embed.proj.weight[(k, slice(None), *block(category, size))] = 1
-            model.head.weight[IMAGENET_16[category], k] = 10.0
+            model.head.weight[IMAGENET_16[category] if outputs == 1000 else k, k] = 10.0
     torch.save(dict(model=model.state_dict(), model_args=cfg.to_dict(), config={}), path)
 
 
@@ -136,23 +137,40 @@ def stub(tmp_path_factory):
     return path
 
 
-def test_ood_and_shape_bias_from_the_command_line_on_the_real_layout(stub, tmp_path):
-    datasets, raw = tmp_path / "datasets", tmp_path / "raw-data"
-    for dataset in DATASETS:
-        # datasets/<name>/dnn/session-1/<each file ResNet-50 saw>, drawn as ResNet-50's decision
-        session = datasets / dataset / "dnn" / "session-1"
-        for r in read_csv(resnet50_csv(dataset)):
-            draw(r["object_response"], str(session / r["imagename"]))
-        # raw-data/<name>/: the humans, and a model's CSV next to them as the benchmark ships it
-        shutil.copytree(os.path.join(FIXTURE, "raw-data", dataset), raw / dataset)
-        shutil.copy(resnet50_csv(dataset), raw / dataset)
-    # cue-conflict/<shape>/<shape>N-<texture>N.png decided as shape, shape, texture; one agrees
+def draw_session(datasets, dataset):
+    """datasets/<name>/dnn/session-1/<each file ResNet-50 saw>, drawn as ResNet-50's decision"""
+    session = datasets / dataset / "dnn" / "session-1"
+    for r in read_csv(resnet50_csv(dataset)):
+        draw(r["object_response"], str(session / r["imagename"]))
+    return session
+
+
+def draw_cue_conflict(datasets):
+    """cue-conflict/<shape>/<shape>N-<texture>N.png decided as shape, shape, texture; one agrees"""
     for i, shape in enumerate(CATEGORIES):
         texture = CATEGORIES[(i + 1) % 16]
         folder = datasets / "cue-conflict" / shape
         for n, decided in enumerate((shape, shape, texture)):
             draw(decided, str(folder / f"{shape}{n + 1}-{texture}{n + 1}.png"))
         draw(shape, str(folder / f"{shape}9-{shape}8.png"))
+
+
+@pytest.fixture(scope="module")
+def colour_release(tmp_path_factory):
+    """datasets/colour/ as the benchmark ships it, drawn once for the tests that copy it"""
+    datasets = tmp_path_factory.mktemp("release") / "datasets"
+    draw_session(datasets, "colour")
+    return datasets
+
+
+def test_ood_and_shape_bias_from_the_command_line_on_the_real_layout(stub, tmp_path):
+    datasets, raw = tmp_path / "datasets", tmp_path / "raw-data"
+    for dataset in DATASETS:
+        draw_session(datasets, dataset)
+        # raw-data/<name>/: the humans, and a model's CSV next to them as the benchmark ships it
+        shutil.copytree(os.path.join(FIXTURE, "raw-data", dataset), raw / dataset)
+        shutil.copy(resnet50_csv(dataset), raw / dataset)
+    draw_cue_conflict(datasets)
 
     r = run_analyze(["--metric=ood", stub, f"--data={datasets}", f"--human={raw}",
                      "--batch_size=256", f"--out={tmp_path}"])
@@ -237,3 +255,105 @@ def test_bad_input_is_one_line(stub, tmp_path):
         w.writerows(table)
     with pytest.raises(DataError, match="subject-02_session_1.csv lacks the column.s. imagename"):
         human_trials(str(raw / "colour"))
+
+
+def test_an_unreadable_image_leaves_out_its_human_trials(stub, colour_release, tmp_path):
+    """a zero-byte image (a copy cut short) is skipped, and the humans' trials on it are left out
+    and counted, said once; an image that is not in the folder at all still stops"""
+    datasets, raw = tmp_path / "datasets", tmp_path / "raw-data"
+    shutil.copytree(colour_release, datasets)
+    shutil.copytree(os.path.join(FIXTURE, "raw-data", "colour"), raw / "colour")
+    rows = read_csv(resnet50_csv("colour"))
+    session = datasets / "colour" / "dnn" / "session-1"
+    (session / rows[0]["imagename"]).write_bytes(b"")  # condition cr: out of both scores anyway
+    args = ["--metric=ood", stub, f"--data={datasets}", f"--human={raw}", "--batch_size=256",
+            f"--out={tmp_path}"]
+    r = run_analyze(args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2, r.stderr
+    assert lines[0].startswith(f"warning: skipping unreadable image {session / rows[0]['imagename']}")
+    assert lines[1] == "warning: colour: 4 human trials show the 1 unreadable image(s) above and are left out"
+    got = json.load(open(tmp_path / "ood.json"))["models"]["stub"]["datasets"]["colour"]
+    assert (got["images"], got["unreadable_images"], got["subjects"]) == (1279, 1, 4)
+    assert (got["human_trials_matched"], got["human_trials_unreadable"]) == (4 * 1279, 4)
+    expected = EXPECTED["colour"]
+    assert got["error_consistency"] == pytest.approx(expected["error_consistency"], abs=1e-9)
+    assert got["accuracy"] == pytest.approx(expected["accuracy_benchmark_conditions"], abs=1e-9)
+    hits = [x["object_response"] == x["category"] for x in rows[1:]]
+    assert got["accuracy_all_trials"] == pytest.approx(np.mean(hits), abs=1e-12)
+
+    os.remove(session / rows[1]["imagename"])
+    r = run_analyze(args)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr
+    assert "1 of the 1280 trials of subject-01 show images that are not in" in r.stderr
+
+
+# the header of an AppleDouble file, which macOS writes as ._NAME beside NAME on other file systems
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00" + b"Mac OS X        " + b"\x00\x00"
+
+
+def test_hidden_files_and_folders_are_not_data(stub, colour_release, tmp_path):
+    """macOS's ._NAME files and Jupyter's .ipynb_checkpoints/ beside a copy of the release are no
+    image, session, category or shape class, for ood and shape_bias"""
+    datasets = tmp_path / "datasets"
+    shutil.copytree(colour_release, datasets)
+    draw_cue_conflict(datasets)
+    first = read_csv(resnet50_csv("colour"))[0]["imagename"]
+    (datasets / "colour" / "dnn" / "session-1" / f"._{first}").write_bytes(APPLEDOUBLE)
+    checkpoint = first.replace(".png", "-checkpoint.png")
+    draw("oven", str(datasets / "colour" / "dnn" / ".ipynb_checkpoints" / checkpoint))
+    cue = datasets / "cue-conflict"
+    (cue / "cat" / "._cat1-chair1.png").write_bytes(APPLEDOUBLE)
+    draw("cat", str(cue / ".ipynb_checkpoints" / "cat1-chair1-checkpoint.png"))
+    draw("cat", str(cue / "cat" / ".ipynb_checkpoints" / "cat1-chair1-checkpoint.png"))
+    r = run_analyze(["--metric=ood", stub, f"--data={datasets}", "--batch_size=256",
+                     f"--out={tmp_path}"])
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-2000:]
+    found = json.load(open(tmp_path / "ood.json"))["models"]["stub"]["datasets"]
+    accuracy = EXPECTED["colour"]["accuracy_all_trials"]
+    assert found["colour"]["images"] == 1280
+    assert found["colour"]["accuracy_all_trials"] == pytest.approx(accuracy, abs=1e-9)
+    assert found["cue-conflict"]["images"] == 64
+    assert found["cue-conflict"]["accuracy"] == pytest.approx(0.75)
+    r = run_analyze(["--metric=shape_bias", stub, f"--data={datasets}", f"--out={tmp_path}"])
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-2000:]
+    sb = json.load(open(tmp_path / "shape_bias.json"))["models"]["stub"]
+    assert (sb["images"], sb["excluded_agreeing"], len(sb["per_class"])) == (48, 16, 16)
+    assert sb["shape_bias"] == pytest.approx(2 / 3)
+
+
+def test_a_16_way_classifier_without_class_names(tmp_path):
+    """a classifier fine-tuned on the 16 category folders whose checkpoint names no classes: its
+    outputs are the 16 in finetune.py's order (sorted), decided as the ImageNet stub's"""
+    checkpoint = str(tmp_path / "sixteen.pt")
+    stub_checkpoint(checkpoint, outputs=16)
+    datasets = tmp_path / "datasets"
+    draw_cue_conflict(datasets)
+    r = run_analyze(["--metric=shape_bias", checkpoint, f"--data={datasets}", f"--out={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    sb = json.load(open(tmp_path / "shape_bias.json"))["models"]["sixteen"]
+    assert (sb["images"], sb["excluded_agreeing"]) == (48, 16)
+    assert sb["shape_bias"] == pytest.approx(2 / 3)
+    r = run_analyze(["--metric=ood", checkpoint, f"--data={datasets}", f"--out={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    cue = json.load(open(tmp_path / "ood.json"))["models"]["sixteen"]["datasets"]["cue-conflict"]
+    assert cue["images"] == 64 and cue["accuracy"] == pytest.approx(0.75)
+
+
+def test_human_csvs_with_a_byte_order_mark_or_in_latin_1(tmp_path):
+    """a CSV saved with a UTF-8 byte order mark (Excel's 'CSV UTF-8') reads as without it, as
+    pandas.read_csv reads it for the benchmark; one in Latin-1 stops with one line naming it"""
+    original = os.path.join(FIXTURE, "raw-data", "colour")
+    folder = tmp_path / "colour"
+    shutil.copytree(original, folder)
+    path = folder / "colour_subject-01_session_1.csv"
+    text = path.read_text(encoding="utf-8")
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert human_trials(str(folder)) == {s: (str(folder / os.path.basename(p)), t)
+                                         for s, (p, t) in human_trials(original).items()}
+    path.write_bytes(text.replace("Session", "Séssion").encode("latin-1"))
+    with pytest.raises(DataError) as error:
+        human_trials(str(folder))
+    assert str(error.value) == (f"{path} is not UTF-8 text (byte 0xe9): save it as UTF-8, the "
+                                "encoding model-vs-human's pandas.read_csv reads")

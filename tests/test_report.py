@@ -165,6 +165,19 @@ def test_missing_results_are_not_tested(tmp_path):
     assert lines[("shape bias", "clip")][0] == reason
 
 
+def test_captions_count_the_images_each_model_read(tmp_path):
+    """a caption gives the images the entries say were read (n_images is what was asked for); a file
+    written before entries said it, its n_images"""
+    root = str(tmp_path / "run")
+    write_metric(root, "few", "nmi", dict(clip=per_layer_entry(layers(0.2, 0.05)) | dict(images=8),
+                                          md_clip=per_layer_entry(layers(0.1, 0.1)) | dict(images=6)))
+    write_metric(root, "older", "attn_distance", dict(clip=per_layer_entry(layers(10.0, 10.0))))
+    analyze.main(["--metric", "report", root])
+    markdown = open(os.path.join(root, "report.md")).read()
+    assert "*nmi (Fig. 6a): clip, md_clip, 6 or 8 images of embedded*" in markdown
+    assert "*attn_distance (Fig. 3a): clip, 16 images of embedded*" in markdown
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda root: None, "no analyze.py or finetune.py results"),
     (lambda root: os.rmdir(root), "takes one run folder"),
