@@ -687,6 +687,16 @@ class Meter:
         return text, numbers
 
 
+def lost_worker_line(error):
+    """The one line for torch's DataLoader error when a loader worker died (the kernel's OOM killer,
+    a signal) or None for any other error"""
+    text = f"{error}"
+    if not (isinstance(error, RuntimeError) and text.startswith("DataLoader worker")):
+        return None
+    return (f"error: {text.splitlines()[0]} (out of memory? lower --num_workers or --micro_batch_size); "
+            f"continue from the last checkpoint with --resume=True")
+
+
 def stopped_early(result):
     """' (stopped at iteration i of n)' for finetune.py's result.json of a run --stop_iter ended
     early (iter_num < max_iters; files without max_iters ran to their end), else ''"""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl, check_finite,
-                    apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log,
+                    apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
                     micro_batches, option_error, peak_flops, pyplot, record_nonfinite,
                     resume_checkpoint, resume_from, save_checkpoint, schedule_lengths,
                     sigterm_flag, stop_if_nonfinite, stopped_early, trim_log, wandb_init, wrap_for_training,
@@ -93,9 +93,9 @@ backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 # -----------------------------------------------------------------------------
 # settings a resumed run may change: they decide where, how fast and how often to report, not
 # what is computed (device, compile and backend change float rounding only); resume refuses others
-RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "eval_interval", "log_interval",
-                     "num_workers", "device", "compile", "backend", "init_path", "hessian_every",
-                     "summarize")
+RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "wandb_log", "wandb_project", "wandb_run_name",
+                     "eval_interval", "log_interval", "num_workers", "device", "compile", "backend", "init_path",
+                     "hessian_every", "summarize")
 # the checkpoint entries --resume reads, besides config, iter_num and optimizer
 RESUME_ENTRIES = ("model", "best_top1")
 
@@ -251,14 +251,26 @@ def main():
         train_sampler, micro_batch_size, accum, epochs, warmup_epochs, stop_iter)
     eval_every = eval_interval or iters_per_epoch
 
+    def write_result(top1, top5):
+        """result.json, the numbers --summarize reads: the last evaluation's and the best top-1"""
+        result = dict(top1=top1, top5=top5, best_top1=best_top1, iter_num=iter_num, max_iters=max_iters,
+                      config=config)  # iter_num < max_iters: stopped early by --stop_iter
+        write_atomic(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1))
+        ended = "done" if iter_num >= max_iters else f"stopped at iteration {iter_num} of {max_iters} (--stop_iter)"
+        log(ctx, f"{ended}: top-1 {top1:.2f}%, top-5 {top5:.2f}% ({os.path.join(out_dir, 'result.json')})")
+
     iter_num, best_top1 = 0, 0.0
+    top1 = top5 = 0.0  # the last evaluation's
     if resume:
         resume_from(ckpt, ckpt_path, optimizer, model=vit)
         iter_num, best_top1 = ckpt["iter_num"], ckpt["best_top1"]
+        top1, top5 = ckpt.get("top1", top1), ckpt.get("top5", top5)
         log(ctx, f"resumed from {ckpt_path} at iteration {iter_num}")
         if iter_num >= end_iter:
             log(ctx, f"nothing to do: the checkpoint is at iteration {iter_num}, "
                      f"this run ends at {end_iter}")
+            if ctx.master and "top1" in ckpt:  # its result.json again (a run killed before writing it)
+                write_result(top1, top5)
             ctx.close()
             return
     log_path = os.path.join(out_dir, "log.jsonl")  # a JSON record per log line and per evaluation
@@ -334,7 +346,6 @@ def main():
     params = [p for group in optimizer.param_groups for p in group["params"]]
     nonfinite = torch.full((3,), -1.0, dtype=torch.float64, device=ctx.device)  # checked at log lines only
     skipped = 0  # unreadable training images since the last log line
-    top1 = top5 = 0.0
     bar = tqdm(total=end_iter, initial=iter_num, disable=None if ctx.master else True, desc="fine-tune",
                dynamic_ncols=True)
     vit.train()
@@ -409,7 +420,7 @@ def main():
             if ctx.master:
                 checkpoint = dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config=config,
                                   optimizer=optimizer.state_dict(), iter_num=iter_num, best_top1=best_top1,
-                                  classes=train_set.classes)
+                                  top1=top1, top5=top5, classes=train_set.classes)
                 save_checkpoint(checkpoint, ckpt_path)
         if stop:
             bar.close()
@@ -420,11 +431,7 @@ def main():
             raise SystemExit(143)  # 128 + SIGTERM: the shell's code for a run ended by SIGTERM
     bar.close()
     if ctx.master:
-        result = dict(top1=top1, top5=top5, best_top1=best_top1, iter_num=iter_num, max_iters=max_iters,
-                      config=config)  # iter_num < max_iters: stopped early by --stop_iter
-        write_atomic(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1))
-        ended = "done" if iter_num >= max_iters else f"stopped at iteration {iter_num} of {max_iters} (--stop_iter)"
-        log(ctx, f"{ended}: top-1 {top1:.2f}%, top-5 {top5:.2f}% ({os.path.join(out_dir, 'result.json')})")
+        write_result(top1, top5)
     ctx.barrier()  # ranks leave together: one gone mid-save can abort rank 0's gloo (SIGABRT, once in CI)
     ctx.close()
 
@@ -438,3 +445,8 @@ if __name__ == "__main__":
             print(f"stopped by Ctrl-C: the last checkpoint in {out_dir} (if any) is kept; "
                   f"continue with --resume=True", file=sys.stderr)
         raise SystemExit(130)  # 128 + SIGINT
+    except RuntimeError as e:  # a loader worker killed: one line, not torch's traceback
+        line = lost_worker_line(e)
+        if line is None:
+            raise
+        raise SystemExit(line) from None

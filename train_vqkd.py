@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl,
-                    apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log,
+                    apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
                     micro_batches, option_error, peak_flops, record_nonfinite, resume_checkpoint,
                     resume_from, save_checkpoint, schedule_lengths, sigterm_flag,
                     stop_if_nonfinite, trim_log, wandb_init, wrap_for_training)
@@ -69,8 +69,8 @@ backend = ""
 # -----------------------------------------------------------------------------
 # settings a resumed run may change: they decide where, how fast and how often to report, not
 # what is computed (device, compile and backend change float rounding only); resume refuses others
-RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "save_interval", "log_interval",
-                     "num_workers", "device", "compile", "backend", "teacher_path",
+RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "wandb_log", "wandb_project", "wandb_run_name",
+                     "save_interval", "log_interval", "num_workers", "device", "compile", "backend", "teacher_path",
                      "collapse_threshold")
 # the checkpoint entries --resume reads, besides config, iter_num and optimizer
 RESUME_ENTRIES = ("model", "counts")
@@ -235,3 +235,8 @@ if __name__ == "__main__":
             print(f"stopped by Ctrl-C: the last checkpoint in {out_dir} (if any) is kept; "
                   f"continue with --resume=True", file=sys.stderr)
         raise SystemExit(130)  # 128 + SIGINT
+    except RuntimeError as e:  # a loader worker killed: one line, not torch's traceback
+        line = lost_worker_line(e)
+        if line is None:
+            raise
+        raise SystemExit(line) from None

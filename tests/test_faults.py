@@ -159,7 +159,9 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_data, t
     good = run(MD + [f"--teacher={teacher}"], tiny_data, ["--stop_iter=2", f"--out_dir={out}"])
     assert good.returncode == 0, good.stderr[-2000:]
     before = weights(out / "ckpt.pt")
-    obj["model"]["blocks.0.mlp.fc1.weight"][0, 0] = float("nan")  # a teacher that yields NaN targets
+    # a teacher that yields NaN targets: finite weights (a NaN weight is refused when loaded) whose
+    # products overflow float32
+    obj["model"]["blocks.0.mlp.fc1.weight"][0] = 3e38
     torch.save(obj, teacher)
     bad = run(MD + [f"--teacher={teacher}"], tiny_data,
               ["--stop_iter=4", f"--out_dir={out}", "--resume=True"])
@@ -658,6 +660,62 @@ def test_sharpness_log_after_a_resume_has_each_iteration_once(tiny_data, tiny_te
     assert_same(weights(out / "ckpt.pt"), weights(tmp_path / "straight" / "ckpt.pt"))
 
 
+def test_a_fine_tune_whose_result_json_failed_writes_it_on_resume(tiny_data, tiny_teacher, tmp_path):
+    """The last checkpoint is saved, then result.json cannot be written (here a folder stands in its
+    place; a full disk or a kill at that moment is the same): after the user clears it, --resume
+    writes the result from the checkpoint. Before, it said "nothing to do" and the result was lost."""
+    args = FT + [f"--init={tiny_teacher}", "--stop_iter=2"]
+    straight = run(args, tiny_data, [f"--out_dir={tmp_path / 'straight'}"])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    out = tmp_path / "run"
+    (out / "result.json").mkdir(parents=True)
+    failed = run(args, tiny_data, [f"--out_dir={out}"])
+    assert failed.returncode != 0 and failed.stderr.strip().startswith(f"error: could not write {out / 'result.json'}")
+    assert weights_at(out / "ckpt.pt")["iter_num"] == 2
+    (out / "result.json").rmdir()
+    resumed = run(args, tiny_data, [f"--out_dir={out}", "--resume=True"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected = json.load(open(tmp_path / "straight" / "result.json"))
+    got = json.load(open(out / "result.json"))
+    assert {k: got[k] for k in ("top1", "top5", "best_top1", "iter_num")} == \
+           {k: expected[k] for k in ("top1", "top5", "best_top1", "iter_num")}
+
+
+def child_pids(pid):
+    """the processes whose parent is pid, from /proc"""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:  # not a process, or it ended meanwhile
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def test_a_killed_loader_worker_is_one_line(tiny_data, tiny_teacher, tmp_path):
+    """SIGKILL to a loader worker (what the kernel's OOM killer does): torch's DataLoader raises in
+    the main process; the run ends with one line that says how to go on, not a traceback. (torch's
+    SIGCHLD handler raises wherever the main thread is: landing in a finalizer, Python prints it as
+    "Exception ignored in ..." before that line, and the run still ends with it.)"""
+    args = MD + [f"--teacher={tiny_teacher}", "--num_workers=1", "--epochs=50"]
+    proc, err = start(command(args, tiny_data, [f"--out_dir={tmp_path / 'run'}"]), tmp_path)
+    wait_for_line(proc, "iter 2", err)
+    killed = []
+    while not killed and proc.poll() is None:  # between epochs there may be no worker for a moment
+        for pid in child_pids(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        time.sleep(0.05)
+    proc.stdout.read()
+    proc.wait(timeout=300)
+    stderr = open(err).read()
+    assert killed and proc.returncode == 1, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: DataLoader worker (pid") and last.endswith("with --resume=True"), last
+
+
 def test_resume_with_a_cut_sharpness_log_sets_it_aside(tiny_data, tiny_teacher, tmp_path):
     """a sharpness.json cut or edited by hand (the run itself writes it atomically): the resumed
     run keeps the bytes beside it, says so, and logs the curve again; before, a JSONDecodeError"""
@@ -707,7 +765,7 @@ def test_resume_refuses_changes_of_the_run_and_allows_the_rest(tiny_data, tiny_t
     shutil.copytree(out, moved)
     allowed = run(args, tiny_data, ["--stop_iter=2", f"--out_dir={moved}", "--resume=True",
                                     "--eval_interval=3", "--log_interval=2", "--num_workers=1",
-                                    "--device=cpu"])
+                                    "--device=cpu", "--wandb_run_name=resumed"])
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     straight = run(args, tiny_data, ["--stop_iter=2", f"--out_dir={tmp_path / 'straight'}"])
     assert straight.returncode == 0, straight.stderr[-2000:]
