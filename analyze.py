@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import option_error, pyplot, stopped_early, write_atomic
+from common import option_error, pyplot, save_figure, stopped_early, write_atomic
 from data import (IMAGE_EXTENSIONS, DataError, EvalTransform, ImageFolder, collate, load_image,
                   resolve_data_dir)
 from hessian import HessianOperator, curvature, keep_freed_memory, lanczos, loss_landscape, mean_loss
@@ -624,7 +624,7 @@ def plot(metric, results, path, maps=None):
     if metric in CLASSIFIER + ("sharpness",):
         fig = plot_classifier(plt, metric, results)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, 110)
         plt.close(fig)
         return True
     if metric in ("attn_distance", "nmi", "fourier"):
@@ -721,7 +721,7 @@ def plot(metric, results, path, maps=None):
         ax.grid(alpha=0.3)
     if metric != "svd":
         fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, 110)
     plt.close(fig)
     return True
 
@@ -1261,7 +1261,7 @@ def plot_curves(results, path):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, 110)
     plt.close(fig)
     return True
 # report: one page over a run of experiments/paper.sh that tests the paper's claims

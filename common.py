@@ -724,6 +724,20 @@ def write_atomic(path, text):
         raise SystemExit(write_error(path, e)) from None
 
 
+def save_figure(fig, path, dpi):
+    """fig as a PNG at path through a temp file and a rename, like write_atomic: a full disk, a file
+    size limit or a kill while writing leaves an older figure of that name whole; a failed write is
+    one line"""
+    tmp = path + ".tmp"
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(write_error(path, e)) from None
+
+
 def append_jsonl(path, record, wandb_run=None):
     """Append one record (a dict with 'iter') to path as a line of JSON, written and closed at once,
     so a killed run loses at most a truncated last line; also to the W&B run when there is one."""

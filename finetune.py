@@ -25,7 +25,7 @@ from tqdm import tqdm
 from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl, check_finite,
                     apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
                     micro_batches, option_error, peak_flops, pyplot, record_nonfinite,
-                    resume_checkpoint, resume_from, save_checkpoint, schedule_lengths,
+                    resume_checkpoint, resume_from, save_checkpoint, save_figure, schedule_lengths,
                     sigterm_flag, stop_if_nonfinite, stopped_early, trim_log, wandb_init, wrap_for_training,
                     write_atomic)
 from data import (DataError, EvalTransform, ImageFolder, TrainTransform, check_same_classes, make_loader,
@@ -194,7 +194,7 @@ def print_summary(root):
         ax.legend() if ax.lines else None
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(root, "summary.png"), dpi=120)
+    save_figure(fig, os.path.join(root, "summary.png"), 120)
     print(f"figure: {os.path.join(root, 'summary.png')}")
 
 

@@ -426,6 +426,32 @@ def test_log_and_lock_write_failures_are_one_line(tiny_data, tiny_teacher, tmp_p
         subprocess.run(["umount", str(disk)])
 
 
+def test_a_figure_that_cannot_be_written_is_one_line_and_keeps_the_older_one(tmp_path):
+    """analyze.py writes its PNGs through a temporary file: under a file size limit (a full disk is
+    the same write error) one line, and the figure of an earlier run is kept whole; before, an
+    OSError traceback from PIL and a cut PNG"""
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "run" / "log.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps(dict(iter=i, loss=1 / i, lr=1e-3)) + "\n" for i in range(1, 50)))
+    cmd = [sys.executable, "analyze.py", "--metric=curves", str(log), f"--out={tmp_path / 'figs'}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    png = (tmp_path / "figs" / "curves.png").read_bytes()
+    json_size = os.path.getsize(tmp_path / "figs" / "curves.json")
+    assert png.startswith(b"\x89PNG") and len(png) > 4 * json_size
+    limit = 2 * json_size  # the JSON fits, the figure does not
+    again = subprocess.run([*cmd, "--labels=again"], capture_output=True, text=True, cwd=ROOT, env=env,
+                           timeout=300, preexec_fn=file_size_limit(limit))
+    assert again.returncode == 1, again.stderr[-2000:]
+    png_path = tmp_path / "figs" / "curves.png"
+    assert again.stderr.strip() == (f"error: could not write {png_path} (File too large): free space there "
+                                    "or write to another folder")
+    assert png_path.read_bytes() == png
+    assert sorted(os.listdir(tmp_path / "figs")) == ["curves.json", "curves.png"]  # no temporary file left
+
+
 def test_out_dir_that_is_a_file_or_read_only_stops_before_any_work(tmp_path):
     from common import check_out_dir
     afile = tmp_path / "afile"
