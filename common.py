@@ -347,7 +347,7 @@ def download(url, sha256=None, cache_dir=CACHE_DIR, instead="give its path inste
                     digest.update(chunk)
                     bar.update(len(chunk))
     except OSError as e:  # no network, a refused or cut connection, HTTP errors (URLError)
-        if os.path.exists(tmp):
+        if os.path.isfile(tmp):  # (a folder of that name stays)
             os.remove(tmp)
         reason = getattr(e, "reason", None) or e.strerror or e
         raise CheckpointError(f"could not download {url} ({reason}): fetch the file elsewhere and "
@@ -374,6 +374,9 @@ def read_checkpoint(path):
     weights_only=True (which also admits argparse.Namespace, above), so a file that would run code
     on load is refused; TorchScript archives (CLIP's) give their parameters and buffers by
     read_torchscript, never torch.jit.load."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"'{path}' is a folder, not a checkpoint file: give a file in it, like "
+                              f"{os.path.join(path, 'ckpt.pt')}")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' not found")
     if zipfile.is_zipfile(path):
@@ -570,7 +573,7 @@ def save_atomic(obj, path, kept):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
+        if os.path.isfile(tmp):  # (a folder of that name stays)
             os.remove(tmp)
         if not isinstance(e, (OSError, RuntimeError)):
             raise
@@ -719,7 +722,7 @@ def write_atomic(path, text):
             f.write(text)
         os.replace(tmp, path)
     except OSError as e:
-        if os.path.exists(tmp):
+        if os.path.isfile(tmp):  # (a folder of that name stays)
             os.remove(tmp)
         raise SystemExit(write_error(path, e)) from None
 
@@ -733,7 +736,7 @@ def save_figure(fig, path, dpi):
         fig.savefig(tmp, dpi=dpi, format="png")
         os.replace(tmp, path)
     except OSError as e:
-        if os.path.exists(tmp):
+        if os.path.isfile(tmp):  # (a folder of that name stays)
             os.remove(tmp)
         raise SystemExit(write_error(path, e)) from None
 
@@ -758,7 +761,12 @@ def trim_log(path, last_iter):
     if not os.path.exists(path):
         return
     kept = []
-    with open(path, errors="replace") as f:
+    try:
+        f = open(path, errors="replace")
+    except OSError as e:  # e.g. a folder of that name
+        raise SystemExit(f"error: could not read {path} ({e.strerror or e}): move it away or choose another "
+                         f"out_dir") from None
+    with f:
         for line in f:
             try:
                 keep = json.loads(line)["iter"] <= last_iter
@@ -823,7 +831,10 @@ def lock_out_dir(out_dir):
     returned file open for the whole run, and open run.lock nowhere else (closing any descriptor
     of the file drops a POSIX lock); call it on the master process only, after check_out_dir."""
     import fcntl
-    f = open(os.path.join(out_dir, "run.lock"), "a+")
+    try:
+        f = open(os.path.join(out_dir, "run.lock"), "a+")
+    except OSError as e:  # e.g. a folder of that name
+        raise SystemExit(write_error(os.path.join(out_dir, "run.lock"), e)) from None
     try:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it

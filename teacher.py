@@ -231,14 +231,6 @@ def build_vit(cfg, sd, source):
     return model
 
 
-def read_model_file(path):
-    """read_checkpoint, which would call a folder a missing file"""
-    if os.path.isdir(path):
-        raise CheckpointError(f"'{path}' is a folder, not a checkpoint file: give a file in it, like "
-                              f"{os.path.join(path, 'ckpt.pt')}")
-    return read_checkpoint(path)
-
-
 def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
     """Any model form -> (ViT in eval mode, info dict). `path` is a local copy of an official
     teacher's file (no download). `act` is the activation of a CLIP-layout file, which its keys do
@@ -256,7 +248,10 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
         raise CheckpointError(f"unknown model '{name}': choose {NAMES} or a checkpoint path")
     if act not in (None, *CLIP_ACTS):
         raise CheckpointError(f"unknown activation '{act}' for a CLIP-layout file: choose {' or '.join(CLIP_ACTS)}")
-    obj = read_model_file(source)
+    obj = read_checkpoint(source)
+    if isinstance(obj, dict) and "vqkd_args" in obj:
+        raise CheckpointError(f"'{source}' is a VQ-KD tokenizer (train_vqkd.py), not a ViT: give it to "
+                              f"train_md.py as --target=vqkd --tokenizer={source}")
     project = isinstance(obj, dict) and "model_args" in obj and "model" in obj
     try:
         sd = unwrap_state_dict(obj["model"] if project else obj)  # a project's 'model' may have DDP/compile prefixes
@@ -442,7 +437,7 @@ def export_weights(src, dst, act=None):
     A train_vqkd.py tokenizer keeps its vqkd_args, so that --tokenizer still reads it.
     Any other model form (a timm file, say) becomes such a checkpoint of its converted weights
     (`act`: a CLIP-layout file's activation, as load_model takes it)."""
-    obj = read_model_file(src)
+    obj = read_checkpoint(src)
     if isinstance(obj, dict) and "model_args" in obj and act is None:
         keep = ("model", "model_args", "vqkd_args", "config", "classes")
         save_atomic({k: obj[k] for k in keep if k in obj}, dst, EXPORT_KEPT)

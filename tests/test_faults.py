@@ -452,6 +452,21 @@ def test_a_figure_that_cannot_be_written_is_one_line_and_keeps_the_older_one(tmp
     assert sorted(os.listdir(tmp_path / "figs")) == ["curves.json", "curves.png"]  # no temporary file left
 
 
+@pytest.mark.parametrize("folder, says", [
+    ("ckpt.pt", "is a folder, not a checkpoint file"),  # before: "checkpoint ... not found"
+    ("run.lock", "error: could not write {out}/run.lock (Is a directory)"),  # before: IsADirectoryError
+    ("log.jsonl", "error: could not read {out}/log.jsonl (Is a directory)"),
+])
+def test_a_folder_where_a_run_keeps_a_file_is_one_line(tiny_data, tiny_teacher, tmp_path, folder, says):
+    out = tmp_path / "run"
+    (out / folder).mkdir(parents=True)
+    r = run([*MD, f"--teacher={tiny_teacher}", "--stop_iter=1"], tiny_data,
+            [f"--out_dir={out}", f"--resume={folder == 'ckpt.pt'}"])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith("error:") and says.format(out=out) in lines[0], lines[0]
+
+
 def test_out_dir_that_is_a_file_or_read_only_stops_before_any_work(tmp_path):
     from common import check_out_dir
     afile = tmp_path / "afile"

@@ -45,6 +45,17 @@ def test_an_exported_tokenizer_is_still_a_tokenizer(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in vq.state_dict().items())
 
 
+def test_a_tokenizer_given_as_a_vit_says_what_it_is(tmp_path):
+    """a tokenizer.pt given as --teacher or --init: before, a list of missing keys"""
+    from teacher import load_model
+    vq = tokenizer()
+    path = tmp_path / "tokenizer.pt"
+    torch.save(dict(model=vq.state_dict(), vqkd_args=vq.config, model_args=ViTConfig.from_name("nano/4").to_dict(),
+                    config={}), path)
+    with pytest.raises(CheckpointError, match=f"'{path}' is a VQ-KD tokenizer .*--tokenizer={path}"):
+        load_model(str(path))
+
+
 def test_codebook_starts_on_the_first_batch_vectors():
     vq = tokenizer(K=8, initialized=False)
     z = torch.nn.functional.normalize(torch.randn(1, 20, 4), dim=-1)
