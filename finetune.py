@@ -260,17 +260,15 @@ def main():
         log(ctx, f"{ended}: top-1 {top1:.2f}%, top-5 {top5:.2f}% ({os.path.join(out_dir, 'result.json')})")
 
     iter_num, best_top1 = 0, 0.0
-    top1 = top5 = 0.0  # the last evaluation's
     if resume:
         resume_from(ckpt, ckpt_path, optimizer, model=vit)
         iter_num, best_top1 = ckpt["iter_num"], ckpt["best_top1"]
-        top1, top5 = ckpt.get("top1", top1), ckpt.get("top5", top5)
         log(ctx, f"resumed from {ckpt_path} at iteration {iter_num}")
         if iter_num >= end_iter:
             log(ctx, f"nothing to do: the checkpoint is at iteration {iter_num}, "
                      f"this run ends at {end_iter}")
-            if ctx.master and "top1" in ckpt:  # its result.json again (a run killed before writing it)
-                write_result(top1, top5)
+            if ctx.master and ckpt.get("top1") is not None:  # result.json again (a run killed before writing it)
+                write_result(ckpt["top1"], ckpt["top5"])
             ctx.close()
             return
     log_path = os.path.join(out_dir, "log.jsonl")  # a JSON record per log line and per evaluation
@@ -346,6 +344,7 @@ def main():
     params = [p for group in optimizer.param_groups for p in group["params"]]
     nonfinite = torch.full((3,), -1.0, dtype=torch.float64, device=ctx.device)  # checked at log lines only
     skipped = 0  # unreadable training images since the last log line
+    top1 = top5 = 0.0
     bar = tqdm(total=end_iter, initial=iter_num, disable=None if ctx.master else True, desc="fine-tune",
                dynamic_ncols=True)
     vit.train()
@@ -420,7 +419,8 @@ def main():
             if ctx.master:
                 checkpoint = dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config=config,
                                   optimizer=optimizer.state_dict(), iter_num=iter_num, best_top1=best_top1,
-                                  top1=top1, top5=top5, classes=train_set.classes)
+                                  classes=train_set.classes,  # and this iteration's evaluation, if any:
+                                  top1=top1 if at_eval else None, top5=top5 if at_eval else None)
                 save_checkpoint(checkpoint, ckpt_path)
         if stop:
             bar.close()
