@@ -1631,4 +1631,8 @@ def report(args):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C: one line; every file is written atomically, so none is cut
+        print("stopped by Ctrl-C: the JSON and figures written before are kept", file=sys.stderr)
+        raise SystemExit(130)  # 128 + SIGINT

@@ -646,6 +646,18 @@ def test_ctrl_c_stops_with_one_line(tiny_data, tiny_teacher, tmp_path):
     assert "Traceback" not in open(err).read()
 
 
+def test_ctrl_c_in_analyze_is_one_line(tiny_data, tiny_teacher, tmp_path):
+    """analyze.py had no handler: a KeyboardInterrupt traceback"""
+    cmd = [sys.executable, "analyze.py", "--metric=landscape", "--steps=400", "--n_images=8", f"--data={tiny_data}",
+           f"--out={tmp_path / 'out'}", tiny_teacher]  # 160,000 losses: long after its first line
+    proc, err = start(cmd, tmp_path)
+    wait_for_line(proc, "teacher:", err)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.stdout.read()
+    assert proc.wait(timeout=600) == 130
+    assert open(err).read().strip() == "stopped by Ctrl-C: the JSON and figures written before are kept"
+
+
 def process_of_rank(parent, rank):
     """the pid of the torchrun worker of `rank` among the children of `parent` (from /proc)"""
     for pid in filter(str.isdigit, os.listdir("/proc")):
