@@ -584,12 +584,12 @@ def save_atomic(obj, path, kept):
         raise SystemExit(f"error: could not write {path} ({reason}); {kept}") from None
 
 
-def check_finite(module, path):
+def check_finite(module, source):
     """a loaded model whose weights hold NaN or inf (a checkpoint saved after training diverged)
-    is one line naming the first such weight"""
+    is one line naming the file (source, as the message shows it) and the first such weight"""
     bad = [k for k, t in module.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
     if bad:
-        raise CheckpointError(f"'{path}' has non-finite (NaN/inf) weights, first in {bad[0]}: use a "
+        raise CheckpointError(f"{source} has non-finite (NaN/inf) weights, first in {bad[0]}: use a "
                               f"checkpoint saved before training diverged")
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl, check_finite,
+from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl,
                     apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
                     micro_batches, option_error, peak_flops, pyplot, record_nonfinite,
                     resume_checkpoint, resume_from, save_checkpoint, save_figure, schedule_lengths,
@@ -108,7 +108,6 @@ def build_model(classes):
                                 drop_path=drop_path, num_classes=num_classes, global_pool="mean")
         return ViT(cfg), "random init"
     source, info = load_model(init, init_path or None)
-    check_finite(source, init)
     src_cfg = source.config
     if img_size % src_cfg.patch_size:
         raise CheckpointError(f"--img_size={img_size} is not a multiple of the patch size "

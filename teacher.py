@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import CACHE_DIR, CheckpointError, download, read_checkpoint, save_atomic
+from common import CACHE_DIR, CheckpointError, check_finite, download, read_checkpoint, save_atomic
 from model import ViT, ViTConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -216,7 +216,7 @@ def convert_beit(sd, source, cfg=None):
 
 
 def build_vit(cfg, sd, source):
-    """A ViT with exactly these weights, or one error line naming what does not fit."""
+    """A ViT with exactly these weights, or one error line naming what does not fit or is not finite."""
     model = ViT(cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
@@ -228,6 +228,7 @@ def build_vit(cfg, sd, source):
         parts = [f"{name} {items[:4]}{' ...' if len(items) > 4 else ''}" for name, items in problems if items]
         raise CheckpointError(f"{source} does not fit the model it describes: {'; '.join(parts)}")
     model.load_state_dict({k: v.float() for k, v in sd.items()})
+    check_finite(model, source)
     return model
 
 

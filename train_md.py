@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl, check_finite,
+from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl,
                     apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
                     micro_batches, option_error, peak_flops, record_nonfinite, resume_checkpoint,
                     resume_from, save_checkpoint, schedule_lengths, sigterm_flag,
@@ -173,14 +173,12 @@ def main():
             val_set = ImageFolder(os.path.join(root, "val"), EvalTransform(img_size), mask_fn, seed + 1)
         if target == "vqkd":
             tokenizer_model = load_tokenizer(tokenizer).to(ctx.device)
-            check_finite(tokenizer_model, tokenizer)
             source_cfg = tokenizer_model.encoder.config
             out_dim = tokenizer_model.config["codebook_size"]
             target_flops = tokenizer_model.encoder.flops_per_image()
         else:
             teacher_dtype = torch.bfloat16 if teacher_bf16 else None
             teacher_model = load_teacher(teacher, teacher_path or None, teacher_layer, teacher_dtype).to(ctx.device)
-            check_finite(teacher_model, teacher)
             source_cfg, out_dim = teacher_model.vit.config, teacher_model.out_dim
             target_flops = teacher_model.vit.flops_per_image()
     except (DataError, CheckpointError, ValueError) as e:

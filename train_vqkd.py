@@ -17,7 +17,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl, check_finite,
+from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl,
                     apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
                     micro_batches, option_error, peak_flops, record_nonfinite, resume_checkpoint,
                     resume_from, save_checkpoint, schedule_lengths, sigterm_flag,
@@ -104,7 +104,6 @@ def main():
         train_transform = TrainTransform(img_size, min_crop_scale, 0.5, 0.0)
         train_set = ImageFolder(os.path.join(resolve_data_dir(data_dir), "train"), train_transform, None, seed)
         teacher_model = load_teacher(teacher, teacher_path or None).to(ctx.device)
-        check_finite(teacher_model, teacher)
     except (DataError, CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if teacher_model.vit.config.num_patches != cfg.num_patches:

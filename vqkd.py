@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import CheckpointError, read_checkpoint
+from common import CheckpointError, check_finite, read_checkpoint
 from model import Block, ViT
 from teacher import config_of
 
@@ -105,4 +105,5 @@ def load_tokenizer(path):
         raise CheckpointError(f"'{path}' is not a VQ-KD tokenizer written by train_vqkd.py")
     vq = VQKD(config_of(obj["model_args"], path), **obj["vqkd_args"])
     vq.load_state_dict(obj["model"])
+    check_finite(vq, f"'{path}'")
     return vq.eval().requires_grad_(False)

@@ -894,13 +894,13 @@ OPTION_CASES = [  # (script, options, the one line)
     ("analyze", ["--metric=attn_map", "--queries=5000", "{teacher}"],
      "error: --queries=5000: teacher has patch indices 0.."),
     ("md", ["--teacher={nan_model}"],  # before: "loss is nan" after log_interval iterations
-     "error: '{nan_model}' has non-finite (NaN/inf) weights, first in vit.blocks.0.mlp.fc1.weight"),
+     "error: '{nan_model}' has non-finite (NaN/inf) weights, first in blocks.0.mlp.fc1.weight"),
     ("ft", ["--init={nan_model}"], "error: '{nan_model}' has non-finite (NaN/inf) weights, first in blocks.0.mlp.fc1"),
     ("ft", ["--img_size=0"], "error: --img_size=0 must be >= 1"),  # before: a PIL or interpolate traceback
     ("vqkd", ["--teacher={nan_model}"],
-     "error: '{nan_model}' has non-finite (NaN/inf) weights, first in vit.blocks.0"),
+     "error: '{nan_model}' has non-finite (NaN/inf) weights, first in blocks.0.mlp.fc1.weight"),
     ("analyze", ["{nan_model}"],
-     "error: {nan_model} has non-finite (NaN/inf) weights, first in blocks.0.mlp.fc1.weight"),
+     "error: '{nan_model}' has non-finite (NaN/inf) weights, first in blocks.0.mlp.fc1.weight"),
 ]
 
 

@@ -56,6 +56,18 @@ def test_a_tokenizer_given_as_a_vit_says_what_it_is(tmp_path):
         load_model(str(path))
 
 
+def test_a_tokenizer_with_nan_weights_is_refused_by_name(tmp_path):
+    """before, MD on its codes ran and stopped later on a NaN loss"""
+    vq = tokenizer()
+    state = vq.state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.dim() == 2)
+    state[name][0, 0] = float("nan")
+    path = tmp_path / "tokenizer.pt"
+    torch.save(dict(model=state, vqkd_args=vq.config, model_args=ViTConfig.from_name("nano/4").to_dict()), path)
+    with pytest.raises(CheckpointError, match=f"'{path}' has non-finite \\(NaN/inf\\) weights, first in {name}:"):
+        load_tokenizer(str(path))
+
+
 def test_codebook_starts_on_the_first_batch_vectors():
     vq = tokenizer(K=8, initialized=False)
     z = torch.nn.functional.normalize(torch.randn(1, 20, 4), dim=-1)
