@@ -8,6 +8,7 @@ nothing here runs a training loop: each script writes its own.
 import argparse
 import ast
 import hashlib
+import io
 import json
 import math
 import os
@@ -713,13 +714,13 @@ def write_error(path, e):
     return f"error: could not write {path} ({e.strerror or e}): free space there or write to another folder"
 
 
-def write_atomic(path, text):
-    """Write text to path through a temp file and a rename: a crash or a full disk leaves the old
-    file as it was (and no temp file); a failed write is one line."""
+def write_atomic(path, data):
+    """Write data (text, or bytes) to path through a temp file and a rename: a crash or a full disk
+    leaves the old file as it was (and no temp file); a failed write is one line."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
         os.replace(tmp, path)
     except OSError as e:
         if os.path.isfile(tmp):  # (a folder of that name stays)
@@ -728,17 +729,11 @@ def write_atomic(path, text):
 
 
 def save_figure(fig, path, dpi):
-    """fig as a PNG at path through a temp file and a rename, like write_atomic: a full disk, a file
-    size limit or a kill while writing leaves an older figure of that name whole; a failed write is
-    one line"""
-    tmp = path + ".tmp"
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.isfile(tmp):  # (a folder of that name stays)
-            os.remove(tmp)
-        raise SystemExit(write_error(path, e)) from None
+    """fig as a PNG at path, rendered in memory and written by write_atomic: a full disk, a file size
+    limit or a kill while writing leaves an older figure of that name whole"""
+    png = io.BytesIO()
+    fig.savefig(png, dpi=dpi, format="png")
+    write_atomic(path, png.getvalue())
 
 
 def append_jsonl(path, record, wandb_run=None):
