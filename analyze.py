@@ -329,10 +329,10 @@ def condition_key(condition):
     return "nan" if math.isnan(value) else value
 
 
-def hidden(path):
-    """a path with a part that starts with '.': macOS's '._' AppleDouble files and .DS_Store, a
+def hidden(name):
+    """a file or folder name that starts with '.': macOS's '._' AppleDouble files and .DS_Store, a
     notebook's .ipynb_checkpoints/, which are not data"""
-    return any(part.startswith(".") for part in os.path.normpath(path).split(os.sep))
+    return name.startswith(".")
 
 
 def ood_images(folder):
