@@ -831,6 +831,11 @@ def plot_ood(plt, results):
 def parse_args(argv):
     """--key=value options (defaults above) and positional model arguments; one clear line on
     error"""
+    if "--help" in argv or "-h" in argv:  # the docstring, then the options as DEFAULTS writes them
+        source = open(__file__).read()
+        block = source[source.index("DEFAULTS = dict(\n"):].split("\n)\n")[0]
+        print(__doc__.strip() + "\n\noptions (--key=value):\n" + block.split("\n", 1)[1])
+        raise SystemExit(0)
     opts, models = dict(DEFAULTS), []
     args = iter(argv)
     for arg in args:

@@ -463,3 +463,16 @@ def test_figures_draw_a_single_point_and_name_only_what_they_show(tmp_path, monk
         analyze.plot("fourier", {"m": entry}, str(tmp_path / "f.png"))
         ax = kept[-1].axes[0]
         assert ("shaded" in ax.get_xlabel()) == shaded and (len(ax.patches) > 0) == shaded
+
+
+def test_help_prints_the_docstring_and_every_option_with_its_comment():
+    """--help (before: "unknown option '--help'", exit 1) prints the usage and each option's line
+    of DEFAULTS as the file writes it"""
+    result = subprocess.run([sys.executable, "analyze.py", "--help"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    source = open(os.path.join(ROOT, "analyze.py")).read()
+    assert result.stdout.startswith(source.split('"""')[1].strip().splitlines()[0])
+    for name in ("metric", "n_images", "trace_products", "human"):
+        (line,) = [x for x in source.splitlines() if x.startswith(f"    {name}=")]
+        assert line in result.stdout.splitlines()
