@@ -390,6 +390,12 @@ def read_checkpoint(path):
                 raise CheckpointError(f"'{path}' is a TorchScript archive whose weights cannot be read as "
                                       f"plain data: {first_line(e) or type(e).__name__}") from None
             return {k: v.float() for k, v in state_dict.items()}
+    else:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        if not head.startswith(b"\x80"):  # torch.save writes a zip archive, or a pickle (protocol >= 2)
+            raise CheckpointError(f"'{path}' is not a checkpoint: neither a zip archive nor a pickle, as "
+                                  f"torch.save writes them (it begins {head!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -352,10 +352,17 @@ def test_missing_file_and_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_teacher(str(tmp_path / "nope.pt"))
     junk = tmp_path / "junk.pt"
-    junk.write_bytes(random.Random(0).randbytes(1000))  # fixed: 8% of os.urandom draws end in
-    # a pickle IndexError ("not a readable checkpoint") instead of the weights-only refusal
+    junk.write_bytes(random.Random(0).randbytes(1000))  # fixed bytes, not a pickle's first byte
+    with pytest.raises(CheckpointError, match="is not a checkpoint: neither a zip archive nor a pickle"):
+        load_teacher(str(junk))
+    junk.write_bytes(b"\x80\x02" + random.Random(0).randbytes(1000))  # a pickle's start, then junk:
+    # fixed, as 8% of os.urandom draws end in a pickle IndexError ("not a readable checkpoint")
     with pytest.raises(CheckpointError, match="not a plain-data checkpoint"):
         load_teacher(str(junk))
+    log = tmp_path / "log.jsonl"  # a run's log given for its checkpoint (before: "not a plain-data
+    log.write_text('{"iter": 10, "loss": 0.25}\n')  # checkpoint ...: Unsupported operand 123")
+    with pytest.raises(CheckpointError, match=r"log.jsonl' is not a checkpoint: .* \(it begins b'\{\"iter"):
+        load_teacher(str(log))
     weird = tmp_path / "weird.pt"
     torch.save({"foo.weight": torch.zeros(3)}, weird)
     with pytest.raises(CheckpointError, match="not a CLIP, DINO/DeiT"):
