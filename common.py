@@ -393,6 +393,11 @@ def read_checkpoint(path):
     else:
         with open(path, "rb") as f:
             head = f.read(16)
+        if head.startswith(b"PK"):  # a zip archive's first record, but not its end: cut or damaged
+            raise CheckpointError(f"'{path}' is a cut or damaged zip archive (its end record is missing): "
+                                  "not a readable checkpoint")
+        if not head:
+            raise CheckpointError(f"'{path}' is empty: not a checkpoint")
         if not head.startswith(b"\x80"):  # torch.save writes a zip archive, or a pickle (protocol >= 2)
             raise CheckpointError(f"'{path}' is not a checkpoint: neither a zip archive nor a pickle, as "
                                   f"torch.save writes them (it begins {head!r})")

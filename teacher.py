@@ -359,7 +359,8 @@ def of_field_type(value, default):
 
 class Teacher(nn.Module):
     """A frozen ViT that returns the tokens of one layer: layer -1 (default) is the last block
-    after the final norm; layer k in 1..depth-1 is the raw output of block k."""
+    after the final norm, and so is layer depth (the same tokens); layer k in 1..depth-1 is the raw
+    output of block k."""
 
     def __init__(self, vit, layer=-1, dtype=None):
         super().__init__()

@@ -359,6 +359,15 @@ def test_missing_file_and_not_a_checkpoint(tmp_path):
     # fixed, as 8% of os.urandom draws end in a pickle IndexError ("not a readable checkpoint")
     with pytest.raises(CheckpointError, match="not a plain-data checkpoint"):
         load_teacher(str(junk))
+    whole = tmp_path / "whole.pt"
+    torch.save({"vit.cls_token": torch.zeros(1, 1, 64)}, whole)
+    cut = tmp_path / "cut.pt"  # the first half of a real torch.save file
+    cut.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cut.pt' is a cut or damaged zip archive"):
+        load_teacher(str(cut))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pt' is empty: not a checkpoint"):
+        load_teacher(str(tmp_path / "empty.pt"))
     log = tmp_path / "log.jsonl"  # a run's log given for its checkpoint (before: "not a plain-data
     log.write_text('{"iter": 10, "loss": 0.25}\n')  # checkpoint ...: Unsupported operand 123")
     with pytest.raises(CheckpointError, match=r"log.jsonl' is not a checkpoint: .* \(it begins b'\{\"iter"):
