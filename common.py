@@ -391,8 +391,11 @@ def read_checkpoint(path):
                                       f"plain data: {first_line(e) or type(e).__name__}") from None
             return {k: v.float() for k, v in state_dict.items()}
     else:
-        with open(path, "rb") as f:
-            head = f.read(16)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(16)
+        except OSError as e:
+            raise CheckpointError(f"'{path}' cannot be read ({e.strerror or type(e).__name__})") from None
         if head.startswith(b"PK"):  # a zip archive's first record, but not its end: cut or damaged
             raise CheckpointError(f"'{path}' is a cut or damaged zip archive (its end record is missing): "
                                   "not a readable checkpoint")
