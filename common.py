@@ -7,6 +7,7 @@ nothing here runs a training loop: each script writes its own.
 """
 import argparse
 import ast
+import atexit
 import hashlib
 import io
 import json
@@ -634,6 +635,14 @@ def resume_checkpoint(path, config, may_change, entries=()):
     return ckpt
 
 
+def refuse_overwrite(path):
+    """A new run (no --resume) saves its checkpoint at `path`: where a file is there already, from
+    an earlier run, it would be replaced and that run lost. One line, before any work."""
+    if os.path.exists(path):
+        raise SystemExit(f"error: {path} exists (an earlier run's checkpoint) and a new run would replace it: "
+                         f"continue that run with --resume=True, or choose another out_dir")
+
+
 def resume_from(ckpt, path, optimizer, **modules):
     """Load a checkpoint's state: each module from the entry of its name, and the optimizer; an
     entry that does not fit (another model, or a file edited by hand) is one line."""
@@ -649,13 +658,29 @@ def resume_from(ckpt, path, optimizer, **modules):
 # ----------------------------------------------------------------------------------------
 # stopping on a signal
 
-def sigterm_flag():
-    """SIGTERM (what a scheduler sends before preemption; torchrun passes it on) no longer ends
-    the process at once: it appends to the returned list, which the training loop reads once per
-    iteration to save the finished step and stop. SIGINT (Ctrl-C) still interrupts at once."""
+def stop_signals():
+    """SIGTERM (what a scheduler sends before preemption; torchrun passes it on) and a first
+    SIGINT (Ctrl-C) no longer end the process at once: each appends its number to the returned
+    list, which the training loop reads once per iteration to save the finished step and stop.
+    A second Ctrl-C stops at once (KeyboardInterrupt), losing the step in progress."""
     received = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGINT and signal.SIGINT in received:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
+            os.write(2, b"\nCtrl-C: the run saves and stops after this step (Ctrl-C again: at once)\n")
+        received.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     return received
+
+
+def stopped_by(received):
+    """the signal a run stops on, from stop_signals' list: ('Ctrl-C', 130) if one came, else
+    ('SIGTERM', 143); 128 + the signal number is the shell's code for a process it ended"""
+    return ("Ctrl-C", 130) if signal.SIGINT in received else ("SIGTERM", 143)
 
 
 # ----------------------------------------------------------------------------------------
@@ -788,7 +813,7 @@ def trim_log(path, last_iter):
 
 def wandb_init(master, wandb_log, project, run_name, config):
     """The Weights & Biases run (master process only) when wandb_log, else None. Asked for but not
-    installed: one line, before any work."""
+    installed, or a run wandb cannot start (no API key, no connection): one line, before any work."""
     if not wandb_log:
         return None
     try:
@@ -796,7 +821,14 @@ def wandb_init(master, wandb_log, project, run_name, config):
     except ImportError:
         raise SystemExit("error: --wandb_log=True needs the wandb package: pip install wandb, "
                          "or drop --wandb_log") from None
-    return wandb.init(project=project, name=run_name, config=config) if master else None
+    if not master:
+        return None
+    try:
+        return wandb.init(project=project, name=run_name, config=config)
+    except wandb.errors.Error as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: --wandb_log=True but wandb cannot start a run ({reason}): run `wandb login`, "
+                         f"or set WANDB_MODE=offline, or drop --wandb_log") from None
 
 
 def log(ctx, *args):
@@ -820,10 +852,12 @@ def pyplot():
 
 def check_out_dir(out_dir):
     """Make out_dir and write a file in it, before any work: an out_dir that is a file, or where
-    nothing can be written (permissions, read-only disk), stops with one line."""
+    nothing can be written (permissions, read-only disk), stops with one line.
+    -> whether this call made out_dir"""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SystemExit(f"error: out_dir '{out_dir}' is a file, not a directory: "
                          "choose another out_dir")
+    made = not os.path.isdir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):
@@ -831,32 +865,63 @@ def check_out_dir(out_dir):
     except OSError as e:
         raise SystemExit(f"error: cannot write to out_dir '{out_dir}' ({e.strerror or e}): "
                          "choose a writable out_dir") from None
+    return made
 
 
-def lock_out_dir(out_dir):
+def lock_out_dir(out_dir, made=False):
     """Claim out_dir for this run: a second run on it is refused with one line while this
     process lives. A POSIX lock (fcntl) on out_dir/run.lock, which the OS drops when the process
-    ends however it ends (kill -9 included), and which forked workers do not hold. Keep the
-    returned file open for the whole run, and open run.lock nowhere else (closing any descriptor
-    of the file drops a POSIX lock); call it on the master process only, after check_out_dir."""
+    ends however it ends (kill -9 included), and which forked workers do not hold. The file stays
+    open until the process exits (its exit handler holds it); open run.lock nowhere else (closing
+    any descriptor of the file drops a POSIX lock). Call it on the master process only, after
+    check_out_dir. At exit the process removes run.lock, and out_dir too where `made`
+    (check_out_dir made it) and the run left nothing in it (a start that failed)."""
     import fcntl
-    try:
-        f = open(os.path.join(out_dir, "run.lock"), "a+")
-    except OSError as e:  # e.g. a folder of that name
-        raise SystemExit(write_error(os.path.join(out_dir, "run.lock"), e)) from None
-    try:
-        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise SystemExit(f"error: out_dir '{out_dir}' is in use by a running run ({holder}): "
-                         "wait for it to end or choose another out_dir") from None
+    path = os.path.join(out_dir, "run.lock")
+    while True:
+        try:
+            f = open(path, "a+")
+        except OSError as e:  # e.g. a folder of that name
+            raise SystemExit(write_error(path, e)) from None
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise SystemExit(f"error: out_dir '{out_dir}' is in use by a running run ({holder}): "
+                             "wait for it to end or choose another out_dir") from None
+        try:
+            still_there = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            still_there = False
+        if still_there:
+            break
+        f.close()  # the run that held it removed the file as it ended: lock the new one
     try:
         f.truncate(0)
         f.write(f"pid {os.getpid()} on {socket.gethostname()}")
         f.flush()
     except OSError as e:
         f.close()
-        raise SystemExit(write_error(os.path.join(out_dir, "run.lock"), e)) from None
+        raise SystemExit(write_error(path, e)) from None
+    atexit.register(release_out_dir, f, out_dir, made, os.getpid())
     return f
+
+
+def release_out_dir(lock, out_dir, made, owner):
+    """At exit (atexit, this process only, not forked workers): remove run.lock while still holding
+    it, so that a run waiting on the old file sees it gone, then let go; then out_dir if `made` and
+    now empty."""
+    if os.getpid() != owner:
+        return
+    try:
+        os.unlink(os.path.join(out_dir, "run.lock"))
+    except OSError:  # removed by hand
+        pass
+    if made:
+        try:
+            os.rmdir(out_dir)  # only an empty folder: anything the run wrote keeps it
+        except OSError:
+            pass
+    lock.close()

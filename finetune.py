@@ -25,9 +25,9 @@ from tqdm import tqdm
 from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl,
                     apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
                     micro_batches, option_error, peak_flops, pyplot, record_nonfinite,
-                    resume_checkpoint, resume_from, save_checkpoint, save_figure, schedule_lengths,
-                    sigterm_flag, stop_if_nonfinite, stopped_early, trim_log, wandb_init, wrap_for_training,
-                    write_atomic)
+                    refuse_overwrite, resume_checkpoint, resume_from, save_checkpoint, save_figure, schedule_lengths,
+                    stop_if_nonfinite, stop_signals, stopped_by, stopped_early, trim_log, wandb_init,
+                    wrap_for_training, write_atomic)
 from data import (DataError, EvalTransform, ImageFolder, TrainTransform, check_same_classes, make_loader,
                   resolve_data_dir)
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
@@ -70,7 +70,7 @@ micro_batch_size = 128        # images per GPU per forward
 lr = 5e-5                     # peak learning rate (the lowered lr of the better baseline)
 min_lr = 1e-7                 # end of the cosine
 layer_decay = 0.6             # layer-wise lr decay: scale decay ** (depth + 1 - layer id); 1.0 = off
-weight_decay = 0.05           # AdamW; none on biases, norms, tokens, position tables
+weight_decay = 0.05           # AdamW; none on biases, norms, tokens, absolute position tables
 beta1 = 0.9                   # AdamW betas
 beta2 = 0.95
 grad_clip = 0.0               # max global grad norm; 0 = off
@@ -105,7 +105,7 @@ def build_model(classes):
     num_classes = len(classes)
     if init == "scratch":
         cfg = ViTConfig.beit_v2(model, img_size=img_size, rel_pos="layer", layer_scale=layer_scale,
-                                drop_path=drop_path, num_classes=num_classes, global_pool="mean")
+                                drop_path=drop_path, num_classes=num_classes, global_pool="avg")
         return ViT(cfg), "random init"
     source, info = load_model(init, init_path or None)
     src_cfg = source.config
@@ -120,14 +120,15 @@ def build_model(classes):
         raise CheckpointError(f"'{init}' has a head for other classes than the data: output {differ} is "
                               f"{info['classes'][differ]!r}, the data's class {differ} is {classes[differ]!r}; "
                               f"drop --keep_head to start a new head")
-    # a new head pools with "mean", except on BEiT-style "avg" models, which have no final norm
-    pool = src_cfg.global_pool if keep_head or src_cfg.global_pool == "avg" else "mean"
+    # a new head pools as BEiT, FD and MAE fine-tune ("avg"): the mean of the patch tokens into a new
+    # fc_norm; the pretrained final norm is dropped (theirs is Identity under mean pooling)
+    pool = src_cfg.global_pool if keep_head else "avg"
     cfg = replace(src_cfg, img_size=img_size, drop_path=drop_path, num_classes=num_classes, mask_token=False,
                   global_pool=pool,
                   rel_pos="layer" if rel_pos else src_cfg.rel_pos)
     sd = adapt_state_dict(source.state_dict(), cfg)
     if not keep_head:
-        sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
+        sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm.", "norm."))}
     vit = ViT(cfg)
     missing, unexpected = vit.load_state_dict(sd, strict=False)
     fresh = [k for k in missing if not k.startswith(("head.", "fc_norm.")) and "attn.rel_pos." not in k]
@@ -171,9 +172,10 @@ def print_summary(root):
         runs.append((*scores, run))
     if not runs:
         raise SystemExit(f"error: no result.json found under '{root}'")
-    print(f"{'init':<28} {'frozen':>6} {'lr':>9} {'top-1':>7} {'top-5':>7}  run")
+    width = max(len("init"), *(len(r[0]) for r in runs))  # whole init paths: two runs stay apart
+    print(f"{'init':<{width}} {'frozen':>6} {'lr':>9} {'top-1':>7} {'top-5':>7}  run")
     for init_, frozen, lr_, top1, top5, run in sorted(runs):
-        print(f"{init_[-28:]:<28} {frozen:>6} {lr_:>9.2e} {top1:>7.2f} {top5:>7.2f}  {run}")
+        print(f"{init_:<{width}} {frozen:>6} {lr_:>9.2e} {top1:>7.2f} {top5:>7.2f}  {run}")
     plt = pyplot()
     if plt is None:
         print("(pip install matplotlib for the figure)")
@@ -183,9 +185,9 @@ def print_summary(root):
         by_lr = sorted((r[2], r[3]) for r in runs if r[0] == init_ and r[1] == 0)
         by_frozen = sorted((r[1], r[3]) for r in runs if r[0] == init_)
         if by_lr:
-            axes[0].plot(*zip(*by_lr), marker="o", label=os.path.basename(init_))
+            axes[0].plot(*zip(*by_lr), marker="o", label=init_)
         if len({f for f, _ in by_frozen}) > 1:
-            axes[1].plot(*zip(*by_frozen), marker="o", label=os.path.basename(init_))
+            axes[1].plot(*zip(*by_frozen), marker="o", label=init_)
     axes[0].set(xscale="log", xlabel="learning rate", ylabel="top-1 (%)", title="top-1 vs learning rate (Fig. 8b)")
     axes[1].set(xlabel="frozen blocks (depth = linear probe)", ylabel="top-1 (%)",
                 title="top-1 vs frozen blocks (Fig. 8c)")
@@ -204,7 +206,11 @@ def main():
     # options, all checked here before any work (the patch size of a checkpoint: in build_model);
     # then the checkpoint to resume, if any
     patch_size = ViTConfig.from_name(model).patch_size if model in PRESETS else 1
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    init_is_own_checkpoint = os.path.isfile(init) and os.path.isfile(ckpt_path) and os.path.samefile(init, ckpt_path)
     problem = option_error(config, [
+        (not init_is_own_checkpoint, f"--init={init} is the checkpoint this run writes (out_dir/ckpt.pt), which "
+                                     f"the fine-tune would overwrite: choose another --out_dir"),
         (eval_interval >= 0, f"--eval_interval={eval_interval} must be >= 0 (0 = once per epoch)"),
         (layer_decay > 0, f"--layer_decay={layer_decay} must be > 0 (1 = off)"),
         (recount >= 1, f"--recount={recount} must be >= 1"),
@@ -216,14 +222,15 @@ def main():
     ])
     if problem:
         raise SystemExit(f"error: {problem}")
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if not resume:  # a new run must not replace an earlier run's checkpoint
+        refuse_overwrite(ckpt_path)
     ckpt = resume_checkpoint(ckpt_path, config, RESUME_MAY_CHANGE, RESUME_ENTRIES) if resume else None
-    sigterm = sigterm_flag()  # from here a SIGTERM only sets this flag; the loop saves and stops
+    stop_signal = stop_signals()  # from here SIGTERM or a first Ctrl-C sets it; the loop saves and stops
     ctx = Context(device, dtype, backend)
     wandb_run = wandb_init(ctx.master, wandb_log, wandb_project, wandb_run_name, config)
     if ctx.master:  # before any work: out_dir is writable and no other run uses it
-        check_out_dir(out_dir)
-        run_lock = lock_out_dir(out_dir)  # held until this process ends
+        made_out_dir = check_out_dir(out_dir)
+        lock_out_dir(out_dir, made_out_dir)  # held until this process ends
     accum = accumulation_steps(total_batch_size, micro_batch_size, ctx.world_size)
     torch.manual_seed(seed)  # same init on every rank
 
@@ -314,11 +321,14 @@ def main():
                      f"the sharpness curve starts again at iteration {iter_num}")
 
     def log_sharpness():
-        """top eigenvalue and Hutchinson trace of the loss on the first val batch, model in eval mode"""
-        loader, _ = make_loader(val_set, micro_batch_size, False, num_workers=0)
+        """top eigenvalue and Hutchinson trace of the loss on one val batch, model in eval mode: the same
+        micro_batch_size images at every call, drawn at random with the seed (the first ones would be
+        a class or two, as the val folder lists them class by class)"""
+        loader, _ = make_loader(val_set, micro_batch_size, False, seed=seed, num_workers=0,
+                                num_samples=micro_batch_size)
         images, labels, _, _ = next(iter(loader))
         if images is None:
-            raise SystemExit("error: the first val batch has no readable image: "
+            raise SystemExit("error: the val batch for the sharpness has no readable image: "
                              "--hessian_every needs one")
         batch = [(images.to(ctx.device), labels.to(ctx.device))]
         vit.eval()
@@ -401,8 +411,8 @@ def main():
             skipped = 0
         if hessian_every and iter_num % hessian_every == 0 and ctx.master:
             bar.write(log_sharpness())
-        # a SIGTERM seen by any rank: all ranks save this finished step together, then stop
-        stop = ctx.any_rank(bool(sigterm)) and iter_num < end_iter
+        # a stop signal seen by any rank: all ranks save this finished step together, then stop
+        stop = ctx.any_rank(bool(stop_signal)) and iter_num < end_iter
         at_eval = iter_num % eval_every == 0 or iter_num == end_iter
         if at_eval or stop:
             stop_if_nonfinite(nonfinite, ckpt_path)  # a non-finite step is never saved
@@ -423,11 +433,12 @@ def main():
                 save_checkpoint(checkpoint, ckpt_path)
         if stop:
             bar.close()
-            log(ctx, f"stopped by SIGTERM after iteration {iter_num}: checkpoint {ckpt_path}; "
+            signal_name, exit_code = stopped_by(stop_signal)
+            log(ctx, f"stopped by {signal_name} after iteration {iter_num}: checkpoint {ckpt_path}; "
                      f"continue with --resume=True")
             ctx.barrier()  # the other ranks wait for rank 0's checkpoint
             ctx.close()
-            raise SystemExit(143)  # 128 + SIGTERM: the shell's code for a run ended by SIGTERM
+            raise SystemExit(exit_code)
     bar.close()
     if ctx.master:
         write_result(top1, top5)

@@ -330,9 +330,10 @@ class ViT(nn.Module):
 
     @staticmethod
     def no_weight_decay(name, param):
-        """biases, norms (all 1-d), tokens and position tables get no weight decay"""
-        return param.ndim <= 1 or name.startswith(("cls_token", "mask_token", "pos_embed")) \
-            or name.endswith("relative_position_bias_table")
+        """biases, norms (all 1-d), tokens and absolute position tables (the ViT's, a decoder head's)
+        get no weight decay; relative position bias tables do, as in BEiT and FD (whose skip lists
+        are pos_embed and cls_token; BEiT exempts the tables only with --disable_weight_decay_on_rel_pos_bias)"""
+        return param.ndim <= 1 or name.split(".")[-1] in ("cls_token", "mask_token", "pos_embed")
 
     def param_groups(self, weight_decay, layer_decay=None, extra=()):
         """AdamW groups: one per (layer id, decay or not), each with 'lr_scale' =

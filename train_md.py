@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl,
                     apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
-                    micro_batches, option_error, peak_flops, record_nonfinite, resume_checkpoint,
-                    resume_from, save_checkpoint, schedule_lengths, sigterm_flag,
-                    stop_if_nonfinite, trim_log, wandb_init, wrap_for_training)
+                    micro_batches, option_error, peak_flops, record_nonfinite, refuse_overwrite,
+                    resume_checkpoint, resume_from, save_checkpoint, schedule_lengths, stop_if_nonfinite,
+                    stop_signals, stopped_by, trim_log, wandb_init, wrap_for_training)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.masks import BEIT_RATIO, MaskGenerator
 from model import DECODER_HEADS, PRESETS, DecoderHead, MDStudent, ViT, ViTConfig
@@ -39,7 +39,7 @@ out_dir = "out/md"            # checkpoint ckpt.pt goes here
 data_dir = "data/imagenet"    # ImageFolder root with train/ and val/; 'embedded' = the generated demo set
 num_workers = 8               # DataLoader workers per process
 eval_interval = 2000          # iterations between evaluation + checkpoint (and at the end)
-eval_images = 10000           # val images for the MD eval loss (0 = all)
+eval_images = 10000           # val images for the MD eval loss, a fixed random subset (0 = all)
 log_interval = 20             # iterations between log lines
 wandb_log = False             # also send the records of log.jsonl to W&B (needs pip install wandb)
 wandb_project = "mdlab"       # W&B project
@@ -75,7 +75,7 @@ total_batch_size = 2048       # images per optimizer step over all GPUs and accu
 micro_batch_size = 128        # images per GPU per forward
 lr = 1.5e-3                   # peak learning rate
 min_lr = 1e-5                 # end of the cosine
-weight_decay = 0.05           # AdamW; none on biases, norms, tokens, position tables
+weight_decay = 0.05           # AdamW; none on biases, norms, tokens, absolute position tables
 beta1 = 0.98                  # AdamW betas as printed in Table 1
 beta2 = 0.999
 grad_clip = 3.0               # max global grad norm; 0 = off
@@ -149,13 +149,15 @@ def main():
     if problem:
         raise SystemExit(f"error: {problem}")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if not resume:  # a new run must not replace an earlier run's checkpoint
+        refuse_overwrite(ckpt_path)
     ckpt = resume_checkpoint(ckpt_path, config, RESUME_MAY_CHANGE, RESUME_ENTRIES) if resume else None
-    sigterm = sigterm_flag()  # from here a SIGTERM only sets this flag; the loop saves and stops
+    stop_signal = stop_signals()  # from here SIGTERM or a first Ctrl-C sets it; the loop saves and stops
     ctx = Context(device, dtype, backend)
     wandb_run = wandb_init(ctx.master, wandb_log, wandb_project, wandb_run_name, config)
     if ctx.master:  # before any work: out_dir is writable and no other run uses it
-        check_out_dir(out_dir)
-        run_lock = lock_out_dir(out_dir)  # held until this process ends
+        made_out_dir = check_out_dir(out_dir)
+        lock_out_dir(out_dir, made_out_dir)  # held until this process ends
     accum = accumulation_steps(total_batch_size, micro_batch_size, ctx.world_size)
     torch.manual_seed(seed + ctx.rank)
 
@@ -317,8 +319,8 @@ def main():
                               lr=lr_now, grad_norm=grad_norm.item(), skipped=skipped, **speed)
                 append_jsonl(log_path, record, wandb_run)
             skipped = 0
-        # a SIGTERM seen by any rank: all ranks save this finished step together, then stop
-        stop = ctx.any_rank(bool(sigterm)) and iter_num < end_iter
+        # a stop signal seen by any rank: all ranks save this finished step together, then stop
+        stop = ctx.any_rank(bool(stop_signal)) and iter_num < end_iter
         at_eval = iter_num % eval_interval == 0 or iter_num == end_iter
         if at_eval or stop:
             stop_if_nonfinite(nonfinite, ckpt_path)  # a non-finite step is never saved
@@ -338,11 +340,12 @@ def main():
                 save_checkpoint(checkpoint, ckpt_path)
         if stop:
             bar.close()
-            log(ctx, f"stopped by SIGTERM after iteration {iter_num}: checkpoint {ckpt_path}; "
+            signal_name, exit_code = stopped_by(stop_signal)
+            log(ctx, f"stopped by {signal_name} after iteration {iter_num}: checkpoint {ckpt_path}; "
                      f"continue with --resume=True")
             ctx.barrier()  # the other ranks wait for rank 0's checkpoint
             ctx.close()
-            raise SystemExit(143)  # 128 + SIGTERM: the shell's code for a run ended by SIGTERM
+            raise SystemExit(exit_code)
     bar.close()
     log(ctx, f"done: {iter_num} iterations, checkpoint {ckpt_path}")
     ctx.barrier()  # ranks leave together: one gone mid-save can abort rank 0's gloo (SIGABRT, once in CI)

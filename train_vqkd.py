@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl,
                     apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
-                    micro_batches, option_error, peak_flops, record_nonfinite, resume_checkpoint,
-                    resume_from, save_checkpoint, schedule_lengths, sigterm_flag,
-                    stop_if_nonfinite, trim_log, wandb_init, wrap_for_training)
+                    micro_batches, option_error, peak_flops, record_nonfinite, refuse_overwrite,
+                    resume_checkpoint, resume_from, save_checkpoint, schedule_lengths, stop_if_nonfinite,
+                    stop_signals, stopped_by, trim_log, wandb_init, wrap_for_training)
 from data import DataError, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from model import PRESETS, ViTConfig
 from teacher import load_teacher
@@ -90,13 +90,15 @@ def main():
     if problem:
         raise SystemExit(f"error: {problem}")
     path = os.path.join(out_dir, "tokenizer.pt")
+    if not resume:  # a new run must not replace an earlier run's checkpoint
+        refuse_overwrite(path)
     ckpt = resume_checkpoint(path, config, RESUME_MAY_CHANGE, RESUME_ENTRIES) if resume else None
-    sigterm = sigterm_flag()  # from here a SIGTERM only sets this flag; the loop saves and stops
+    stop_signal = stop_signals()  # from here SIGTERM or a first Ctrl-C sets it; the loop saves and stops
     ctx = Context(device, dtype, backend)
     wandb_run = wandb_init(ctx.master, wandb_log, wandb_project, wandb_run_name, config)
     if ctx.master:  # before any work: out_dir is writable and no other run uses it
-        check_out_dir(out_dir)
-        run_lock = lock_out_dir(out_dir)  # held until this process ends
+        made_out_dir = check_out_dir(out_dir)
+        lock_out_dir(out_dir, made_out_dir)  # held until this process ends
     accum = accumulation_steps(total_batch_size, micro_batch_size, ctx.world_size)
     torch.manual_seed(seed)
     try:
@@ -206,8 +208,8 @@ def main():
                 append_jsonl(log_path, record, wandb_run)
             counts.zero_()
             skipped = 0
-        # a SIGTERM seen by any rank: all ranks save this finished step together, then stop
-        stop = ctx.any_rank(bool(sigterm)) and iter_num < end_iter
+        # a stop signal seen by any rank: all ranks save this finished step together, then stop
+        stop = ctx.any_rank(bool(stop_signal)) and iter_num < end_iter
         if iter_num % save_interval == 0 or iter_num == end_iter or stop:
             stop_if_nonfinite(nonfinite, path)  # a non-finite step is never saved
             if ctx.master:
@@ -216,11 +218,12 @@ def main():
                 save_checkpoint(checkpoint, path)
         if stop:
             bar.close()
-            log(ctx, f"stopped by SIGTERM after iteration {iter_num}: checkpoint {path}; "
+            signal_name, exit_code = stopped_by(stop_signal)
+            log(ctx, f"stopped by {signal_name} after iteration {iter_num}: checkpoint {path}; "
                      f"continue with --resume=True")
             ctx.barrier()  # the other ranks wait for rank 0's checkpoint
             ctx.close()
-            raise SystemExit(143)  # 128 + SIGTERM: the shell's code for a run ended by SIGTERM
+            raise SystemExit(exit_code)
     bar.close()
     log(ctx, f"done: {iter_num} iterations, tokenizer {path}")
     ctx.close()

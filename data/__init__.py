@@ -263,11 +263,13 @@ class EpochSampler(torch.utils.data.Sampler):
     """Yields (index, epoch) for this rank. Training: a seeded permutation per epoch, cut to a
     multiple of the world size, rank r takes positions r, r + world, ... Eval (shuffle=False,
     drop_last=False): in order, no padding, so every sample is seen exactly once over all ranks.
-    set_epoch(epoch, start) also skips this rank's first `start` samples (for resume)."""
+    set_epoch(epoch, start) also skips this rank's first `start` samples (for resume).
+    subset: the dataset indices that positions 0..n-1 stand for (default: the indices 0..n-1)."""
 
-    def __init__(self, n, rank=0, world_size=1, shuffle=True, seed=0, drop_last=True):
+    def __init__(self, n, rank=0, world_size=1, shuffle=True, seed=0, drop_last=True, subset=None):
         self.n, self.rank, self.world_size = n, rank, world_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.subset = subset
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
@@ -281,7 +283,8 @@ class EpochSampler(torch.utils.data.Sampler):
             order = list(range(self.n))
         if self.drop_last:
             order = order[:self.n - self.n % self.world_size]
-        return order[self.rank::self.world_size]
+        mine = order[self.rank::self.world_size]
+        return mine if self.subset is None else [self.subset[i] for i in mine]
 
     def __iter__(self):
         return iter([(i, self.epoch) for i in self.indices()[self.start:]])
@@ -326,9 +329,13 @@ atexit.register(kill_workers_left)
 
 
 def make_loader(dataset, batch_size, train, rank=0, world_size=1, seed=0, num_workers=2, num_samples=0):
-    """num_samples > 0 uses only the first num_samples items (a fixed eval subset)"""
-    n = min(num_samples, len(dataset)) if num_samples > 0 else len(dataset)
-    sampler = EpochSampler(n, rank, world_size, shuffle=train, seed=seed, drop_last=train)
+    """num_samples > 0 uses only num_samples items (a fixed eval subset): drawn at random with the seed,
+    the same ones at every call, not the first ones (an ImageFolder lists its images class by class)"""
+    n, subset = len(dataset), None
+    if 0 < num_samples < len(dataset):
+        drawn = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_samples]
+        n, subset = num_samples, drawn.sort().values.tolist()  # read in file order
+    sampler = EpochSampler(n, rank, world_size, shuffle=train, seed=seed, drop_last=train, subset=subset)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                          num_workers=num_workers, collate_fn=collate,
                                          drop_last=train, pin_memory=torch.cuda.is_available(),

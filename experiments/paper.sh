@@ -111,12 +111,15 @@ for t in $TEACHERS; do
   train "md_$t" train_md.py $MD_ARGS --teacher="$t" --data_dir="$DATA"
 done
 
-# ---- 2. fine-tuning: each MD student, each teacher directly, and from scratch
+# ---- 2. fine-tuning: each MD student, each teacher directly, and from scratch; the better
+# baseline's teacher (CLIP, or the first one standing in for it) also at FD's higher lr
 FT="$FT_ARGS --data_dir=$DATA --hessian_every=$SHARPNESS_EVERY"
 for t in $TEACHERS; do
   train "ft_md_$t" finetune.py $FT --init="$ROOT/md_$t/ckpt.pt"
   train "ft_$t" finetune.py $FT --init="$t"
 done
+baseline=$(for t in $TEACHERS; do echo "$t"; done | grep -x clip || echo "${TEACHERS%% *}")
+train "ft_${baseline}_fd_lr" finetune.py $FT --init="$baseline" --lr="$FD_LR"
 train ft_scratch finetune.py $FT --init=scratch
 
 # ---- 3. every metric; labels name the roles (the report reads them): T, md_T, ft_T, ft_md_T

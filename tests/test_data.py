@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from data import (DataError, EpochSampler, EvalTransform, ImageFolder, TrainTransform, collate,
-                  image_files, load_image, random_resized_crop_box, resolve_data_dir)
+                  image_files, load_image, make_loader, random_resized_crop_box, resolve_data_dir)
 from data.embedded import CLASSES, generate
 from data.masks import BEIT_RATIO, MaskGenerator, block_mask, random_mask
 
@@ -344,6 +344,21 @@ def test_sampler_shards_cover_each_sample_once():
     assert [i for i, _ in full] == order[20:]
     full.set_epoch(4)
     assert [i for i, _ in full] != order
+
+
+def test_eval_subset_is_spread_over_the_classes_and_fixed():
+    # 4 classes of 25 in folder order (index // 25 is the class); 20 of them for evaluation: the first
+    # 20 would all be class 0, a subset drawn at random takes from every class
+    def drawn(seed, rank=0, world_size=1):
+        _, sampler = make_loader(range(100), 8, False, rank, world_size, seed, num_workers=0, num_samples=20)
+        return [i for i, _ in sampler]
+    subset = drawn(seed=3)
+    assert len(subset) == len(set(subset)) == 20 and subset == sorted(subset)
+    assert {i // 25 for i in subset} == {0, 1, 2, 3}
+    assert drawn(seed=3) == subset and drawn(seed=4) != subset  # the same images at every evaluation
+    assert sorted(i for r in range(3) for i in drawn(3, r, 3)) == subset  # ranks split the same subset
+    _, everything = make_loader(range(100), 8, False, seed=3, num_workers=0, num_samples=100)
+    assert [i for i, _ in everything] == list(range(100))  # a subset as large as the split: all of it
 
 
 def test_embedded_dataset_is_deterministic_and_laid_out(tmp_path):

@@ -169,19 +169,17 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_data, t
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: iteration 2: loss is nan; stopping, the last good checkpoint is {out / 'ckpt.pt'}")
     assert_same(weights(out / "ckpt.pt"), before)
-    # fine-tuning with the largest learning rate the options allow (a new run: resume refuses a
-    # changed lr): AdamW's decay, 1 - lr x weight_decay, is -1.5e36, so the second step
-    # overflows the weights to inf; the first save, after iteration 4, is refused
+    # fine-tuning with the largest learning rate the options allow: AdamW's decay, 1 - lr x
+    # weight_decay, is -1.5e36, so the second step overflows the weights to inf; the first save,
+    # after iteration 4, is refused, and no checkpoint is written
     ft = tmp_path / "ft"
-    first = run(FT + [f"--init={tiny_teacher}"], tiny_data, ["--stop_iter=1", f"--out_dir={ft}"])
-    assert first.returncode == 0, first.stderr[-2000:]
-    ft_before = weights(ft / "ckpt.pt")
     blown = run(FT + [f"--init={tiny_teacher}"], tiny_data,
                 ["--stop_iter=4", "--eval_interval=4", f"--out_dir={ft}", "--lr=3e37"])
     assert blown.returncode != 0 and "Traceback" not in blown.stderr
     last = blown.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and ("not finite" in last or "is nan" in last), last
-    assert_same(weights(ft / "ckpt.pt"), ft_before)
+    assert "no checkpoint was saved before" in last
+    assert not (ft / "ckpt.pt").exists()
 
 
 def test_huge_image_is_decoded(tmp_path):
@@ -520,6 +518,19 @@ def test_second_run_on_an_out_dir_is_refused_until_the_first_dies(tmp_path):
     third.close()
 
 
+def test_a_run_leaves_no_lock_and_a_failed_start_no_folder(tiny_data, tiny_teacher, tmp_path):
+    """run.lock goes when the run ends; an out_dir the run made and wrote nothing in (a start that
+    failed) goes too, one that was there before stays"""
+    done = run([*MD, f"--teacher={tiny_teacher}", "--stop_iter=1"], tiny_data, [f"--out_dir={tmp_path / 'done'}"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ckpt.pt" in os.listdir(tmp_path / "done") and "run.lock" not in os.listdir(tmp_path / "done")
+    (tmp_path / "mine").mkdir()
+    for out in (tmp_path / "new" / "run", tmp_path / "mine"):
+        failed = run([*MD, f"--teacher={tiny_teacher}"], str(tmp_path / "no_data"), [f"--out_dir={out}"])
+        assert failed.returncode == 1 and failed.stderr.startswith("error: data directory"), failed.stderr[-2000:]
+    assert os.listdir(tmp_path / "new") == [] and os.listdir(tmp_path / "mine") == []
+
+
 # ---- issue 16 (second pass): resume refusals, signals, sharpness log, options, broken splits ----
 # Signals go to running processes; each test waits for a log line or a checkpoint file, no sleep.
 
@@ -633,17 +644,46 @@ def test_a_worker_whose_main_process_left_prints_no_broken_pipe(tmp_path):
     assert "BrokenPipeError" not in result.stderr and "ValueError: a real fault" in result.stderr
 
 
-def test_ctrl_c_stops_with_one_line(tiny_data, tiny_teacher, tmp_path):
-    """SIGINT to the whole foreground group (what a terminal sends on Ctrl-C), workers included"""
+def test_ctrl_c_saves_the_finished_step(tiny_data, tiny_teacher, tmp_path):
+    """SIGINT to the whole foreground group (what a terminal sends on Ctrl-C), workers included:
+    the step in progress finishes and is saved, as on SIGTERM, and the run says so in one line"""
     args = FT + [f"--init={tiny_teacher}", "--epochs=50", "--eval_interval=100", "--num_workers=2"]
-    proc, err = start(command(args, tiny_data, [f"--out_dir={tmp_path / 'ft'}"]), tmp_path)
+    out = tmp_path / "ft"
+    proc, err = start(command(args, tiny_data, [f"--out_dir={out}"]), tmp_path)
     wait_for_line(proc, "iter 1:", err)
     os.killpg(proc.pid, signal.SIGINT)
-    proc.stdout.read()
+    last = proc.stdout.read().strip().splitlines()[-1]
     assert proc.wait(timeout=600) == 130
-    lines = [line for line in open(err).read().splitlines() if line.strip()]
-    assert lines[-1].startswith("stopped by Ctrl-C: the last checkpoint in"), lines[-5:]
-    assert "Traceback" not in open(err).read()
+    match = re.fullmatch(STOPPED.replace("SIGTERM", "Ctrl-C"), last)
+    assert match, last
+    assert weights_at(out / "ckpt.pt")["iter_num"] == int(match[1]) >= 1
+    stderr = open(err).read()
+    assert "Ctrl-C: the run saves and stops after this step (Ctrl-C again: at once)" in stderr
+    assert "Traceback" not in stderr
+
+
+SECOND_CTRL_C = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from common import stop_signals, stopped_by
+received = stop_signals()
+os.kill(os.getpid(), signal.SIGINT)  # delivered to this thread before kill returns
+print(received == [signal.SIGINT], stopped_by(received), flush=True)
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_a_second_ctrl_c_interrupts_at_once(tmp_path):
+    """the first SIGINT only asks for a stop at the step's end; the second raises KeyboardInterrupt
+    (the scripts' one line 'stopped by Ctrl-C: the last checkpoint ... is kept', exit 130)"""
+    result = subprocess.run([sys.executable, "-c", SECOND_CTRL_C.format(root=ROOT)], capture_output=True,
+                            text=True, timeout=120, preexec_fn=default_sigint)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["True ('Ctrl-C', 130)", "interrupted"]
 
 
 def test_ctrl_c_in_analyze_is_one_line(tiny_data, tiny_teacher, tmp_path):

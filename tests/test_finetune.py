@@ -196,8 +196,9 @@ def test_frozen_blocks_and_patch_projection_stay_bit_identical(tiny_data, tiny_t
               "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc2.bias")
     for k in frozen:
         assert torch.equal(tuned[k], init[k]), k
-    for k in ("blocks.1.attn.qkv.weight", "norm.weight"):
-        assert not torch.equal(tuned[k], init[k]), k
+    assert not torch.equal(tuned["blocks.1.attn.qkv.weight"], init["blocks.1.attn.qkv.weight"])
+    # BEiT's and FD's pooling: no final norm, the mean of the patch tokens into a new fc_norm (from 1), trained
+    assert "norm.weight" not in tuned and not torch.equal(tuned["fc_norm.weight"], torch.ones_like(init["norm.weight"]))
     # per-layer relative position bias was added, zero-initialized, and trains in unfrozen blocks
     table0 = tuned["blocks.0.attn.rel_pos.relative_position_bias_table"]
     assert torch.equal(table0, torch.zeros_like(table0))
@@ -249,6 +250,16 @@ def test_md_checkpoint_finetunes_and_reports_top1(tiny_data, tiny_teacher, tmp_p
     summary = subprocess.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"],
                              capture_output=True, text=True, cwd=ROOT)
     assert summary.returncode == 0 and "top-1" in summary.stdout
+    # the MD checkpoint fine-tuned into its own out_dir, and a new run over a finished one: refused, nothing replaced
+    md_saved, ft_saved = (tmp_path / "md" / "ckpt.pt").read_bytes(), (tmp_path / "ft" / "ckpt.pt").read_bytes()
+    onto_init = run_ft([*args[:-1], f"--out_dir={tmp_path / 'md'}"], tiny_data)
+    assert onto_init.returncode != 0 and onto_init.stderr.strip().splitlines()[-1] == (
+        f"error: --init={tmp_path / 'md' / 'ckpt.pt'} is the checkpoint this run writes (out_dir/ckpt.pt), "
+        f"which the fine-tune would overwrite: choose another --out_dir")
+    rerun = run_ft(args, tiny_data)
+    assert rerun.returncode != 0 and "exists (an earlier run's checkpoint)" in rerun.stderr
+    assert (tmp_path / "md" / "ckpt.pt").read_bytes() == md_saved
+    assert (tmp_path / "ft" / "ckpt.pt").read_bytes() == ft_saved
 
 
 def test_summary_skips_a_result_with_a_value_edited_to_null(tmp_path):
@@ -266,6 +277,24 @@ def test_summary_skips_a_result_with_a_value_edited_to_null(tmp_path):
     assert f"warning: skipping {tmp_path / 'edited' / 'result.json'}" in summary.stderr
     (row,) = [line for line in summary.stdout.splitlines() if line.startswith("clip")]
     assert "71.50" in row and row.endswith(str(tmp_path / "good"))
+
+
+def test_summary_names_each_init_whole(tmp_path):
+    """two MD students whose checkpoint paths differ only near the start: each row shows its whole
+    path (before: the last 28 characters, the same for both)"""
+    import json
+    inits = [f"/storage/{who}/experiments/masked_distillation/out/md_clip/ckpt.pt" for who in ("ann", "bob")]
+    for i, init_ in enumerate(inits):
+        (tmp_path / f"run{i}").mkdir()
+        result = dict(top1=80.0 + i, top5=95.0, best_top1=80.0 + i, iter_num=10, max_iters=10,
+                      config=dict(init=init_, freeze_blocks=0, lr=5e-5))
+        (tmp_path / f"run{i}" / "result.json").write_text(json.dumps(result))
+    summary = subprocess.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert summary.returncode == 0, summary.stderr[-2000:]
+    rows = summary.stdout.splitlines()[1:3]
+    for i, init_ in enumerate(inits):
+        assert rows[i].split() == [init_, "0", "5.00e-05", f"{80 + i}.00", "95.00", str(tmp_path / f"run{i}")]
 
 
 def test_ddp_eval_counts_each_image_once(tiny_data, tiny_teacher, tmp_path):

@@ -219,27 +219,51 @@ def test_wandb_offline_run_holds_the_logged_numbers(tiny_data, tiny_teacher, tmp
             assert history[step][key] == pytest.approx(value, rel=1e-12), (step, key)
 
 
-@pytest.mark.slow
-def test_wandb_asked_for_but_missing_is_one_line_before_any_work(tmp_path):
-    """each script run as __main__ (in one process: torch is imported once), wandb not importable
-    and a data dir that does not exist: the wandb line comes first, and nothing is written"""
-    scripts = ["train_md.py", "finetune.py", "train_vqkd.py"]
+SCRIPTS = ["train_md.py", "finetune.py", "train_vqkd.py"]
+
+
+def run_scripts_with_wandb(tmp_path, env):
+    """each script run as __main__ with --wandb_log=True (in one process: torch is imported once) and
+    a data dir that does not exist -> (result, [(script, its SystemExit's message)])"""
     argv = ["--wandb_log=True", "--device=cpu", f"--data_dir={tmp_path / 'no_data'}",
             f"--out_dir={tmp_path / 'out'}"]
     code = ("import runpy, sys\n"
-            f"for script in {scripts!r}:\n"
+            f"for script in {SCRIPTS!r}:\n"
             f"    sys.argv = [script, *{argv!r}]\n"
             "    try:\n"
             "        runpy.run_path(script, run_name='__main__')\n"
             "    except SystemExit as e:\n"
             "        print(script, e)\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", **shadow(tmp_path, "wandb"))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                            env=env, timeout=600)
+                            env=dict(env, OMP_NUM_THREADS="1"), stdin=subprocess.DEVNULL, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()  # before any work
+    return [tuple(line.split(" ", 1)) for line in result.stdout.splitlines()]
+
+
+@pytest.mark.slow
+def test_wandb_asked_for_but_missing_is_one_line_before_any_work(tmp_path):
+    """wandb not importable: the wandb line comes first (before the missing data), nothing is written"""
+    stopped = run_scripts_with_wandb(tmp_path, dict(os.environ, **shadow(tmp_path, "wandb")))
     line = "error: --wandb_log=True needs the wandb package: pip install wandb, or drop --wandb_log"
-    assert result.stdout.splitlines() == [f"{script} {line}" for script in scripts]
-    assert not (tmp_path / "out").exists()
+    assert stopped == [(script, line) for script in SCRIPTS]
+
+
+@pytest.mark.slow
+def test_wandb_without_an_api_key_is_one_line_before_any_work(tmp_path):
+    """wandb installed, online mode, no API key anywhere (HOME and wandb's folders empty): each script
+    stops with one line naming wandb's reason, before any work"""
+    pytest.importorskip("wandb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
+    env.update(wandb_env(tmp_path), HOME=str(tmp_path))
+    del env["WANDB_MODE"]  # online: wandb needs a key
+    stopped = run_scripts_with_wandb(tmp_path, env)
+    assert [script for script, _ in stopped] == SCRIPTS
+    for _, line in stopped:  # wandb 0.31's reason: "No API key configured. Use `wandb login` to log in."
+        start = "error: --wandb_log=True but wandb cannot start a run ("
+        assert line.startswith(start) and "API key" in line
+        assert line.endswith("): run `wandb login`, or set WANDB_MODE=offline, or drop --wandb_log")
 
 
 # ---- analyze.py --metric curves ------------------------------------------------------------------

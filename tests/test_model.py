@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import QuickGELU, ViT, ViTConfig, adapt_state_dict, resize_pos_embed, resize_rel_pos_table
+from model import DecoderHead, QuickGELU, ViT, ViTConfig, adapt_state_dict, resize_pos_embed, resize_rel_pos_table
 
 
 def beit_student(name="nano/4", **kw):
@@ -132,8 +132,7 @@ def test_layer_decay_groups_match_beit_for_vit_b():
             lid = expected_beit_layer_id(name, 12)
             assert g["lr_scale"] == pytest.approx(0.6 ** (13 - lid)), name
             p = dict(model.named_parameters())[name]
-            is_table = "relative_position_bias_table" in name
-            no_decay = p.ndim == 1 or name in ("cls_token", "pos_embed") or is_table
+            no_decay = p.ndim == 1 or name in ("cls_token", "pos_embed")  # BEiT's skip list; tables decay
             assert g["weight_decay"] == (0.0 if no_decay else 0.05), name
             seen.add(name)
     assert seen == {n for n, _ in model.named_parameters()}
@@ -144,6 +143,20 @@ def test_layer_decay_groups_match_beit_for_vit_b():
     assert scale["patch_embed.proj.weight"] == pytest.approx(0.6 ** 13)
     assert scale["blocks.11.mlp.fc2.weight"] == pytest.approx(0.6)
     assert scale["head.weight"] == 1.0
+
+
+def test_weight_decay_of_the_md_student_and_its_transformer_head():
+    """as train_md.py builds its optimizer: the decoder head's learned positions are a position table
+    like the ViT's (no decay); the shared relative position table decays, as in BEiT and FD"""
+    cfg = ViTConfig.beit_v2("nano/4", img_size=32, mask_token=True)
+    student = ViT(cfg)
+    decoder = DecoderHead("transformer", cfg.embed_dim, 16, cfg.num_patches + 1, width=32, depth=1, heads=2)
+    extra = [("decoder." + n, p) for n, p in decoder.named_parameters()]
+    decay = {n: g["weight_decay"] for g in student.param_groups(0.05, extra=extra) for n in g["names"]}
+    no_decay = {"cls_token", "mask_token", "decoder.pos_embed"}
+    assert {"rel_pos_bias.relative_position_bias_table", "decoder.pos_embed"} <= decay.keys()
+    for name, p in [*student.named_parameters(), *extra]:
+        assert decay[name] == (0.0 if p.ndim == 1 or name in no_decay else 0.05), name
 
 
 def test_flops_estimate_matches_counted_matmuls():

@@ -229,6 +229,17 @@ def test_benchmark_images_are_seen_whole(tmp_path):
 
 def test_bad_input_is_one_line(stub, tmp_path):
     datasets, raw = tmp_path / "datasets", tmp_path / "raw-data"
+    # no datasets folder, then one without the benchmark's datasets: named before the model is loaded
+    # (an official teacher would be a download), with model-vs-human's folder as the advice
+    r = run_analyze(["--metric=ood", stub, f"--data={datasets}", f"--out={tmp_path}"])
+    assert r.returncode != 0 and r.stdout == "" and r.stderr.strip().count("\n") == 0, r.stdout + r.stderr
+    assert r.stderr.strip() == (f"error: --data={datasets} is not a folder: give model-vs-human's datasets/ folder "
+                                "(edge/, silhouette/, cue-conflict/ ... the 17 OOD datasets)")
+    datasets.mkdir()
+    r = run_analyze(["--metric=ood", stub, f"--data={datasets}", f"--out={tmp_path}"])
+    assert r.returncode != 0 and r.stdout == "", r.stdout
+    assert r.stderr.strip() == (f"error: none of the 17 OOD datasets (edge/, silhouette/, cue-conflict/ ...) is under "
+                                f"'{datasets}': give model-vs-human's datasets/ folder with --data")
     session = datasets / "colour" / "dnn" / "session-1"
     session.mkdir(parents=True)
     r = run_analyze(["--metric=ood", stub, f"--data={datasets}", f"--out={tmp_path}"])

@@ -76,6 +76,7 @@ def make_run(root, teachers, holds):
         for label, bias in ((t, 0.5), ("ft_" + t, 0.2), ("ft_md_" + t, either(0.35, 0.1))):
             shape[label] = dict(shape_bias=bias, per_class={}, images=10, excluded_agreeing=2)
         finetunes["ft_" + t] = (t, 97.0)
+        finetunes[f"ft_{t}_fd_lr"] = (t, either(80.0, 99.0))  # the same at FD's higher lr
         finetunes["ft_md_" + t] = (f"out/md_{t}/ckpt.pt", either(83.0, 99.0))
     hessian["ft_scratch"] = dict(eigenvalues=[170.0, 90.0], trace=3000.0, trace_stderr=30.0)
     finetunes["ft_scratch"] = ("scratch", 60.0)
@@ -130,7 +131,9 @@ def test_every_claim_holds_or_fails_as_built(tmp_path, holds, teachers):
         f"teacher {t} 10 px, MD student md_{t} {8 if holds else 12} px")
     student = -0.5 if holds else -3
     assert lines[("token spectrum", t)][0] == f"teacher {t} -2, MD student md_{t} {student}"
-    assert ("stand-ins" in lines[("better baseline", t)][0]) == (t != "clip")
+    assert ("stand-in: " in lines[("better baseline", t)][0]) == (t != "clip")
+    assert lines[("better baseline", t)][0].startswith(f"ft_{t} (lr 0.001) 97.00%, ft_{t}_fd_lr (lr 0.001) "
+                                                       f"{80 if holds else 99}.00%")
     tests = 7 * len(teachers) + 1
     assert f"{tests if holds else 0} of {tests} tests hold" in markdown
     # every figure, the fine-tuning table, the step record

@@ -128,6 +128,13 @@ def test_resume_equals_uninterrupted_run(tiny_data, tiny_teacher, tmp_path):
     first = run_md([*common, f"--out_dir={tmp_path / 'b'}", "--stop_iter=3"], tiny_data, tiny_teacher)
     assert first.returncode == 0, first.stderr[-2000:]
     assert load(tmp_path / "b" / "ckpt.pt")["iter_num"] == 3
+    saved = (tmp_path / "b" / "ckpt.pt").read_bytes()
+    again = run_md([*common, f"--out_dir={tmp_path / 'b'}", "--stop_iter=6"], tiny_data, tiny_teacher)
+    assert again.returncode != 0  # the same command without --resume: refused, the checkpoint kept
+    assert again.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'b' / 'ckpt.pt'} exists (an earlier run's checkpoint) and a new run would replace "
+        f"it: continue that run with --resume=True, or choose another out_dir")
+    assert (tmp_path / "b" / "ckpt.pt").read_bytes() == saved
     second = run_md([*common, f"--out_dir={tmp_path / 'b'}", "--stop_iter=6", "--resume=True"], tiny_data, tiny_teacher)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from" in second.stdout

@@ -7,6 +7,7 @@ DATA_HOW="put ImageNet-1k there in the ImageFolder layout (train/ and val/ of <w
 LAUNCH="torchrun --nproc_per_node=8"
 MD_ARGS=""
 FT_ARGS=""
+FD_LR=2.5e-3             # better baseline: CLIP also fine-tuned at FD's lr (1.25e-3 per 512 images) at batch 1024
 SHARPNESS_EVERY=500
 ANALYZE_ARGS="--n_images=1000 --batch_size=64"
 HESSIAN_ARGS="--n_images=1000 --batch_size=100"

@@ -9,6 +9,7 @@ DATA_HOW="python -m data.prepare_imagenette downloads it (about 340 MB)"
 LAUNCH=python
 MD_ARGS="--epochs=100 --warmup_epochs=10 --total_batch_size=256 --lr=1.875e-4 --num_workers=12"
 FT_ARGS="--total_batch_size=256 --lr=1.25e-5 --num_workers=12"
+FD_LR=6.25e-4            # FD's fine-tuning lr (1.25e-3 per 512 images) at batch 256: 50x the recipe's
 SHARPNESS_EVERY=200
 ANALYZE_ARGS="--n_images=1000 --batch_size=64"
 HESSIAN_ARGS="--n_images=256 --batch_size=64"

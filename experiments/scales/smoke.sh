@@ -5,6 +5,7 @@ DATA=embedded
 LAUNCH=python
 MD_ARGS="config/md_embedded.py --stop_iter=3 --eval_images=64"
 FT_ARGS="config/ft_embedded.py --stop_iter=2 --total_batch_size=32 --micro_batch_size=32"
+FD_LR=1e-2
 SHARPNESS_EVERY=2
 ANALYZE_ARGS="--n_images=16"
 HESSIAN_ARGS="--n_images=16 --lanczos_steps=3 --trace_products=4"
