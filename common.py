@@ -836,6 +836,38 @@ def log(ctx, *args):
         print(*args, flush=True)
 
 
+class StdoutThatMayClose:
+    """sys.stdout for a long run: when its reader goes away (`| head`, a closed ssh session), the
+    run goes on writing to /dev/null, with one warning on stderr, instead of stopping on a
+    BrokenPipeError; log.jsonl keeps every record."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.drop()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.drop()
+
+    def drop(self):
+        """point the file descriptor at /dev/null: what the stream still buffers goes there too"""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())
+        os.close(devnull)
+        os.write(2, b"warning: stdout was closed; the run goes on, its log lines are in log.jsonl\n")
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: the stream's
+        return getattr(self.stream, name)
+
+
 def pyplot():
     """matplotlib's pyplot (headless), or None where the optional extra is not installed"""
     try:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (CheckpointError, Context, Meter, accumulation_steps, append_jsonl,
+from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumulation_steps, append_jsonl,
                     apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
                     micro_batches, option_error, peak_flops, record_nonfinite, refuse_overwrite,
                     resume_checkpoint, resume_from, save_checkpoint, schedule_lengths, stop_if_nonfinite,
@@ -354,6 +354,7 @@ def main():
 
 if __name__ == "__main__":
     config = apply_overrides(globals(), sys.argv[1:])
+    sys.stdout = StdoutThatMayClose(sys.stdout)  # `| head` does not end the run
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C: stop at once with one line (rank 0's); checkpoints are kept

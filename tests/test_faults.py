@@ -635,6 +635,23 @@ for error in (None, ValueError("a real fault")):
 """
 
 
+def test_a_closed_stdout_does_not_end_the_run(tiny_data, tiny_teacher, tmp_path):
+    """stdout a pipe whose reader is gone (`train_md.py | head` after head exits): the run goes on to
+    its end and saves (before: a BrokenPipeError traceback at the first line, no checkpoint)"""
+    out = tmp_path / "run"
+    cmd = command([*MD, f"--teacher={tiny_teacher}", "--stop_iter=6"], tiny_data, [f"--out_dir={out}"])
+    reader, writer = os.pipe()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=writer, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    os.close(writer)
+    os.close(reader)  # closed before the run writes its first line: every write finds no reader
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=600) == 0, stderr[-2000:]
+    assert stderr.count("warning: stdout was closed; the run goes on, its log lines are in log.jsonl") == 1
+    assert "Traceback" not in stderr
+    assert weights_at(out / "ckpt.pt")["iter_num"] == 6
+
+
 def test_a_worker_whose_main_process_left_prints_no_broken_pipe(tmp_path):
     """Ctrl-C on a busy machine: a worker's thread can still be handing the main process a
     batch's memory when it exits; the real broken pipe prints nothing, other faults still do"""
