@@ -659,22 +659,27 @@ def resume_from(ckpt, path, optimizer, **modules):
 # stopping on a signal
 
 def stop_signals():
-    """SIGTERM (what a scheduler sends before preemption; torchrun passes it on) and a first
-    SIGINT (Ctrl-C) no longer end the process at once: each appends its number to the returned
-    list, which the training loop reads once per iteration to save the finished step and stop.
-    A second Ctrl-C stops at once (KeyboardInterrupt), losing the step in progress."""
+    """SIGTERM (what a scheduler sends before preemption; torchrun passes it on) no longer ends the
+    process at once: it appends its number to the returned list, which the training loop reads once
+    per iteration to save the finished step and stop. Ctrl-C still stops at once until the loop
+    starts (save_on_ctrl_c): a Ctrl-C during start-up writes no checkpoint."""
     received = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    return received
 
-    def on_signal(signum, frame):
-        if signum == signal.SIGINT and signal.SIGINT in received:
+
+def save_on_ctrl_c(received):
+    """Call as the training loop starts: from here a first Ctrl-C (SIGINT) also appends to
+    stop_signals' list (the loop saves the finished step and stops) and says so on stderr; a second
+    one stops at once (KeyboardInterrupt), losing the step in progress."""
+    def on_ctrl_c(signum, frame):
+        if signum in received:
             raise KeyboardInterrupt
-        if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0":
             os.write(2, b"\nCtrl-C: the run saves and stops after this step (Ctrl-C again: at once)\n")
         received.append(signum)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return received
+    signal.signal(signal.SIGINT, on_ctrl_c)
 
 
 def stopped_by(received):

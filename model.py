@@ -330,10 +330,11 @@ class ViT(nn.Module):
 
     @staticmethod
     def no_weight_decay(name, param):
-        """biases, norms (all 1-d), tokens and absolute position tables (the ViT's, a decoder head's)
-        get no weight decay; relative position bias tables do, as in BEiT and FD (whose skip lists
-        are pos_embed and cls_token; BEiT exempts the tables only with --disable_weight_decay_on_rel_pos_bias)"""
-        return param.ndim <= 1 or name.split(".")[-1] in ("cls_token", "mask_token", "pos_embed")
+        """biases, norms (all 1-d), tokens and absolute position tables (the ViT's, the MD decoder
+        head's pos_embed, the VQ-KD decoder's decoder_pos) get no weight decay; relative position bias
+        tables do, as in BEiT and FD (whose skip lists are pos_embed and cls_token; BEiT exempts the
+        tables only with --disable_weight_decay_on_rel_pos_bias)"""
+        return param.ndim <= 1 or name.split(".")[-1] in ("cls_token", "mask_token", "pos_embed", "decoder_pos")
 
     def param_groups(self, weight_decay, layer_decay=None, extra=()):
         """AdamW groups: one per (layer id, decay or not), each with 'lr_scale' =

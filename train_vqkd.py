@@ -20,8 +20,8 @@ from tqdm import tqdm
 from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumulation_steps, append_jsonl,
                     apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
                     micro_batches, option_error, peak_flops, record_nonfinite, refuse_overwrite,
-                    resume_checkpoint, resume_from, save_checkpoint, schedule_lengths, stop_if_nonfinite,
-                    stop_signals, stopped_by, trim_log, wandb_init, wrap_for_training)
+                    resume_checkpoint, resume_from, save_checkpoint, save_on_ctrl_c, schedule_lengths,
+                    stop_if_nonfinite, stop_signals, stopped_by, trim_log, wandb_init, wrap_for_training)
 from data import DataError, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from model import PRESETS, ViTConfig
 from teacher import load_teacher
@@ -93,12 +93,13 @@ def main():
     if not resume:  # a new run must not replace an earlier run's checkpoint
         refuse_overwrite(path)
     ckpt = resume_checkpoint(path, config, RESUME_MAY_CHANGE, RESUME_ENTRIES) if resume else None
-    stop_signal = stop_signals()  # from here SIGTERM or a first Ctrl-C sets it; the loop saves and stops
+    stop_signal = stop_signals()  # from here a SIGTERM only sets this flag; the loop saves and stops
     ctx = Context(device, dtype, backend)
-    wandb_run = wandb_init(ctx.master, wandb_log, wandb_project, wandb_run_name, config)
     if ctx.master:  # before any work: out_dir is writable and no other run uses it
         made_out_dir = check_out_dir(out_dir)
         lock_out_dir(out_dir, made_out_dir)  # held until this process ends
+    # after the out_dir checks: a refused start makes no W&B run
+    wandb_run = wandb_init(ctx.master, wandb_log, wandb_project, wandb_run_name, config)
     accum = accumulation_steps(total_batch_size, micro_batch_size, ctx.world_size)
     torch.manual_seed(seed)
     try:
@@ -150,6 +151,7 @@ def main():
     bar = tqdm(total=end_iter, initial=iter_num, disable=None if ctx.master else True, desc="VQ-KD",
                dynamic_ncols=True)
     vq.train()
+    save_on_ctrl_c(stop_signal)  # from here a first Ctrl-C saves the finished step
     while iter_num < end_iter:
         lr_now = cosine_lr(iter_num, max_iters, warmup_iters, lr, min_lr)
         for group in optimizer.param_groups:

@@ -679,28 +679,34 @@ def test_ctrl_c_saves_the_finished_step(tiny_data, tiny_teacher, tmp_path):
     assert "Traceback" not in stderr
 
 
-SECOND_CTRL_C = """
+CTRL_C_IN_EACH_PHASE = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from common import stop_signals, stopped_by
+from common import save_on_ctrl_c, stop_signals, stopped_by
+def ctrl_c():  # a signal to this process is handled before kill returns
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        return "not interrupted"
+    except KeyboardInterrupt:
+        return "interrupted"
 received = stop_signals()
-os.kill(os.getpid(), signal.SIGINT)  # delivered to this thread before kill returns
-print(received == [signal.SIGINT], stopped_by(received), flush=True)
-try:
-    os.kill(os.getpid(), signal.SIGINT)
-    print("not interrupted")
-except KeyboardInterrupt:
-    print("interrupted")
+print("start-up:", ctrl_c())
+save_on_ctrl_c(received)  # the training loop starts
+print("first:", ctrl_c(), received == [signal.SIGINT], stopped_by(received))
+print("second:", ctrl_c())
 """
 
 
-def test_a_second_ctrl_c_interrupts_at_once(tmp_path):
-    """the first SIGINT only asks for a stop at the step's end; the second raises KeyboardInterrupt
-    (the scripts' one line 'stopped by Ctrl-C: the last checkpoint ... is kept', exit 130)"""
-    result = subprocess.run([sys.executable, "-c", SECOND_CTRL_C.format(root=ROOT)], capture_output=True,
+def test_ctrl_c_during_start_up_and_twice_stops_at_once(tmp_path):
+    """a Ctrl-C before the training loop stops at once (no step, no checkpoint); in the loop the first
+    only asks for a stop at the step's end, the second raises KeyboardInterrupt (the scripts' one line
+    'stopped by Ctrl-C: the last checkpoint ... is kept', exit 130)"""
+    result = subprocess.run([sys.executable, "-c", CTRL_C_IN_EACH_PHASE.format(root=ROOT)], capture_output=True,
                             text=True, timeout=120, preexec_fn=default_sigint)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["True ('Ctrl-C', 130)", "interrupted"]
+    assert result.stdout.splitlines() == ["start-up: interrupted", "first: not interrupted True ('Ctrl-C', 130)",
+                                          "second: interrupted"]
+    assert result.stderr.strip() == "Ctrl-C: the run saves and stops after this step (Ctrl-C again: at once)"
 
 
 def test_ctrl_c_in_analyze_is_one_line(tiny_data, tiny_teacher, tmp_path):

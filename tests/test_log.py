@@ -266,6 +266,20 @@ def test_wandb_without_an_api_key_is_one_line_before_any_work(tmp_path):
         assert line.endswith("): run `wandb login`, or set WANDB_MODE=offline, or drop --wandb_log")
 
 
+@pytest.mark.slow
+def test_a_refused_start_makes_no_wandb_run(tmp_path):
+    """an out_dir that is a file is refused before W&B starts: no (offline) run is left behind"""
+    pytest.importorskip("wandb")
+    (tmp_path / "afile").write_text("x")
+    env = dict(os.environ, **wandb_env(tmp_path))
+    result = subprocess.run([sys.executable, "train_md.py", "--wandb_log=True", "--device=cpu",
+                             f"--out_dir={tmp_path / 'afile'}"], capture_output=True, text=True, cwd=ROOT,
+                            env=env, timeout=600)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(f"error: out_dir '{tmp_path / 'afile'}' is a file")
+    assert glob.glob(os.path.join(env["WANDB_DIR"], "**", "offline-run-*"), recursive=True) == []
+
+
 # ---- analyze.py --metric curves ------------------------------------------------------------------
 
 def write_logs(tmp_path):

@@ -68,6 +68,20 @@ def test_a_tokenizer_with_nan_weights_is_refused_by_name(tmp_path):
         load_tokenizer(str(path))
 
 
+def test_weight_decay_groups_follow_beit_v2s_skip_list():
+    """as train_vqkd.py builds its optimizer; BEiT v2's VQKD.no_weight_decay skips the encoder's and the
+    decoder's cls_token and pos_embed (ours: decoder_pos), and AdamW groups skip every 1-d tensor"""
+    vq = VQKD(ViTConfig.beit_v2("nano/4", img_size=32), 96, 64, 8, 1, 0.99, 1e-3)
+    other = [(n, p) for n, p in vq.named_parameters() if not n.startswith("encoder.")]
+    groups = vq.encoder.param_groups(1e-4, extra=other)
+    decay = {name: g["weight_decay"] for g in groups for name in g["names"]}
+    skipped = {"cls_token", "pos_embed", "decoder_pos"}
+    named = [*vq.encoder.named_parameters(), *other]
+    assert sorted(decay) == sorted(n for n, _ in named)
+    for name, p in named:
+        assert decay[name] == (0.0 if p.ndim == 1 or name in skipped else 1e-4), name
+
+
 def test_codebook_starts_on_the_first_batch_vectors():
     vq = tokenizer(K=8, initialized=False)
     z = torch.nn.functional.normalize(torch.randn(1, 20, 4), dim=-1)
