@@ -872,7 +872,9 @@ def parse_args(argv):
     checks = [(opts[name] >= 1, f"--{name}={opts[name]} must be >= 1") for name in at_least_one]
     checks += [(opts["steps"] >= 2, f"--steps={opts['steps']} must be >= 2 (grid points per axis)"),
                (opts["span"] > 0, f"--span={opts['span']} must be > 0"),
-               (opts["tol"] >= 0 and opts["trace_tol"] >= 0, "--tol and --trace_tol must be >= 0")]
+               (opts["tol"] >= 0 and opts["trace_tol"] >= 0, "--tol and --trace_tol must be >= 0"),
+               (opts["top_k"] <= opts["lanczos_steps"], f"--top_k={opts['top_k']} needs --lanczos_steps >= "
+                                                        f"{opts['top_k']}: each Lanczos step adds one eigenvalue")]
     problem = option_error(opts, checks)
     if problem:
         raise SystemExit(f"error: {problem}")
@@ -920,12 +922,12 @@ def labelled_batches(model, dataset, subset, opts, device, classes=None):
     """the subset as a list of (images, labels) on the device, for the loss of a classifier.
     classes: the class names of the model's outputs, where its checkpoint has them; the data's class
     folders must be those names, in any order: each image's label is the output of its folder's name"""
-    if model.head is None or model.config.num_classes != len(dataset.classes):
+    if model.head is None or (model.config.num_classes != len(dataset.classes) and not classes):
         raise SystemExit(f"error: the Hessian needs a classifier for the data's "
                          f"{len(dataset.classes)} classes; this model has "
                          f"{model.config.num_classes or 'no'} outputs: fine-tune it first")
     output = torch.arange(len(dataset.classes))  # data label -> model output
-    if classes:
+    if classes:  # named outputs: the folders must be those names (a count that differs included)
         if sorted(classes) != dataset.classes:
             only_model = sorted(set(classes) - set(dataset.classes))
             only_data = sorted(set(dataset.classes) - set(classes))
@@ -1176,6 +1178,8 @@ def write(metric, results, settings, out, maps=None):
                   f"{r['trace']:.4g} +- {r['trace_stderr']:.2g}; {r['hessian_vector_products']} "
                   f"Hessian-vector products, {r['quadratic_forms']} quadratic forms, "
                   f"{r['gradient_passes']:.3g} gradient passes")
+            if not r["converged"]:
+                print(f"  {'':>20}  not converged to --tol in --lanczos_steps: raise --lanczos_steps")
         elif metric == "shape_bias":  # None: no decision was the shape or the texture
             print(f"  {label:>20}: shape bias {formatted(r['shape_bias'], '.3f')} over {r['images']} "
                   "cue-conflict images")

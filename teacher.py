@@ -570,6 +570,15 @@ def export_timm(src, dst, act=None):
     return name, kwargs, vit.config
 
 
+def is_training_checkpoint(path):
+    """a file a training script saves for --resume (a checkpoint with an optimizer state)"""
+    try:
+        obj = read_checkpoint(path)
+    except CheckpointError:
+        return False
+    return isinstance(obj, dict) and "optimizer" in obj
+
+
 def main(argv):
     usage = "usage: python teacher.py export [--format=mdlab|timm] [--act=quick_gelu|gelu] SRC DST"
     if argv[:1] != ["export"]:
@@ -597,6 +606,11 @@ def main(argv):
         raise SystemExit(f"error: no folder '{folder}' to write {dst} in")
     if os.path.isdir(dst):
         raise SystemExit(f"error: '{dst}' is a folder: give the file to write in it, like {dst}/export.pt")
+    if os.path.isfile(dst) and os.path.isfile(src) and os.path.samefile(src, dst):
+        raise SystemExit(f"error: '{dst}' is the file being exported: write the export to another file")
+    if os.path.isfile(dst) and is_training_checkpoint(dst):
+        raise SystemExit(f"error: '{dst}' is a run's training checkpoint (it holds the optimizer state for "
+                         f"--resume): write the export to another file")
     try:
         if fmt == "mdlab":
             export_weights(src, dst, opts["act"])

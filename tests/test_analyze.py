@@ -313,6 +313,8 @@ def test_metric_runs_on_vit_b_at_224(tmp_path):
     (["--metric=landscape", "{teacher}", "--steps=1"], "error: --steps=1 must be >= 2"),
     (["--metric=hessian", "{teacher}", "--lanczos_steps=0"], "error: --lanczos_steps=0 must be >= 1"),
     (["--metric=hessian", "{teacher}", "--top_k=0"], "error: --top_k=0 must be >= 1"),
+    (["--metric=hessian", "{teacher}", "--top_k=5", "--lanczos_steps=2"],
+     "error: --top_k=5 needs --lanczos_steps >= 5: each Lanczos step adds one eigenvalue"),  # before: 2 of 5, exit 0
     (["--metric=nmi", "{teacher}", "--split=nosuch"], "error: no folder 'nosuch' under"),
     (["--metric=attn_map", "{teacher}", "--layer=10"], "error: --layer=10: teacher has 2 blocks: give 0..1"),
     (["--metric=nmi"], "error: no model given"),

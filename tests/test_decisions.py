@@ -133,6 +133,7 @@ def test_hessian_runs_on_vit_b_at_224_for_one_batch(tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     h = json.load(open(tmp_path / "hessian.json"))["models"]["vitb"]
     assert len(h["eigenvalues"]) == 1 and np.isfinite(h["trace"]) and h["images"] == 2
+    assert ("not converged to --tol" in r.stdout) == (not h["converged"])  # said where it is read, not only in JSON
 
 
 def test_sharpness_logged_during_finetuning_and_plotted(tiny_data, tiny_teacher, tmp_path):
@@ -208,6 +209,14 @@ def test_hessian_and_landscape_label_the_data_by_the_checkpoints_class_names(tin
     assert r.stderr.startswith("error: the model's classes are not the class folders under "
                                f"'{os.path.join(tiny_data, 'val')}': ['disc'] only in the model, "
                                "['circle'] only in the data: give the data the model was fine-tuned on")
+    # data with 3 of the classifier's 6 classes (before: 'this model has 6 outputs: fine-tune it first')
+    import shutil
+    for c in classes[:3]:
+        shutil.copytree(os.path.join(tiny_data, "val", c), tmp_path / "three" / "val" / c)
+    r = run_analyze(["--metric=hessian", tiny_teacher, f"--data={tmp_path / 'three'}", f"--out={tmp_path}"])
+    assert r.returncode != 0 and r.stderr.strip() == (
+        f"error: the model's classes are not the class folders under '{tmp_path / 'three' / 'val'}': "
+        f"{classes[3:]} only in the model, [] only in the data: give the data the model was fine-tuned on")
 
 
 def test_shape_bias_of_a_classifier_without_class_names(tiny_data, tiny_teacher, tmp_path):

@@ -455,6 +455,24 @@ def test_export_to_a_folder_that_is_not_there_is_one_line(tmp_path, tiny_teacher
     assert not (tmp_path / "nowhere").exists()
 
 
+def test_export_never_writes_over_its_source_or_a_training_checkpoint(tmp_path, tiny_teacher):
+    """`teacher.py export out/md/ckpt.pt out/md/ckpt.pt` replaced the run's checkpoint with bare weights
+    (no optimizer: --resume refused it); a plain export over an older export is still allowed"""
+    from teacher import main
+    run = tmp_path / "ckpt.pt"  # a training checkpoint: weights and the optimizer state --resume reads
+    obj = torch.load(tiny_teacher, weights_only=True)
+    torch.save(dict(obj, optimizer={"state": {}, "param_groups": []}, iter_num=3), run)
+    saved = run.read_bytes()
+    with pytest.raises(SystemExit, match=f"^error: '{re.escape(str(run))}' is the file being exported"):
+        main(["export", str(run), str(run)])
+    with pytest.raises(SystemExit, match=f"^error: '{re.escape(str(run))}' is a run's training checkpoint"):
+        main(["export", tiny_teacher, str(run), "--format=timm"])
+    assert run.read_bytes() == saved
+    main(["export", str(run), str(tmp_path / "export.pt")])
+    main(["export", tiny_teacher, str(tmp_path / "export.pt")])  # an export is no training checkpoint
+    assert "optimizer" not in torch.load(tmp_path / "export.pt", weights_only=True)
+
+
 def test_download_checks_the_hash_and_writes_atomically(tmp_path, monkeypatch):
     """download() over a file:// URL (no network): the right SHA-256 passes, a wrong one
     removes the file"""
@@ -518,14 +536,15 @@ def test_shipped_embedded_teacher_is_far_better_than_chance():
     assert load_teacher("embedded")(torch.rand(2, 3, 32, 32)).shape == (2, 65, 96)
 
 
-def test_export_that_cannot_be_written_keeps_the_source_and_is_one_line(tmp_path, tiny_teacher):
+def test_export_that_cannot_be_written_keeps_the_older_file_and_is_one_line(tmp_path, tiny_teacher):
     """export writes atomically: a write cut short by a full disk (here a 100 kB file-size limit, so the write
-    fails with EFBIG) onto SRC itself leaves SRC whole and no temp file; DST a folder: one line too"""
+    fails with EFBIG) onto an older export leaves that file whole and no temp file; DST a folder: one line too"""
     import resource
     import shutil
-    src = str(tmp_path / "self.pt")
+    src, older = str(tmp_path / "src.pt"), str(tmp_path / "older.pt")
     shutil.copy(tiny_teacher, src)
-    before = open(src, "rb").read()
+    shutil.copy(tiny_teacher, older)
+    before = open(older, "rb").read()
     assert len(before) > 100_000
 
     def export(dst, limit=False):
@@ -533,9 +552,9 @@ def test_export_that_cannot_be_written_keeps_the_source_and_is_one_line(tmp_path
                               capture_output=True, text=True, cwd=ROOT, timeout=300,
                               preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)))
                               if limit else None)
-    for dst, limit, expected in ((src, True, "File too large"), (str(tmp_path), False, "is a folder")):
+    for dst, limit, expected in ((older, True, "File too large"), (str(tmp_path), False, "is a folder")):
         r = export(dst, limit)
         assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
         assert r.stderr.startswith("error:") and expected in r.stderr, r.stderr
-        assert open(src, "rb").read() == before and sorted(os.listdir(tmp_path)) == ["self.pt"]
-    load_model(src)
+        assert open(older, "rb").read() == before and sorted(os.listdir(tmp_path)) == ["older.pt", "src.pt"]
+    load_model(older)
