@@ -905,15 +905,16 @@ def check_out_dir(out_dir):
     return made
 
 
-def lock_out_dir(out_dir, made=False):
-    """Claim out_dir for this run: a second run on it is refused with one line while this
-    process lives. A POSIX lock (fcntl) on out_dir/run.lock, which the OS drops when the process
-    ends however it ends (kill -9 included), and which forked workers do not hold. The file stays
-    open until the process exits (its exit handler holds it); open run.lock nowhere else (closing
-    any descriptor of the file drops a POSIX lock). Call it on the master process only, after
-    check_out_dir. At exit the process removes run.lock, and out_dir too where `made`
-    (check_out_dir made it) and the run left nothing in it (a start that failed)."""
+def lock_out_dir(out_dir):
+    """Claim out_dir for this run, before any work: check_out_dir (made, writable), then a second
+    run on it is refused with one line while this process lives. A POSIX lock (fcntl) on
+    out_dir/run.lock, which the OS drops when the process ends however it ends (kill -9 included),
+    and which forked workers do not hold. The file stays open until the process exits (its exit
+    handler holds it); open run.lock nowhere else (closing any descriptor of the file drops a POSIX
+    lock). Call it on the master process only. At exit the process removes run.lock, and out_dir
+    too where this call made it and the run left nothing in it (a start that failed)."""
     import fcntl
+    made = check_out_dir(out_dir)
     path = os.path.join(out_dir, "run.lock")
     while True:
         try:

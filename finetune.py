@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumulation_steps, append_jsonl,
-                    apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
+                    apply_overrides, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
                     micro_batches, option_error, peak_flops, pyplot, record_nonfinite, refuse_overwrite,
                     resume_checkpoint, resume_from, save_checkpoint, save_figure, save_on_ctrl_c,
                     schedule_lengths, stop_if_nonfinite, stop_signals, stopped_by, stopped_early, trim_log,
@@ -228,8 +228,7 @@ def main():
     stop_signal = stop_signals()  # from here a SIGTERM only sets this flag; the loop saves and stops
     ctx = Context(device, dtype, backend)
     if ctx.master:  # before any work: out_dir is writable and no other run uses it
-        made_out_dir = check_out_dir(out_dir)
-        lock_out_dir(out_dir, made_out_dir)  # held until this process ends
+        lock_out_dir(out_dir)  # held until this process ends
     # after the out_dir checks: a refused start makes no W&B run
     wandb_run = wandb_init(ctx.master, wandb_log, wandb_project, wandb_run_name, config)
     accum = accumulation_steps(total_batch_size, micro_batch_size, ctx.world_size)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumulation_steps, append_jsonl,
-                    apply_overrides, check_out_dir, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
+                    apply_overrides, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
                     micro_batches, option_error, peak_flops, record_nonfinite, refuse_overwrite,
                     resume_checkpoint, resume_from, save_checkpoint, save_on_ctrl_c, schedule_lengths,
                     stop_if_nonfinite, stop_signals, stopped_by, trim_log, wandb_init, wrap_for_training)
@@ -155,8 +155,7 @@ def main():
     stop_signal = stop_signals()  # from here a SIGTERM only sets this flag; the loop saves and stops
     ctx = Context(device, dtype, backend)
     if ctx.master:  # before any work: out_dir is writable and no other run uses it
-        made_out_dir = check_out_dir(out_dir)
-        lock_out_dir(out_dir, made_out_dir)  # held until this process ends
+        lock_out_dir(out_dir)  # held until this process ends
     # after the out_dir checks: a refused start makes no W&B run
     wandb_run = wandb_init(ctx.master, wandb_log, wandb_project, wandb_run_name, config)
     accum = accumulation_steps(total_batch_size, micro_batch_size, ctx.world_size)
