@@ -1446,10 +1446,13 @@ CLAIMS = [
 ]
 
 
-def teachers_of(metrics):
-    """the labels T for which an MD student md_T is in the run, in order of appearance"""
-    labels = [l for entries in metrics.values() for l in entries]
-    return list(dict.fromkeys(l for l in labels if "md_" + l in labels))
+def teachers_of(metrics, finetunes):
+    """the teachers T of the run, in order of appearance: every T of an MD student md_T or of its
+    fine-tune ft_md_T among the analysed models and the fine-tuning runs (a claim whose other model
+    is missing is then counted as not tested, not dropped)"""
+    labels = [l for entries in metrics.values() for l in entries] + list(finetunes)
+    found = [l[len(prefix):] for l in labels for prefix in ("md_", "ft_md_") if l.startswith(prefix)]
+    return list(dict.fromkeys(t for t in found if t))
 
 
 def claim_verdicts(metrics, finetunes, teachers):
@@ -1490,7 +1493,7 @@ def headline_table(metrics, finetunes):
         ("OOD mean accuracy", "ood", lambda e: e["mean_accuracy"]),
     ]
     labels = list(dict.fromkeys([l for m in metrics.values() for l in m] + list(finetunes)))
-    teachers = teachers_of(metrics)
+    teachers = teachers_of(metrics, finetunes)
     pairs = [(t, "md_" + t) for t in teachers] + [("ft_md_" + t, "ft_" + t) for t in teachers]
     roles = [label for pair in pairs for label in pair] + ["ft_scratch"]
     labels.sort(key=lambda l: roles.index(l) if l in roles else len(roles))  # stable: others last
@@ -1512,7 +1515,7 @@ def headline_table(metrics, finetunes):
 
 def report_blocks(root, metrics, figures, finetunes, steps):
     """the report as blocks (kind, content); kinds: h1, h2, h3, p, ul, table, img, pre"""
-    teachers = teachers_of(metrics)
+    teachers = teachers_of(metrics, finetunes)
     depth = next((len(e["per_layer"]) for e in metrics.get("attn_distance", {}).values()), None)
     high = f"blocks {depth - max(1, round(depth / 3)) + 1}-{depth} of {depth}" if depth else "n/a"
     intro = (f"Run folder `{root}`. Teachers: {', '.join(teachers) or 'none found'}. High "
@@ -1526,8 +1529,13 @@ def report_blocks(root, metrics, figures, finetunes, steps):
     total = [v for _, _, _, rows in verdicts for _, _, v in rows]
     doc.append(("h2", "The paper's claims in this run"))
     counts = {v: total.count(v) for v in ("holds", "does not hold", "not tested")}
-    doc.append(("p", f"{counts['holds']} of {len(total)} tests hold, {counts['does not hold']} "
-                     f"do not, {counts['not tested']} not tested."))
+    if teachers:
+        doc.append(("p", f"{counts['holds']} of {len(total)} tests hold, {counts['does not hold']} "
+                         f"do not, {counts['not tested']} not tested."))
+    else:
+        doc.append(("p", "No claim tested: the claims compare a teacher T with its MD student md_T "
+                         "(or their fine-tunes ft_T and ft_md_T), and no model here is labelled "
+                         "md_T or ft_md_T (analyze.py --labels, finetune.py --out_dir)."))
     summary = [[title] + [next((v for s, _, v in rows if s == t), "") for t in teachers]
                for title, _, _, rows in verdicts]
     doc.append(("table", (["claim"] + teachers, summary)))
@@ -1649,7 +1657,10 @@ def report(args):
     for name, text in (("report.md", to_markdown(doc)), ("report.html", to_html(doc))):
         write_atomic(os.path.join(root, name), text)
     print(f"report: {os.path.join(root, 'report.md')} and report.html")
-    for title, _, _, rows in claim_verdicts(metrics, finetunes, teachers_of(metrics)):
+    teachers = teachers_of(metrics, finetunes)
+    if not teachers:
+        print("  no claim tested: no model is labelled md_T or ft_md_T (see report.md)")
+    for title, _, _, rows in claim_verdicts(metrics, finetunes, teachers):
         for t, _, verdict in rows:
             print(f"  {title:>18} ({t}): {verdict}")
 

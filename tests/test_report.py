@@ -191,3 +191,33 @@ def test_report_bad_input(tmp_path, make, message):
     make(root)
     with pytest.raises(SystemExit, match=message):
         analyze.main(["--metric", "report", root])
+
+
+def test_fine_tuned_models_alone_are_tested(tmp_path):
+    """a run folder with only the fine-tuned models' analyses: the teacher is found from ft_md_T,
+    the claims on fine-tuned models are tested, the ones on md_T are counted as not tested"""
+    root = str(tmp_path / "run")
+    write_metric(root, "finetuned", "hessian", dict(ft_clip=dict(eigenvalues=[100.0], trace=500.0),
+                                                    ft_md_clip=dict(eigenvalues=[60.0], trace=300.0)))
+    write_metric(root, "finetuned", "shape_bias", dict(ft_clip=dict(shape_bias=0.2),
+                                                       ft_md_clip=dict(shape_bias=0.1)))
+    analyze.main(["--metric", "report", root])
+    markdown = open(os.path.join(root, "report.md")).read()
+    lines = claim_lines(markdown)
+    assert lines[("flatness", "clip")][1] == "holds"
+    assert lines[("shape bias", "clip")][1] == "does not hold"
+    assert "1 of 8 tests hold, 1 do not, 6 not tested." in markdown  # 5 on md_clip, the baseline
+    assert lines[("NMI", "clip")][0] == "no nmi results for clip and md_clip under the run"
+
+
+def test_no_student_no_claim(tmp_path, capsys):
+    """models that are neither md_T nor ft_md_T: no claim can be tested, and the report says why
+    instead of '0 of 0 tests hold'"""
+    root = str(tmp_path / "run")
+    write_metric(root, "pretrained", "nmi", dict(a=per_layer_entry(layers(0.2, 0.05)),
+                                                 b=per_layer_entry(layers(0.1, 0.1))))
+    analyze.main(["--metric", "report", root])
+    markdown = open(os.path.join(root, "report.md")).read()
+    assert "No claim tested" in markdown and "tests hold" not in markdown
+    assert claim_lines(markdown) == {}
+    assert "no claim tested" in capsys.readouterr().out
