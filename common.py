@@ -635,6 +635,17 @@ def resume_checkpoint(path, config, may_change, entries=()):
     return ckpt
 
 
+def weights_fingerprint(module):
+    """SHA-256 of a module's state (names, dtypes, shapes and bytes), in hex: the same weights give the
+    same fingerprint wherever they are read from, and weights changed in place give another"""
+    digest = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def refuse_overwrite(path):
     """A new run (no --resume) saves its checkpoint at `path`: where a file is there already, from
     an earlier run, it would be replaced and that run lost. One line, before any work."""

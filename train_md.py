@@ -25,7 +25,8 @@ from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumul
                     apply_overrides, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
                     micro_batches, option_error, peak_flops, record_nonfinite, refuse_overwrite,
                     resume_checkpoint, resume_from, save_checkpoint, save_on_ctrl_c, schedule_lengths,
-                    stop_if_nonfinite, stop_signals, stopped_by, trim_log, wandb_init, wrap_for_training)
+                    stop_if_nonfinite, stop_signals, stopped_by, trim_log, wandb_init, weights_fingerprint,
+                    wrap_for_training)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.masks import BEIT_RATIO, MaskGenerator
 from model import DECODER_HEADS, PRESETS, DecoderHead, MDStudent, ViT, ViTConfig
@@ -189,6 +190,12 @@ def main():
         source = "the tokenizer" if target == "vqkd" else f"the teacher {teacher!r}"
         raise SystemExit(f"error: {source} takes {source_cfg.img_size} px / patch {source_cfg.patch_size}, the "
                          f"student {img_size} px / patch {cfg.patch_size}: the patch grids must match")
+    source_fingerprint = weights_fingerprint(tokenizer_model if target == "vqkd" else teacher_model)
+    if resume and ckpt.get("target_fingerprint", source_fingerprint) != source_fingerprint:  # older: none
+        source = f"the tokenizer {tokenizer}" if target == "vqkd" else f"the teacher {teacher!r}"
+        raise SystemExit(f"error: --resume=True but {source} has other weights than when this run started "
+                         f"(retrained or replaced in place): its targets would change mid-run; resume with "
+                         f"the original weights, or start a new run in another out_dir")
     train_loader, train_sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed,
                                               num_workers)
     iters_per_epoch, max_iters, warmup_iters, end_iter = schedule_lengths(
@@ -337,7 +344,7 @@ def main():
                 checkpoint = dict(model=student.state_dict(), decoder=decoder.state_dict(),
                                   whitening=whitener.state_dict(), model_args=cfg.to_dict(), config=config,
                                   optimizer=optimizer.state_dict(), iter_num=iter_num,
-                                  best_val_loss=best_val_loss)
+                                  best_val_loss=best_val_loss, target_fingerprint=source_fingerprint)
                 save_checkpoint(checkpoint, ckpt_path)
         if stop:
             bar.close()

@@ -120,6 +120,56 @@ def load(path):
     return torch.load(path, weights_only=True)
 
 
+def retrain_tokenizer(out, tiny_data, tiny_teacher, iters, resume):
+    """train_vqkd.py into `out` for `iters` iterations: its tokenizer.pt, the targets of --target=vqkd"""
+    cmd = [sys.executable, os.path.join(ROOT, "train_vqkd.py"), f"--data_dir={tiny_data}",
+           f"--teacher={tiny_teacher}", "--model=nano/4", "--img_size=32", "--epochs=1", "--total_batch_size=16",
+           "--micro_batch_size=8", "--codebook_size=16", "--num_workers=0", "--device=cpu", "--dtype=float32",
+           "--compile=False", f"--stop_iter={iters}", f"--resume={resume}", f"--out_dir={out}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return str(out / "tokenizer.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["features", "vqkd"])
+def test_resume_refuses_targets_changed_in_place(tiny_data, tiny_teacher, tmp_path, target):
+    """the teacher's file (or the tokenizer's) holds other weights at --resume than at the start, under
+    the same path: the targets would change mid-run, so the resume is refused and the checkpoint kept;
+    the original weights back, it resumes"""
+    if target == "vqkd":  # a tokenizer trained 1 iteration, then retrained in place to 2
+        source = retrain_tokenizer(tmp_path / "tok", tiny_data, tiny_teacher, 1, False)
+        args = ["--target=vqkd", f"--tokenizer={source}"]
+    else:  # a copy of the teacher, later overwritten by another random one of the same shape
+        source = str(tmp_path / "teacher.pt")
+        torch.save(load(tiny_teacher), source)
+        args = []
+    original = open(source, "rb").read()
+    out = tmp_path / "md"
+    first = run_md([*args, f"--out_dir={out}", "--stop_iter=1"], tiny_data, source)
+    assert first.returncode == 0, first.stderr[-2000:]
+    saved = (out / "ckpt.pt").read_bytes()
+    if target == "vqkd":
+        retrain_tokenizer(tmp_path / "tok", tiny_data, tiny_teacher, 2, True)
+    else:
+        other = load(source)
+        other["model"] = {k: torch.randn_like(v) for k, v in other["model"].items()}
+        torch.save(other, source)
+    assert open(source, "rb").read() != original
+    resumed = run_md([*args, f"--out_dir={out}", "--stop_iter=2", "--resume=True"], tiny_data, source)
+    assert resumed.returncode != 0
+    what = f"the tokenizer {source}" if target == "vqkd" else f"the teacher '{source}'"
+    assert resumed.stderr.strip().splitlines()[-1].startswith(
+        f"error: --resume=True but {what} has other weights than when this run started")
+    assert (out / "ckpt.pt").read_bytes() == saved
+    with open(source, "wb") as f:  # the original weights back under the same path
+        f.write(original)
+    resumed = run_md([*args, f"--out_dir={out}", "--stop_iter=2", "--resume=True"], tiny_data, source)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert load(out / "ckpt.pt")["iter_num"] == 2
+
+
 def test_resume_equals_uninterrupted_run(tiny_data, tiny_teacher, tmp_path):
     # 144 images, total batch 32: 4 iterations per epoch; stop at 3, resume to 6 (across an epoch boundary)
     common = ["--total_batch_size=32", "--eval_interval=100"]
