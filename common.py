@@ -8,6 +8,7 @@ nothing here runs a training loop: each script writes its own.
 import argparse
 import ast
 import atexit
+import contextlib
 import hashlib
 import io
 import json
@@ -330,14 +331,38 @@ class CheckpointError(ValueError):
     """Bad model input; the message is one line that names the file and the problem."""
 
 
+@contextlib.contextmanager
+def exclusive(path):
+    """Hold an exclusive POSIX lock on the file `path` (made if missing, left in place) for the with
+    block: another process asking for it waits until this one leaves the block or ends."""
+    import fcntl
+    with open(path, "a") as f:
+        fcntl.lockf(f, fcntl.LOCK_EX)
+        yield
+
+
 def download(url, sha256=None, cache_dir=CACHE_DIR, instead="give its path instead of the name"):
-    """Fetch url into cache_dir once (atomic rename), checking the SHA-256 (or its prefix).
-    instead: what the caller's user can do without a network, said when the fetch fails."""
-    from tqdm import tqdm
+    """Fetch url into cache_dir once (atomic rename), checking the SHA-256 (or its prefix). Processes
+    that start together (torchrun's ranks) take turns on a lock: the first downloads, the others wait
+    and find the file. instead: what the caller's user can do without a network, said when the fetch
+    fails."""
     dest = os.path.join(cache_dir, os.path.basename(url))
     if os.path.exists(dest):
         return dest
-    os.makedirs(cache_dir, exist_ok=True)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        with exclusive(dest + ".lock"):
+            if not os.path.exists(dest):  # not fetched by another process while this one waited
+                fetch(url, dest, sha256, instead)
+    except OSError as e:  # a cache folder that cannot be written
+        raise CheckpointError(f"cannot write the download of {url} to {cache_dir} ({e.strerror or e}): set "
+                              f"MDLAB_CACHE to a writable folder, or {instead}") from None
+    return dest
+
+
+def fetch(url, dest, sha256, instead):
+    """download's transfer: url -> dest + '.part', checked, renamed to dest"""
+    from tqdm import tqdm
     tmp, digest = dest + ".part", hashlib.sha256()
     print(f"downloading {url} -> {dest}")
     try:
@@ -359,7 +384,6 @@ def download(url, sha256=None, cache_dir=CACHE_DIR, instead="give its path inste
         raise CheckpointError(f"download of {url} has SHA-256 {digest.hexdigest()}, expected {sha256}: "
                               f"retry or fetch it by hand")
     os.replace(tmp, dest)
-    return dest
 
 
 def first_line(error):

@@ -17,6 +17,8 @@ import sys
 import numpy as np
 from PIL import Image
 
+from common import exclusive
+
 CLASSES = ("circle", "square", "triangle", "cross", "ring", "star")
 TEXTURES = ("hstripes", "vstripes", "checker", "dots", "diagonal", "waves")  # class i's texture in train
 SIZE = 32
@@ -107,11 +109,18 @@ def generate(root, seed=0, splits=SPLITS, per_pair=CUE_CONFLICT_PER_PAIR):
 
 
 def ensure_embedded(root=DEFAULT_ROOT, seed=0):
-    """The dataset's root, generated first if missing or out of date."""
+    """The dataset's root, generated first if missing or out of date. Processes that start together
+    (torchrun's ranks, two demos) take turns on a lock beside root: one generates, the others find it."""
     marker = os.path.join(root, "VERSION")
-    if not (os.path.exists(marker) and open(marker).read().strip() == f"{VERSION} {seed}"):
-        print(f"generating the embedded dataset in {root} ...", file=sys.stderr)
-        generate(root, seed)
+
+    def current():
+        return os.path.exists(marker) and open(marker).read().strip() == f"{VERSION} {seed}"
+
+    if not current():
+        with exclusive(root + ".lock"):
+            if not current():  # not made by another process while this one waited
+                print(f"generating the embedded dataset in {root} ...", file=sys.stderr)
+                generate(root, seed)
     return root
 
 

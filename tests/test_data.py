@@ -377,6 +377,34 @@ def test_embedded_dataset_is_deterministic_and_laid_out(tmp_path):
     assert all(name.startswith("star") for name in cue)
 
 
+
+def test_two_processes_that_start_together_generate_the_dataset_once(tmp_path):
+    """two demos started at once on a fresh checkout (or torchrun's ranks) both make the embedded
+    dataset: one generates, the other waits and uses it (before: both wrote the same temp folder, one
+    crashed and the other could mark an incomplete dataset as made). Real processes, released together."""
+    import subprocess
+    import sys
+    from data.embedded import CUE_CONFLICT_PER_PAIR, SPLITS
+    root, gate = tmp_path / "embedded", tmp_path / "gate"
+    gate.mkdir()
+    script = ("import os, sys, time; from data.embedded import ensure_embedded\n"
+              "open(os.path.join(sys.argv[1], sys.argv[2]), 'w').close()\n"
+              "while len(os.listdir(sys.argv[1])) < 2: time.sleep(0.01)\n"
+              "ensure_embedded(sys.argv[3])\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(gate), str(i), str(root)], env=env,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert sum("generating the embedded dataset" in e for e in errors) == 1
+    for split, per_class in SPLITS.items():
+        for name in CLASSES:
+            assert len(os.listdir(root / split / name)) == per_class, (split, name)
+    for name in CLASSES:
+        assert len(os.listdir(root / "cue_conflict" / name)) == CUE_CONFLICT_PER_PAIR * len(CLASSES)
+    assert not os.path.exists(str(root) + ".tmp")
+
 def test_imagenette_archive_extracts_to_imagefolder(tmp_path, tiny_data):
     import tarfile
     from data.prepare_imagenette import extract

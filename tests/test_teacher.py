@@ -492,15 +492,61 @@ def test_download_checks_the_hash_and_writes_atomically(tmp_path, monkeypatch):
     assert common.download(src.as_uri(), sha, cache_dir=str(tmp_path / "cache")) == path
     with pytest.raises(CheckpointError, match="expected 00000000"):
         common.download(src.as_uri(), "00000000", cache_dir=str(tmp_path / "other"))
-    assert os.listdir(tmp_path / "other") == []
+    assert os.listdir(tmp_path / "other") == ["weights.pth.lock"]  # no file, no partial file
     # a URL that cannot be fetched (here: no such file; offline: no such host) is one line
     with pytest.raises(CheckpointError, match="could not download .*missing.pth.*instead of the name"):
         common.download((tmp_path / "missing.pth").as_uri(), cache_dir=str(tmp_path / "third"))
     with pytest.raises(CheckpointError, match="fetch the file elsewhere and give it with --archive=$"):
         common.download((tmp_path / "missing.pth").as_uri(), cache_dir=str(tmp_path / "third"),
                         instead="give it with --archive=")
-    assert os.listdir(tmp_path / "third") == []
+    assert os.listdir(tmp_path / "third") == ["missing.pth.lock"]
 
+
+
+def test_processes_that_start_together_download_once(tmp_path):
+    """torchrun's ranks all load the teacher at once: one process downloads, the others wait for it
+    and read its file (before: each fetched its own copy into the same .part file, and all but the
+    first failed at the rename with a traceback). Four real processes, released together once all
+    have imported, against a local HTTP server that sends the file slowly and counts the requests."""
+    import http.server
+    import threading
+    payload = os.urandom(1 << 20)
+    requests = []
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            for start in range(0, len(payload), 1 << 17):  # 8 pieces, 0.1 s apart
+                self.wfile.write(payload[start:start + (1 << 17)])
+                self.wfile.flush()
+                threading.Event().wait(0.1)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/ViT-B-16.pt"
+    cache, gate = tmp_path / "cache", tmp_path / "gate"
+    gate.mkdir()
+    script = ("import os, sys, time; import common\n"  # each marks itself ready, then waits for all
+              "open(os.path.join(sys.argv[2], sys.argv[3]), 'w').close()\n"
+              "while len(os.listdir(sys.argv[2])) < 4: time.sleep(0.01)\n"
+              "print(common.download(sys.argv[1], cache_dir=sys.argv[4]))\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", script, url, str(gate), str(i), str(cache)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    server.shutdown()
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-2000:]
+        assert out.strip().splitlines()[-1] == str(cache / "ViT-B-16.pt")
+    assert len(requests) == 1
+    assert (cache / "ViT-B-16.pt").read_bytes() == payload
+    assert sorted(os.listdir(cache)) == ["ViT-B-16.pt", "ViT-B-16.pt.lock"]
 
 class RunsCode:
     def __reduce__(self):
