@@ -270,10 +270,10 @@ def main():
         resume_from(ckpt, ckpt_path, optimizer, model=vit)
         iter_num, best_top1 = ckpt["iter_num"], ckpt["best_top1"]
         log(ctx, f"resumed from {ckpt_path} at iteration {iter_num}")
-        if iter_num >= end_iter:
+        if iter_num >= end_iter and ckpt.get("top1") is not None:  # None: its last evaluation read no image
             log(ctx, f"nothing to do: the checkpoint is at iteration {iter_num}, "
                      f"this run ends at {end_iter}")
-            if ctx.master and ckpt.get("top1") is not None:  # result.json again (a run killed before writing it)
+            if ctx.master:  # result.json again (a run killed before writing it)
                 write_result(ckpt["top1"], ckpt["top5"])
             ctx.close()
             return
@@ -284,7 +284,8 @@ def main():
 
     @torch.no_grad()
     def evaluate():
-        """top-1 / top-5 (%) over the whole val split; each image counted once over all ranks"""
+        """top-1 / top-5 (%) over the whole val split; each image counted once over all ranks; None, None
+        if no val image could be read (a top-1 over no image is not a number)"""
         vit.eval()
         loader, _ = make_loader(val_set, micro_batch_size, False, ctx.rank, ctx.world_size, seed, num_workers)
         counts = torch.zeros(3, device=ctx.device)  # top-1 hits, top-5 hits, images
@@ -302,11 +303,15 @@ def main():
         ctx.all_reduce_sum(counts)
         vit.train()
         top1_hits, top5_hits, images_read = counts.tolist()
-        if images_read == 0:  # a top-1 over no image is not a number
-            val_dir = os.path.join(root, "val")
-            raise SystemExit(f"error: iteration {iter_num}: no val image under {val_dir} "
-                             f"could be read (see the warnings): fix the val split")
+        if images_read == 0:
+            return None, None
         return 100 * top1_hits / images_read, 100 * top5_hits / images_read
+
+    def no_val_image():
+        """the error of an evaluation that read no val image, said after the checkpoint is saved"""
+        ctx.barrier()
+        return (f"error: iteration {iter_num}: no val image under {os.path.join(root, 'val')} could be read (see "
+                f"the warnings): fix the val split, then continue with --resume=True (checkpoint {ckpt_path})")
 
     sharpness_path = os.path.join(out_dir, "sharpness.json")
     sharpness_log = []
@@ -353,7 +358,7 @@ def main():
     params = [p for group in optimizer.param_groups for p in group["params"]]
     nonfinite = torch.full((3,), -1.0, dtype=torch.float64, device=ctx.device)  # checked at log lines only
     skipped = 0  # unreadable training images since the last log line
-    top1 = top5 = 0.0
+    top1 = top5 = None  # the last evaluation's
     bar = tqdm(total=end_iter, initial=iter_num, disable=None if ctx.master else True, desc="fine-tune",
                dynamic_ncols=True)
     vit.train()
@@ -417,8 +422,8 @@ def main():
         at_eval = iter_num % eval_every == 0 or iter_num == end_iter
         if at_eval or stop:
             stop_if_nonfinite(nonfinite, ckpt_path)  # a non-finite step is never saved
-            if at_eval:
-                top1, top5 = evaluate()
+            top1, top5 = evaluate() if at_eval else (None, None)
+            if top1 is not None:
                 best_top1 = max(best_top1, top1)
                 if ctx.master:
                     epoch = iter_num / iters_per_epoch
@@ -430,8 +435,10 @@ def main():
                 checkpoint = dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config=config,
                                   optimizer=optimizer.state_dict(), iter_num=iter_num, best_top1=best_top1,
                                   classes=train_set.classes,  # and this iteration's evaluation, if any:
-                                  top1=top1 if at_eval else None, top5=top5 if at_eval else None)
+                                  top1=top1, top5=top5)
                 save_checkpoint(checkpoint, ckpt_path)
+            if at_eval and top1 is None:  # after the save: the steps are kept
+                raise SystemExit(no_val_image())
         if stop:
             bar.close()
             signal_name, exit_code = stopped_by(stop_signal)
@@ -441,6 +448,10 @@ def main():
             ctx.close()
             raise SystemExit(exit_code)
     bar.close()
+    if top1 is None:  # resumed at the end from a checkpoint whose last evaluation read no val image
+        top1, top5 = evaluate()
+        if top1 is None:
+            raise SystemExit(no_val_image())
     if ctx.master:
         write_result(top1, top5)
     ctx.barrier()  # ranks leave together: one gone mid-save can abort rank 0's gloo (SIGABRT, once in CI)

@@ -236,7 +236,8 @@ def main():
 
     @torch.no_grad()
     def evaluate():
-        """mean MD loss over (a fixed subset of) the val split, all ranks together"""
+        """mean MD loss over (a fixed subset of) the val split, all ranks together; None if no val
+        image could be read (a loss of 0 over no image would be a lie)"""
         md_student.eval()
         whitener.eval()
         loader, _ = make_loader(val_set, micro_batch_size, False, ctx.rank, ctx.world_size, seed, num_workers,
@@ -254,11 +255,7 @@ def main():
         md_student.train()
         whitener.train()
         loss_sum, images_read = total.tolist()
-        if images_read == 0:  # a val loss of 0 over no image would be a lie
-            val_dir = os.path.join(root, "val")
-            raise SystemExit(f"error: iteration {iter_num}: no val image under {val_dir} could be "
-                             f"read (see the warnings): fix the files, or remove the val split")
-        return loss_sum / images_read
+        return loss_sum / images_read if images_read else None
 
     n_params = sum(p.numel() for p in student.parameters()) / 1e6
     source = f"tokenizer {tokenizer}" if target == "vqkd" else f"teacher {teacher}"
@@ -332,8 +329,8 @@ def main():
         at_eval = iter_num % eval_interval == 0 or iter_num == end_iter
         if at_eval or stop:
             stop_if_nonfinite(nonfinite, ckpt_path)  # a non-finite step is never saved
-            if at_eval and val_set is not None:
-                val_loss = evaluate()
+            val_loss = evaluate() if at_eval and val_set is not None else None
+            if val_loss is not None:
                 best_val_loss = min(best_val_loss, val_loss)
                 if ctx.master:
                     bar.write(f"iter {iter_num}: val loss {val_loss:.4f}")
@@ -346,6 +343,11 @@ def main():
                                   optimizer=optimizer.state_dict(), iter_num=iter_num,
                                   best_val_loss=best_val_loss, target_fingerprint=source_fingerprint)
                 save_checkpoint(checkpoint, ckpt_path)
+            if at_eval and val_set is not None and val_loss is None:  # after the save: the steps are kept
+                ctx.barrier()
+                raise SystemExit(f"error: iteration {iter_num}: no val image under {os.path.join(root, 'val')} "
+                                 f"could be read (see the warnings): fix the files, or remove the val split, "
+                                 f"then continue with --resume=True (checkpoint {ckpt_path})")
         if stop:
             bar.close()
             signal_name, exit_code = stopped_by(stop_signal)

@@ -1017,7 +1017,20 @@ def test_unreadable_train_or_val_split_is_one_clear_error(tiny_data, tiny_teache
     cases = [(md, bad_train, no_train), (ft, bad_train, no_train), (md, bad_val, no_val),
              (ft, bad_val, no_val)]  # (script, data, the last line)
     for i, (args, data, message) in enumerate(cases):
-        result = run(args, str(data), [f"--out_dir={tmp_path / str(i)}"])
+        result = run(args, str(data), [f"--out_dir={tmp_path / str(i)}", "--stop_iter=1"])
         last = result.stderr.strip().splitlines()[-1]
         assert result.returncode == 1 and last.startswith(message), result.stderr[-2000:]
-        assert "Traceback" not in result.stderr and not (tmp_path / str(i) / "ckpt.pt").exists()
+        assert "Traceback" not in result.stderr
+        # an unreadable val split is found at the first evaluation, after training: that step is saved
+        assert (tmp_path / str(i) / "ckpt.pt").exists() == (data == bad_val)
+    # the val split mended, each run continues: the MD run to iteration 2, the fine-tune (which
+    # ended at iteration 1 unevaluated) evaluates its final weights and writes result.json
+    shutil.rmtree(bad_val / "val")
+    shutil.copytree(os.path.join(tiny_data, "val"), bad_val / "val")
+    for i, stop in ((2, 2), (3, 1)):
+        result = run(cases[i][0], str(bad_val), [f"--out_dir={tmp_path / str(i)}", f"--stop_iter={stop}",
+                                                 "--resume=True"])
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert torch.load(tmp_path / str(i) / "ckpt.pt", weights_only=True)["iter_num"] == stop
+    result = json.loads((tmp_path / "3" / "result.json").read_text())
+    assert result["iter_num"] == 1 and 0 <= result["top1"] <= 100
