@@ -670,6 +670,16 @@ def weights_fingerprint(module):
     return digest.hexdigest()
 
 
+def refuse_changed_targets(ckpt, fingerprint, source):
+    """--resume=True: the checkpoint's `target_fingerprint` (weights_fingerprint of the teacher or
+    tokenizer when the run started; none in older checkpoints) must be `fingerprint`, that of `source`
+    as read now: a file retrained or replaced in place would change the targets mid-run. One line."""
+    if ckpt.get("target_fingerprint", fingerprint) != fingerprint:
+        raise SystemExit(f"error: --resume=True but {source} has other weights than when this run started "
+                         f"(retrained or replaced in place): its targets would change mid-run; resume with "
+                         f"the original weights, or start a new run in another out_dir")
+
+
 def refuse_overwrite(path):
     """A new run (no --resume) saves its checkpoint at `path`: where a file is there already, from
     an earlier run, it would be replaced and that run lost. One line, before any work."""
@@ -744,11 +754,13 @@ def peak_flops(device):
 
 
 class Meter:
-    """Throughput and MFU over the last logging interval."""
+    """Throughput and MFU over the last logging interval, of all processes together: update() counts
+    the images of every process, so MFU divides by the peak of one device times the processes."""
 
-    def __init__(self, flops_per_image, peak, iter_num=0):
-        """iter_num: the iteration the run starts from (a resumed run's checkpoint)"""
-        self.flops_per_image, self.peak = flops_per_image, peak
+    def __init__(self, flops_per_image, peak, iter_num=0, processes=1):
+        """peak: FLOP/s of one device (None: unknown); iter_num: the iteration the run starts from (a
+        resumed run's checkpoint); processes: the world size, one device each"""
+        self.flops_per_image, self.peak = flops_per_image, peak * processes if peak else None
         self.t0, self.images, self.iter_num = time.time(), 0, iter_num
 
     def update(self, images):

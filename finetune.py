@@ -350,7 +350,7 @@ def main():
              f"{trainable / 1e6:.2f}M trainable params, {num_classes} classes, {len(train_set)} train / "
              f"{len(val_set)} val images, {iters_per_epoch} iters/epoch, {max_iters} iters, "
              f"accumulation {accum}, {ctx.world_size} process(es) on {ctx.device}")
-    meter = Meter(3 * vit.flops_per_image(), peak_flops(ctx.device), iter_num)
+    meter = Meter(3 * vit.flops_per_image(), peak_flops(ctx.device), iter_num, ctx.world_size)
 
     # -------------------------------------------------------------------------
     # training loop

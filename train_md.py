@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumulation_steps, append_jsonl,
-                    apply_overrides, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
-                    micro_batches, option_error, peak_flops, record_nonfinite, refuse_overwrite,
+                    apply_overrides, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line, micro_batches,
+                    option_error, peak_flops, record_nonfinite, refuse_changed_targets, refuse_overwrite,
                     resume_checkpoint, resume_from, save_checkpoint, save_on_ctrl_c, schedule_lengths,
                     stop_if_nonfinite, stop_signals, stopped_by, trim_log, wandb_init, weights_fingerprint,
                     wrap_for_training)
@@ -191,11 +191,9 @@ def main():
         raise SystemExit(f"error: {source} takes {source_cfg.img_size} px / patch {source_cfg.patch_size}, the "
                          f"student {img_size} px / patch {cfg.patch_size}: the patch grids must match")
     source_fingerprint = weights_fingerprint(tokenizer_model if target == "vqkd" else teacher_model)
-    if resume and ckpt.get("target_fingerprint", source_fingerprint) != source_fingerprint:  # older: none
-        source = f"the tokenizer {tokenizer}" if target == "vqkd" else f"the teacher {teacher!r}"
-        raise SystemExit(f"error: --resume=True but {source} has other weights than when this run started "
-                         f"(retrained or replaced in place): its targets would change mid-run; resume with "
-                         f"the original weights, or start a new run in another out_dir")
+    if resume:
+        refuse_changed_targets(ckpt, source_fingerprint,
+                               f"the tokenizer {tokenizer}" if target == "vqkd" else f"the teacher {teacher!r}")
     train_loader, train_sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed,
                                               num_workers)
     iters_per_epoch, max_iters, warmup_iters, end_iter = schedule_lengths(
@@ -263,7 +261,7 @@ def main():
              f"{iters_per_epoch} iters/epoch, {max_iters} iters, accumulation {accum}, "
              f"{ctx.world_size} process(es) on {ctx.device}")
     flops = 3 * student.flops_per_image() + target_flops  # student fwd+bwd, teacher (or tokenizer) fwd
-    meter = Meter(flops, peak_flops(ctx.device), iter_num)
+    meter = Meter(flops, peak_flops(ctx.device), iter_num, ctx.world_size)
 
     # -------------------------------------------------------------------------
     # training loop

@@ -18,10 +18,11 @@ import torch
 from tqdm import tqdm
 
 from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumulation_steps, append_jsonl,
-                    apply_overrides, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
-                    micro_batches, option_error, peak_flops, record_nonfinite, refuse_overwrite,
+                    apply_overrides, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line, micro_batches,
+                    option_error, peak_flops, record_nonfinite, refuse_changed_targets, refuse_overwrite,
                     resume_checkpoint, resume_from, save_checkpoint, save_on_ctrl_c, schedule_lengths,
-                    stop_if_nonfinite, stop_signals, stopped_by, trim_log, wandb_init, wrap_for_training)
+                    stop_if_nonfinite, stop_signals, stopped_by, trim_log, wandb_init, weights_fingerprint,
+                    wrap_for_training)
 from data import DataError, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from model import PRESETS, ViTConfig
 from teacher import load_teacher
@@ -108,9 +109,14 @@ def main():
         teacher_model = load_teacher(teacher, teacher_path or None).to(ctx.device)
     except (DataError, CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    if teacher_model.vit.config.num_patches != cfg.num_patches:
-        raise SystemExit(f"error: teacher '{teacher}' has {teacher_model.vit.config.num_patches} patches, the "
-                         f"tokenizer {cfg.num_patches}: match img_size and patch size")
+    source_cfg = teacher_model.vit.config
+    if source_cfg.img_size != img_size or source_cfg.patch_size != cfg.patch_size:  # targets are per patch
+        raise SystemExit(f"error: the teacher {teacher!r} takes {source_cfg.img_size} px / patch "
+                         f"{source_cfg.patch_size}, the tokenizer {img_size} px / patch {cfg.patch_size}: "
+                         f"the patch grids must match")
+    teacher_fingerprint = weights_fingerprint(teacher_model)
+    if resume:
+        refuse_changed_targets(ckpt, teacher_fingerprint, f"the teacher {teacher!r}")
     vq = VQKD(cfg, teacher_model.out_dim, codebook_size, code_dim, decoder_depth, ema_decay, dead_threshold)
     vq = vq.to(ctx.device)
     other_params = [(n, p) for n, p in vq.named_parameters() if not n.startswith("encoder.")]
@@ -136,7 +142,7 @@ def main():
              f"{len(train_set)} images, {iters_per_epoch} iters/epoch, {max_iters} iters, accumulation {accum}, "
              f"{ctx.world_size} process(es) on {ctx.device}")
     flops = 3 * vq.encoder.flops_per_image() + teacher_model.vit.flops_per_image()  # encoder fwd+bwd, teacher fwd
-    meter = Meter(flops, peak_flops(ctx.device), iter_num)
+    meter = Meter(flops, peak_flops(ctx.device), iter_num, ctx.world_size)
 
     # -------------------------------------------------------------------------
     # training loop
@@ -215,7 +221,8 @@ def main():
             stop_if_nonfinite(nonfinite, path)  # a non-finite step is never saved
             if ctx.master:
                 checkpoint = dict(model=vq.state_dict(), vqkd_args=vq.config, model_args=cfg.to_dict(), config=config,
-                                  optimizer=optimizer.state_dict(), iter_num=iter_num, counts=counts.cpu())
+                                  optimizer=optimizer.state_dict(), iter_num=iter_num, counts=counts.cpu(),
+                                  target_fingerprint=teacher_fingerprint)
                 save_checkpoint(checkpoint, path)
         if stop:
             bar.close()
@@ -227,6 +234,7 @@ def main():
             raise SystemExit(exit_code)
     bar.close()
     log(ctx, f"done: {iter_num} iterations, tokenizer {path}")
+    ctx.barrier()  # ranks leave together: one gone mid-save can abort rank 0's gloo (SIGABRT, once in CI)
     ctx.close()
 
 

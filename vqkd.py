@@ -103,7 +103,12 @@ def load_tokenizer(path):
     obj = read_checkpoint(path)
     if not (isinstance(obj, dict) and "vqkd_args" in obj):
         raise CheckpointError(f"'{path}' is not a VQ-KD tokenizer written by train_vqkd.py")
-    vq = VQKD(config_of(obj["model_args"], path), **obj["vqkd_args"])
-    vq.load_state_dict(obj["model"])
+    try:
+        vq = VQKD(config_of(obj["model_args"], path), **obj["vqkd_args"])
+        vq.load_state_dict(obj["model"])
+    except (KeyError, TypeError, RuntimeError) as e:  # an entry missing, or settings that do not fit the weights
+        reason = " ".join(str(e).split())[:300]  # torch's list of keys and shapes, on one line
+        raise CheckpointError(f"'{path}' is a VQ-KD tokenizer whose weights do not fit its own settings "
+                              f"({type(e).__name__}: {reason}): write it again with train_vqkd.py") from None
     check_finite(vq, f"'{path}'")
     return vq.eval().requires_grad_(False)

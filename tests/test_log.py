@@ -77,6 +77,18 @@ def test_meter_numbers_are_the_numbers_of_its_text():
     assert "mfu" not in numbers and "MFU" not in text
 
 
+def test_meter_mfu_is_per_device_under_ddp():
+    """8 processes, each 10 images per second on its own device of 1e12 FLOP/s at 2e9 FLOP per image:
+    2% MFU (each device does 2e10 of its 1e12 FLOP/s), though update() counts the 80 images of all;
+    before: 16%, the sum of the processes' work over one device's peak"""
+    meter = Meter(flops_per_image=2e9, peak=1e12, processes=8)
+    meter.update(80)
+    meter.t0 -= 1.0  # the 80 images took one second
+    _, numbers = meter.read(1)
+    assert numbers["img_per_s"] == pytest.approx(80, rel=1e-2)
+    assert numbers["mfu"] == pytest.approx(2.0, rel=1e-2)
+
+
 def test_meter_counts_the_iterations_since_its_last_read():
     """Resumed at iteration 6 with log_interval 4: the first interval (to 8) has 2 iterations, the next
     4. ms_per_iter and img_per_s must describe the same elapsed time in each."""

@@ -120,16 +120,41 @@ def load(path):
     return torch.load(path, weights_only=True)
 
 
-def retrain_tokenizer(out, tiny_data, tiny_teacher, iters, resume):
+def run_vqkd(out, tiny_data, teacher, iters, resume):
     """train_vqkd.py into `out` for `iters` iterations: its tokenizer.pt, the targets of --target=vqkd"""
     cmd = [sys.executable, os.path.join(ROOT, "train_vqkd.py"), f"--data_dir={tiny_data}",
-           f"--teacher={tiny_teacher}", "--model=nano/4", "--img_size=32", "--epochs=1", "--total_batch_size=16",
+           f"--teacher={teacher}", "--model=nano/4", "--img_size=32", "--epochs=1", "--total_batch_size=16",
            "--micro_batch_size=8", "--codebook_size=16", "--num_workers=0", "--device=cpu", "--dtype=float32",
            "--compile=False", f"--stop_iter={iters}", f"--resume={resume}", f"--out_dir={out}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def retrain_tokenizer(out, tiny_data, tiny_teacher, iters, resume):
+    result = run_vqkd(out, tiny_data, tiny_teacher, iters, resume)
     assert result.returncode == 0, result.stderr[-2000:]
     return str(out / "tokenizer.pt")
+
+
+@pytest.mark.slow
+def test_tokenizer_resume_refuses_a_teacher_changed_in_place(tiny_data, tiny_teacher, tmp_path):
+    """train_vqkd.py's targets are its teacher's features: the same check as train_md.py's"""
+    source = str(tmp_path / "teacher.pt")
+    torch.save(load(tiny_teacher), source)
+    original = open(source, "rb").read()
+    retrain_tokenizer(tmp_path / "tok", tiny_data, source, 1, False)
+    saved = (tmp_path / "tok" / "tokenizer.pt").read_bytes()
+    other = load(source)
+    other["model"] = {k: torch.randn_like(v) for k, v in other["model"].items()}
+    torch.save(other, source)
+    refused = run_vqkd(tmp_path / "tok", tiny_data, source, 2, True)
+    assert refused.returncode != 0
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        f"error: --resume=True but the teacher '{source}' has other weights than when this run started")
+    assert (tmp_path / "tok" / "tokenizer.pt").read_bytes() == saved
+    with open(source, "wb") as f:
+        f.write(original)
+    retrain_tokenizer(tmp_path / "tok", tiny_data, source, 2, True)
 
 
 @pytest.mark.slow

@@ -29,6 +29,24 @@ def test_a_tokenizer_file_with_bad_model_args_is_refused_by_name(tmp_path):
             load_tokenizer(str(path))
 
 
+
+def test_a_tokenizer_whose_weights_do_not_fit_its_settings_is_one_error(tmp_path):
+    """settings and weights that disagree (a codebook size edited, an unknown setting, a block more in
+    model_args than in the weights): a CheckpointError naming the file, which the scripts print as one
+    line; before, torch's traceback"""
+    vq = tokenizer()
+    args = ViTConfig.from_name("nano/4").to_dict()
+    cases = [(vq.config | dict(codebook_size=2 * vq.config["codebook_size"]), args, "size mismatch for codebook"),
+             (vq.config | dict(foo=1), args, "unexpected keyword argument 'foo'"),
+             (vq.config, args | dict(depth=args["depth"] + 1), "Missing key"),
+             ({k: v for k, v in vq.config.items() if k != "teacher_dim"}, args, "missing 1 required")]
+    for vqkd_args, model_args, reason in cases:
+        path = tmp_path / "tokenizer.pt"
+        torch.save(dict(model=vq.state_dict(), vqkd_args=vqkd_args, model_args=model_args), path)
+        with pytest.raises(CheckpointError, match=f"'{path}' is a VQ-KD tokenizer whose weights do not fit "
+                                                  f"its own settings .*{reason}"):
+            load_tokenizer(str(path))
+
 def test_an_exported_tokenizer_is_still_a_tokenizer(tmp_path):
     """teacher.py export of a train_vqkd.py file (its entries as that script saves them) drops the
     optimizer and keeps what load_tokenizer reads; before, vqkd_args was dropped too"""
