@@ -62,6 +62,11 @@ class MaskGenerator:
             raise ValueError(f"unknown mask kind '{kind}': choose block or random")
         if not 0 < ratio < 1:
             raise ValueError(f"mask ratio {ratio} must be in (0, 1)")
+        masked = int(round(ratio * grid * grid))  # the count both generators mask exactly
+        if not 0 < masked < grid * grid:
+            raise ValueError(f"mask ratio {ratio} masks {masked} of the {grid * grid} patches: the loss needs "
+                             f"masked patches and the student visible ones; choose a ratio that rounds to 1 to "
+                             f"{grid * grid - 1} of them")
         self.kind, self.grid, self.ratio = kind, grid, ratio
 
     def __call__(self, rng):

@@ -941,6 +941,8 @@ OPTION_CASES = [  # (script, options, the one line)
     ("md", ["--epochs=0"], "error: --epochs=0 must be >= 1"),
     ("md", ["--total_batch_size=-16"], "error: --total_batch_size=-16 must be >= 1"),
     ("md", ["--img_size=30"], NOT_TILED),
+    ("md", ["--mask_ratio=0.005"],  # before: a loss of 0 and no gradient at every step
+     "error: mask ratio 0.005 masks 0 of the 64 patches: the loss needs masked patches"),
     ("md", ["{config}"], "error: config file '{config}' line 2: ZeroDivisionError: division"),
     ("ft", ["--crop_pct=0.0"], "error: --crop_pct=0.0 must be in (0, 1]"),
     ("ft", ["--init=scratch", "--model=nano/4", "--img_size=30"], NOT_TILED),
