@@ -1046,9 +1046,14 @@ def main(argv):
         raise SystemExit(f"error: --out={opts['out']} cannot be a directory ({e.strerror}): "
                          f"give a directory for NAME.json and NAME.png") from None
     metric = opts["metric"]
+    metrics = list(REPRESENTATION) if metric == "all" else [metric]
+    written = {os.path.realpath(os.path.join(opts["out"], f"{m}.{kind}")) for m in metrics for kind in ("json", "png")}
+    overwritten = [path for path in models if os.path.realpath(path) in written]
+    if overwritten:  # e.g. finetune.py's OUT/sharpness.json, with --out=OUT: the input would be lost
+        raise SystemExit(f"error: --out={opts['out']} would write {metric} results over the input "
+                         f"{overwritten[0]}: choose another --out")
     if metric == "curves":  # the log.jsonl of training runs, not models
         return curves(models, opts["labels"], opts["out"])
-    metrics = list(REPRESENTATION) if metric == "all" else [metric]
     labels = opts["labels"].split(",") if opts["labels"] else default_labels(models)
     if len(labels) != len(models) or len(set(labels)) != len(labels):
         given = f"got '{opts['labels']}'" if opts["labels"] else f"the default ones are {labels}"
@@ -1066,6 +1071,13 @@ def main(argv):
     for model_arg in models:  # all of them before the first model's work
         if model_arg not in OFFICIAL and model_arg != "embedded" and not os.path.isfile(model_arg):
             raise SystemExit(f"error: no model '{model_arg}': not a file, and not one of {NAMES}")
+    # a file that is no model late in the list stops the run before the first model's work, not after
+    for model_arg in models[1:]:  # (each file read twice; the first one is loaded at once anyway)
+        if os.path.isfile(model_arg):
+            try:
+                load_model(model_arg)
+            except CheckpointError as e:
+                raise SystemExit(f"error: {e}")
     if "svd" in metrics and opts["n_images"] < 2:
         raise SystemExit("error: the image-level spectrum needs at least 2 images "
                          f"(n_images={opts['n_images']}); "

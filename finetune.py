@@ -212,7 +212,7 @@ def main():
         (not init_is_own_checkpoint, f"--init={init} is the checkpoint this run writes (out_dir/ckpt.pt), which "
                                      f"the fine-tune would overwrite: choose another --out_dir"),
         (eval_interval >= 0, f"--eval_interval={eval_interval} must be >= 0 (0 = once per epoch)"),
-        (layer_decay > 0, f"--layer_decay={layer_decay} must be > 0 (1 = off)"),
+        (0 < layer_decay <= 1, f"--layer_decay={layer_decay} must be in (0, 1] (1 = off)"),
         (recount >= 1, f"--recount={recount} must be >= 1"),
         (init != "scratch" or model in PRESETS,
          f"unknown model size '{model}': choose one of {', '.join(PRESETS)}"),

@@ -424,6 +424,14 @@ def test_written_json_is_strict_json(tmp_path):
     assert result.returncode == 0, result.stderr[-1000:]
     last = strict_json(tmp_path / "sharpness.json")["models"]["sharpness"][1]
     assert last == dict(iter=10, eigenvalue=None, trace=None, trace_stderr=None)
+    # --out the fine-tune's own folder: the figure's sharpness.json would replace the log it reads
+    logged = (tmp_path / "run" / "sharpness.json").read_bytes()
+    result = run_analyze(["--metric=sharpness", str(tmp_path / "run" / "sharpness.json"),
+                          f"--out={tmp_path / 'run'}"])
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"error: --out={tmp_path / 'run'} would write sharpness results over the input "
+        f"{tmp_path / 'run' / 'sharpness.json'}: choose another --out")
+    assert (tmp_path / "run" / "sharpness.json").read_bytes() == logged
 
 
 def test_representation_metrics_record_the_images_read(tiny_teacher, tiny_data, tmp_path):
@@ -478,3 +486,15 @@ def test_help_prints_the_docstring_and_every_option_with_its_comment():
     for name in ("metric", "n_images", "trace_products", "human"):
         (line,) = [x for x in source.splitlines() if x.startswith(f"    {name}=")]
         assert line in result.stdout.splitlines()
+
+
+def test_a_bad_file_late_in_the_list_stops_before_any_work(tiny_teacher, tmp_path):
+    """the second of two models is no checkpoint: the error comes before the first model's Hessian is
+    computed (before: after it, and the finished work was thrown away)"""
+    bad = tmp_path / "bad.pt"
+    bad.write_text("hi\n")
+    result = run_analyze(["--metric=hessian", tiny_teacher, str(bad), f"--out={tmp_path}", "--n_images=8"])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: '{bad}' is not")
+    assert "teacher:" not in result.stdout  # the line each model's work starts with
+    assert not (tmp_path / "hessian.json").exists()

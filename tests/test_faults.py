@@ -945,6 +945,7 @@ OPTION_CASES = [  # (script, options, the one line)
      "error: mask ratio 0.005 masks 0 of the 64 patches: the loss needs masked patches"),
     ("md", ["{config}"], "error: config file '{config}' line 2: ZeroDivisionError: division"),
     ("ft", ["--crop_pct=0.0"], "error: --crop_pct=0.0 must be in (0, 1]"),
+    ("ft", ["--layer_decay=1.5"], "error: --layer_decay=1.5 must be in (0, 1] (1 = off)"),  # before: flat lr, silently
     ("ft", ["--init=scratch", "--model=nano/4", "--img_size=30"], NOT_TILED),
     ("ft", ["--min_crop_scale=1.5"], "error: --min_crop_scale=1.5 must be in (0, 1]"),
     ("ft", ["--lr=1e38"], "error: --lr=1e+38 must be <= 3.4e+37 (float32's max x (1 - beta1))"),  # Adam overflows
