@@ -33,7 +33,7 @@ from data import (DataError, EvalTransform, ImageFolder, TrainTransform, check_s
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
 from hessian import curvature
 from model import PRESETS, ViT, ViTConfig, adapt_state_dict
-from teacher import load_model
+from teacher import config_of, load_model
 
 # -----------------------------------------------------------------------------
 # defaults (override with a config file and/or --key=value)
@@ -97,7 +97,7 @@ RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "wandb_log", "wandb_proje
                      "eval_interval", "log_interval", "num_workers", "device", "compile", "backend", "init_path",
                      "hessian_every", "summarize")
 # the checkpoint entries --resume reads, besides config, iter_num and optimizer
-RESUME_ENTRIES = ("model", "best_top1")
+RESUME_ENTRIES = ("model", "model_args", "best_top1")
 
 
 def build_model(classes):
@@ -240,7 +240,10 @@ def main():
         train_set = ImageFolder(os.path.join(root, "train"), None, None, seed)
         val_set = ImageFolder(os.path.join(root, "val"), EvalTransform(img_size, crop_pct), None, seed)
         check_same_classes(train_set, val_set, root)
-        vit, origin = build_model(train_set.classes)
+        if resume:  # the weights and their shapes come from the checkpoint: --init is not read again
+            vit, origin = ViT(config_of(ckpt["model_args"], ckpt_path)), f"from {init}"
+        else:
+            vit, origin = build_model(train_set.classes)
     except (DataError, CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     erase = RandomErasing(reprob, vit.config.mean, vit.config.std, recount) if reprob > 0 else None

@@ -69,11 +69,15 @@ def wait_for_checkpoint(path, iteration, proc, timeout=600):
 def test_kill_minus_9_then_resume_is_bit_identical(tiny_data, tiny_teacher, tmp_path, script):
     """Drop path on (and mixup + cutmix for fine-tuning): every random draw follows from (seed,
     rank, iteration, micro-step), so wherever the kill falls the resumed run ends with the same
-    weights. The kill follows the checkpoint of a randomly chosen iteration (a file event)."""
+    weights. The kill follows the checkpoint of a randomly chosen iteration (a file event). The
+    fine-tune's init is deleted before the resume: its weights are in the checkpoint (before: the resume
+    read --init again, and stopped where it was gone)."""
+    init = tmp_path / "init.pt"
     if script == "md":
         args = RANDOM_MD + [f"--teacher={tiny_teacher}"]
     else:
-        args = RANDOM_FT + [f"--init={tiny_teacher}"]
+        shutil.copy(tiny_teacher, init)
+        args = RANDOM_FT + [f"--init={init}"]
     stop = "--stop_iter=8"
     straight = run(args, tiny_data, [stop, f"--out_dir={tmp_path / 'straight'}"])
     assert straight.returncode == 0, straight.stderr[-2000:]
@@ -83,6 +87,8 @@ def test_kill_minus_9_then_resume_is_bit_identical(tiny_data, tiny_teacher, tmp_
     wait_for_checkpoint(out / "ckpt.pt", random.Random(script).randint(1, 5), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    if script == "ft":
+        os.remove(init)
     resumed = run(args, tiny_data, [stop, f"--out_dir={out}", "--resume=True"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same(weights(out / "ckpt.pt"), weights(tmp_path / "straight" / "ckpt.pt"))
