@@ -339,11 +339,21 @@ def main():
             raise SystemExit("error: the val batch for the sharpness has no readable image: "
                              "--hessian_every needs one")
         batch = [(images.to(ctx.device), labels.to(ctx.device))]
+        # over all the weights, frozen ones too: analyze.py's Hessian of the checkpoint, on the same terms
+        frozen = [p for p in vit.parameters() if not p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(True)
         vit.eval()
-        r = curvature(vit, batch, k=1, max_iter=20, trace_products=10)
+        try:
+            r = curvature(vit, batch, k=1, max_iter=20, trace_products=10)
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+            vit.train()
         value, trace, stderr = r["eigenvalues"][0], r["trace"], r["trace_stderr"]
-        vit.train()
-        sharpness_log.append(dict(iter=iter_num, eigenvalue=value, trace=trace, trace_stderr=stderr))
+        parameters = sum(t.numel() for t in r["vectors"][0])  # the dimension the Hessian acted on
+        sharpness_log.append(dict(iter=iter_num, eigenvalue=value, trace=trace, trace_stderr=stderr,
+                                  parameters=parameters))
         os.makedirs(out_dir, exist_ok=True)
         write_atomic(sharpness_path, json.dumps(sharpness_log))
         return f"iter {iter_num}: sharpness (top Hessian eigenvalue) {value:.4g}, trace {trace:.4g}"

@@ -140,7 +140,7 @@ def test_sharpness_logged_during_finetuning_and_plotted(tiny_data, tiny_teacher,
     cmd = [sys.executable, "finetune.py", f"--data_dir={tiny_data}", f"--init={tiny_teacher}",
            "--img_size=32", "--epochs=1", "--total_batch_size=16", "--micro_batch_size=8",
            "--num_workers=0", "--device=cpu", "--dtype=float32", "--compile=False",
-           "--stop_iter=4", "--hessian_every=2", f"--out_dir={tmp_path / 'ft'}"]
+           "--stop_iter=4", "--hessian_every=2", "--freeze_blocks=2", f"--out_dir={tmp_path / 'ft'}"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     # 144 train images, batches of 16: an epoch is 9 iterations, of which --stop_iter ran 4
@@ -156,6 +156,12 @@ def test_sharpness_logged_during_finetuning_and_plotted(tiny_data, tiny_teacher,
     log = json.load(open(tmp_path / "ft" / "sharpness.json"))
     assert [e["iter"] for e in log] == [2, 4]
     assert all(np.isfinite(e["eigenvalue"]) and np.isfinite(e["trace"]) for e in log)
+    # the Hessian over all the weights, the two frozen blocks and patch projection too, as analyze.py's
+    # of the checkpoint (before: over the trained ones only, another number for the same model)
+    from model import ViT, ViTConfig
+    ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
+    every_weight = sum(p.numel() for p in ViT(ViTConfig.from_dict(ckpt["model_args"])).parameters())
+    assert all(e["parameters"] == every_weight for e in log)
     r = run_analyze(["--metric=sharpness", str(tmp_path / "ft" / "sharpness.json"),
                      "--labels=run", f"--out={tmp_path}"])
     assert r.returncode == 0, r.stderr[-2000:]
