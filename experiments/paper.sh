@@ -15,8 +15,9 @@
 # out/paper_SCALE, a path from the repository root). Environment: ROOT=..., PYTHON=...,
 # TEACHERS="clip deit" (a subset of the scale's teachers).
 # A finished step writes ROOT/steps/NAME.done (its seconds and its command) and is skipped when
-# the script runs again; a stopped training resumes from its checkpoint. To redo a step, delete
-# its .done file (and, for a training, its folder).
+# the script runs again; a stopped training resumes from its checkpoint; an analysis whose command
+# changed (more TEACHERS, other settings) runs again. To redo a step, delete its .done file (and, for
+# a training, its folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 {  # one block: bash reads all of it before it starts, so editing this file cannot upset a run
@@ -104,6 +105,17 @@ train() {
   step "$name" $LAUNCH "$@" --out_dir="$ROOT/$name" $resume
 }
 
+# analysis NAME COMMAND...: a step whose command names its models and settings: where they changed
+# since it finished (TEACHERS grew, a scale's settings changed), it runs again and replaces its files
+analysis() {
+  local name=$1 done_file="$ROOT/steps/$1.done"
+  if [ -f "$done_file" ] && [ "$(cut -f2- "$done_file")" != "${*:2}" ]; then
+    echo "== $name: its command changed since it finished ($done_file): run again"
+    rm "$done_file"
+  fi
+  step "$@"
+}
+
 join() { local IFS=,; echo "$*"; }
 
 # ---- 1. MD pretraining from each teacher
@@ -138,30 +150,30 @@ PRE=$(join "${pre_labels[@]}")
 FINETUNED=$(join "${ft_labels[@]}")
 A=$ROOT/analysis
 # attention, frequency and spectrum metrics (Figs. 2-6, 10): each teacher next to its MD student
-step analysis_pretrained $PYTHON analyze.py --metric all "${pre[@]}" --labels="$PRE" \
+analysis analysis_pretrained $PYTHON analyze.py --metric all "${pre[@]}" --labels="$PRE" \
   --data="$DATA" --out="$A/pretrained" $ANALYZE_ARGS
 # the same metrics after fine-tuning: MD student, teacher directly, scratch
-step analysis_finetuned $PYTHON analyze.py --metric all "${ft[@]}" --labels="$FINETUNED" \
+analysis analysis_finetuned $PYTHON analyze.py --metric all "${ft[@]}" --labels="$FINETUNED" \
   --data="$DATA" --out="$A/finetuned" $ANALYZE_ARGS
 # curvature where fine-tuning ended (Fig. 7): top eigenvalues and trace, loss landscape
-step hessian $PYTHON analyze.py --metric hessian "${ft[@]}" --labels="$FINETUNED" \
+analysis hessian $PYTHON analyze.py --metric hessian "${ft[@]}" --labels="$FINETUNED" \
   --data="$DATA" --out="$A/finetuned" $HESSIAN_ARGS
-step landscape $PYTHON analyze.py --metric landscape "${ft[@]}" --labels="$FINETUNED" \
+analysis landscape $PYTHON analyze.py --metric landscape "${ft[@]}" --labels="$FINETUNED" \
   --data="$DATA" --out="$A/finetuned" $LANDSCAPE_ARGS
 # sharpness during fine-tuning (Fig. 7c/f), where the scale logs it
 if [ "$SHARPNESS_EVERY" != 0 ]; then
-  step sharpness $PYTHON analyze.py --metric sharpness "${logs[@]}" --labels="$FINETUNED" \
+  analysis sharpness $PYTHON analyze.py --metric sharpness "${logs[@]}" --labels="$FINETUNED" \
     --out="$A/finetuned"
 fi
 # decisions (Figs. 8a, 11, 12) of the fine-tuned models, and of the teachers that are
 # classifiers of these categories (before fine-tuning)
 DECIDERS=$(join $SHAPE_TEACHERS "${ft_labels[@]}")
 if [ -n "$SHAPE_DATA" ]; then
-  step shape_bias $PYTHON analyze.py --metric shape_bias $SHAPE_TEACHERS "${ft[@]}" \
+  analysis shape_bias $PYTHON analyze.py --metric shape_bias $SHAPE_TEACHERS "${ft[@]}" \
     --labels="$DECIDERS" --data="$SHAPE_DATA" --out="$A/finetuned"
 fi
 if [ -n "$OOD_DATA" ]; then
-  step ood $PYTHON analyze.py --metric ood $SHAPE_TEACHERS "${ft[@]}" --labels="$DECIDERS" \
+  analysis ood $PYTHON analyze.py --metric ood $SHAPE_TEACHERS "${ft[@]}" --labels="$DECIDERS" \
     --data="$OOD_DATA" --human="$OOD_HUMAN" --out="$A/finetuned"
 fi
 
