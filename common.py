@@ -341,6 +341,15 @@ def exclusive(path):
         yield
 
 
+def file_sha256(path):
+    """SHA-256 of a file's bytes, in hex, read in 1 MiB pieces"""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
 def download(url, sha256=None, cache_dir=CACHE_DIR, instead="give its path instead of the name"):
     """Fetch url into cache_dir once (atomic rename), checking the SHA-256 (or its prefix). Processes
     that start together (torchrun's ranks) take turns on a lock: the first downloads, the others wait

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import CACHE_DIR, CheckpointError, check_finite, download, read_checkpoint, save_atomic
+from common import CACHE_DIR, CheckpointError, check_finite, download, file_sha256, read_checkpoint, save_atomic
 from model import ViT, ViTConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -241,6 +241,11 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
     if name in OFFICIAL:
         url, sha, layout = OFFICIAL[name]
         source = path or download(url, sha, cache_dir)
+        if path and sha and os.path.isfile(path) and not file_sha256(path).startswith(sha):
+            print(f"warning: '{path}' is not the published file of teacher '{name}' (its SHA-256 differs from "
+                  f"{sha[:16]}...): read in {name}'s layout" + (" with OpenAI's QuickGELU (for open_clip's GELU "
+                  "models: python teacher.py export --act=gelu SRC DST)" if layout == "clip" else ""),
+                  file=sys.stderr)
     elif name == "embedded":
         source, layout = path or EMBEDDED_TEACHER, None
     elif os.path.exists(name) or os.sep in name or name.endswith((".pt", ".pth", ".bin")):

@@ -221,6 +221,25 @@ def test_clip_layout_heads_from_the_table_and_the_activation_asked_for(quick_gel
         load_model(str(tmp_path / "teacher.pt"), act="gelu")
 
 
+
+def test_a_local_copy_of_an_official_teacher_is_checked_against_the_published_hash(tmp_path, capsys,
+                                                                                   monkeypatch):
+    """--teacher=clip --teacher_path=FILE: a file that is not the published one (here open_clip's, in
+    CLIP's layout) loads, with one warning line that says so and what is assumed; a file with the
+    published hash loads silently"""
+    import hashlib
+    import teacher
+    path = tmp_path / "ViT-B-16.pt"
+    torch.save(small_clip(64, 32, True, seed=7).state_dict(), path)
+    vit, _ = load_model("clip", str(path))
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith(f"warning: '{path}' is not the published file of teacher 'clip'"), warning
+    assert "\n" not in warning and "QuickGELU" in warning and vit.config.act == "quick_gelu"
+    url, _, layout = teacher.OFFICIAL["clip"]
+    monkeypatch.setitem(teacher.OFFICIAL, "clip", (url, hashlib.sha256(path.read_bytes()).hexdigest(), layout))
+    load_model("clip", str(path))
+    assert capsys.readouterr().err == ""
+
 # one registered timm ViT of each width (with its class token, where one has it); built on the meta device
 TIMM_HEADS = ("test_vit", "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_medium_patch16_clip_224",
               "vit_base_patch16_224", "vit_base_patch16_plus_240", "vit_large_patch16_224",
