@@ -16,7 +16,9 @@ headline number per block, first block first) and out/NAME.png (the figure; need
 Definitions, formulas and sources: docs/metrics.md. Attention metrics read the patch-to-patch
 attention: CLS dropped, each patch query's softmax taken over the patch logits.
 """
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -1040,11 +1042,6 @@ def main(argv):
     keep_freed_memory()  # activation-sized temporaries reuse their pages (see hessian.py)
     if opts["metric"] == "report":  # a run of experiments/paper.sh -> RUN_ROOT/report.md
         return report(models)
-    try:
-        os.makedirs(opts["out"], exist_ok=True)
-    except OSError as e:  # a file of that name, a file on the way, no permission
-        raise SystemExit(f"error: --out={opts['out']} cannot be a directory ({e.strerror}): "
-                         f"give a directory for NAME.json and NAME.png") from None
     metric = opts["metric"]
     metrics = list(REPRESENTATION) if metric == "all" else [metric]
     written = {os.path.realpath(os.path.join(opts["out"], f"{m}.{kind}")) for m in metrics for kind in ("json", "png")}
@@ -1052,6 +1049,11 @@ def main(argv):
     if overwritten:  # e.g. finetune.py's OUT/sharpness.json, with --out=OUT: the input would be lost
         raise SystemExit(f"error: --out={opts['out']} would write {metric} results over the input "
                          f"{overwritten[0]}: choose another --out")
+    try:
+        os.makedirs(opts["out"], exist_ok=True)
+    except OSError as e:  # a file of that name, a file on the way, no permission
+        raise SystemExit(f"error: --out={opts['out']} cannot be a directory ({e.strerror}): "
+                         f"give a directory for NAME.json and NAME.png") from None
     if metric == "curves":  # the log.jsonl of training runs, not models
         return curves(models, opts["labels"], opts["out"])
     labels = opts["labels"].split(",") if opts["labels"] else default_labels(models)
@@ -1075,8 +1077,9 @@ def main(argv):
     for model_arg in models[1:]:  # (each file read twice; the first one is loaded at once anyway)
         if os.path.isfile(model_arg):
             try:
-                load_model(model_arg)
-            except CheckpointError as e:
+                with contextlib.redirect_stderr(io.StringIO()):  # its warnings are said when it is used
+                    load_model(model_arg)
+            except (CheckpointError, ValueError) as e:
                 raise SystemExit(f"error: {e}")
     if "svd" in metrics and opts["n_images"] < 2:
         raise SystemExit("error: the image-level spectrum needs at least 2 images "

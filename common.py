@@ -17,6 +17,7 @@ import os
 import pickle
 import signal
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -334,10 +335,15 @@ class CheckpointError(ValueError):
 @contextlib.contextmanager
 def exclusive(path):
     """Hold an exclusive POSIX lock on the file `path` (made if missing, left in place) for the with
-    block: another process asking for it waits until this one leaves the block or ends."""
+    block: another process asking for it waits until this one leaves the block or ends. On a
+    filesystem without locks (some NFS and Lustre mounts) the block runs unlocked, as before locks."""
     import fcntl
     with open(path, "a") as f:
-        fcntl.lockf(f, fcntl.LOCK_EX)
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX)
+        except OSError as e:  # ENOLCK, EOPNOTSUPP, ...: no locks here
+            print(f"warning: no file lock on {path} ({e.strerror or e}): processes that start together "
+                  "may do this work twice", file=sys.stderr)
         yield
 
 
@@ -668,10 +674,11 @@ def resume_checkpoint(path, config, may_change, entries=()):
     return ckpt
 
 
-def weights_fingerprint(module):
-    """SHA-256 of a module's state (names, dtypes, shapes and bytes), in hex: the same weights give the
-    same fingerprint wherever they are read from, and weights changed in place give another"""
-    digest = hashlib.sha256()
+def weights_fingerprint(module, settings=None):
+    """SHA-256 of a module's state (names, dtypes, shapes and bytes) and of `settings` (a dict of plain
+    values: what the weights do not tell, such as a CLIP file's activation), in hex: the same model
+    gives the same fingerprint wherever it is read from, and one changed in place gives another"""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, t in module.state_dict().items():
         flat = t.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())

@@ -465,6 +465,9 @@ def main():
         top1, top5 = evaluate()
         if top1 is None:
             raise SystemExit(no_val_image())
+        best_top1 = max(best_top1, top1)
+        if ctx.master:  # the checkpoint gets the evaluation it lacked (no step was taken since)
+            save_checkpoint(ckpt | dict(top1=top1, top5=top5, best_top1=best_top1), ckpt_path)
     if ctx.master:
         write_result(top1, top5)
     ctx.barrier()  # ranks leave together: one gone mid-save can abort rank 0's gloo (SIGABRT, once in CI)

@@ -241,11 +241,6 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
     if name in OFFICIAL:
         url, sha, layout = OFFICIAL[name]
         source = path or download(url, sha, cache_dir)
-        if path and sha and os.path.isfile(path) and not file_sha256(path).startswith(sha):
-            print(f"warning: '{path}' is not the published file of teacher '{name}' (its SHA-256 differs from "
-                  f"{sha[:16]}...): read in {name}'s layout" + (" with OpenAI's QuickGELU (for open_clip's GELU "
-                  "models: python teacher.py export --act=gelu SRC DST)" if layout == "clip" else ""),
-                  file=sys.stderr)
     elif name == "embedded":
         source, layout = path or EMBEDDED_TEACHER, None
     elif os.path.exists(name) or os.sep in name or name.endswith((".pt", ".pth", ".bin")):
@@ -278,6 +273,12 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
     if layout is not None and found != layout:
         raise CheckpointError(f"'{source}' has the {found} layout, but teacher '{name}' needs the {layout} "
                               f"layout")
+    published = OFFICIAL[name][1] if name in OFFICIAL else None
+    if path and published and not file_sha256(path).startswith(published):  # a local copy of another file
+        print(f"warning: '{path}' is not the published file of teacher '{name}' (its SHA-256 differs from "
+              f"{published[:16]}...): read in {name}'s layout" + (" with OpenAI's QuickGELU (for open_clip's GELU "
+              "models: python teacher.py export --act=gelu SRC DST)" if layout == "clip" else ""),
+              file=sys.stderr)
     # export_timm's files carry what timm has no place for: ViTConfig, mask token, class names
     extra = obj if isinstance(obj, dict) and "mdlab_args" in obj else {}
     cfg = config_of(extra["mdlab_args"], source) if extra else None

@@ -190,7 +190,11 @@ def main():
         source = "the tokenizer" if target == "vqkd" else f"the teacher {teacher!r}"
         raise SystemExit(f"error: {source} takes {source_cfg.img_size} px / patch {source_cfg.patch_size}, the "
                          f"student {img_size} px / patch {cfg.patch_size}: the patch grids must match")
-    source_fingerprint = weights_fingerprint(tokenizer_model if target == "vqkd" else teacher_model)
+    if target == "vqkd":
+        source_fingerprint = weights_fingerprint(tokenizer_model, dict(vqkd=tokenizer_model.config,
+                                                                       encoder=source_cfg.to_dict()))
+    else:
+        source_fingerprint = weights_fingerprint(teacher_model, source_cfg.to_dict())
     if resume:
         refuse_changed_targets(ckpt, source_fingerprint,
                                f"the tokenizer {tokenizer}" if target == "vqkd" else f"the teacher {teacher!r}")
@@ -343,9 +347,11 @@ def main():
                 save_checkpoint(checkpoint, ckpt_path)
             if at_eval and val_set is not None and val_loss is None:  # after the save: the steps are kept
                 ctx.barrier()
+                then = ("then continue with --resume=True" if iter_num < end_iter else
+                        "the run's final weights are saved")
                 raise SystemExit(f"error: iteration {iter_num}: no val image under {os.path.join(root, 'val')} "
-                                 f"could be read (see the warnings): fix the files, or remove the val split, "
-                                 f"then continue with --resume=True (checkpoint {ckpt_path})")
+                                 f"could be read (see the warnings): fix the files, or remove the val split; "
+                                 f"{then} (checkpoint {ckpt_path})")
         if stop:
             bar.close()
             signal_name, exit_code = stopped_by(stop_signal)

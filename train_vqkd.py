@@ -114,7 +114,7 @@ def main():
         raise SystemExit(f"error: the teacher {teacher!r} takes {source_cfg.img_size} px / patch "
                          f"{source_cfg.patch_size}, the tokenizer {img_size} px / patch {cfg.patch_size}: "
                          f"the patch grids must match")
-    teacher_fingerprint = weights_fingerprint(teacher_model)
+    teacher_fingerprint = weights_fingerprint(teacher_model, source_cfg.to_dict())
     if resume:
         refuse_changed_targets(ckpt, teacher_fingerprint, f"the teacher {teacher!r}")
     vq = VQKD(cfg, teacher_model.out_dim, codebook_size, code_dim, decoder_depth, ema_decay, dead_threshold)

@@ -117,6 +117,7 @@ def ensure_embedded(root=DEFAULT_ROOT, seed=0):
         return os.path.exists(marker) and open(marker).read().strip() == f"{VERSION} {seed}"
 
     if not current():
+        os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)  # the lock file's folder
         with exclusive(root + ".lock"):
             if not current():  # not made by another process while this one waited
                 print(f"generating the embedded dataset in {root} ...", file=sys.stderr)

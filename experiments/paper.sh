@@ -75,7 +75,7 @@ if [ ! -f "$ROOT/$SCALE.sh" ]; then  # the settings the run began with, for the 
   cp "experiments/scales/$SCALE.sh" "$ROOT/$SCALE.sh"
 elif ! cmp -s "experiments/scales/$SCALE.sh" "$ROOT/$SCALE.sh"; then
   echo "warning: experiments/scales/$SCALE.sh changed since $ROOT began ($ROOT/$SCALE.sh);" \
-       "finished steps keep the settings they ran with"
+       "finished trainings keep the settings they ran with; analyses with new settings run again"
 fi
 ran=0
 skipped=0
@@ -105,13 +105,20 @@ train() {
   step "$name" $LAUNCH "$@" --out_dir="$ROOT/$name" $resume
 }
 
-# analysis NAME COMMAND...: a step whose command names its models and settings: where they changed
-# since it finished (TEACHERS grew, a scale's settings changed), it runs again and replaces its files
+# analysis NAME COMMAND...: a step whose command names its models and settings: where it has a word
+# (split at spaces, commas and =) that the finished one had not (TEACHERS grew, a setting changed), it
+# runs again and replaces its files; a rerun with a subset of the models keeps the finished files
 analysis() {
-  local name=$1 done_file="$ROOT/steps/$1.done"
-  if [ -f "$done_file" ] && [ "$(cut -f2- "$done_file")" != "${*:2}" ]; then
-    echo "== $name: its command changed since it finished ($done_file): run again"
-    rm "$done_file"
+  local name=$1 done_file="$ROOT/steps/$1.done" before word
+  if [ -f "$done_file" ]; then
+    before=" $(cut -f2- "$done_file" | tr ',=' '  ') "
+    for word in $(echo "${*:2}" | tr ',=' '  '); do
+      if [[ "$before" != *" $word "* ]]; then
+        echo "== $name: its command has '$word', which the finished one ($done_file) had not: run again"
+        rm "$done_file"
+        break
+      fi
+    done
   fi
   step "$@"
 }

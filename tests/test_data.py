@@ -385,7 +385,7 @@ def test_two_processes_that_start_together_generate_the_dataset_once(tmp_path):
     import subprocess
     import sys
     from data.embedded import CUE_CONFLICT_PER_PAIR, SPLITS
-    root, gate = tmp_path / "embedded", tmp_path / "gate"
+    root, gate = tmp_path / "new" / "embedded", tmp_path / "gate"  # a --root whose folder does not exist yet
     gate.mkdir()
     script = ("import os, sys, time; from data.embedded import ensure_embedded\n"
               "open(os.path.join(sys.argv[1], sys.argv[2]), 'w').close()\n"

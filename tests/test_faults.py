@@ -1029,6 +1029,9 @@ def test_unreadable_train_or_val_split_is_one_clear_error(tiny_data, tiny_teache
         assert "Traceback" not in result.stderr
         # an unreadable val split is found at the first evaluation, after training: that step is saved
         assert (tmp_path / str(i) / "ckpt.pt").exists() == (data == bad_val)
+        if data == bad_val:  # --stop_iter=1: the evaluation of the run's last step
+            ending = "then continue with --resume=True" if args is ft else "the run's final weights are saved"
+            assert f"{ending} (checkpoint {tmp_path / str(i) / 'ckpt.pt'})" in last, last
     # the val split mended, each run continues: the MD run to iteration 2, the fine-tune (which
     # ended at iteration 1 unevaluated) evaluates its final weights and writes result.json
     shutil.rmtree(bad_val / "val")
@@ -1039,4 +1042,6 @@ def test_unreadable_train_or_val_split_is_one_clear_error(tiny_data, tiny_teache
         assert result.returncode == 0, result.stderr[-2000:]
         assert torch.load(tmp_path / str(i) / "ckpt.pt", weights_only=True)["iter_num"] == stop
     result = json.loads((tmp_path / "3" / "result.json").read_text())
-    assert result["iter_num"] == 1 and 0 <= result["top1"] <= 100
+    assert result["iter_num"] == 1 and 0 <= result["top1"] <= 100 and result["best_top1"] == result["top1"]
+    saved = torch.load(tmp_path / "3" / "ckpt.pt", weights_only=True)  # the evaluation it lacked
+    assert (saved["top1"], saved["best_top1"]) == (result["top1"], result["top1"])

@@ -44,5 +44,8 @@ def test_a_rerun_with_more_teachers_trains_and_analyses_the_new_ones(tmp_path):
     # every analysis lists the new models, so each runs again (before: all skipped as finished)
     analysed = [c for c in grown if c[0] == "analyze.py" and c[2] != "report"]
     assert len(analysed) == 6 and all(any("md_clip" in a for a in c) for c in analysed)
-    assert out.count("its command changed since it finished") == 6
+    assert out.count("which the finished one") == 6 and "its command has 'clip'" in out
     assert "== md_embedded: finished before, skipped" in out
+    # back to a subset of the teachers: the analyses of all of them are kept, not replaced
+    subset, out = run_paper(tmp_path, "embedded")
+    assert [c[:3] for c in subset] == [["analyze.py", "--metric", "report"]]

@@ -239,6 +239,12 @@ def test_a_local_copy_of_an_official_teacher_is_checked_against_the_published_ha
     monkeypatch.setitem(teacher.OFFICIAL, "clip", (url, hashlib.sha256(path.read_bytes()).hexdigest(), layout))
     load_model("clip", str(path))
     assert capsys.readouterr().err == ""
+    # a project file (teacher.py export) says its own activation: no guess, no warning
+    monkeypatch.setitem(teacher.OFFICIAL, "clip", (url, "0" * 64, layout))
+    teacher.main(["export", "--act=gelu", str(path), str(tmp_path / "gelu.pt")])
+    capsys.readouterr()
+    vit, _ = load_model("clip", str(tmp_path / "gelu.pt"))
+    assert capsys.readouterr().err == "" and vit.config.act == "gelu"
 
 # one registered timm ViT of each width (with its class token, where one has it); built on the meta device
 TIMM_HEADS = ("test_vit", "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_medium_patch16_clip_224",

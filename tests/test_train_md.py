@@ -158,11 +158,12 @@ def test_tokenizer_resume_refuses_a_teacher_changed_in_place(tiny_data, tiny_tea
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["features", "vqkd"])
+@pytest.mark.parametrize("target", ["features", "vqkd", "activation"])
 def test_resume_refuses_targets_changed_in_place(tiny_data, tiny_teacher, tmp_path, target):
     """the teacher's file (or the tokenizer's) holds other weights at --resume than at the start, under
-    the same path: the targets would change mid-run, so the resume is refused and the checkpoint kept;
-    the original weights back, it resumes"""
+    the same path, or the same weights with another activation (teacher.py export --act over it): the
+    targets would change mid-run, so the resume is refused and the checkpoint kept; the original file
+    back, it resumes"""
     if target == "vqkd":  # a tokenizer trained 1 iteration, then retrained in place to 2
         source = retrain_tokenizer(tmp_path / "tok", tiny_data, tiny_teacher, 1, False)
         args = ["--target=vqkd", f"--tokenizer={source}"]
@@ -179,7 +180,10 @@ def test_resume_refuses_targets_changed_in_place(tiny_data, tiny_teacher, tmp_pa
         retrain_tokenizer(tmp_path / "tok", tiny_data, tiny_teacher, 2, True)
     else:
         other = load(source)
-        other["model"] = {k: torch.randn_like(v) for k, v in other["model"].items()}
+        if target == "activation":
+            other["model_args"]["act"] = "quick_gelu" if other["model_args"]["act"] == "gelu" else "gelu"
+        else:
+            other["model"] = {k: torch.randn_like(v) for k, v in other["model"].items()}
         torch.save(other, source)
     assert open(source, "rb").read() != original
     resumed = run_md([*args, f"--out_dir={out}", "--stop_iter=2", "--resume=True"], tiny_data, source)
