@@ -322,10 +322,12 @@ def main():
         try:
             with open(sharpness_path) as f:
                 sharpness_log = [e for e in json.load(f) if e["iter"] <= iter_num]
+            if any("parameters" not in e for e in sharpness_log):  # another definition: one curve, one
+                raise ValueError("written by an older version, over the trained weights only")
         except (ValueError, TypeError, KeyError) as e:  # edited or cut by hand: set aside, not lost
-            aside = sharpness_path + ".unreadable"
+            aside, sharpness_log = sharpness_path + ".unreadable", []
             os.replace(sharpness_path, aside)
-            log(ctx, f"warning: {sharpness_path} is unreadable ({type(e).__name__}: {e}); moved to {aside}, "
+            log(ctx, f"warning: {sharpness_path} cannot be continued ({type(e).__name__}: {e}); moved to {aside}, "
                      f"the sharpness curve starts again at iteration {iter_num}")
 
     def log_sharpness():

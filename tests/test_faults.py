@@ -833,20 +833,26 @@ def test_a_killed_loader_worker_is_one_line(tiny_data, tiny_teacher, tmp_path):
     assert last.startswith("error: DataLoader worker (pid") and last.endswith("with --resume=True"), last
 
 
-def test_resume_with_a_cut_sharpness_log_sets_it_aside(tiny_data, tiny_teacher, tmp_path):
-    """a sharpness.json cut or edited by hand (the run itself writes it atomically): the resumed
-    run keeps the bytes beside it, says so, and logs the curve again; before, a JSONDecodeError"""
+@pytest.mark.parametrize("damage", ["cut", "older"])
+def test_resume_with_a_cut_sharpness_log_sets_it_aside(tiny_data, tiny_teacher, tmp_path, damage):
+    """a sharpness.json cut or edited by hand (the run itself writes it atomically), or written by an
+    older version (no `parameters`: its Hessian was over the trained weights only, another quantity):
+    the resumed run keeps the bytes beside it, says so, and logs the curve again; before, a
+    JSONDecodeError, or one curve of two definitions"""
     args = FT + [f"--init={tiny_teacher}", "--hessian_every=1", "--epochs=3", "--eval_interval=100"]
     out = tmp_path / "run"
     first = run(args, tiny_data, ["--stop_iter=2", f"--out_dir={out}"])
     assert first.returncode == 0, first.stderr[-2000:]
     text = (out / "sharpness.json").read_text()
-    cut = text[: len(text) // 2]
-    (out / "sharpness.json").write_text(cut)
+    if damage == "cut":
+        kept = text[: len(text) // 2]
+    else:
+        kept = json.dumps([{k: v for k, v in e.items() if k != "parameters"} for e in json.loads(text)])
+    (out / "sharpness.json").write_text(kept)
     resumed = run(args, tiny_data, ["--stop_iter=3", f"--out_dir={out}", "--resume=True"])
     assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr[-2000:]
-    assert f"warning: {out / 'sharpness.json'} is unreadable" in resumed.stdout + resumed.stderr
-    assert (out / "sharpness.json.unreadable").read_text() == cut
+    assert f"warning: {out / 'sharpness.json'} cannot be continued" in resumed.stdout + resumed.stderr
+    assert (out / "sharpness.json.unreadable").read_text() == kept
     assert [e["iter"] for e in json.load(open(out / "sharpness.json"))] == [3]
 
 
