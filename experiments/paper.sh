@@ -16,8 +16,8 @@
 # TEACHERS="clip deit" (a subset of the scale's teachers).
 # A finished step writes ROOT/steps/NAME.done (its seconds and its command) and is skipped when
 # the script runs again; a stopped training resumes from its checkpoint; an analysis whose command
-# changed (more TEACHERS, other settings) runs again. To redo a step, delete its .done file (and, for
-# a training, its folder).
+# has something new (more TEACHERS, other settings) runs again. To redo a step, delete its .done file
+# (and, for a training, its folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 {  # one block: bash reads all of it before it starts, so editing this file cannot upset a run
