@@ -264,6 +264,15 @@ def schedule_lengths(sampler, micro_batch_size, accum, epochs, warmup_epochs, st
     return iters_per_epoch, max_iters, warmup_epochs * iters_per_epoch, end_iter
 
 
+def warmup_warning(warmup_epochs, epochs, warmup_iters, max_iters):
+    """None, or the warning line for a warmup as long as the run (allowed, for short trial runs): the lr
+    then only rises and ends at max_iters / warmup_iters of --lr, with no cosine decay"""
+    if warmup_iters < max_iters:
+        return None
+    return (f"warning: --warmup_epochs={warmup_epochs} >= --epochs={epochs}: the lr only rises, to "
+            f"{100 * max_iters / warmup_iters:.0f}% of --lr at the end, with no cosine decay")
+
+
 def cosine_lr(it, max_iters, warmup_iters, lr, min_lr):
     """linear warmup from 0 to lr, then cosine to min_lr at max_iters"""
     if it < warmup_iters:

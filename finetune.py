@@ -27,7 +27,7 @@ from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumul
                     micro_batches, option_error, peak_flops, pyplot, record_nonfinite, refuse_overwrite,
                     resume_checkpoint, resume_from, save_checkpoint, save_figure, save_on_ctrl_c,
                     schedule_lengths, stop_if_nonfinite, stop_signals, stopped_by, stopped_early, trim_log,
-                    wandb_init, wrap_for_training, write_atomic)
+                    wandb_init, warmup_warning, wrap_for_training, write_atomic)
 from data import (DataError, EvalTransform, ImageFolder, TrainTransform, check_same_classes, make_loader,
                   resolve_data_dir)
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
@@ -365,6 +365,9 @@ def main():
              f"{trainable / 1e6:.2f}M trainable params, {num_classes} classes, {len(train_set)} train / "
              f"{len(val_set)} val images, {iters_per_epoch} iters/epoch, {max_iters} iters, "
              f"accumulation {accum}, {ctx.world_size} process(es) on {ctx.device}")
+    warning = warmup_warning(warmup_epochs, epochs, warmup_iters, max_iters)
+    if warning:
+        log(ctx, warning)
     meter = Meter(3 * vit.flops_per_image(), peak_flops(ctx.device), iter_num, ctx.world_size)
 
     # -------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumul
                     apply_overrides, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line, micro_batches,
                     option_error, peak_flops, record_nonfinite, refuse_changed_targets, refuse_overwrite,
                     resume_checkpoint, resume_from, save_checkpoint, save_on_ctrl_c, schedule_lengths,
-                    stop_if_nonfinite, stop_signals, stopped_by, trim_log, wandb_init, weights_fingerprint,
-                    wrap_for_training)
+                    stop_if_nonfinite, stop_signals, stopped_by, trim_log, wandb_init, warmup_warning,
+                    weights_fingerprint, wrap_for_training)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.masks import BEIT_RATIO, MaskGenerator
 from model import DECODER_HEADS, PRESETS, DecoderHead, MDStudent, ViT, ViTConfig
@@ -264,6 +264,9 @@ def main():
     log(ctx, f"MD: {source} -> student {model} ({n_params:.1f}M params), {len(train_set)} train images, "
              f"{iters_per_epoch} iters/epoch, {max_iters} iters, accumulation {accum}, "
              f"{ctx.world_size} process(es) on {ctx.device}")
+    warning = warmup_warning(warmup_epochs, epochs, warmup_iters, max_iters)
+    if warning:
+        log(ctx, warning)
     flops = 3 * student.flops_per_image() + target_flops  # student fwd+bwd, teacher (or tokenizer) fwd
     meter = Meter(flops, peak_flops(ctx.device), iter_num, ctx.world_size)
 

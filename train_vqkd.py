@@ -21,8 +21,8 @@ from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumul
                     apply_overrides, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line, micro_batches,
                     option_error, peak_flops, record_nonfinite, refuse_changed_targets, refuse_overwrite,
                     resume_checkpoint, resume_from, save_checkpoint, save_on_ctrl_c, schedule_lengths,
-                    stop_if_nonfinite, stop_signals, stopped_by, trim_log, wandb_init, weights_fingerprint,
-                    wrap_for_training)
+                    stop_if_nonfinite, stop_signals, stopped_by, trim_log, wandb_init, warmup_warning,
+                    weights_fingerprint, wrap_for_training)
 from data import DataError, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from model import PRESETS, ViTConfig
 from teacher import load_teacher
@@ -141,6 +141,9 @@ def main():
     log(ctx, f"VQ-KD: teacher {teacher} -> {model} encoder, {codebook_size} x {code_dim} codebook, "
              f"{len(train_set)} images, {iters_per_epoch} iters/epoch, {max_iters} iters, accumulation {accum}, "
              f"{ctx.world_size} process(es) on {ctx.device}")
+    warning = warmup_warning(warmup_epochs, epochs, warmup_iters, max_iters)
+    if warning:
+        log(ctx, warning)
     flops = 3 * vq.encoder.flops_per_image() + teacher_model.vit.flops_per_image()  # encoder fwd+bwd, teacher fwd
     meter = Meter(flops, peak_flops(ctx.device), iter_num, ctx.world_size)
 

@@ -145,6 +145,7 @@ def test_sharpness_logged_during_finetuning_and_plotted(tiny_data, tiny_teacher,
     assert r.returncode == 0, r.stderr[-2000:]
     # 144 train images, batches of 16: an epoch is 9 iterations, of which --stop_iter ran 4
     assert "stopped at iteration 4 of 9 (--stop_iter): top-1" in r.stdout
+    assert "warning: --warmup_epochs=10 >= --epochs=1: the lr only rises, to 10% of --lr" in r.stdout  # 9 of 90
     result = json.load(open(tmp_path / "ft" / "result.json"))
     assert (result["iter_num"], result["max_iters"]) == (4, 9)
     (tmp_path / "cut").mkdir()

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import analyze
-from common import Meter, append_jsonl, trim_log
+from common import Meter, append_jsonl, cosine_lr, trim_log, warmup_warning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("ms_per_iter", "img_per_s", "mfu")  # measured, so they differ between two runs
@@ -87,6 +87,16 @@ def test_meter_mfu_is_per_device_under_ddp():
     _, numbers = meter.read(1)
     assert numbers["img_per_s"] == pytest.approx(80, rel=1e-2)
     assert numbers["mfu"] == pytest.approx(2.0, rel=1e-2)
+
+
+def test_a_warmup_as_long_as_the_run_is_said():
+    """epochs 1 of 4 iterations, warmup 5 epochs (20 iterations): the lr at the last step is 4/20 of lr by
+    the schedule itself, and the warning says 20%; a warmup shorter than the run says nothing"""
+    last_lr = cosine_lr(3, 4, 20, 1e-3, 1e-6)
+    assert last_lr == pytest.approx(1e-3 * 4 / 20)
+    assert warmup_warning(5, 1, 20, 4) == ("warning: --warmup_epochs=5 >= --epochs=1: the lr only rises, to "
+                                           "20% of --lr at the end, with no cosine decay")
+    assert warmup_warning(1, 4, 4, 16) is None
 
 
 def test_meter_counts_the_iterations_since_its_last_read():
