@@ -311,8 +311,8 @@ def main():
         return 100 * top1_hits / images_read, 100 * top5_hits / images_read
 
     def no_val_image():
-        """the error of an evaluation that read no val image, said after the checkpoint is saved"""
-        ctx.barrier()
+        """the error of an evaluation that read no val image (raised after the checkpoint is saved and
+        the ranks met)"""
         return (f"error: iteration {iter_num}: no val image under {os.path.join(root, 'val')} could be read (see "
                 f"the warnings): fix the val split, then continue with --resume=True (checkpoint {ckpt_path})")
 
@@ -456,6 +456,7 @@ def main():
                                   top1=top1, top5=top5)
                 save_checkpoint(checkpoint, ckpt_path)
             if at_eval and top1 is None:  # after the save: the steps are kept
+                ctx.barrier()
                 raise SystemExit(no_val_image())
         if stop:
             bar.close()
@@ -469,6 +470,7 @@ def main():
     if top1 is None:  # resumed at the end from a checkpoint whose last evaluation read no val image
         top1, top5 = evaluate()
         if top1 is None:
+            ctx.barrier()
             raise SystemExit(no_val_image())
         best_top1 = max(best_top1, top1)
         if ctx.master:  # the checkpoint gets the evaluation it lacked (no step was taken since)

@@ -334,7 +334,8 @@ def main():
         at_eval = iter_num % eval_interval == 0 or iter_num == end_iter
         if at_eval or stop:
             stop_if_nonfinite(nonfinite, ckpt_path)  # a non-finite step is never saved
-            val_loss = evaluate() if at_eval and val_set is not None else None
+            evaluating = at_eval and val_set is not None
+            val_loss = evaluate() if evaluating else None
             if val_loss is not None:
                 best_val_loss = min(best_val_loss, val_loss)
                 if ctx.master:
@@ -348,7 +349,7 @@ def main():
                                   optimizer=optimizer.state_dict(), iter_num=iter_num,
                                   best_val_loss=best_val_loss, target_fingerprint=source_fingerprint)
                 save_checkpoint(checkpoint, ckpt_path)
-            if at_eval and val_set is not None and val_loss is None:  # after the save: the steps are kept
+            if evaluating and val_loss is None:  # after the save: the steps are kept
                 ctx.barrier()
                 then = ("then continue with --resume=True" if iter_num < end_iter else
                         "the run's final weights are saved")
