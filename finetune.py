@@ -376,6 +376,10 @@ def main():
     params = [p for group in optimizer.param_groups for p in group["params"]]
     nonfinite = torch.full((3,), -1.0, dtype=torch.float64, device=ctx.device)  # checked at log lines only
     skipped = 0  # unreadable training images since the last log line
+    loss = torch.tensor(float("nan"))  # the last micro-batch's loss, shown at log lines (none read yet)
+    # under DDP a rank that read no image of a micro-batch runs this batch of zeros with a loss that counts 0:
+    # the other ranks' gradient all-reduce waits for its gradients
+    stand_in = torch.zeros(micro_batch_size, 3, img_size, img_size, device=ctx.device)  # (B, 3, H, W)
     top1 = top5 = None  # the last evaluation's
     bar = tqdm(total=end_iter, initial=iter_num, disable=None if ctx.master else True, desc="fine-tune",
                dynamic_ncols=True)
@@ -392,13 +396,15 @@ def main():
             # micro-step): a resumed run draws exactly what the uninterrupted run drew
             torch.manual_seed(derived_seed(seed, ctx.rank, iter_num, micro_step))
             skipped += n_skipped
+            if ctx.ddp:  # sync gradients on the last micro-step only
+                train_model.require_backward_grad_sync = micro_step == accum - 1
             if images is None:  # every image of this micro-batch was unreadable
+                if ctx.ddp:
+                    (train_model(stand_in).float().sum() * 0).backward()
                 continue
             readable += len(images)
             images = images.to(ctx.device, non_blocking=True)
             labels = labels.to(ctx.device, non_blocking=True)
-            if ctx.ddp:  # sync gradients on the last micro-step only
-                train_model.require_backward_grad_sync = micro_step == accum - 1
             targets = smooth_one_hot(labels, num_classes, label_smoothing)  # (B, classes)
             if mixup > 0 or cutmix > 0:
                 images, targets = mixup_cutmix(images, targets, mixup, cutmix)
@@ -408,8 +414,8 @@ def main():
             nonfinite = record_nonfinite(nonfinite, loss, iter_num, 0)
             (loss / accum).backward()
             meter.update(len(images) * ctx.world_size)
-        if readable == 0:  # not one readable image in a whole step: the train split is unreadable
-            raise SystemExit(f"error: iteration {iter_num}: none of the {accum * micro_batch_size} "
+        if not ctx.any_rank(readable > 0):  # no rank read an image in a whole step: the train split is unreadable
+            raise SystemExit(f"error: iteration {iter_num}: none of the {accum * micro_batch_size * ctx.world_size} "
                              f"images of the step could be read (see the warnings): "
                              f"fix the train split under {root}")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))

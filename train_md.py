@@ -97,6 +97,9 @@ LOSSES = ("smooth_l1", "mse", "cosine")
 # what is computed (device, compile and backend change float rounding only); resume refuses others
 RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "wandb_log", "wandb_project", "wandb_run_name",
                      "eval_interval", "log_interval", "num_workers", "device", "compile", "backend", "teacher_path")
+# settings that a target does not read: a resumed run may change them (a tokenizer run has no teacher)
+UNREAD_BY_TARGET = dict(features=("tokenizer",),
+                        vqkd=("teacher", "teacher_layer", "teacher_bf16", "whitening", "loss", "smooth_l1_beta"))
 # the checkpoint entries --resume reads, besides config, iter_num and optimizer
 RESUME_ENTRIES = ("model", "decoder", "whitening", "best_val_loss")
 
@@ -152,7 +155,8 @@ def main():
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if not resume:  # a new run must not replace an earlier run's checkpoint
         refuse_overwrite(ckpt_path)
-    ckpt = resume_checkpoint(ckpt_path, config, RESUME_MAY_CHANGE, RESUME_ENTRIES) if resume else None
+    may_change = RESUME_MAY_CHANGE + UNREAD_BY_TARGET[target]
+    ckpt = resume_checkpoint(ckpt_path, config, may_change, RESUME_ENTRIES) if resume else None
     stop_signal = stop_signals()  # from here a SIGTERM only sets this flag; the loop saves and stops
     ctx = Context(device, dtype, backend)
     if ctx.master:  # before any work: out_dir is writable and no other run uses it
@@ -209,7 +213,7 @@ def main():
     decoder = DecoderHead(head, cfg.embed_dim, out_dim, cfg.num_patches + 1, decoder_width, decoder_depth,
                           decoder_heads).to(ctx.device)
     md_student = MDStudent(student, decoder)
-    whitener = Whitening(whitening, out_dim).to(ctx.device)
+    whitener = Whitening(whitening if target == "features" else "none", out_dim).to(ctx.device)  # codes: none
     decoder_params = [("decoder." + n, p) for n, p in decoder.named_parameters()]
     optimizer = student.configure_optimizers(weight_decay, lr, (beta1, beta2), extra=decoder_params)
     iter_num, best_val_loss = 0, float("inf")
@@ -276,6 +280,11 @@ def main():
     params = [p for group in optimizer.param_groups for p in group["params"]]
     nonfinite = torch.full((3,), -1.0, dtype=torch.float64, device=ctx.device)  # checked at log lines only
     skipped = 0  # unreadable training images since the last log line
+    step_loss = torch.tensor(float("nan"))  # the last micro-batch's loss, shown at log lines (none read yet)
+    # under DDP a rank that read no image of a micro-batch runs this batch of zeros with a loss that counts 0:
+    # the other ranks' gradient all-reduce waits for its gradients
+    stand_in = (torch.zeros(micro_batch_size, 3, img_size, img_size, device=ctx.device),  # (B, 3, H, W)
+                torch.ones(micro_batch_size, cfg.num_patches, dtype=torch.bool, device=ctx.device))  # (B, N)
     bar = tqdm(total=end_iter, initial=iter_num, disable=None if ctx.master else True, desc="MD", dynamic_ncols=True)
     md_student.train()
     save_on_ctrl_c(stop_signal)  # from here a first Ctrl-C saves the finished step
@@ -290,13 +299,15 @@ def main():
             # micro-step): a resumed run draws exactly what the uninterrupted run drew
             torch.manual_seed(derived_seed(seed, ctx.rank, iter_num, micro_step))
             skipped += n_skipped
+            if ctx.ddp:  # sync gradients on the last micro-step only
+                train_model.require_backward_grad_sync = micro_step == accum - 1
             if images is None:  # every image of this micro-batch was unreadable
+                if ctx.ddp:
+                    (train_model(*stand_in).float().sum() * 0).backward()
                 continue
             readable += len(images)
             images = images.to(ctx.device, non_blocking=True)
             masks = masks.to(ctx.device, non_blocking=True)  # (B, N) True = masked: M
-            if ctx.ddp:  # sync gradients on the last micro-step only
-                train_model.require_backward_grad_sync = micro_step == accum - 1
             targets = targets_of(images)  # N(T(I))
             with ctx.autocast():
                 pred = train_model(images, masks)  # D(S(M(I))): (B, N, D_t)
@@ -304,8 +315,8 @@ def main():
             nonfinite = record_nonfinite(nonfinite, step_loss, iter_num, 0)
             (step_loss / accum).backward()
             meter.update(len(images) * ctx.world_size)
-        if readable == 0:  # not one readable image in a whole step: the train split is unreadable
-            raise SystemExit(f"error: iteration {iter_num}: none of the {accum * micro_batch_size} "
+        if not ctx.any_rank(readable > 0):  # no rank read an image in a whole step: the train split is unreadable
+            raise SystemExit(f"error: iteration {iter_num}: none of the {accum * micro_batch_size * ctx.world_size} "
                              f"images of the step could be read (see the warnings): "
                              f"fix the train split under {root}")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))

@@ -156,6 +156,11 @@ def main():
     # iteration need not be a multiple of log_interval
     counts = ckpt["counts"].to(ctx.device) if resume else torch.zeros(codebook_size, device=ctx.device)
     skipped = 0  # unreadable training images since the last log line
+    loss = torch.tensor(float("nan"))  # the last micro-batch's loss, shown at log lines (none read yet)
+    # under DDP a rank that read no image of a micro-batch runs this batch of zeros (images, teacher features)
+    # with a loss that counts 0 and no part in the codebook: the other ranks' all-reduces wait for it
+    stand_in = (torch.zeros(micro_batch_size, 3, img_size, img_size, device=ctx.device),  # (B, 3, H, W)
+                torch.zeros(micro_batch_size, cfg.num_patches, teacher_model.out_dim, device=ctx.device))  # (B, N, D_t)
     bar = tqdm(total=end_iter, initial=iter_num, disable=None if ctx.master else True, desc="VQ-KD",
                dynamic_ncols=True)
     vq.train()
@@ -172,12 +177,14 @@ def main():
             # same on every rank, as the codebook must be
             torch.manual_seed(derived_seed(seed, iter_num, micro_step))
             skipped += n_skipped
+            if ctx.ddp:  # sync gradients on the last micro-step only
+                train_model.require_backward_grad_sync = micro_step == accum - 1
             if images is None:  # every image of this micro-batch was unreadable
+                if ctx.ddp:
+                    (train_model(*stand_in, commitment, 0.0)[0] * 0).backward()
                 continue
             readable += len(images)
             images = images.to(ctx.device, non_blocking=True)
-            if ctx.ddp:  # sync gradients on the last micro-step only
-                train_model.require_backward_grad_sync = micro_step == accum - 1
             targets = teacher_model(images)[:, 1:]  # (B, N, D_t) teacher patch features
             with ctx.autocast():
                 loss, codes = train_model(images, targets, commitment)  # reconstruction + commitment
@@ -185,8 +192,8 @@ def main():
             nonfinite = record_nonfinite(nonfinite, loss, iter_num, 0)
             (loss / accum).backward()
             meter.update(len(images) * ctx.world_size)
-        if readable == 0:  # not one readable image in a whole step: the train split is unreadable
-            raise SystemExit(f"error: iteration {iter_num}: none of the {accum * micro_batch_size} "
+        if not ctx.any_rank(readable > 0):  # no rank read an image in a whole step: the train split is unreadable
+            raise SystemExit(f"error: iteration {iter_num}: none of the {accum * micro_batch_size * ctx.world_size} "
                              f"images of the step could be read (see the warnings): "
                              f"fix the train split under {data_dir}")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))

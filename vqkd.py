@@ -51,12 +51,13 @@ class VQKD(nn.Module):
             x, _ = block(x)
         return self.to_teacher(self.decoder_norm(x))  # (B, N, teacher_dim)
 
-    def forward(self, images, targets, commitment=1.0):
-        """targets: teacher patch features (B, N, teacher_dim) -> (loss, codes)"""
+    def forward(self, images, targets, commitment=1.0, weight=1.0):
+        """targets: teacher patch features (B, N, teacher_dim) -> (loss, codes). weight 0: a stand-in batch
+        that keeps a DDP rank in step with the others (its vectors add nothing to the codebook's EMA)."""
         z, codes = self.encode(images)
         q = self.codebook[codes]
         if self.training:
-            self.ema_update(z.detach(), codes)
+            self.ema_update(z.detach(), codes, weight)
         q_st = z + (q - z).detach()  # straight-through: forward uses q, the gradient reaches z as is
         rebuilt = self.decode(q_st).float()  # (B, N, teacher_dim)
         reconstruction = 1 - F.cosine_similarity(rebuilt, targets.float(), dim=-1).mean()
@@ -64,7 +65,7 @@ class VQKD(nn.Module):
         return reconstruction + commitment * commit, codes
 
     @torch.no_grad()
-    def ema_update(self, z, codes):
+    def ema_update(self, z, codes, weight=1.0):
         K, decay = self.codebook.shape[0], self.config["decay"]
         flat, idx = z.reshape(-1, z.shape[-1]), codes.reshape(-1)
         if not self.initialized:  # data-dependent init: encoder vectors, not random directions
@@ -75,11 +76,13 @@ class VQKD(nn.Module):
             self.ema_sum.copy_(flat[pick])
             self.initialized.fill_(True)
             return
-        count = torch.bincount(idx, minlength=K).to(flat.dtype)
-        total = torch.zeros_like(self.ema_sum).index_add_(0, idx, flat)
+        count = torch.bincount(idx, minlength=K).to(flat.dtype) * weight
+        total = torch.zeros_like(self.ema_sum).index_add_(0, idx, flat) * weight
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(count)
             torch.distributed.all_reduce(total)
+        if count.sum() == 0:  # stand-ins on every rank: nothing was read, the codebook stays as it is
+            return
         self.ema_count.mul_(decay).add_(count / count.sum(), alpha=1 - decay)
         self.ema_sum.mul_(decay).add_(total, alpha=1 - decay)
         self.codebook.copy_(F.normalize(self.ema_sum, dim=-1))

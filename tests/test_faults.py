@@ -108,6 +108,46 @@ def test_ddp_resume_matches_uninterrupted_ddp(tiny_data, tiny_teacher, tmp_path)
     assert_same(weights(tmp_path / "a" / "ckpt.pt"), weights(tmp_path / "b" / "ckpt.pt"))
 
 
+@pytest.mark.parametrize("script", ["md", "ft", "vqkd"])
+def test_ddp_rank_that_reads_no_image_keeps_step(tiny_data, tiny_teacher, tmp_path, script):
+    """Micro-batches of one image: under torchrun --nproc_per_node=2 rank 1 reads positions 1 and 3 of
+    the epoch's order, both made unreadable. Before, rank 1 skipped its forward/backward and the ranks'
+    gradient all-reduces fell out of step (an error or a hang). Now it runs a stand-in batch that adds
+    zero gradient (and nothing to the tokenizer's codebook), which is what one process does with
+    accumulation 2 when it skips those two micro-batches: the same weights after 2 steps."""
+    from data import EpochSampler, ImageFolder
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    train = ImageFolder(str(data / "train"), transform=None)
+    order = EpochSampler(len(train), shuffle=True, seed=0).indices()  # epoch 0, one process: seed 0
+    broken = [train.samples[order[position]][0] for position in (1, 3)]
+    for path in broken:
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG broken")
+    one = ["--micro_batch_size=1", "--total_batch_size=2", "--stop_iter=2", "--num_workers=0", "--device=cpu", "--dtype=float32", "--compile=False", "--img_size=32"]
+    if script == "md":
+        args, saved = MD + [f"--teacher={tiny_teacher}", "--eval_interval=100", *one], "ckpt.pt"
+    elif script == "ft":
+        args, saved = FT + [f"--init={tiny_teacher}", "--eval_interval=100", *one], "ckpt.pt"
+    else:
+        args, saved = ["train_vqkd.py", f"--teacher={tiny_teacher}", "--model=nano/4", "--codebook_size=16",
+                       *one], "tokenizer.pt"
+    single = run(args, data, [f"--out_dir={tmp_path / 'one'}"])
+    assert single.returncode == 0, single.stderr[-2000:]
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}")
+    double = subprocess.run([*launcher, *command(args, data, [f"--out_dir={tmp_path / 'two'}"])[1:]],
+                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "2 process(es)" in double.stdout
+    for path in broken:
+        assert f"skipping unreadable image {path}" in double.stderr
+    a, b = weights(tmp_path / "one" / saved), weights(tmp_path / "two" / saved)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5), k
+
+
 KILL_DURING_SAVE = """
 import sys, torch
 sys.path.insert(0, {root!r})

@@ -1,6 +1,7 @@
 """MD pretraining: the loss, one step, exact resume, DDP, and the command line."""
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -197,6 +198,26 @@ def test_resume_refuses_targets_changed_in_place(tiny_data, tiny_teacher, tmp_pa
     resumed = run_md([*args, f"--out_dir={out}", "--stop_iter=2", "--resume=True"], tiny_data, source)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert load(out / "ckpt.pt")["iter_num"] == 2
+
+
+@pytest.mark.slow
+def test_tokenizer_run_resumes_whatever_the_teacher_settings(tiny_data, tiny_teacher, tmp_path):
+    """--target=vqkd reads no teacher: --teacher, --whitening, --loss changed at --resume are no change of
+    the run (before: refused as 'settings that change the run'); --tokenizer changed still is"""
+    source = retrain_tokenizer(tmp_path / "tok", tiny_data, tiny_teacher, 1, False)
+    args = ["--target=vqkd", f"--tokenizer={source}", f"--out_dir={tmp_path / 'md'}"]
+    first = run_md([*args, "--stop_iter=1"], tiny_data, tiny_teacher)
+    assert first.returncode == 0, first.stderr[-2000:]
+    unread = ["--whitening=bn", "--loss=mse", "--teacher_layer=0", "--stop_iter=2", "--resume=True"]
+    resumed = run_md([*args, *unread], tiny_data, "dino")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert load(tmp_path / "md" / "ckpt.pt")["iter_num"] == 2
+    other = str(tmp_path / "other.pt")
+    shutil.copy(source, other)
+    refused = run_md([*args, f"--tokenizer={other}", "--stop_iter=3", "--resume=True"], tiny_data, tiny_teacher)
+    assert refused.returncode != 0
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        f"error: --resume=True with settings that change the run: tokenizer '{source}' -> '{other}'")
 
 
 def test_resume_equals_uninterrupted_run(tiny_data, tiny_teacher, tmp_path):
