@@ -302,8 +302,10 @@ def main():
             if ctx.ddp:  # sync gradients on the last micro-step only
                 train_model.require_backward_grad_sync = micro_step == accum - 1
             if images is None:  # every image of this micro-batch was unreadable
-                if ctx.ddp:
-                    (train_model(*stand_in).float().sum() * 0).backward()
+                if ctx.ddp:  # under autocast as the real batches: a compiled model compiles nothing new
+                    with ctx.autocast():
+                        stand_in_out = train_model(*stand_in)
+                    (stand_in_out.float().sum() * 0).backward()
                 continue
             readable += len(images)
             images = images.to(ctx.device, non_blocking=True)

@@ -180,8 +180,10 @@ def main():
             if ctx.ddp:  # sync gradients on the last micro-step only
                 train_model.require_backward_grad_sync = micro_step == accum - 1
             if images is None:  # every image of this micro-batch was unreadable
-                if ctx.ddp:
-                    (train_model(*stand_in, commitment, 0.0)[0] * 0).backward()
+                if ctx.ddp:  # under autocast, as the real batches
+                    with ctx.autocast():
+                        stand_in_loss = train_model(*stand_in, commitment, 0.0)[0]
+                    (stand_in_loss * 0).backward()
                 continue
             readable += len(images)
             images = images.to(ctx.device, non_blocking=True)
