@@ -360,6 +360,13 @@ def main():
         write_atomic(sharpness_path, json.dumps(sharpness_log))
         return f"iter {iter_num}: sharpness (top Hessian eigenvalue) {value:.4g}, trace {trace:.4g}"
 
+    def checkpoint(top1, top5):
+        """the run after iteration iter_num and that iteration's evaluation, if any (else None), as plain
+        data (torch.load(weights_only=True) reads it)"""
+        return dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config=config,
+                    optimizer=optimizer.state_dict(), iter_num=iter_num, best_top1=best_top1,
+                    classes=train_set.classes, top1=top1, top5=top5)
+
     trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
     log(ctx, f"fine-tune {origin}: {vit.config.embed_dim}-d x {vit.config.depth} blocks, "
              f"{trainable / 1e6:.2f}M trainable params, {num_classes} classes, {len(train_set)} train / "
@@ -417,9 +424,14 @@ def main():
             (loss / accum).backward()
             meter.update(len(images) * ctx.world_size)
         if not ctx.any_rank(readable > 0):  # no rank read an image in a whole step: the train split is unreadable
+            stop_if_nonfinite(nonfinite, ckpt_path)  # a non-finite step is never saved
+            if ctx.master and iter_num > 0:  # the finished steps are kept; this one is read again at resume
+                save_checkpoint(checkpoint(None, None), ckpt_path)
+            ctx.barrier()
+            then = f"; then continue with --resume=True (checkpoint {ckpt_path})" if iter_num > 0 else ""
             raise SystemExit(f"error: iteration {iter_num}: none of the {accum * micro_batch_size * ctx.world_size} "
                              f"images of the step could be read (see the warnings): "
-                             f"fix the train split under {root}")
+                             f"fix the train split under {root}{then}")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
         nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
         optimizer.step()
@@ -458,11 +470,7 @@ def main():
                     record = dict(iter=iter_num, epoch=epoch, val_top1=top1, val_top5=top5)
                     append_jsonl(log_path, record, wandb_run)
             if ctx.master:
-                checkpoint = dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config=config,
-                                  optimizer=optimizer.state_dict(), iter_num=iter_num, best_top1=best_top1,
-                                  classes=train_set.classes,  # and this iteration's evaluation, if any:
-                                  top1=top1, top5=top5)
-                save_checkpoint(checkpoint, ckpt_path)
+                save_checkpoint(checkpoint(top1, top5), ckpt_path)
             if at_eval and top1 is None:  # after the save: the steps are kept
                 ctx.barrier()
                 raise SystemExit(no_val_image())

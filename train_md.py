@@ -263,6 +263,12 @@ def main():
         loss_sum, images_read = total.tolist()
         return loss_sum / images_read if images_read else None
 
+    def checkpoint():
+        """the run after iteration iter_num, as plain data (torch.load(weights_only=True) reads it)"""
+        return dict(model=student.state_dict(), decoder=decoder.state_dict(), whitening=whitener.state_dict(),
+                    model_args=cfg.to_dict(), config=config, optimizer=optimizer.state_dict(), iter_num=iter_num,
+                    best_val_loss=best_val_loss, target_fingerprint=source_fingerprint)
+
     n_params = sum(p.numel() for p in student.parameters()) / 1e6
     source = f"tokenizer {tokenizer}" if target == "vqkd" else f"teacher {teacher}"
     log(ctx, f"MD: {source} -> student {model} ({n_params:.1f}M params), {len(train_set)} train images, "
@@ -318,9 +324,14 @@ def main():
             (step_loss / accum).backward()
             meter.update(len(images) * ctx.world_size)
         if not ctx.any_rank(readable > 0):  # no rank read an image in a whole step: the train split is unreadable
+            stop_if_nonfinite(nonfinite, ckpt_path)  # a non-finite step is never saved
+            if ctx.master and iter_num > 0:  # the finished steps are kept; this one is read again at resume
+                save_checkpoint(checkpoint(), ckpt_path)
+            ctx.barrier()
+            then = f"; then continue with --resume=True (checkpoint {ckpt_path})" if iter_num > 0 else ""
             raise SystemExit(f"error: iteration {iter_num}: none of the {accum * micro_batch_size * ctx.world_size} "
                              f"images of the step could be read (see the warnings): "
-                             f"fix the train split under {root}")
+                             f"fix the train split under {root}{then}")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
         nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
         optimizer.step()
@@ -357,11 +368,7 @@ def main():
                                   val_loss=val_loss)
                     append_jsonl(log_path, record, wandb_run)
             if ctx.master:
-                checkpoint = dict(model=student.state_dict(), decoder=decoder.state_dict(),
-                                  whitening=whitener.state_dict(), model_args=cfg.to_dict(), config=config,
-                                  optimizer=optimizer.state_dict(), iter_num=iter_num,
-                                  best_val_loss=best_val_loss, target_fingerprint=source_fingerprint)
-                save_checkpoint(checkpoint, ckpt_path)
+                save_checkpoint(checkpoint(), ckpt_path)
             if evaluating and val_loss is None:  # after the save: the steps are kept
                 ctx.barrier()
                 then = ("then continue with --resume=True" if iter_num < end_iter else

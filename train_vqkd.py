@@ -138,6 +138,13 @@ def main():
     if ctx.master:  # a new run starts it afresh; a resumed one drops records past its checkpoint
         trim_log(log_path, iter_num)
     train_model = wrap_for_training(vq, ctx, compile)  # compiled and/or DDP; vq is saved
+
+    def checkpoint():
+        """the run after iteration iter_num, as plain data (torch.load(weights_only=True) reads it)"""
+        return dict(model=vq.state_dict(), vqkd_args=vq.config, model_args=cfg.to_dict(), config=config,
+                    optimizer=optimizer.state_dict(), iter_num=iter_num, counts=counts.cpu(),
+                    target_fingerprint=teacher_fingerprint)
+
     log(ctx, f"VQ-KD: teacher {teacher} -> {model} encoder, {codebook_size} x {code_dim} codebook, "
              f"{len(train_set)} images, {iters_per_epoch} iters/epoch, {max_iters} iters, accumulation {accum}, "
              f"{ctx.world_size} process(es) on {ctx.device}")
@@ -195,9 +202,14 @@ def main():
             (loss / accum).backward()
             meter.update(len(images) * ctx.world_size)
         if not ctx.any_rank(readable > 0):  # no rank read an image in a whole step: the train split is unreadable
+            stop_if_nonfinite(nonfinite, path)  # a non-finite step is never saved
+            if ctx.master and iter_num > 0:  # the finished steps are kept; this one is read again at resume
+                save_checkpoint(checkpoint(), path)
+            ctx.barrier()
+            then = f"; then continue with --resume=True (checkpoint {path})" if iter_num > 0 else ""
             raise SystemExit(f"error: iteration {iter_num}: none of the {accum * micro_batch_size * ctx.world_size} "
                              f"images of the step could be read (see the warnings): "
-                             f"fix the train split under {data_dir}")
+                             f"fix the train split under {data_dir}{then}")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
         nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
         optimizer.step()
@@ -232,10 +244,7 @@ def main():
         if iter_num % save_interval == 0 or iter_num == end_iter or stop:
             stop_if_nonfinite(nonfinite, path)  # a non-finite step is never saved
             if ctx.master:
-                checkpoint = dict(model=vq.state_dict(), vqkd_args=vq.config, model_args=cfg.to_dict(), config=config,
-                                  optimizer=optimizer.state_dict(), iter_num=iter_num, counts=counts.cpu(),
-                                  target_fingerprint=teacher_fingerprint)
-                save_checkpoint(checkpoint, path)
+                save_checkpoint(checkpoint(), path)
         if stop:
             bar.close()
             signal_name, exit_code = stopped_by(stop_signal)

@@ -1091,3 +1091,53 @@ def test_unreadable_train_or_val_split_is_one_clear_error(tiny_data, tiny_teache
     assert result["iter_num"] == 1 and 0 <= result["top1"] <= 100 and result["best_top1"] == result["top1"]
     saved = torch.load(tmp_path / "3" / "ckpt.pt", weights_only=True)  # the evaluation it lacked
     assert (saved["top1"], saved["best_top1"]) == (result["top1"], result["top1"])
+
+
+def log_iterations(path):
+    """the iterations of the training records in a run's log.jsonl (evaluation records skipped)"""
+    if not os.path.exists(path):
+        return []
+    lines = open(path).read().splitlines()
+    return [json.loads(line)["iter"] for line in lines if line.endswith("}") and '"loss"' in line]
+
+
+@pytest.mark.parametrize("script", ["md", "ft", "vqkd"])
+def test_train_split_unreadable_mid_run_keeps_the_finished_steps(tiny_data, tiny_teacher, tmp_path, script):
+    """The train split becomes unreadable while the run trains (every file overwritten with bytes that
+    are no image): the run stops with one line at the first step without a readable image, and the
+    steps finished before it are saved (before: lost back to the last checkpoint, here none at all,
+    evaluations and saves being 1000 steps apart). The files mended, --resume=True continues."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    long = ["--epochs=50", "--stop_iter=400"]
+    if script == "md":
+        args, saved = MD + [f"--teacher={tiny_teacher}", "--eval_interval=1000", *long], "ckpt.pt"
+    elif script == "ft":
+        args, saved = FT + [f"--init={tiny_teacher}", "--eval_interval=1000", *long], "ckpt.pt"
+    else:
+        args, saved = ["train_vqkd.py", f"--teacher={tiny_teacher}", "--model=nano/4", "--codebook_size=16",
+                       "--save_interval=1000", *COMMON[:-1], *long], "tokenizer.pt"
+    out = tmp_path / "out"
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(command(args, data, [f"--out_dir={out}"]), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=err, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        deadline = time.time() + 300
+        while not [i for i in log_iterations(out / "log.jsonl") if i >= 2]:
+            assert proc.poll() is None and time.time() < deadline, open(tmp_path / "stderr").read()[-2000:]
+            time.sleep(0.05)
+        for path in sorted((data / "train").rglob("*.png")):
+            path.write_bytes(b"no image any more")
+        assert proc.wait(timeout=300) == 1
+    last = open(tmp_path / "stderr").read().strip().splitlines()[-1]
+    match = re.fullmatch(r"error: iteration (\d+): none of the 16 images of the step could be read \(see the "
+                         r"warnings\): fix the train split under (.*); then continue with --resume=True "
+                         r"\(checkpoint (.*)\)", last)
+    assert match, last
+    stopped = int(match.group(1))
+    assert stopped >= 2 and match.group(3) == str(out / saved)
+    assert torch.load(out / saved, weights_only=True)["iter_num"] == stopped
+    shutil.rmtree(data / "train")
+    shutil.copytree(os.path.join(tiny_data, "train"), data / "train")
+    resumed = run(args, data, [f"--out_dir={out}", f"--stop_iter={stopped + 1}", "--resume=True"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert torch.load(out / saved, weights_only=True)["iter_num"] == stopped + 1
