@@ -752,10 +752,11 @@ def save_on_ctrl_c(received):
     signal.signal(signal.SIGINT, on_ctrl_c)
 
 
-def stopped_by(received):
-    """the signal a run stops on, from stop_signals' list: ('Ctrl-C', 130) if one came, else
-    ('SIGTERM', 143); 128 + the signal number is the shell's code for a process it ended"""
-    return ("Ctrl-C", 130) if signal.SIGINT in received else ("SIGTERM", 143)
+def stopped_by(received, ctx):
+    """the signal a run stops on, from stop_signals' list, agreed by all ranks (one may have had the
+    signal alone): ('Ctrl-C', 130) if one came to any, else ('SIGTERM', 143); 128 + the signal number
+    is the shell's code for a process it ended"""
+    return ("Ctrl-C", 130) if ctx.any_rank(signal.SIGINT in received) else ("SIGTERM", 143)
 
 
 # ----------------------------------------------------------------------------------------

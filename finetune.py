@@ -476,7 +476,7 @@ def main():
                 raise SystemExit(no_val_image())
         if stop:
             bar.close()
-            signal_name, exit_code = stopped_by(stop_signal)
+            signal_name, exit_code = stopped_by(stop_signal, ctx)
             log(ctx, f"stopped by {signal_name} after iteration {iter_num}: checkpoint {ckpt_path}; "
                      f"continue with --resume=True")
             ctx.barrier()  # the other ranks wait for rank 0's checkpoint

@@ -378,7 +378,7 @@ def main():
                                  f"{then} (checkpoint {ckpt_path})")
         if stop:
             bar.close()
-            signal_name, exit_code = stopped_by(stop_signal)
+            signal_name, exit_code = stopped_by(stop_signal, ctx)
             log(ctx, f"stopped by {signal_name} after iteration {iter_num}: checkpoint {ckpt_path}; "
                      f"continue with --resume=True")
             ctx.barrier()  # the other ranks wait for rank 0's checkpoint

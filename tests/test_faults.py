@@ -723,7 +723,7 @@ def test_ctrl_c_saves_the_finished_step(tiny_data, tiny_teacher, tmp_path):
 CTRL_C_IN_EACH_PHASE = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from common import save_on_ctrl_c, stop_signals, stopped_by
+from common import Context, save_on_ctrl_c, stop_signals, stopped_by
 def ctrl_c():  # a signal to this process is handled before kill returns
     try:
         os.kill(os.getpid(), signal.SIGINT)
@@ -733,7 +733,7 @@ def ctrl_c():  # a signal to this process is handled before kill returns
 received = stop_signals()
 print("start-up:", ctrl_c())
 save_on_ctrl_c(received)  # the training loop starts
-print("first:", ctrl_c(), received == [signal.SIGINT], stopped_by(received))
+print("first:", ctrl_c(), received == [signal.SIGINT], stopped_by(received, Context("cpu", "float32")))
 print("second:", ctrl_c())
 """
 
@@ -776,21 +776,25 @@ def process_of_rank(parent, rank):
     raise AssertionError(f"no worker of rank {rank} under {parent}")
 
 
-def test_sigterm_to_one_rank_stops_all_after_one_step(tiny_data, tiny_teacher, tmp_path):
+@pytest.mark.parametrize("signum, name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+def test_signal_to_one_rank_stops_all_after_one_step(tiny_data, tiny_teacher, tmp_path, signum, name):
     """DDP: only rank 1 gets the signal; the ranks agree (a CPU all-reduce each iteration),
-    rank 0 saves that step, and no rank is left waiting in a collective"""
+    rank 0 saves that step, and no rank is left waiting in a collective. The stop line names the
+    signal rank 1 had (before: a Ctrl-C to rank 1 alone was reported as SIGTERM by rank 0)."""
     args = MD + [f"--teacher={tiny_teacher}", "--epochs=50", "--eval_interval=100"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 f"--master_port={free_port()}"]
     out = tmp_path / "ddp"
     proc, err = start([*launcher, *command(args, tiny_data, [f"--out_dir={out}"])[1:]], tmp_path)
     wait_for_line(proc, "iter 2:", err)
-    os.kill(process_of_rank(proc.pid, 1), signal.SIGTERM)
+    os.kill(process_of_rank(proc.pid, 1), signum)
     rest = proc.stdout.read()
     proc.wait(timeout=600)
-    stops = [line for line in rest.splitlines() if line.startswith("stopped by SIGTERM")]
+    stops = [line for line in rest.splitlines() if line.startswith("stopped by ")]
     assert len(stops) == 1, rest[-2000:] + open(err).read()[-2000:]
-    assert weights_at(out / "ckpt.pt")["iter_num"] == stopped_at(stops[0])
+    match = re.fullmatch(STOPPED.replace("SIGTERM", name), stops[0])
+    assert match, stops[0]
+    assert weights_at(out / "ckpt.pt")["iter_num"] == int(match[1])
 
 
 def test_sharpness_log_after_a_resume_has_each_iteration_once(tiny_data, tiny_teacher, tmp_path):
