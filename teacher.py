@@ -413,7 +413,8 @@ class Whitening(nn.Module):
            variance 1 over its channels; token norms (how salient a patch is) are discarded.
     'bn'   per channel: standardized by statistics over tokens and images (the batch's while
            training, running averages in eval). Keeps the relative sizes of tokens; depends on the
-           batch (per process under DDP) and needs its running statistics saved with the run.
+           batch (per process under DDP) and needs its running statistics saved with the run
+           (train_md.py averages them over the ranks after each step: every rank evaluates alike).
     'none' raw teacher features (their scale differs a lot between CLIP, DINO and DeiT)."""
 
     def __init__(self, kind, dim, eps=1e-6, momentum=0.1):

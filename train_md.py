@@ -336,6 +336,8 @@ def main():
         nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        for stats in whitener.buffers():  # 'bn': running statistics of each rank's batches -> the ranks' mean
+            ctx.all_reduce_sum(stats).div_(ctx.world_size)
         iter_num += 1
         bar.update(1)
 

@@ -94,9 +94,13 @@ def test_kill_minus_9_then_resume_is_bit_identical(tiny_data, tiny_teacher, tmp_
     assert_same(weights(out / "ckpt.pt"), weights(tmp_path / "straight" / "ckpt.pt"))
 
 
-def test_ddp_resume_matches_uninterrupted_ddp(tiny_data, tiny_teacher, tmp_path):
-    """with drop path: each rank's random draws follow from (seed, rank, iteration, micro-step)"""
-    args = MD + [f"--teacher={tiny_teacher}", "--eval_interval=100", "--drop_path=0.2"]
+@pytest.mark.parametrize("whitening", ["ln", "bn"])
+def test_ddp_resume_matches_uninterrupted_ddp(tiny_data, tiny_teacher, tmp_path, whitening):
+    """with drop path: each rank's random draws follow from (seed, rank, iteration, micro-step). With
+    'bn' whitening the ranks' running statistics are averaged after each step: before, each rank kept
+    its own and evaluated with them, so the resumed run (all ranks loading rank 0's) had the same weights
+    but another val loss"""
+    args = MD + [f"--teacher={tiny_teacher}", "--eval_interval=100", "--drop_path=0.2", f"--whitening={whitening}"]
     launcher = lambda: (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         f"--master_port={free_port()}")
     a = run(args, tiny_data, ["--stop_iter=4", f"--out_dir={tmp_path / 'a'}"], launcher())
@@ -106,6 +110,9 @@ def test_ddp_resume_matches_uninterrupted_ddp(tiny_data, tiny_teacher, tmp_path)
     assert b1.returncode == 0, b1.stderr[-2000:]
     assert b2.returncode == 0, b2.stderr[-2000:]
     assert_same(weights(tmp_path / "a" / "ckpt.pt"), weights(tmp_path / "b" / "ckpt.pt"))
+    a, b = weights_at(tmp_path / "a" / "ckpt.pt"), weights_at(tmp_path / "b" / "ckpt.pt")
+    assert_same(a["whitening"], b["whitening"])
+    assert a["best_val_loss"] == last_val_loss(tmp_path / "b" / "log.jsonl")
 
 
 @pytest.mark.parametrize("script", ["md", "ft", "vqkd"])
@@ -1095,6 +1102,10 @@ def test_unreadable_train_or_val_split_is_one_clear_error(tiny_data, tiny_teache
     assert result["iter_num"] == 1 and 0 <= result["top1"] <= 100 and result["best_top1"] == result["top1"]
     saved = torch.load(tmp_path / "3" / "ckpt.pt", weights_only=True)  # the evaluation it lacked
     assert (saved["top1"], saved["best_top1"]) == (result["top1"], result["top1"])
+
+
+def last_val_loss(path):
+    return [json.loads(line) for line in open(path) if "val_loss" in line][-1]["val_loss"]
 
 
 def log_iterations(path):
