@@ -7,9 +7,13 @@ predict instead of whitened features (Section 5, "should we employ a tokenizer?"
 then MD on the codes (cross-entropy on masked patches):
     python train_md.py config/md_embedded.py --target=vqkd --tokenizer=out/vqkd_embedded/tokenizer.pt
 
-The log line adds codebook usage (fraction of codes used since the last line) and perplexity;
-a usage under collapse_threshold is reported as a collapse. Every log line is also a record in
-out_dir/log.jsonl (analyze.py --metric curves).
+The log line adds codebook usage (fraction of codes used since the last line, by all ranks) and
+perplexity; a usage under collapse_threshold is reported as a collapse. Every log line is also a record
+in out_dir/log.jsonl (analyze.py --metric curves).
+
+The codebook moves by an EMA once per forward: one process with accumulation updates it after each
+micro-batch, torchrun once per micro-step over all ranks' codes, so the two differ (unlike train_md.py
+and finetune.py, where the same total batch gives the same weights).
 """
 import os
 import sys
@@ -139,10 +143,10 @@ def main():
         trim_log(log_path, iter_num)
     train_model = wrap_for_training(vq, ctx, compile)  # compiled and/or DDP; vq is saved
 
-    def checkpoint():
+    def checkpoint(all_counts):
         """the run after iteration iter_num, as plain data (torch.load(weights_only=True) reads it)"""
         return dict(model=vq.state_dict(), vqkd_args=vq.config, model_args=cfg.to_dict(), config=config,
-                    optimizer=optimizer.state_dict(), iter_num=iter_num, counts=counts.cpu(),
+                    optimizer=optimizer.state_dict(), iter_num=iter_num, counts=all_counts.cpu(),
                     target_fingerprint=teacher_fingerprint)
 
     log(ctx, f"VQ-KD: teacher {teacher} -> {model} encoder, {codebook_size} x {code_dim} codebook, "
@@ -159,9 +163,11 @@ def main():
     batches = micro_batches(loader, sampler, iter_num, accum, iters_per_epoch)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     nonfinite = torch.full((3,), -1.0, dtype=torch.float64, device=ctx.device)  # checked at log lines only
-    # code assignments since the last log line: a resumed run continues the checkpoint's, whose
-    # iteration need not be a multiple of log_interval
-    counts = ckpt["counts"].to(ctx.device) if resume else torch.zeros(codebook_size, device=ctx.device)
+    # this rank's code assignments since the last log line, summed over the ranks where read (log, save): a
+    # resumed run continues the checkpoint's sum (on rank 0), whose iteration need not be a multiple of log_interval
+    counts = torch.zeros(codebook_size, device=ctx.device)
+    if resume and ctx.master:
+        counts = ckpt["counts"].to(ctx.device)
     skipped = 0  # unreadable training images since the last log line
     loss = torch.tensor(float("nan"))  # the last micro-batch's loss, shown at log lines (none read yet)
     # under DDP a rank that read no image of a micro-batch runs this batch of zeros (images, teacher features)
@@ -203,8 +209,9 @@ def main():
             meter.update(len(images) * ctx.world_size)
         if not ctx.any_rank(readable > 0):  # no rank read an image in a whole step: the train split is unreadable
             stop_if_nonfinite(nonfinite, path)  # a non-finite step is never saved
+            all_counts = ctx.all_reduce_sum(counts.clone())
             if ctx.master and iter_num > 0:  # the finished steps are kept; this one is read again at resume
-                save_checkpoint(checkpoint(), path)
+                save_checkpoint(checkpoint(all_counts), path)
             ctx.barrier()
             then = f"; then continue with --resume=True (checkpoint {path})" if iter_num > 0 else ""
             raise SystemExit(f"error: iteration {iter_num}: none of the {accum * micro_batch_size * ctx.world_size} "
@@ -219,6 +226,7 @@ def main():
 
         if iter_num % log_interval == 0:
             stop_if_nonfinite(nonfinite, path)
+            all_counts = ctx.all_reduce_sum(counts.clone())
             if ctx.master:
                 loss_value = loss.item()  # the last micro-batch's loss: read only here
                 bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -227,7 +235,7 @@ def main():
                 if skipped:
                     line += f", {skipped} unreadable images skipped"
                 bar.write(line)
-                used, perplexity = codebook_usage(counts)
+                used, perplexity = codebook_usage(all_counts)
                 line = (f"iter {iter_num}: codebook usage {100 * used:.1f}% of {codebook_size} codes, "
                         f"perplexity {perplexity:.1f}")
                 if used < collapse_threshold:
@@ -243,8 +251,9 @@ def main():
         stop = ctx.any_rank(bool(stop_signal)) and iter_num < end_iter
         if iter_num % save_interval == 0 or iter_num == end_iter or stop:
             stop_if_nonfinite(nonfinite, path)  # a non-finite step is never saved
+            all_counts = ctx.all_reduce_sum(counts.clone())
             if ctx.master:
-                save_checkpoint(checkpoint(), path)
+                save_checkpoint(checkpoint(all_counts), path)
         if stop:
             bar.close()
             signal_name, exit_code = stopped_by(stop_signal, ctx)

@@ -115,6 +115,22 @@ def test_ddp_resume_matches_uninterrupted_ddp(tiny_data, tiny_teacher, tmp_path,
     assert a["best_val_loss"] == last_val_loss(tmp_path / "b" / "log.jsonl")
 
 
+def test_ddp_tokenizer_counts_every_rank_codes(tiny_data, tiny_teacher, tmp_path):
+    """train_vqkd.py under torchrun --nproc_per_node=2: the code assignments it logs (codebook usage,
+    collapse) and saves are those of all ranks: 2 steps of 16 images of 64 patches = 2048, also when the
+    run stops after step 1 and resumes (before: rank 0's alone, 1024, and after a resume 1536)"""
+    args = ["train_vqkd.py", f"--teacher={tiny_teacher}", "--model=nano/4", "--codebook_size=16", *COMMON[:-1],
+            "--log_interval=100"]
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2")
+    for name, stops in (("straight", (2,)), ("resumed", (1, 2))):
+        for i, stop in enumerate(stops):
+            extra = [f"--out_dir={tmp_path / name}", f"--stop_iter={stop}", f"--resume={i > 0}"]
+            result = run(args, tiny_data, extra, (*launcher, f"--master_port={free_port()}"))
+            assert result.returncode == 0, result.stderr[-2000:]
+            counts = weights_at(tmp_path / name / "tokenizer.pt")["counts"]
+            assert counts.sum().item() == stop * 16 * 64, (name, stop)
+
+
 @pytest.mark.parametrize("script", ["md", "ft", "vqkd"])
 def test_ddp_rank_that_reads_no_image_keeps_step(tiny_data, tiny_teacher, tmp_path, script):
     """Micro-batches of one image: under torchrun --nproc_per_node=2 rank 1 reads positions 1 and 3 of
