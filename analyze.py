@@ -1037,6 +1037,26 @@ def classifier_metric(metric, model, info, opts, device):
     return ood_summary(entry)
 
 
+def check_out_dir(out):
+    """before any work: --out is a folder that can be made or written in; it is made only with the
+    first result (make_out_dir), so that a command refused later leaves no empty folder"""
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        reason = "Permission denied" if os.path.isdir(existing) else "File exists"
+        raise SystemExit(f"error: --out={out} cannot be a directory ({reason}): "
+                         f"give a directory for NAME.json and NAME.png")
+
+
+def make_out_dir(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:  # made since check_out_dir: a file on the way, no permission
+        raise SystemExit(f"error: --out={out} cannot be a directory ({e.strerror}): "
+                         f"give a directory for NAME.json and NAME.png") from None
+
+
 def main(argv):
     opts, models = parse_args(argv)
     keep_freed_memory()  # activation-sized temporaries reuse their pages (see hessian.py)
@@ -1049,11 +1069,7 @@ def main(argv):
     if overwritten:  # e.g. finetune.py's OUT/sharpness.json, with --out=OUT: the input would be lost
         raise SystemExit(f"error: --out={opts['out']} would write {metric} results over the input "
                          f"{overwritten[0]}: choose another --out")
-    try:
-        os.makedirs(opts["out"], exist_ok=True)
-    except OSError as e:  # a file of that name, a file on the way, no permission
-        raise SystemExit(f"error: --out={opts['out']} cannot be a directory ({e.strerror}): "
-                         f"give a directory for NAME.json and NAME.png") from None
+    check_out_dir(opts["out"])
     if metric == "curves":  # the log.jsonl of training runs, not models
         return curves(models, opts["labels"], opts["out"])
     labels = opts["labels"].split(",") if opts["labels"] else default_labels(models)
@@ -1061,7 +1077,9 @@ def main(argv):
         given = f"got '{opts['labels']}'" if opts["labels"] else f"the default ones are {labels}"
         raise SystemExit(f"error: --labels needs {len(models)} distinct comma-separated names: "
                          f"{given}")
-    settings = {k: v for k, v in opts.items() if k not in ("labels", "out")}
+    # shape_bias and ood read every image of the benchmark's folders, as model-vs-human does: no subset
+    unused = ("labels", "out", "n_images", "split", "seed") if metric in ("shape_bias", "ood") else ("labels", "out")
+    settings = {k: v for k, v in opts.items() if k not in unused}
     settings |= dict(models=dict(zip(labels, models)))
     if metric == "sharpness":  # the curves logged by finetune.py --hessian_every
         try:
@@ -1073,8 +1091,8 @@ def main(argv):
     for model_arg in models:  # all of them before the first model's work
         if model_arg not in OFFICIAL and model_arg != "embedded" and not os.path.isfile(model_arg):
             raise SystemExit(f"error: no model '{model_arg}': not a file, and not one of {NAMES}")
-    # a file that is no model late in the list stops the run before the first model's work, not after
-    for model_arg in models[1:]:  # (each file read twice; the first one is loaded at once anyway)
+    # a file that is no model stops the run before the first model's work (and before --out is made)
+    for model_arg in models:  # (so each file is read twice)
         if os.path.isfile(model_arg):
             try:
                 with contextlib.redirect_stderr(io.StringIO()):  # its warnings are said when it is used
@@ -1181,6 +1199,7 @@ def strict_json(obj):
 
 def write(metric, results, settings, out, maps=None):
     json_path, png_path = os.path.join(out, f"{metric}.json"), os.path.join(out, f"{metric}.png")
+    make_out_dir(out)
     write_atomic(json_path, strict_json(dict(metric=metric, settings=settings, models=results)))
     drawn = plot(metric, results, png_path, maps)
     print(f"{metric}: {json_path}" + (f", {png_path}" if drawn else ""))
@@ -1267,6 +1286,7 @@ def curves(paths, labels, out):
         results[label] = {field: dict(iter=i, value=v) for field, (i, v) in series.items()}
     json_path, png_path = os.path.join(out, "curves.json"), os.path.join(out, "curves.png")
     settings = dict(models=dict(zip(labels, paths)))
+    make_out_dir(out)
     write_atomic(json_path, strict_json(dict(metric="curves", settings=settings, models=results)))
     drawn = plot_curves(results, png_path)
     print(f"curves: {json_path}" + (f", {png_path}" if drawn else ""))

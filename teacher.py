@@ -445,8 +445,9 @@ def export_weights(src, dst, act=None):
     optimizer or RNG state. This is how data/embedded_teacher.pt is made from a finetune.py run.
     A train_vqkd.py tokenizer keeps its vqkd_args, so that --tokenizer still reads it.
     Any other model form (a timm file, say) becomes such a checkpoint of its converted weights
-    (`act`: a CLIP-layout file's activation, as load_model takes it)."""
-    obj = read_checkpoint(src)
+    (`act`: a CLIP-layout file's activation, as load_model takes it). `src` may be a teacher's name."""
+    source = EMBEDDED_TEACHER if src == "embedded" else src
+    obj = None if src in OFFICIAL else read_checkpoint(source)  # an official name: load_model downloads it
     if isinstance(obj, dict) and "model_args" in obj and act is None:
         keep = ("model", "model_args", "vqkd_args", "config", "classes")
         save_atomic({k: obj[k] for k in keep if k in obj}, dst, EXPORT_KEPT)
@@ -589,7 +590,8 @@ def is_training_checkpoint(path):
 def main(argv):
     usage = "usage: python teacher.py export [--format=mdlab|timm] [--act=quick_gelu|gelu] SRC DST"
     if argv[:1] != ["export"]:
-        raise SystemExit(usage)
+        given = f"'{argv[0]}' is no command" if argv else "no command given"
+        raise SystemExit(f"error: {given}: the command is export; {usage}")
     opts, paths, rest = dict(format="mdlab", act=None), [], list(argv[1:])
     while rest:
         arg = rest.pop(0)
@@ -603,7 +605,7 @@ def main(argv):
             raise SystemExit(f"error: option '--{key}' needs a value; {usage}")
         opts[key] = value if eq else rest.pop(0)  # --format=timm or --format timm
     if len(paths) != 2:
-        raise SystemExit(usage)
+        raise SystemExit(f"error: export takes two paths, SRC and DST; got {len(paths)}; {usage}")
     fmt = opts["format"]
     if fmt not in EXPORT_FORMATS:
         raise SystemExit(f"error: unknown --format '{fmt}': choose {' or '.join(EXPORT_FORMATS)}")
@@ -613,7 +615,8 @@ def main(argv):
         raise SystemExit(f"error: no folder '{folder}' to write {dst} in")
     if os.path.isdir(dst):
         raise SystemExit(f"error: '{dst}' is a folder: give the file to write in it, like {dst}/export.pt")
-    if os.path.isfile(dst) and os.path.isfile(src) and os.path.samefile(src, dst):
+    source = EMBEDDED_TEACHER if src == "embedded" else src
+    if os.path.isfile(dst) and os.path.isfile(source) and os.path.samefile(source, dst):
         raise SystemExit(f"error: '{dst}' is the file being exported: write the export to another file")
     if os.path.isfile(dst) and is_training_checkpoint(dst):
         raise SystemExit(f"error: '{dst}' is a run's training checkpoint (it holds the optimizer state for "

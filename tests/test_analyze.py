@@ -327,12 +327,21 @@ def test_metric_runs_on_vit_b_at_224(tmp_path):
     (["--metric=hessian", "{teacher}", "--trace_tol=1e999", "--top_k=1", "--lanczos_steps=2",
       "--trace_products=3", "--n_images=2"], "error: --trace_tol=1e999: 'trace_tol' must be a finite number"),
     (["--metric=hessian", "{teacher}", "--tol=nan"], "error: --tol=nan: 'tol' must be a finite number"),
+    (["--metric=attn_entropy", "{empty}"], "error: '{empty}' is empty: not a checkpoint"),
+    (["--metric=nmi", "{teacher}", "{teacher}"], "error: --labels needs 2 distinct comma-separated names"),
 ])
-def test_bad_input(tiny_teacher, tiny_data, args, message):
-    result = run_analyze([a.format(teacher=tiny_teacher) for a in args] + [f"--data={tiny_data}"])
+def test_bad_input(tiny_teacher, tiny_data, tmp_path, args, message):
+    """one line, and no --out folder made (before: an empty one was left by the errors found after it was made,
+    such as a first model that is no checkpoint or --labels that do not fit)"""
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    out = tmp_path / "out" / "analyze"
+    result = run_analyze([a.format(teacher=tiny_teacher, empty=empty) for a in args] + [f"--data={tiny_data}",
+                                                                                       f"--out={out}"])
     assert result.returncode != 0, result.stderr[-1000:]
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith(message), result.stderr[-1000:]
+    assert last_line.startswith(message.format(empty=empty)), result.stderr[-1000:]
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_bad_model_late_in_the_list_stops_before_the_first_ones_work(tiny_teacher, tiny_data):

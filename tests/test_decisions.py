@@ -105,10 +105,13 @@ def run_analyze(args):
 
 
 def test_shape_bias_and_hessian_from_the_command_line(tiny_data, tiny_teacher, tmp_path):
-    r = run_analyze(["--metric=shape_bias", tiny_teacher, f"--data={tiny_data}",
+    r = run_analyze(["--metric=shape_bias", tiny_teacher, f"--data={tiny_data}", "--n_images=8",
                      f"--out={tmp_path}"])
     assert r.returncode == 0, r.stderr[-2000:]
-    sb = json.load(open(tmp_path / "shape_bias.json"))["models"]["teacher"]
+    written = json.load(open(tmp_path / "shape_bias.json"))
+    # every cue-conflict image, as model-vs-human: the settings name no subset (before: n_images 8 and 30 images)
+    assert not {"n_images", "split", "seed"} & set(written["settings"])
+    sb = written["models"]["teacher"]
     # 6 x 6 pairs, one image each; 6 agree
     assert sb["images"] == 30 and sb["excluded_agreeing"] == 6
     assert sb["shape_bias"] is None or 0 <= sb["shape_bias"] <= 1

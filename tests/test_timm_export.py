@@ -211,6 +211,35 @@ def test_format_given_after_a_space(tmp_path):
     assert not (tmp_path / "again.pth").exists()
 
 
+def test_export_takes_a_teacher_name(tmp_path):
+    """`teacher.py export embedded DST`: a name, as everywhere a model is taken (before: "checkpoint
+    'embedded' not found", also for --act=foo); the shipped teacher's entries are kept as they are"""
+    from teacher import EMBEDDED_TEACHER
+    main(["export", "embedded", str(tmp_path / "t.pt")])
+    shipped = torch.load(EMBEDDED_TEACHER, weights_only=True)
+    exported = torch.load(tmp_path / "t.pt", weights_only=True)
+    assert set(exported) == {k for k in shipped if k in ("model", "model_args", "vqkd_args", "config", "classes")}
+    for k, v in shipped["model"].items():
+        assert torch.equal(exported["model"][k], v), k
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--act=foo", "embedded", str(tmp_path / "u.pt")])
+    assert str(e.value) == "error: unknown activation 'foo' for a CLIP-layout file: choose quick_gelu or gelu"
+    with pytest.raises(SystemExit) as e:
+        main(["export", "embedded", EMBEDDED_TEACHER])
+    assert str(e.value).startswith(f"error: '{EMBEDDED_TEACHER}' is the file being exported")
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "error: no command given: the command is export; usage: python teacher.py export"),
+    (["exprt", "a", "b"], "error: 'exprt' is no command: the command is export; usage: python teacher.py export"),
+    (["export", "embedded"], "error: export takes two paths, SRC and DST; got 1; usage: python teacher.py export"),
+])
+def test_usage_errors_are_error_lines(argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert str(e.value).startswith(message)
+
+
 def test_command_line_prints_a_create_model_call_that_loads(tmp_path):
     cfg = ViTConfig.from_name("nano/4", **MD_STUDENT)
     vit = project_checkpoint(cfg, tmp_path / "ckpt.pt")
