@@ -1089,11 +1089,11 @@ def main(argv):
                              f"--hessian_every: {e}")
         return write(metric, results, settings, opts["out"])
     for model_arg in models:  # all of them before the first model's work
-        if model_arg not in OFFICIAL and model_arg != "embedded" and not os.path.isfile(model_arg):
+        if model_arg not in OFFICIAL and model_arg != "embedded" and not os.path.exists(model_arg):
             raise SystemExit(f"error: no model '{model_arg}': not a file, and not one of {NAMES}")
     # a file that is no model stops the run before the first model's work (and before --out is made)
-    for model_arg in models:  # (so each file is read twice)
-        if os.path.isfile(model_arg):
+    for model_arg in models:  # (so each file is read twice; a folder is refused as everywhere)
+        if os.path.exists(model_arg):
             try:
                 with contextlib.redirect_stderr(io.StringIO()):  # its warnings are said when it is used
                     load_model(model_arg)

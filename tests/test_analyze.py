@@ -328,6 +328,7 @@ def test_metric_runs_on_vit_b_at_224(tmp_path):
       "--trace_products=3", "--n_images=2"], "error: --trace_tol=1e999: 'trace_tol' must be a finite number"),
     (["--metric=hessian", "{teacher}", "--tol=nan"], "error: --tol=nan: 'tol' must be a finite number"),
     (["--metric=attn_entropy", "{empty}"], "error: '{empty}' is empty: not a checkpoint"),
+    (["--metric=nmi", "{folder}"], "error: '{folder}' is a folder, not a checkpoint file: give a file in it, like"),
     (["--metric=nmi", "{teacher}", "{teacher}"], "error: --labels needs 2 distinct comma-separated names"),
 ])
 def test_bad_input(tiny_teacher, tiny_data, tmp_path, args, message):
@@ -336,11 +337,11 @@ def test_bad_input(tiny_teacher, tiny_data, tmp_path, args, message):
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     out = tmp_path / "out" / "analyze"
-    result = run_analyze([a.format(teacher=tiny_teacher, empty=empty) for a in args] + [f"--data={tiny_data}",
-                                                                                       f"--out={out}"])
+    names = dict(teacher=tiny_teacher, empty=empty, folder=tmp_path)
+    result = run_analyze([a.format(**names) for a in args] + [f"--data={tiny_data}", f"--out={out}"])
     assert result.returncode != 0, result.stderr[-1000:]
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith(message.format(empty=empty)), result.stderr[-1000:]
+    assert last_line.startswith(message.format(**names)), result.stderr[-1000:]
     assert not (tmp_path / "out").exists()
 
 
