@@ -218,7 +218,8 @@ def main():
     optimizer = student.configure_optimizers(weight_decay, lr, (beta1, beta2), extra=decoder_params)
     iter_num, best_val_loss = 0, float("inf")
     if resume:
-        resume_from(ckpt, ckpt_path, optimizer, model=student, decoder=decoder, whitening=whitener)
+        whitened = dict(whitening=whitener) if target == "features" else {}  # codes: no whitening to restore
+        resume_from(ckpt, ckpt_path, optimizer, model=student, decoder=decoder, **whitened)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         log(ctx, f"resumed from {ckpt_path} at iteration {iter_num}")
         if iter_num >= end_iter:

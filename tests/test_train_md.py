@@ -208,7 +208,13 @@ def test_tokenizer_run_resumes_whatever_the_teacher_settings(tiny_data, tiny_tea
     args = ["--target=vqkd", f"--tokenizer={source}", f"--out_dir={tmp_path / 'md'}"]
     first = run_md([*args, "--stop_iter=1"], tiny_data, tiny_teacher)
     assert first.returncode == 0, first.stderr[-2000:]
-    unread = ["--whitening=bn", "--loss=mse", "--teacher_layer=0", "--stop_iter=2", "--resume=True"]
+    # as a run of --whitening=bn saved it before its whitening was left out for codes: running statistics
+    saved = load(tmp_path / "md" / "ckpt.pt")
+    codes = saved["decoder"]["out.weight"].shape[0]  # the head's outputs: one logit per code
+    saved["whitening"] = dict(running_mean=torch.zeros(codes), running_var=torch.ones(codes))
+    saved["config"]["whitening"] = "bn"
+    torch.save(saved, tmp_path / "md" / "ckpt.pt")
+    unread = ["--whitening=ln", "--loss=mse", "--teacher_layer=0", "--stop_iter=2", "--resume=True"]
     resumed = run_md([*args, *unread], tiny_data, "dino")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert load(tmp_path / "md" / "ckpt.pt")["iter_num"] == 2
