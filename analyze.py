@@ -1078,7 +1078,9 @@ def main(argv):
         raise SystemExit(f"error: --labels needs {len(models)} distinct comma-separated names: "
                          f"{given}")
     # shape_bias and ood read every image of the benchmark's folders, as model-vs-human does: no subset
-    unused = ("labels", "out", "n_images", "split", "seed") if metric in ("shape_bias", "ood") else ("labels", "out")
+    # (and ood reads no --split: its folders are the benchmark's)
+    unused = dict(shape_bias=("n_images", "seed"), ood=("n_images", "split", "seed")).get(metric, ())
+    unused += ("labels", "out")
     settings = {k: v for k, v in opts.items() if k not in unused}
     settings |= dict(models=dict(zip(labels, models)))
     if metric == "sharpness":  # the curves logged by finetune.py --hessian_every

@@ -69,12 +69,11 @@ class VQKD(nn.Module):
         K, decay = self.codebook.shape[0], self.config["decay"]
         flat, idx = z.reshape(-1, z.shape[-1]), codes.reshape(-1)
         if not self.initialized:  # data-dependent init: encoder vectors, not random directions
-            pick = torch.randint(0, flat.shape[0], (K,), device=flat.device)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.broadcast(flat, 0)
-            self.codebook.copy_(flat[pick])
-            self.ema_sum.copy_(flat[pick])
-            self.initialized.fill_(True)
+            chosen = self.drawn_vectors(flat, K, weight)
+            if chosen is not None:  # else stand-ins on every rank: the next batch initializes
+                self.codebook.copy_(chosen)
+                self.ema_sum.copy_(chosen)
+                self.initialized.fill_(True)
             return
         count = torch.bincount(idx, minlength=K).to(flat.dtype) * weight
         total = torch.zeros_like(self.ema_sum).index_add_(0, idx, flat) * weight
@@ -87,11 +86,27 @@ class VQKD(nn.Module):
         self.ema_sum.mul_(decay).add_(total, alpha=1 - decay)
         self.codebook.copy_(F.normalize(self.ema_sum, dim=-1))
         dead = self.ema_count < self.config["dead_threshold"] / K
-        if dead.any():  # restart unused codes on encoder vectors of this batch
-            pick = torch.randint(0, flat.shape[0], (int(dead.sum()),), device=flat.device)
-            self.codebook[dead] = flat[pick]
-            self.ema_sum[dead] = flat[pick]
+        if dead.any():  # restart unused codes on encoder vectors of this batch (some rank read one: count > 0)
+            chosen = self.drawn_vectors(flat, int(dead.sum()), weight)
+            self.codebook[dead] = chosen
+            self.ema_sum[dead] = chosen
             self.ema_count[dead] = 1.0 / K
+
+    @staticmethod
+    def drawn_vectors(flat, n, weight):
+        """n encoder vectors of this batch drawn at random (n, code_dim), the same on every DDP rank: those
+        of the lowest rank whose batch was read (weight > 0), never a stand-in's; None if no rank's was"""
+        chosen = flat[torch.randint(0, flat.shape[0], (n,), device=flat.device)]
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return chosen if weight > 0 else None
+        world = torch.distributed.get_world_size()
+        reading = torch.tensor([torch.distributed.get_rank() if weight > 0 else world], device=flat.device)
+        torch.distributed.all_reduce(reading, op=torch.distributed.ReduceOp.MIN)
+        source = int(reading.item())
+        if source == world:
+            return None
+        torch.distributed.broadcast(chosen, source)
+        return chosen
 
 
 def codebook_usage(counts):
