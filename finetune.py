@@ -164,39 +164,67 @@ def print_summary(root):
             settings = r["config"]
             scores = (str(settings["init"]), int(settings["freeze_blocks"]), float(settings["lr"]),
                       float(r["top1"]), float(r["top5"]))  # a value edited to null or text: skipped
-            run = os.path.dirname(path) + stopped_early(r)
+            early = stopped_early(r)  # ' (stopped at iteration i of n)' or ''
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"warning: skipping {path}: not a result.json of finetune.py ({type(e).__name__}: {e})",
                   file=sys.stderr)
             continue
-        runs.append((*scores, run))
+        runs.append((*scores, os.path.dirname(path) + early, bool(early)))
     if not runs:
         raise SystemExit(f"error: no result.json found under '{root}'")
     width = max(len("init"), *(len(r[0]) for r in runs))  # whole init paths: two runs stay apart
     print(f"{'init':<{width}} {'frozen':>6} {'lr':>9} {'top-1':>7} {'top-5':>7}  run")
-    for init_, frozen, lr_, top1, top5, run in sorted(runs):
+    for init_, frozen, lr_, top1, top5, run, _ in sorted(runs):
         print(f"{init_:<{width}} {frozen:>6} {lr_:>9.2e} {top1:>7.2f} {top5:>7.2f}  {run}")
     plt = pyplot()
     if plt is None:
         print("(pip install matplotlib for the figure)")
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for init_ in sorted({r[0] for r in runs}):
-        by_lr = sorted((r[2], r[3]) for r in runs if r[0] == init_ and r[1] == 0)
-        by_frozen = sorted((r[1], r[3]) for r in runs if r[0] == init_)
-        if by_lr:
-            axes[0].plot(*zip(*by_lr), marker="o", label=init_)
-        if len({f for f, _ in by_frozen}) > 1:
-            axes[1].plot(*zip(*by_frozen), marker="o", label=init_)
+    for init_, panels in summary_curves(runs).items():
+        for ax, points in zip(axes, (panels["lr"], panels["frozen"])):
+            if points:
+                xs, means = zip(*sorted({x: sum(ys) / len(ys) for x, ys in points.items()}.items()))
+                line, = ax.plot(xs, means, marker="o", label=init_)  # through the mean of the runs at each x
+                dots = [(x, y) for x, ys in points.items() for y in ys]
+                ax.scatter(*zip(*dots), color=line.get_color(), s=12)  # every run
     axes[0].set(xscale="log", xlabel="learning rate", ylabel="top-1 (%)", title="top-1 vs learning rate (Fig. 8b)")
     axes[1].set(xlabel="frozen blocks (depth = linear probe)", ylabel="top-1 (%)",
                 title="top-1 vs frozen blocks (Fig. 8c)")
-    for ax in axes:
-        ax.legend() if ax.lines else None
+    for ax, option in zip(axes, ("--lr", "--freeze_blocks")):
+        if not ax.lines:
+            ax.text(0.5, 0.5, f"no runs to compare:\nfine-tune with several {option}", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    legend = {}  # one entry per init, below both panels (inside one, it hid points)
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    legend_rows = (len(legend) + 2) // 3
+    if legend:  # (every run stopped early: none)
+        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=min(len(legend), 3), fontsize="small")
+    fig.tight_layout(rect=(0, 0.06 * legend_rows, 1, 1))
     save_figure(fig, os.path.join(root, "summary.png"), 120)
-    print(f"figure: {os.path.join(root, 'summary.png')}")
+    print(f"figure: {os.path.join(root, 'summary.png')} (runs stopped early are in the table only)")
+
+
+def summary_curves(runs):
+    """the figure's points from print_summary's runs (init, frozen, lr, top-1, top-5, run, stopped early):
+    per init, {"lr": {lr: [top-1 of each run without frozen blocks]}, "frozen": {blocks: [top-1, ...]}},
+    the second only where the init has runs with more than one number of frozen blocks. A run stopped
+    early (a smoke test) is no point of a curve."""
+    curves = {}
+    for init_, frozen, lr_, top1, _, _, early in sorted(runs):
+        if early:
+            continue
+        panels = curves.setdefault(init_, dict(lr={}, frozen={}))
+        if frozen == 0:
+            panels["lr"].setdefault(lr_, []).append(top1)
+        panels["frozen"].setdefault(frozen, []).append(top1)
+    for panels in curves.values():
+        if len(panels["frozen"]) < 2:
+            panels["frozen"] = {}
+    return curves
 
 
 def main():

@@ -279,6 +279,20 @@ def test_summary_skips_a_result_with_a_value_edited_to_null(tmp_path):
     assert "71.50" in row and row.endswith(str(tmp_path / "good"))
 
 
+def test_summary_figure_points():
+    """Fig. 8b/8c points of --summarize: runs at the same lr are averaged (each is still drawn as a dot; before,
+    a vertical segment joined them), a run stopped early (a smoke test) is left out, and an init with one
+    number of frozen blocks has no 8c curve (that panel says so instead of staying empty)"""
+    from finetune import summary_curves
+    runs = [("md", 0, 1e-3, 80.0, 95.0, "a", False), ("md", 0, 1e-3, 84.0, 96.0, "b", False),
+            ("md", 0, 1e-3, 20.0, 30.0, "smoke (stopped at iteration 2 of 90)", True),
+            ("md", 0, 5e-4, 70.0, 90.0, "c", False), ("md", 6, 1e-3, 50.0, 80.0, "probe", False),
+            ("scratch", 0, 1e-3, 40.0, 70.0, "d", False)]
+    assert summary_curves(runs) == {
+        "md": dict(lr={5e-4: [70.0], 1e-3: [80.0, 84.0]}, frozen={0: [70.0, 80.0, 84.0], 6: [50.0]}),
+        "scratch": dict(lr={1e-3: [40.0]}, frozen={})}
+
+
 def test_summary_names_each_init_whole(tmp_path):
     """two MD students whose checkpoint paths differ only near the start: each row shows its whole
     path (before: the last 28 characters, the same for both)"""
