@@ -28,8 +28,19 @@ COMMON = ["--img_size=32", "--total_batch_size=16", "--micro_batch_size=8", "--n
 MD = ["train_md.py", "--model=nano/4", "--epochs=3", "--warmup_epochs=1", "--teacher_bf16=False",
       "--eval_images=16", *COMMON]
 FT = ["finetune.py", "--epochs=1", "--warmup_epochs=0", *COMMON]
+TOKENIZER = ["train_vqkd.py", "--model=nano/4", "--codebook_size=16", *COMMON[:-1]]  # it has no eval_interval
 RANDOM_MD = MD + ["--drop_path=0.2"]  # random draws in the forward pass
 RANDOM_FT = FT + ["--drop_path=0.2", "--mixup=0.8", "--cutmix=1.0"]  # and in the batch mixing
+
+
+def script_args(script, teacher, every, extra):
+    """-> (the arguments of train_md.py, finetune.py or train_vqkd.py on the tiny model from `teacher`,
+    evaluating or saving every `every` iterations, then `extra`; the file the run saves in out_dir)"""
+    if script == "md":
+        return MD + [f"--teacher={teacher}", f"--eval_interval={every}", *extra], "ckpt.pt"
+    if script == "ft":
+        return FT + [f"--init={teacher}", f"--eval_interval={every}", *extra], "ckpt.pt"
+    return TOKENIZER + [f"--teacher={teacher}", f"--save_interval={every}", *extra], "tokenizer.pt"
 
 
 def command(script_args, data, extra):
@@ -119,8 +130,7 @@ def test_ddp_tokenizer_counts_every_rank_codes(tiny_data, tiny_teacher, tmp_path
     """train_vqkd.py under torchrun --nproc_per_node=2: the code assignments it logs (codebook usage,
     collapse) and saves are those of all ranks: 2 steps of 16 images of 64 patches = 2048, also when the
     run stops after step 1 and resumes (before: rank 0's alone, 1024, and after a resume 1536)"""
-    args = ["train_vqkd.py", f"--teacher={tiny_teacher}", "--model=nano/4", "--codebook_size=16", *COMMON[:-1],
-            "--log_interval=100"]
+    args = TOKENIZER + [f"--teacher={tiny_teacher}", "--log_interval=100"]
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2")
     for name, stops in (("straight", (2,)), ("resumed", (1, 2))):
         for i, stop in enumerate(stops):
@@ -150,15 +160,8 @@ def test_ddp_rank_that_reads_no_image_keeps_step(tiny_data, tiny_teacher, tmp_pa
     for path in broken:
         with open(path, "wb") as f:
             f.write(b"\x89PNG broken")
-    one = ["--micro_batch_size=1", "--total_batch_size=2", "--stop_iter=2", "--num_workers=0", "--device=cpu",
-           "--dtype=float32", "--compile=False", "--img_size=32"]
-    if script == "md":
-        args, saved = MD + [f"--teacher={tiny_teacher}", "--eval_interval=100", *one], "ckpt.pt"
-    elif script == "ft":
-        args, saved = FT + [f"--init={tiny_teacher}", "--eval_interval=100", *one], "ckpt.pt"
-    else:
-        args, saved = ["train_vqkd.py", f"--teacher={tiny_teacher}", "--model=nano/4", "--codebook_size=16",
-                       *one], "tokenizer.pt"
+    one = ["--micro_batch_size=1", "--total_batch_size=2", "--stop_iter=2"]
+    args, saved = script_args(script, tiny_teacher, 100, one)
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}")
     double = subprocess.run([*launcher, *command(args, data, [f"--out_dir={tmp_path / 'two'}"])[1:]],
                             capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
@@ -1150,13 +1153,7 @@ def test_train_split_unreadable_mid_run_keeps_the_finished_steps(tiny_data, tiny
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     long = ["--epochs=50", "--stop_iter=400"]
-    if script == "md":
-        args, saved = MD + [f"--teacher={tiny_teacher}", "--eval_interval=1000", *long], "ckpt.pt"
-    elif script == "ft":
-        args, saved = FT + [f"--init={tiny_teacher}", "--eval_interval=1000", *long], "ckpt.pt"
-    else:
-        args, saved = ["train_vqkd.py", f"--teacher={tiny_teacher}", "--model=nano/4", "--codebook_size=16",
-                       "--save_interval=1000", *COMMON[:-1], *long], "tokenizer.pt"
+    args, saved = script_args(script, tiny_teacher, 1000, long)
     out = tmp_path / "out"
     with open(tmp_path / "stderr", "w") as err:
         proc = subprocess.Popen(command(args, data, [f"--out_dir={out}"]), cwd=ROOT, stdout=subprocess.DEVNULL,
