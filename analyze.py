@@ -34,6 +34,7 @@ from common import option_error, pyplot, save_figure, stopped_early, write_atomi
 from data import (IMAGE_EXTENSIONS, DataError, EvalTransform, ImageFolder, collate, load_image,
                   resolve_data_dir)
 from hessian import HessianOperator, curvature, keep_freed_memory, lanczos, loss_landscape, mean_loss
+from model import ViTConfig
 from teacher import NAMES, OFFICIAL, CheckpointError, load_model
 
 REPRESENTATION = ("attn_map", "attn_distance", "attn_entropy", "nmi", "fourier", "svd")
@@ -1094,13 +1095,18 @@ def main(argv):
         if model_arg not in OFFICIAL and model_arg != "embedded" and not os.path.exists(model_arg):
             raise SystemExit(f"error: no model '{model_arg}': not a file, and not one of {NAMES}")
     # a file that is no model stops the run before the first model's work (and before --out is made)
-    for model_arg in models:  # (so each file is read twice; a folder is refused as everywhere)
-        if os.path.exists(model_arg):
+    # (so each file is read twice; a folder is refused as everywhere)
+    for model_arg, label in zip(models, labels):
+        if model_arg in OFFICIAL:  # read when its turn comes (a download); the official teachers are B/16
+            cfg = ViTConfig.from_name("B/16")
+        else:
             try:
                 with contextlib.redirect_stderr(io.StringIO()):  # its warnings are said when it is used
-                    load_model(model_arg)
+                    cfg = load_model(model_arg)[0].config
             except (CheckpointError, ValueError) as e:
                 raise SystemExit(f"error: {e}")
+        if "attn_map" in metrics:  # --layer / --queries out of a later model's range: nothing done yet
+            attention_request(opts, cfg, label)
     if "svd" in metrics and opts["n_images"] < 2:
         raise SystemExit("error: the image-level spectrum needs at least 2 images "
                          f"(n_images={opts['n_images']}); "
@@ -1132,22 +1138,7 @@ def main(argv):
             subset = torch.utils.data.Subset(dataset, subset_of(dataset, opts))
             loader = torch.utils.data.DataLoader(subset, batch_size=opts["batch_size"],
                                                  collate_fn=collate)
-            request = None
-            if "attn_map" in metrics:
-                if not -cfg.depth <= opts["layer"] < cfg.depth:
-                    raise SystemExit(f"error: --layer={opts['layer']}: {label} has {cfg.depth} blocks: "
-                                     f"give 0..{cfg.depth - 1} (-1 = the last)")
-                layer = opts["layer"] % cfg.depth
-                g = cfg.grid
-                if opts["queries"]:
-                    queries = [int(q) for q in opts["queries"].split(",")]
-                else:  # 3 spread over the grid
-                    queries = [g // 4 * g + g // 4, (g // 2) * g + g // 2,
-                               (3 * g // 4) * g + g // 4]
-                if any(not 0 <= q < cfg.num_patches for q in queries):
-                    raise SystemExit(f"error: --queries={opts['queries']}: {label} has patch indices "
-                                     f"0..{cfg.num_patches - 1}")
-                request = dict(layer=layer, queries=queries, images=opts["map_images"])
+            request = attention_request(opts, cfg, label) if "attn_map" in metrics else None
             stats = collect(model, loader, device, set(metrics), request, opts["fourier_at"])
             if "svd" in metrics and stats["count"] < 2:
                 raise SystemExit(f"error: the image-level spectrum needs at least 2 images; only "
@@ -1167,6 +1158,22 @@ def main(argv):
             first = results[m][labels[0]]
             extra = dict(queries=first["queries"], layer_shown=first["layer"] + 1)
         write(m, results[m], settings | extra, opts["out"], maps)
+
+
+def attention_request(opts, cfg, label):
+    """what attn_map draws of one model: its --layer (negative from the end) and the query patches"""
+    if not -cfg.depth <= opts["layer"] < cfg.depth:
+        raise SystemExit(f"error: --layer={opts['layer']}: {label} has {cfg.depth} blocks: "
+                         f"give 0..{cfg.depth - 1} (-1 = the last)")
+    g = cfg.grid
+    if opts["queries"]:
+        queries = [int(q) for q in opts["queries"].split(",")]
+    else:  # 3 spread over the grid
+        queries = [g // 4 * g + g // 4, (g // 2) * g + g // 2, (3 * g // 4) * g + g // 4]
+    if any(not 0 <= q < cfg.num_patches for q in queries):
+        raise SystemExit(f"error: --queries={opts['queries']}: {label} has patch indices "
+                         f"0..{cfg.num_patches - 1}")
+    return dict(layer=opts["layer"] % cfg.depth, queries=queries, images=opts["map_images"])
 
 
 def default_labels(models):

@@ -352,6 +352,19 @@ def test_a_bad_model_late_in_the_list_stops_before_the_first_ones_work(tiny_teac
     assert "teacher:" not in result.stdout  # the line each model's work starts with
 
 
+@pytest.mark.parametrize("layer", [4, -3])
+def test_a_layer_out_of_a_later_models_range_stops_before_any_work(tiny_teacher, tiny_data, tmp_path, layer):
+    """embedded has 6 blocks, the second model (nano/4) 2: it is checked before the first one's work (before:
+    the error came after the first model's forward passes, which were lost)"""
+    result = run_analyze(["--metric=attn_map", "embedded", tiny_teacher, f"--layer={layer}",
+                          f"--data={tiny_data}", f"--out={tmp_path / 'out'}"])
+    assert result.returncode != 0
+    message = f"error: --layer={layer}: teacher has 2 blocks: give 0..1 (-1 = the last)"
+    assert result.stderr.strip().splitlines()[-1] == message, result.stderr[-1000:]
+    assert "embedded:" not in result.stdout  # the line each model's work starts with
+    assert not (tmp_path / "out").exists()
+
+
 def test_images_that_cannot_be_read_stop_with_one_line(tiny_teacher, tiny_data, tmp_path):
     """every image of the 6 class folders is junk, then only one can be read"""
     from data.embedded import CLASSES
