@@ -223,6 +223,20 @@ class Context:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
         return bool(t.item())
 
+    def log_values(self, loss, skipped):
+        """At a log line (every rank calls it): the mean over the ranks of each one's last micro-batch loss
+        (a rank that has read no image yet holds NaN and is left out) and the ranks' unreadable images in all.
+        -> (float, int)"""
+        value = loss.item()
+        if not self.ddp:
+            return value, skipped
+        has_loss = not math.isnan(value)  # a real NaN has stopped the run before the log line
+        t = torch.tensor([value if has_loss else 0.0, float(has_loss), float(skipped)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.cpu_group)
+        loss_sum, ranks_with_loss, all_skipped = t.tolist()
+        mean_loss = loss_sum / ranks_with_loss if ranks_with_loss else float("nan")
+        return mean_loss, int(all_skipped)
+
     def barrier(self):
         if self.ddp:
             dist.barrier(group=self.cpu_group)

@@ -344,8 +344,8 @@ def main():
 
         if iter_num % log_interval == 0:
             stop_if_nonfinite(nonfinite, ckpt_path)
+            loss_value, skipped = ctx.log_values(step_loss, skipped)  # over the ranks: mean loss, all skipped
             if ctx.master:
-                loss_value = step_loss.item()  # the last micro-batch's loss: read only here
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 speed_text, speed = meter.read(iter_num)
                 line = f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {speed_text}"

@@ -1,6 +1,7 @@
 """Reliability: killed runs resume to the same weights, checkpoints survive crashes, NaN stops
 cleanly, no file runs code when loaded, a full disk and a busy out_dir are one line."""
 import json
+import math
 import os
 import pickle
 import random
@@ -171,9 +172,14 @@ def test_ddp_rank_that_reads_no_image_keeps_step(tiny_data, tiny_teacher, tmp_pa
     for path in broken:
         assert f"skipping unreadable image {path}" in double.stderr
     b = weights(tmp_path / "two" / saved)
+    # each step's log line: the one image of the 4 that could not be read, on whichever rank (before: rank 0's
+    # count alone, 0 with rank 1's broken), and a loss also where rank 0 has read none yet (before: nan)
+    double_log = train_records(tmp_path / "two" / "log.jsonl")
+    assert [r["skipped"] for r in double_log] == [1, 1]
     if script == "vqkd" and positions == (0, 2):
         distinct = torch.unique(b["codebook"].round(decimals=5), dim=0)
         assert len(distinct) >= 8, len(distinct)
+        assert all(math.isfinite(r["loss"]) for r in double_log)
         return
     single = run(args, data, [f"--out_dir={tmp_path / 'one'}"])
     assert single.returncode == 0, single.stderr[-2000:]
@@ -181,6 +187,9 @@ def test_ddp_rank_that_reads_no_image_keeps_step(tiny_data, tiny_teacher, tmp_pa
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5), k
+    # one rank read one image per step: the ranks' mean loss is that image's, as one process's last readable one
+    single_losses = [r["loss"] for r in train_records(tmp_path / "one" / "log.jsonl")]
+    assert [r["loss"] for r in double_log] == pytest.approx(single_losses, rel=1e-5)
 
 
 KILL_DURING_SAVE = """
@@ -1130,6 +1139,11 @@ def test_unreadable_train_or_val_split_is_one_clear_error(tiny_data, tiny_teache
     assert result["iter_num"] == 1 and 0 <= result["top1"] <= 100 and result["best_top1"] == result["top1"]
     saved = torch.load(tmp_path / "3" / "ckpt.pt", weights_only=True)  # the evaluation it lacked
     assert (saved["top1"], saved["best_top1"]) == (result["top1"], result["top1"])
+
+
+def train_records(path):
+    """the log-line records of a run's log.jsonl (those with a train loss)"""
+    return [record for record in map(json.loads, open(path)) if "loss" in record]
 
 
 def last_val_loss(path):
