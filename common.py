@@ -10,6 +10,7 @@ import ast
 import atexit
 import contextlib
 import hashlib
+import http.client
 import io
 import json
 import math
@@ -398,23 +399,31 @@ def download(url, sha256=None, cache_dir=CACHE_DIR, instead="give its path inste
     return dest
 
 
+DOWNLOAD_TIMEOUT = 60  # seconds a download may wait for the server's next bytes before it gives up
+
+
 def fetch(url, dest, sha256, instead):
     """download's transfer: url -> dest + '.part', checked, renamed to dest"""
     from tqdm import tqdm
     tmp, digest = dest + ".part", hashlib.sha256()
     print(f"downloading {url} -> {dest}")
+    received = 0
     try:
-        with urllib.request.urlopen(url) as response, open(tmp, "wb") as f:
-            size = int(response.headers.get("Content-Length", 0))
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response, open(tmp, "wb") as f:
+            size = int(response.headers.get("Content-Length") or 0)
             with tqdm(total=size, unit="B", unit_scale=True) as bar:
-                while chunk := response.read(1 << 20):
+                while chunk := response.read(1 << 20):  # a connection closed early ends it too, without an error
                     f.write(chunk)
                     digest.update(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
-    except OSError as e:  # no network, a refused or cut connection, HTTP errors (URLError)
+        if size and received != size:  # DINO's file has no published hash that would catch it
+            raise OSError(f"the connection ended after {received} of {size} bytes")
+    # no network, a refused, stalled or cut connection, HTTP errors (URLError; IncompleteRead of a chunked reply)
+    except (OSError, http.client.HTTPException) as e:
         if os.path.isfile(tmp):  # (a folder of that name stays)
             os.remove(tmp)
-        reason = getattr(e, "reason", None) or e.strerror or e
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
         raise CheckpointError(f"could not download {url} ({reason}): fetch the file elsewhere and "
                               f"{instead}") from None
     if sha256 and not digest.hexdigest().startswith(sha256):

@@ -265,6 +265,9 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
     if act is not None and found != "clip":
         raise CheckpointError(f"'{source}' is a {found} checkpoint: an activation is chosen for CLIP-layout files "
                               f"only, whose keys do not tell it")
+    if project and name in OFFICIAL:  # e.g. --init=deit --init_path=out/md/ckpt.pt: runs would be filed as deit's
+        raise CheckpointError(f"'{source}' is a project checkpoint, not a copy of teacher '{name}''s official "
+                              f"file: give the file itself in place of '{name}'")
     if project:
         cfg = config_of(obj["model_args"], source)
         model = build_vit(cfg, sd, f"'{source}'")

@@ -416,6 +416,9 @@ def test_wrong_architecture_and_wrong_layout(tmp_path, tiny_teacher):
     message = "has the timm layout, but teacher 'clip' needs the clip layout"
     with pytest.raises(CheckpointError, match=message):
         load_teacher("clip", path=str(good))
+    with pytest.raises(CheckpointError, match=f"'{tiny_teacher}' is a project checkpoint, not a copy of teacher "
+                                              "'deit''s official file: give the file itself in place of 'deit'"):
+        load_teacher("deit", path=tiny_teacher)  # before: read as deit's, and a fine-tune's result filed under deit
     obj = torch.load(tiny_teacher, weights_only=True)
     obj["model_args"]["depth"] = 3  # a project checkpoint whose weights do not fit its own config
     bad_project = tmp_path / "project.pt"
@@ -572,6 +575,58 @@ def test_processes_that_start_together_download_once(tmp_path):
     assert len(requests) == 1
     assert (cache / "ViT-B-16.pt").read_bytes() == payload
     assert sorted(os.listdir(cache)) == ["ViT-B-16.pt", "ViT-B-16.pt.lock"]
+
+def test_a_cut_or_stalled_download_is_one_line_and_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    """A real local HTTP server. It says 1 MiB and sends 200 kB, then closes (before: the cut file was
+    kept as the download of a teacher without a published hash, DINO's, and every later run failed on
+    it), or sends 100 bytes and then nothing (before: no timeout, the run waited forever); then it
+    sends the whole file, which the next call fetches."""
+    import http.server
+    import threading
+    import urllib.request
+    import common
+    monkeypatch.setattr(urllib.request, "urlopen", urllib.request.build_opener().open)  # loopback only, here
+    payload = os.urandom(1 << 20)
+    mode, release = ["cut"], threading.Event()
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if mode[0] == "cut":
+                self.wfile.write(payload[:200_000])
+            elif mode[0] == "stall":
+                self.wfile.write(payload[:100])
+                self.wfile.flush()
+                release.wait(60)
+            else:
+                self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/dino_vitbase16_pretrain.pth"
+    cache = tmp_path / "cache"
+    try:
+        with pytest.raises(CheckpointError, match=r"could not download .* \(the connection ended after 200000 "
+                                                  r"of 1048576 bytes\): fetch the file elsewhere"):
+            common.download(url, None, str(cache))
+        assert os.listdir(cache) == ["dino_vitbase16_pretrain.pth.lock"]
+        mode[0] = "stall"
+        monkeypatch.setattr(common, "DOWNLOAD_TIMEOUT", 1)  # the server waits 60 s
+        with pytest.raises(CheckpointError, match=r"could not download .* \(timed out\)"):
+            common.download(url, None, str(cache))
+        release.set()
+        assert os.listdir(cache) == ["dino_vitbase16_pretrain.pth.lock"]
+        mode[0] = "whole"
+        assert open(common.download(url, None, str(cache)), "rb").read() == payload
+    finally:
+        release.set()
+        server.shutdown()
+
 
 class RunsCode:
     def __reduce__(self):
