@@ -158,7 +158,7 @@ def freeze(vit):
 def print_summary(root):
     """lr and freeze_blocks -> top-1 of every run under root (each run's result.json)."""
     runs = []
-    for path in sorted(glob.glob(os.path.join(root, "**", "result.json"), recursive=True)):
+    for path in sorted(glob.glob(os.path.join(glob.escape(root), "**", "result.json"), recursive=True)):
         try:
             r = json.load(open(path))
             settings = r["config"]
@@ -190,7 +190,7 @@ def print_summary(root):
                 ax.scatter(*zip(*dots), color=line.get_color(), s=12)  # every run
     axes[0].set(xscale="log", xlabel="learning rate", ylabel="top-1 (%)", title="top-1 vs learning rate (Fig. 8b)")
     axes[1].set(xlabel="frozen blocks (depth = linear probe)", ylabel="top-1 (%)",
-                title="top-1 vs frozen blocks (Fig. 8c)")
+                title="top-1 vs frozen blocks (Fig. 8c), each at its best lr")
     for ax, option in zip(axes, ("--lr", "--freeze_blocks")):
         if not ax.lines:
             ax.text(0.5, 0.5, f"no runs to compare:\nfine-tune with several {option}", ha="center", va="center",
@@ -211,16 +211,19 @@ def print_summary(root):
 def summary_curves(runs):
     """the figure's points from print_summary's runs (init, frozen, lr, top-1, top-5, run, stopped early):
     per init, {"lr": {lr: [top-1 of each run without frozen blocks]}, "frozen": {blocks: [top-1, ...]}},
-    the second only where the init has runs with more than one number of frozen blocks. A run stopped
-    early (a smoke test) is no point of a curve."""
-    curves = {}
+    the second only where the init has runs with more than one number of frozen blocks, each number's
+    runs at the lr of the best mean top-1 for it (an lr sweep beside them is not averaged in). A run
+    stopped early (a smoke test) is no point of a curve."""
+    curves, by_lr = {}, {}
     for init_, frozen, lr_, top1, _, _, early in sorted(runs):
         if early:
             continue
         panels = curves.setdefault(init_, dict(lr={}, frozen={}))
         if frozen == 0:
             panels["lr"].setdefault(lr_, []).append(top1)
-        panels["frozen"].setdefault(frozen, []).append(top1)
+        by_lr.setdefault((init_, frozen), {}).setdefault(lr_, []).append(top1)
+    for (init_, frozen), scores in by_lr.items():
+        curves[init_]["frozen"][frozen] = max(scores.values(), key=lambda top1s: sum(top1s) / len(top1s))
     for panels in curves.values():
         if len(panels["frozen"]) < 2:
             panels["frozen"] = {}
