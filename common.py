@@ -743,7 +743,13 @@ def resume_from(ckpt, path, optimizer, **modules):
         try:
             target.load_state_dict(ckpt[key])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            reason = f"{e}".strip().split("\n")[0]
+            # torch's message: a heading line, then one line per problem (size mismatch for KEY: ...)
+            problems = [line.strip() for line in str(e).splitlines() if line.strip()]
+            if problems and problems[0].startswith("Error(s) in loading state_dict"):
+                problems = problems[1:]
+            reason = (problems[0] if problems else type(e).__name__)[:300]
+            if len(problems) > 1:
+                reason += f"; {len(problems) - 1} more"
             raise SystemExit(f"error: {path}: its '{key}' does not fit this run ({reason}): start without "
                              f"--resume or in another out_dir") from None
 

@@ -986,17 +986,19 @@ def test_resume_refuses_changes_of_the_run_and_allows_the_rest(tiny_data, tiny_t
 def test_resume_from_a_checkpoint_with_a_missing_or_misfit_entry_is_one_line(tiny_data, tiny_teacher, tmp_path):
     """ckpt.pt files edited by hand or written by another version: an entry missing, a weight of
     another shape, an optimizer with other parameter groups. Before, a KeyError or load_state_dict
-    traceback."""
+    traceback; then a line that named no key ('Error(s) in loading state_dict for ViT:')."""
     args = MD + [f"--teacher={tiny_teacher}"]
     out = tmp_path / "run"
     first = run(args, tiny_data, ["--stop_iter=1", f"--out_dir={out}"])
     assert first.returncode == 0, first.stderr[-2000:]
     good = torch.load(out / "ckpt.pt", weights_only=True)
     no_decoder = {k: v for k, v in good.items() if k != "decoder"}
-    wrong_shape = dict(good, model=dict(good["model"], pos_embed=torch.zeros(1, 3, 5)))
+    wrong_shape = dict(good, model=dict(good["model"], **{"patch_embed.proj.weight": torch.zeros(5, 3, 4, 4)}))
     other_groups = dict(good, optimizer=dict(good["optimizer"], param_groups=good["optimizer"]["param_groups"][:1]))
     cases = [(no_decoder, "is not this script's training checkpoint (no decoder)"),
-             (wrong_shape, "its 'model' does not fit this run (Error(s) in loading state_dict"),
+             (wrong_shape, "its 'model' does not fit this run (size mismatch for patch_embed.proj.weight: copying "
+                           "a param with shape torch.Size([5, 3, 4, 4]) from checkpoint, the shape in current model "
+                           "is torch.Size(["),
              (other_groups, "its 'optimizer' does not fit this run (")]
     for ckpt, says in cases:
         torch.save(ckpt, out / "ckpt.pt")
