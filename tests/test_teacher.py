@@ -276,6 +276,29 @@ def test_known_head_counts_are_the_reference_libraries():
     assert {w: sorted(h) for w, h in found.items()} == {w: [h] for w, h in KNOWN_HEADS.items()}, found
 
 
+@pytest.mark.parametrize("name, act", [("vit_base_patch16_clip_224", None),
+                                       ("vit_base_patch16_clip_quickgelu_224", "quick_gelu")])
+def test_timm_clip_tower_state_dict_is_timms_model(tmp_path, capsys, images, name, act):
+    """A state dict of timm's CLIP towers (norm_pre, no patch bias; before: refused as a file that 'does not
+    fit the model it describes'): the same features as timm's forward_features on its own pretrained_cfg
+    normalization (CLIP's mean/std). Their keys do not tell the activation: GELU, as timm's vit_*_clip_*,
+    with a warning; QuickGELU with act. The wrong activation gives other features."""
+    def build():
+        return timm.create_model(name, pretrained=False)
+    reference = reference_model(timm, "timm", build, 4)
+    path = tmp_path / "timm_clip.pth"
+    torch.save(reference.state_dict(), path)
+    vit, _ = load_model(str(path), act=act)
+    warning = capsys.readouterr().err
+    assert ("GELU assumed" in warning) == (act is None)
+    mean, std = (torch.tensor(reference.pretrained_cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    with torch.no_grad():
+        expected = reference.forward_features((images - mean) / std)  # (B, 197, 768), final norm on all tokens
+        assert torch.allclose(vit.forward_features(images), expected, atol=1e-4)
+        other = load_model(str(path), act="gelu" if act else "quick_gelu")[0]
+        assert (other.forward_features(images) - expected).abs().max() > 1e-2
+
+
 def test_width_not_in_the_table_is_guessed_with_a_warning(tmp_path, capsys):
     if timm is None:
         pytest.skip("timm not installed (pip install -r requirements-dev.txt)")
@@ -416,9 +439,11 @@ def test_wrong_architecture_and_wrong_layout(tmp_path, tiny_teacher):
     message = "has the timm layout, but teacher 'clip' needs the clip layout"
     with pytest.raises(CheckpointError, match=message):
         load_teacher("clip", path=str(good))
-    with pytest.raises(CheckpointError, match=f"'{tiny_teacher}' is a project checkpoint, not a copy of teacher "
+    run = tmp_path / "run.pt"  # a training run's checkpoint (its config is the run's settings)
+    torch.save(dict(torch.load(tiny_teacher, weights_only=True), config=dict(lr=1e-3)), run)
+    with pytest.raises(CheckpointError, match=f"'{run}' is a training run's checkpoint, not a copy of teacher "
                                               "'deit''s official file: give the file itself in place of 'deit'"):
-        load_teacher("deit", path=tiny_teacher)  # before: read as deit's, and a fine-tune's result filed under deit
+        load_teacher("deit", path=str(run))  # before: read as deit's, and a fine-tune's result filed under deit
     obj = torch.load(tiny_teacher, weights_only=True)
     obj["model_args"]["depth"] = 3  # a project checkpoint whose weights do not fit its own config
     bad_project = tmp_path / "project.pt"
