@@ -771,8 +771,12 @@ def plot_classifier(plt, metric, results):
         width = 0.8 / len(labels)
         for i, label in enumerate(labels):
             r = results[label]
-            heights = [r["per_class"].get(c) or 0 for c in classes] + [r["shape_bias"] or 0]
-            ax.bar(np.arange(len(classes) + 1) + i * width, heights, width, label=label)
+            values = [r["per_class"].get(c) for c in classes] + [r["shape_bias"]]
+            xs = np.arange(len(classes) + 1) + i * width
+            ax.bar(xs, [v or 0 for v in values], width, label=label)
+            for x, value in zip(xs, values):  # no shape or texture decision: no value, not a bias of 0
+                if value is None:
+                    ax.text(x, 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="gray")
         ticks = np.arange(len(classes) + 1) + width * (len(labels) - 1) / 2
         ax.set_xticks(ticks, labels=classes + ["overall"], rotation=45)
         ax.set(ylim=(0, 1), ylabel="shape bias (fraction of shape decisions)",
@@ -1071,6 +1075,10 @@ def main(argv):
         raise SystemExit(f"error: --out={opts['out']} would write {metric} results over the input "
                          f"{overwritten[0]}: choose another --out")
     check_out_dir(opts["out"])
+    folders = [path for path in sorted(written) if os.path.isdir(path)]
+    if folders:  # found before the work, not when the first JSON of a pair is written
+        raise SystemExit(f"error: --out={opts['out']}: {folders[0]} is a folder, where {metric} writes a file: "
+                         f"move it or choose another --out")
     if metric == "curves":  # the log.jsonl of training runs, not models
         return curves(models, opts["labels"], opts["out"])
     labels = opts["labels"].split(",") if opts["labels"] else default_labels(models)
@@ -1144,20 +1152,17 @@ def main(argv):
                 raise SystemExit(f"error: the image-level spectrum needs at least 2 images; only "
                                  f"{stats['count']} of the {len(subset)} chosen could be read")
             for m in metrics:  # images: how many of the subset were read
-                if m == "attn_map":
+                if m == "attn_map":  # layer from 0, as --layer; images: those whose maps are shown
                     maps[label] = stats["maps"]
+                    shown = stats["maps"][1]  # (images, queries, patches)
                     results[m][label] = dict(layer=request["layer"], queries=request["queries"],
-                                             attention=stats["maps"][1].tolist(), images=stats["count"])
+                                             attention=shown.tolist(), images=len(shown))
                 else:
                     results[m][label] = summarize(m, stats, cfg, opts["fourier_at"]) | dict(images=stats["count"])
     except (CheckpointError, DataError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     for m in metrics:
-        extra = {}
-        if m == "attn_map":
-            first = results[m][labels[0]]
-            extra = dict(queries=first["queries"], layer_shown=first["layer"] + 1)
-        write(m, results[m], settings | extra, opts["out"], maps)
+        write(m, results[m], settings, opts["out"], maps)
 
 
 def attention_request(opts, cfg, label):

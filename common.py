@@ -9,6 +9,7 @@ import argparse
 import ast
 import atexit
 import contextlib
+import errno
 import hashlib
 import http.client
 import io
@@ -857,7 +858,9 @@ def stopped_early(result):
 
 def write_error(path, e):
     """the one line for an OSError e while writing path (a full disk, a file size limit)"""
-    return f"error: could not write {path} ({e.strerror or e}): free space there or write to another folder"
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # not: a folder of that name, no permission
+    fix = "free space there or write to another folder" if full else "write to another folder"
+    return f"error: could not write {path} ({e.strerror or e}): {fix}"
 
 
 def write_atomic(path, data):

@@ -212,6 +212,9 @@ def test_all_metrics_from_the_command_line(tiny_data, tiny_teacher, tmp_path):
         if metric != "attn_map":
             # nano/4: 2 blocks, first block first
             assert len(report["models"]["a"]["per_layer"]) == 2
+    maps = json.load(open(out / "attn_map.json"))  # 2 maps of the last block (from 0: 1) of 12 images read
+    assert maps["models"]["a"]["images"] == len(maps["models"]["a"]["attention"]) == 2  # before: 12
+    assert maps["models"]["b"]["layer"] == 1 and "layer_shown" not in maps["settings"]  # before: 1 and 2
     entropy = json.load(open(out / "attn_entropy.json"))["models"]["a"]
     assert all(0 <= h <= math.log(64) + 1e-6 for layer in entropy["per_head"] for h in layer)
     svd = json.load(open(out / "svd.json"))["models"]["a"]
@@ -343,6 +346,26 @@ def test_bad_input(tiny_teacher, tiny_data, tmp_path, args, message):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith(message.format(**names)), result.stderr[-1000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_where_a_result_file_goes_stops_before_any_work(tiny_teacher, tiny_data, tmp_path):
+    """out/fourier.png is a folder: one line before the first model's work (before: fourier.json was written,
+    then the figure failed with 'free space there', which was not the cause)"""
+    (tmp_path / "out" / "fourier.png").mkdir(parents=True)
+    result = run_analyze(["--metric=fourier", tiny_teacher, f"--data={tiny_data}", f"--out={tmp_path / 'out'}"])
+    assert result.returncode != 0
+    out = tmp_path / "out"
+    assert result.stderr.strip().splitlines()[-1] == (f"error: --out={out}: {out}/fourier.png is a folder, where "
+                                                      "fourier writes a file: move it or choose another --out")
+    assert "teacher:" not in result.stdout and os.listdir(tmp_path / "out") == ["fourier.png"]
+
+
+def test_a_write_error_says_free_space_only_for_a_full_disk(tmp_path):
+    from common import write_error
+    with pytest.raises(OSError) as folder:
+        open(tmp_path, "w")  # a real error: a folder of that name
+    assert write_error(tmp_path, folder.value) == f"error: could not write {tmp_path} (Is a directory): write to " \
+                                                  "another folder"
 
 
 def test_a_bad_model_late_in_the_list_stops_before_the_first_ones_work(tiny_teacher, tiny_data):

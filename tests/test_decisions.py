@@ -238,3 +238,21 @@ def test_shape_bias_of_a_classifier_without_class_names(tiny_data, tiny_teacher,
     assert r.returncode == 0, r.stderr[-2000:]
     models = json.load(open(tmp_path / "shape_bias.json"))["models"]
     assert models["nameless"] == models["named"] and models["named"]["images"] == 30
+
+
+def test_shape_bias_figure_marks_a_class_without_decisions():
+    """a class where no decision was the shape or the texture has no shape bias (None): its bar says n/a
+    (before: drawn as a bias of 0, like a class whose every decision was the texture)"""
+    from analyze import plot_classifier
+    from common import pyplot
+    plt = pyplot()
+    if plt is None:
+        pytest.skip("matplotlib not installed (pip install -r requirements-dev.txt)")
+    results = {"model": dict(shape_bias=0.25, per_class={"airplane": None, "bicycle": 0.0, "cat": 0.5})}
+    fig = plot_classifier(plt, "shape_bias", results)
+    ax = fig.axes[0]
+    marked = [text.get_position()[0] for text in ax.texts if text.get_text() == "n/a"]
+    assert marked == [0.0]  # airplane's bar (x 0), not bicycle's (x 1)
+    heights = [bar.get_height() for bar in ax.patches]
+    assert heights == [0.0, 0.0, 0.5, 0.25]
+    plt.close(fig)
