@@ -19,7 +19,11 @@ class VQKD(nn.Module):
     gradient through the quantization and a commitment term. The codebook is not learned by
     gradient: each code moves to the EMA of the (unit) encoder vectors assigned to it, and a code
     whose EMA share of the assignments falls below dead_threshold x the uniform share (1 / K) is
-    restarted at a random encoder vector of the batch."""
+    restarted at a random encoder vector of the batch. The codebook starts on distinct vectors of the
+    first batch, before that batch is quantized. As in BEiT v2 (microsoft/unilm beit2/modeling_vqkd.py,
+    norm_ema_quantizer.py): cosine codes of unit vectors, the commitment term beta x the mean squared
+    error (beta 1); unlike it: no k-means on the first batch, an EMA of the assigned vectors' sums
+    (normalized after), and the restarts, which it has not."""
 
     def __init__(self, cfg, teacher_dim, codebook_size=8192, code_dim=32, decoder_depth=1, decay=0.99,
                  dead_threshold=0.05):
@@ -42,8 +46,17 @@ class VQKD(nn.Module):
 
     def encode(self, images):
         """-> unit code vectors z (B, N, code_dim) and code indices (B, N)"""
-        z = F.normalize(self.to_code(self.encoder.forward_features(images)[:, 1:]).float(), dim=-1)
-        return z, (z @ self.codebook.T).argmax(-1)
+        z = self.code_vectors(images)
+        return z, self.nearest(z)
+
+    def code_vectors(self, images):
+        return F.normalize(self.to_code(self.encoder.forward_features(images)[:, 1:]).float(), dim=-1)
+
+    def nearest(self, z):
+        """the code of each unit vector: the entry of largest cosine, scored in fp32 under autocast too (bf16
+        scores tie close codes, and argmax takes the first: codes, and train_md's targets, followed --dtype)"""
+        with torch.autocast(z.device.type, enabled=False):
+            return (z @ self.codebook.T).argmax(-1)
 
     def decode(self, q):
         x = self.decoder_in(q) + self.decoder_pos
@@ -54,27 +67,32 @@ class VQKD(nn.Module):
     def forward(self, images, targets, commitment=1.0, weight=1.0):
         """targets: teacher patch features (B, N, teacher_dim) -> (loss, codes). weight 0: a stand-in batch
         that keeps a DDP rank in step with the others (its vectors add nothing to the codebook's EMA)."""
-        z, codes = self.encode(images)
+        z = self.code_vectors(images)  # (B, N, code_dim)
+        if self.training and not self.initialized:  # the first batch is quantized on its own vectors
+            self.initialize(z.detach(), weight)
+        codes = self.nearest(z)  # (B, N)
         q = self.codebook[codes]
         if self.training:
             self.ema_update(z.detach(), codes, weight)
         q_st = z + (q - z).detach()  # straight-through: forward uses q, the gradient reaches z as is
         rebuilt = self.decode(q_st).float()  # (B, N, teacher_dim)
         reconstruction = 1 - F.cosine_similarity(rebuilt, targets.float(), dim=-1).mean()
-        commit = (z - q.detach()).pow(2).sum(-1).mean()
+        commit = F.mse_loss(z, q.detach())  # mean over patches and code dimensions, as BEiT v2's
         return reconstruction + commitment * commit, codes
+
+    @torch.no_grad()
+    def initialize(self, z, weight=1.0):
+        """data-dependent init: the codebook becomes encoder vectors of this batch, not random directions"""
+        chosen = self.drawn_vectors(z.reshape(-1, z.shape[-1]), self.codebook.shape[0], weight)
+        if chosen is not None:  # else stand-ins on every rank: the next batch initializes
+            self.codebook.copy_(chosen)
+            self.ema_sum.copy_(chosen)
+            self.initialized.fill_(True)
 
     @torch.no_grad()
     def ema_update(self, z, codes, weight=1.0):
         K, decay = self.codebook.shape[0], self.config["decay"]
         flat, idx = z.reshape(-1, z.shape[-1]), codes.reshape(-1)
-        if not self.initialized:  # data-dependent init: encoder vectors, not random directions
-            chosen = self.drawn_vectors(flat, K, weight)
-            if chosen is not None:  # else stand-ins on every rank: the next batch initializes
-                self.codebook.copy_(chosen)
-                self.ema_sum.copy_(chosen)
-                self.initialized.fill_(True)
-            return
         count = torch.bincount(idx, minlength=K).to(flat.dtype) * weight
         total = torch.zeros_like(self.ema_sum).index_add_(0, idx, flat) * weight
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -94,9 +112,14 @@ class VQKD(nn.Module):
 
     @staticmethod
     def drawn_vectors(flat, n, weight):
-        """n encoder vectors of this batch drawn at random (n, code_dim), the same on every DDP rank: those
-        of the lowest rank whose batch was read (weight > 0), never a stand-in's; None if no rank's was"""
-        chosen = flat[torch.randint(0, flat.shape[0], (n,), device=flat.device)]
+        """n encoder vectors of this batch drawn at random (n, code_dim), distinct where the batch has n, the
+        same on every DDP rank: those of the lowest rank whose batch was read (weight > 0), never a stand-in's;
+        None if no rank's was"""
+        if flat.shape[0] >= n:  # without replacement: a repeated vector is a code that can never win
+            picked = torch.randperm(flat.shape[0], device=flat.device)[:n]
+        else:
+            picked = torch.randint(0, flat.shape[0], (n,), device=flat.device)
+        chosen = flat[picked]
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return chosen if weight > 0 else None
         world = torch.distributed.get_world_size()

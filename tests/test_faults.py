@@ -1047,6 +1047,8 @@ OPTION_CASES = [  # (script, options, the one line)
     ("ft", ["--min_crop_scale=1.5"], "error: --min_crop_scale=1.5 must be in (0, 1]"),
     ("ft", ["--lr=1e38"], "error: --lr=1e+38 must be <= 3.4e+37 (float32's max x (1 - beta1))"),  # Adam overflows
     ("vqkd", ["--save_interval=0"], "error: --save_interval=0 must be >= 1"),
+    ("vqkd", ["--decoder_depth=-1"], "error: --decoder_depth=-1 must be >= 0"),  # before: a run without a decoder
+    ("vqkd", ["--collapse_threshold=-2"], "error: --collapse_threshold=-2.0 must be in [0, 1]"),
     ("vqkd", ["--model=Ti/16", "--img_size=128"],  # 64 patches as the teacher's; before: a shape traceback
      "error: the teacher '{teacher}' takes 32 px / patch 4, the tokenizer 128 px / patch 16: the patch grids"),
     ("vqkd", ["--weight_decay=1e300"], "error: --weight_decay=1e+300 must be <= 3.4e+38 / max(lr, min_lr)"),

@@ -100,13 +100,20 @@ def test_weight_decay_groups_follow_beit_v2s_skip_list():
         assert decay[name] == (0.0 if p.ndim == 1 or name in skipped else 1e-4), name
 
 
-def test_codebook_starts_on_the_first_batch_vectors():
-    vq = tokenizer(K=8, initialized=False)
-    z = torch.nn.functional.normalize(torch.randn(1, 20, 4), dim=-1)
-    vq.ema_update(z, torch.zeros(1, 20, dtype=torch.long))
+def test_codebook_starts_on_distinct_first_batch_vectors_before_they_are_quantized():
+    """the first training batch: the 64 codes are 64 distinct ones of its 128 vectors (before: drawn with
+    replacement, so repeated codes that could never win), and that batch's codes are those of the new codebook
+    (before: of the random one): each drawn vector's code is its own (cosine 1), its commitment term 0"""
+    vq = tokenizer(K=64, initialized=False, decay=1.0)  # decay 1: the EMA leaves the codebook as initialized
+    images, targets = torch.rand(2, 3, 32, 32), torch.randn(2, 64, 12)
+    z = vq.code_vectors(images).reshape(-1, 4)  # the vectors the forward computes (its weights do not change)
+    _, codes = vq(images, targets)
     assert bool(vq.initialized)
-    one = torch.tensor(1.0)
-    assert all(torch.isclose(vq.codebook[i] @ z[0].T, one, atol=1e-5).any() for i in range(8))
+    similarity = vq.codebook @ z.T  # (codes, vectors)
+    source = similarity.argmax(1)  # the vector each code was drawn from
+    assert torch.allclose(similarity.max(1).values, torch.ones(64), atol=1e-5)
+    assert len(set(source.tolist())) == 64
+    assert torch.equal(codes.reshape(-1)[source], torch.arange(64))
 
 
 def test_codes_are_the_nearest_entries_by_cosine():
@@ -116,6 +123,35 @@ def test_codes_are_the_nearest_entries_by_cosine():
     assert torch.allclose(z.norm(dim=-1), torch.ones(2, 64), atol=1e-5)
     sims = torch.einsum("bnc,kc->bnk", z, vq.codebook)
     assert torch.equal(codes, sims.argmax(-1))
+
+
+def test_codes_are_scored_in_fp32_under_bf16_autocast():
+    """two codes 1e-3 apart in cosine to a vector: bf16 scores tie them, and argmax took the first (code 0);
+    the codes under autocast are the fp32 ones (train_md's targets and its val targets no longer depend on
+    --dtype)"""
+    vq = tokenizer(K=2)
+    z = torch.nn.functional.normalize(torch.tensor([[[1.0, 0.5, 0.25, 0.0]]]), dim=-1)
+    farther = torch.nn.functional.normalize(z[0, 0] + torch.tensor([0.0, 0.0, 0.0, 0.06]), dim=0)
+    nearer = torch.nn.functional.normalize(z[0, 0] + torch.tensor([0.0, 0.0, 0.0, 0.02]), dim=0)
+    vq.codebook.copy_(torch.stack([farther, nearer]))
+    cosines = (vq.codebook.double() @ z[0, 0].double()).tolist()
+    assert cosines[1] > cosines[0] and torch.tensor(cosines, dtype=torch.bfloat16).unique().numel() == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert vq.nearest(z).item() == 1
+
+
+def test_commitment_is_the_mean_squared_error_of_z_and_its_code():
+    """BEiT v2's beta x F.mse_loss(z_q.detach(), z): the mean over patches and code dimensions (before: the sum
+    over the code dimensions, code_dim x the reference's); the difference of two commitment weights, computed
+    from the encoder's own vectors and codes"""
+    vq = tokenizer()
+    vq.eval()
+    images, targets = torch.rand(2, 3, 32, 32), torch.randn(2, 64, 12)
+    z, codes = vq.encode(images)
+    expected = sum(((a - b) ** 2) for a, b in zip(z.flatten().tolist(), vq.codebook[codes].flatten().tolist()))
+    expected /= z.numel()
+    difference = vq(images, targets, commitment=3.0)[0] - vq(images, targets, commitment=1.0)[0]
+    assert difference.item() == pytest.approx(2 * expected, rel=1e-4)
 
 
 def test_straight_through_passes_the_gradient_to_the_encoder():
@@ -195,13 +231,13 @@ def test_tokenizer_then_md_on_codes_from_the_command_line(tiny_data, tiny_teache
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     common = [f"--data_dir={tiny_data}", "--img_size=32", "--total_batch_size=16", "--micro_batch_size=8",
               "--num_workers=0", "--device=cpu", "--dtype=float32", "--log_interval=2", "--epochs=1"]
-    tokenizer_args = [f"--teacher={tiny_teacher}", "--model=nano/4", "--codebook_size=64", "--stop_iter=4",
+    tokenizer_args = [f"--teacher={tiny_teacher}", "--model=nano/4", "--codebook_size=4096", "--stop_iter=4",
                       "--collapse_threshold=0.99", f"--out_dir={tmp_path / 'tok'}"]
     r = subprocess.run([sys.executable, "train_vqkd.py", *common, *tokenizer_args],
                        capture_output=True, text=True, cwd=root, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout + r.stderr
-    # 64 codes, threshold 99%: a collapse is reported
+    # 4096 codes, 2048 assignments between log lines, threshold 99%: a collapse is reported
     assert "codebook usage" in out and "perplexity" in out and "COLLAPSE" in out
     md_args = ["--target=vqkd", f"--tokenizer={tmp_path / 'tok' / 'tokenizer.pt'}", "--model=nano/4",
                "--compile=False", "--stop_iter=2", f"--out_dir={tmp_path / 'md'}"]
@@ -209,5 +245,5 @@ def test_tokenizer_then_md_on_codes_from_the_command_line(tiny_data, tiny_teache
                        capture_output=True, text=True, cwd=root, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(tmp_path / "md" / "ckpt.pt", weights_only=True)
-    assert ckpt["decoder"]["out.weight"].shape[0] == 64  # logits over the 64 codes
-    assert 0 < ckpt["best_val_loss"] < 2 * math.log(64)
+    assert ckpt["decoder"]["out.weight"].shape[0] == 4096  # logits over the 4096 codes
+    assert 0 < ckpt["best_val_loss"] < 2 * math.log(4096)
