@@ -729,12 +729,21 @@ def refuse_changed_targets(ckpt, fingerprint, source):
                          f"the original weights, or start a new run in another out_dir")
 
 
+RUN_CHECKPOINTS = ("ckpt.pt", "tokenizer.pt")  # what train_md.py / finetune.py and train_vqkd.py save in out_dir
+
+
 def refuse_overwrite(path):
     """A new run (no --resume) saves its checkpoint at `path`: where a file is there already, from
-    an earlier run, it would be replaced and that run lost. One line, before any work."""
+    an earlier run, it would be replaced and that run lost; where another script's run is in the
+    folder, its log.jsonl would be. One line, before any work."""
     if os.path.exists(path):
         raise SystemExit(f"error: {path} exists (an earlier run's checkpoint) and a new run would replace it: "
                          f"continue that run with --resume=True, or choose another out_dir")
+    for name in RUN_CHECKPOINTS:
+        other = os.path.join(os.path.dirname(path), name)
+        if os.path.exists(other):
+            raise SystemExit(f"error: {other} exists (another script's run) and a new run in its folder would "
+                             f"replace its log.jsonl: choose another out_dir")
 
 
 def resume_from(ckpt, path, optimizer, **modules):

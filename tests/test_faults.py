@@ -1196,3 +1196,19 @@ def test_train_split_unreadable_mid_run_keeps_the_finished_steps(tiny_data, tiny
     resumed = run(args, data, [f"--out_dir={out}", f"--stop_iter={stopped + 1}", "--resume=True"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert torch.load(out / saved, weights_only=True)["iter_num"] == stopped + 1
+
+
+def test_a_new_run_in_another_scripts_run_folder_is_refused_and_its_log_kept(tiny_data, tiny_teacher, tmp_path):
+    """train_vqkd.py started in the out_dir of a train_md.py run: before, refuse_overwrite looked for its own
+    checkpoint name (tokenizer.pt) only, and the new run emptied the MD run's log.jsonl"""
+    out = tmp_path / "md"
+    first = run(MD + [f"--teacher={tiny_teacher}"], tiny_data, ["--stop_iter=1", f"--out_dir={out}"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    log = (out / "log.jsonl").read_bytes()
+    assert log
+    refused = run(TOKENIZER + [f"--teacher={tiny_teacher}"], tiny_data, ["--stop_iter=1", f"--out_dir={out}"])
+    assert refused.returncode != 0
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {out / 'ckpt.pt'} exists (another script's run) and a new run in its folder would replace its "
+        "log.jsonl: choose another out_dir"]
+    assert (out / "log.jsonl").read_bytes() == log and not (out / "tokenizer.pt").exists()
