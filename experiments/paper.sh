@@ -13,7 +13,8 @@
 #
 # A scale is a settings file, experiments/scales/SCALE.sh. Results go to ROOT (default
 # out/paper_SCALE, a path from the repository root). Environment: ROOT=..., PYTHON=...,
-# TEACHERS="clip deit" (a subset of the scale's teachers).
+# TEACHERS="clip deit" (a subset of the scale's teachers), SHAPE_TEACHERS="" (the teachers whose own
+# decisions shape bias and OOD show before fine-tuning: none).
 # A finished step writes ROOT/steps/NAME.done (its seconds and its command) and is skipped when
 # the script runs again; a stopped training resumes from its checkpoint; an analysis whose command
 # has something new (more TEACHERS, other settings) runs again. To redo a step, delete its .done file
@@ -29,8 +30,9 @@ if [ -z "$SCALE" ] || [ ! -f "experiments/scales/$SCALE.sh" ]; then
   exit 1
 fi
 # what a scale may leave out: no sharpness log, no shape bias, no OOD
-SHARPNESS_EVERY=0 SHAPE_DATA="" SHAPE_TEACHERS="" OOD_DATA="" OOD_HUMAN=""
+SHARPNESS_EVERY=0 SHAPE_DATA="" OOD_DATA="" OOD_HUMAN=""
 source "experiments/scales/$SCALE.sh"
+SHAPE_TEACHERS=${SHAPE_TEACHERS-}  # the environment's (SHAPE_TEACHERS="": none), else the scale's
 ROOT=${ROOT:-out/paper_$SCALE}
 PYTHON=${PYTHON:-python}
 
@@ -39,23 +41,6 @@ missing=()
 if [ "$DATA" != embedded ] && { [ ! -d "$DATA/train" ] || [ ! -d "$DATA/val" ]; }; then
   missing+=("dataset $DATA (train/ and val/ class folders): $DATA_HOW")
 fi
-for t in $TEACHERS; do
-  case $t in clip|dino|deit|embedded) ;; *)
-    echo "error: unknown teacher '$t' in TEACHERS: choose from clip dino deit embedded" >&2
-    exit 1 ;;
-  esac
-done
-# where teacher.py reads each teacher's weights: the shipped file, or its download cache
-files=$($PYTHON -c "import os, sys, teacher as T
-for n in sys.argv[1:]:
-    print(n, T.EMBEDDED_TEACHER if n == 'embedded' else
-          os.path.join(T.CACHE_DIR, os.path.basename(T.OFFICIAL[n][0])))" $TEACHERS)
-while read -r t file; do
-  if [ ! -f "$file" ]; then
-    missing+=("teacher $t ($file): $PYTHON -c \"import teacher; teacher.load_model('$t')\"\
- downloads it, or run without it: TEACHERS=\"...\" experiments/paper.sh $SCALE")
-  fi
-done <<< "$files"
 if [ -n "$SHAPE_DATA" ] && [ "$SHAPE_DATA" != embedded ] && [ ! -d "$SHAPE_DATA" ]; then
   echo "skipped: shape bias: no $SHAPE_DATA ($SHAPE_HOW)"
   SHAPE_DATA=""
@@ -64,6 +49,31 @@ if [ -n "$OOD_DATA" ] && [ ! -d "$OOD_DATA" ]; then
   echo "skipped: OOD accuracy and error consistency: no $OOD_DATA ($OOD_HOW)"
   OOD_DATA=""
 fi
+if [ -z "$SHAPE_DATA$OOD_DATA" ]; then  # the teachers judged on decisions take part in those two only
+  SHAPE_TEACHERS=""
+fi
+for t in $TEACHERS $SHAPE_TEACHERS; do
+  case $t in clip|dino|deit|embedded) ;; *)
+    echo "error: unknown teacher '$t' in TEACHERS or SHAPE_TEACHERS: choose from clip dino deit embedded" >&2
+    exit 1 ;;
+  esac
+done
+# where teacher.py reads each teacher's weights (TEACHERS, and SHAPE_TEACHERS: the classifiers among them whose
+# decisions shape bias and OOD compare before fine-tuning): the shipped file, or its download cache
+files=$($PYTHON -c "import os, sys, teacher as T
+for n in sorted(set(sys.argv[1:])):
+    print(n, T.EMBEDDED_TEACHER if n == 'embedded' else
+          os.path.join(T.CACHE_DIR, os.path.basename(T.OFFICIAL[n][0])))" $TEACHERS $SHAPE_TEACHERS)
+while read -r t file; do
+  if [ -n "$t" ] && [ ! -f "$file" ]; then
+    without='TEACHERS="..."'
+    if [[ " $TEACHERS " != *" $t "* ]]; then
+      without='SHAPE_TEACHERS=""'
+    fi
+    missing+=("teacher $t ($file): $PYTHON -c \"import teacher; teacher.load_model('$t')\"\
+ downloads it, or run without it: $without experiments/paper.sh $SCALE")
+  fi
+done <<< "$files"
 if [ ${#missing[@]} -gt 0 ]; then
   printf 'missing: %s\n' "${missing[@]}" >&2
   echo "error: scale '$SCALE' lacks ${#missing[@]} piece(s) above; nothing was run" >&2
@@ -105,20 +115,38 @@ train() {
   step "$name" $LAUNCH "$@" --out_dir="$ROOT/$name" $resume
 }
 
+# words COMMAND...: its words one per line, each name of a --labels list as a --label=NAME of its own
+words() {
+  local word
+  for word in "$@"; do
+    case $word in
+      --labels=*) tr ',' '\n' <<< "${word#--labels=}" | sed 's/^/--label=/' ;;
+      *) echo "$word" ;;
+    esac
+  done
+}
+
 # analysis NAME COMMAND...: a step whose command names its models and settings: where it has a word
-# (split at spaces, commas and =) that the finished one had not (TEACHERS grew, a setting changed), it
-# runs again and replaces its files; a rerun with a subset of the models keeps the finished files
+# (a model, a label, an option with its value) that the finished one had not (TEACHERS grew, a setting
+# changed), or lacks an option the finished one set, it runs again and replaces its files; a rerun with a
+# subset of the models keeps the finished files
 analysis() {
-  local name=$1 done_file="$ROOT/steps/$1.done" before word
+  local name=$1 done_file="$ROOT/steps/$1.done" before now word
   if [ -f "$done_file" ]; then
-    before=" $(cut -f2- "$done_file" | tr ',=' '  ') "
-    for word in $(echo "${*:2}" | tr ',=' '  '); do
-      if [[ "$before" != *" $word "* ]]; then
-        echo "== $name: its command has '$word', which the finished one ($done_file) had not: run again"
+    before=$(words $(cut -f2- "$done_file"))
+    now=$(words "${@:2}")
+    word=$(grep -vxF -f <(echo "$before") <<< "$now" | head -1 || true)
+    if [ -n "$word" ]; then
+      echo "== $name: its command has '$word', which the finished one ($done_file) had not: run again"
+      rm "$done_file"
+    else
+      word=$(grep -o '^--[a-z_]*=' <<< "$before" | grep -v '^--label=' \
+             | grep -vxF -f <(grep -o '^--[a-z_]*=' <<< "$now") | head -1 || true)
+      if [ -n "$word" ]; then
+        echo "== $name: the finished one ($done_file) set ${word%=}, which its command does not: run again"
         rm "$done_file"
-        break
       fi
-    done
+    fi
   fi
   step "$@"
 }
@@ -138,6 +166,11 @@ for t in $TEACHERS; do
   train "ft_$t" finetune.py $FT --init="$t"
 done
 baseline=$(for t in $TEACHERS; do echo "$t"; done | grep -x clip || echo "${TEACHERS%% *}")
+earlier=$(cd "$ROOT/steps" && ls ft_*_fd_lr.done 2>/dev/null | head -1 || true)
+if [ "$baseline" != clip ] && [ -n "$earlier" ]; then  # a rerun with a subset of TEACHERS: the finished one stands
+  baseline=${earlier#ft_}
+  baseline=${baseline%_fd_lr.done}
+fi
 train "ft_${baseline}_fd_lr" finetune.py $FT --init="$baseline" --lr="$FD_LR"
 train ft_scratch finetune.py $FT --init=scratch
 

@@ -13,5 +13,5 @@ ANALYZE_ARGS="--n_images=256 --batch_size=64"
 HESSIAN_ARGS="--n_images=64 --batch_size=64 --lanczos_steps=40 --trace_products=40"
 LANDSCAPE_ARGS="--n_images=64 --batch_size=64 --steps=7 --lanczos_steps=40"
 SHAPE_DATA=embedded      # its cue_conflict/ split
-SHAPE_TEACHERS=embedded  # teachers that are classifiers of the cue-conflict categories
+SHAPE_TEACHERS=${SHAPE_TEACHERS-embedded}  # teachers that are classifiers of the cue-conflict categories
 OOD_DATA=""

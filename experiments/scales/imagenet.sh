@@ -14,7 +14,7 @@ HESSIAN_ARGS="--n_images=1000 --batch_size=100"
 LANDSCAPE_ARGS="--n_images=1000 --batch_size=100 --steps=21"
 SHAPE_DATA=data/texture-vs-shape/stimuli/style-transfer-preprocessed-512
 SHAPE_HOW="git clone https://github.com/rgeirhos/texture-vs-shape data/texture-vs-shape"
-SHAPE_TEACHERS=deit      # the teacher that is an ImageNet classifier, before fine-tuning
+SHAPE_TEACHERS=${SHAPE_TEACHERS-deit}  # the teacher that is an ImageNet classifier, before fine-tuning
 OOD_DATA=data/model-vs-human/datasets
 OOD_HUMAN=data/model-vs-human/raw-data
 OOD_HOW="put model-vs-human's datasets/ and raw-data/ (github.com/bethgelab/model-vs-human) there"

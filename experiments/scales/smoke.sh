@@ -11,5 +11,5 @@ ANALYZE_ARGS="--n_images=16"
 HESSIAN_ARGS="--n_images=16 --lanczos_steps=3 --trace_products=4"
 LANDSCAPE_ARGS="--n_images=16 --steps=3 --lanczos_steps=3"
 SHAPE_DATA=embedded
-SHAPE_TEACHERS=embedded
+SHAPE_TEACHERS=${SHAPE_TEACHERS-embedded}
 OOD_DATA=""
