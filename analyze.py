@@ -1351,6 +1351,8 @@ FIGURE_OF = dict(attn_map="Fig. 2", attn_distance="Fig. 3a", attn_entropy="Fig. 
 def third(values, last=True):
     """mean over the last (or first) third of the blocks, at least one block: the 'high' ('low')
     layers of every rule below"""
+    if not values:
+        raise ValueError("no blocks in per_layer")
     k = max(1, round(len(values) / 3))
     return float(np.mean(values[-k:] if last else values[:k]))
 
@@ -1388,9 +1390,19 @@ def read_run(root):
             if not isinstance(data, dict):
                 continue  # finetune.py's sharpness.json is a list (--metric sharpness draws it)
             if name == "result.json" and "top1" in data:  # finetune.py
-                finetunes[os.path.relpath(folder, root)] = data
+                scores = [data.get(k) for k in ("top1", "top5", "best_top1")]
+                if all(isinstance(v, (int, float)) for v in scores) and isinstance(data.get("config"), dict):
+                    finetunes[os.path.relpath(folder, root)] = data
+                else:
+                    print(f"warning: skipping {path}: its top1, top5, best_top1 or config is not finetune.py's",
+                          file=sys.stderr)
             elif {"metric", "models"} <= set(data):  # analyze.py
-                metrics.setdefault(data["metric"], {}).update(data["models"])
+                models = data["models"]
+                if not (isinstance(models, dict) and all(isinstance(e, dict) for e in models.values())):
+                    print(f"warning: skipping {path}: its models are not analyze.py's {{label: entry}}",
+                          file=sys.stderr)
+                    continue
+                metrics.setdefault(data["metric"], {}).update(models)
                 png = path[:-len(".json")] + ".png"
                 if os.path.exists(png):
                     figures.append((data["metric"], os.path.relpath(png, root),
@@ -1504,6 +1516,9 @@ def teachers_of(metrics, finetunes):
     return list(dict.fromkeys(t for t in found if t))
 
 
+UNREADABLE = (TypeError, ValueError, AttributeError, IndexError)  # what an edited results file raises in a rule
+
+
 def claim_verdicts(metrics, finetunes, teachers):
     """-> [(title, claim, rule, [(teacher, numbers, verdict)])]; verdict: holds | does not hold |
     not tested"""
@@ -1516,8 +1531,10 @@ def claim_verdicts(metrics, finetunes, teachers):
                 continue
             try:
                 result = test(metrics, finetunes, t)
-            except (KeyError, TypeError) as e:  # a results file without the expected field
+            except KeyError as e:  # a results file without the expected field
                 result = f"the results lack {e}"
+            except UNREADABLE as e:  # a field of another type (an edited file), an empty list
+                result = f"the results cannot be read ({type(e).__name__}: {e})"
             if isinstance(result, str):
                 rows.append((t, result, "not tested"))
             else:
@@ -1551,10 +1568,9 @@ def headline_table(metrics, finetunes):
         row = [label]
         for _, metric, value in columns:
             try:
-                v = value(metrics[metric][label])
-            except (KeyError, TypeError):  # not measured for this model
-                v = None
-            row.append(f"{v:.4g}" if v is not None else "")
+                row.append(f"{value(metrics[metric][label]):.4g}")
+            except (KeyError, *UNREADABLE):  # not measured for this model, or a field it cannot read
+                row.append("")
         top1 = finetunes.get(label, {}).get("top1")
         row.append(f"{top1:.2f}%" if top1 is not None else "")
         if any(row[1:]):
