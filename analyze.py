@@ -751,11 +751,14 @@ def plot_classifier(plt, metric, results):
             its = [e["iter"] for e in log]
             ax.plot(its, [e["eigenvalue"] for e in log], color=f"C{i}", marker="o",
                     label=f"{label}: top eigenvalue")
-            twin.plot(its, [e["trace"] for e in log], color=f"C{i}", ls="--",
+            twin.plot(its, [e["trace"] for e in log], color=f"C{i}", ls="--", marker="x",  # one point: a marker
                       label=f"{label}: trace")
         ax.set(xlabel="iteration", ylabel="top Hessian eigenvalue (sharpness)",
                title="Sharpness during fine-tuning (Fig. 7c, 7f)")
-        twin.set_ylabel("Hessian trace (dashed)")
+        twin.set_ylabel("Hessian trace (dashed, x)")
+        handles, names = (sum(pair, []) for pair in zip(ax.get_legend_handles_labels(),
+                                                        twin.get_legend_handles_labels()))
+        ax.legend(handles, names, fontsize=8)  # both axes' lines
     elif metric == "hessian":
         k = len(results[labels[0]]["eigenvalues"])
         width = 0.8 / len(labels)
@@ -781,7 +784,8 @@ def plot_classifier(plt, metric, results):
         ax.set_xticks(ticks, labels=classes + ["overall"], rotation=45)
         ax.set(ylim=(0, 1), ylabel="shape bias (fraction of shape decisions)",
                title="Shape vs texture decisions on cue-conflict images")
-    ax.legend(fontsize=8)
+    if ax.get_legend() is None:  # (sharpness made its own)
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return fig
 

@@ -256,3 +256,20 @@ def test_shape_bias_figure_marks_a_class_without_decisions():
     heights = [bar.get_height() for bar in ax.patches]
     assert heights == [0.0, 0.0, 0.5, 0.25]
     plt.close(fig)
+
+
+def test_sharpness_figure_shows_a_one_point_trace_and_names_it():
+    """one logged point per run (a short fine-tune): the trace is a marker, not an invisible dashed segment, and
+    the legend lists the trace beside the top eigenvalue (before: the eigenvalues only)"""
+    from analyze import plot_classifier
+    from common import pyplot
+    plt = pyplot()
+    if plt is None:
+        pytest.skip("matplotlib not installed (pip install -r requirements-dev.txt)")
+    results = {"ft_md": [dict(iter=2, eigenvalue=5.0, trace=40.0)]}
+    fig = plot_classifier(plt, "sharpness", results)
+    ax, twin = fig.axes
+    (trace_line,) = twin.get_lines()
+    assert trace_line.get_marker() == "x" and list(trace_line.get_ydata()) == [40.0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ft_md: top eigenvalue", "ft_md: trace"]
+    plt.close(fig)
