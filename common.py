@@ -448,9 +448,10 @@ def read_checkpoint(path):
     weights_only=True (which also admits argparse.Namespace, above), so a file that would run code
     on load is refused; TorchScript archives (CLIP's) give their parameters and buffers by
     read_torchscript, never torch.jit.load."""
-    if os.path.isdir(path):
+    if os.path.isdir(path):  # a run's folder: its checkpoint (a tokenizer run's tokenizer.pt) as the example
+        found = [name for name in RUN_CHECKPOINTS if os.path.isfile(os.path.join(path, name))]
         raise CheckpointError(f"'{path}' is a folder, not a checkpoint file: give a file in it, like "
-                              f"{os.path.join(path, 'ckpt.pt')}")
+                              f"{os.path.join(path, (found or RUN_CHECKPOINTS)[0])}")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' not found")
     if zipfile.is_zipfile(path):

@@ -499,6 +499,9 @@ def test_export_of_a_folder_says_it_is_a_folder(tmp_path):
     with pytest.raises(CheckpointError, match=re.escape(message)):
         load_teacher(str(tmp_path))
     assert os.listdir(tmp_path) == []
+    (tmp_path / "tokenizer.pt").write_bytes(b"")  # a train_vqkd.py run's folder: its file is the example
+    with pytest.raises(CheckpointError, match=re.escape(f"give a file in it, like {tmp_path / 'tokenizer.pt'}")):
+        load_teacher(str(tmp_path))
 
 
 def test_export_to_a_folder_that_is_not_there_is_one_line(tmp_path, tiny_teacher):
