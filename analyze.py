@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import option_error, pyplot, save_figure, stopped_early, write_atomic
+from common import option_error, print_help, pyplot, save_figure, stopped_early, write_atomic
 from data import (IMAGE_EXTENSIONS, DataError, EvalTransform, ImageFolder, collate, load_image,
                   resolve_data_dir)
 from hessian import HessianOperator, curvature, keep_freed_memory, lanczos, loss_landscape, mean_loss
@@ -845,8 +845,7 @@ def parse_args(argv):
     if "--help" in argv or "-h" in argv:  # the docstring, then the options as DEFAULTS writes them
         source = open(__file__).read()
         block = source[source.index("DEFAULTS = dict(\n"):].split("\n)\n")[0]
-        print(__doc__.strip() + "\n\noptions (--key=value):\n" + block.split("\n", 1)[1])
-        raise SystemExit(0)
+        print_help(__doc__.strip() + "\n\noptions (--key=value):\n" + block.split("\n", 1)[1])
     opts, models = dict(DEFAULTS), []
     args = iter(argv)
     for arg in args:

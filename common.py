@@ -56,8 +56,7 @@ def apply_overrides(config, argv):
     keys = sorted(k for k, v in config.items()
                   if not k.startswith("_") and not k.isupper() and isinstance(v, (bool, int, float, str)))
     if "--help" in argv or "-h" in argv:
-        print(usage(config, keys))
-        raise SystemExit(0)
+        print_help(usage(config, keys))
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
@@ -91,6 +90,15 @@ def apply_overrides(config, argv):
                     raise SystemExit(f"error: {arg}: '{key}' must be {kind}, got {value!r}")
                 config[key] = value
     return {k: config[k] for k in keys}
+
+
+def print_help(text):
+    """--help: text on stdout, then exit 0; a reader that stops early (| head) is no error"""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # no traceback; and the exit's own flush then writes to /dev/null
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(0)
 
 
 def usage(config, keys):

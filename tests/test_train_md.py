@@ -456,3 +456,14 @@ def test_transformer_head_with_zero_blocks_works():
     """--decoder_depth=0 is allowed: the transformer head is then projection, positions, norm, output"""
     head = DecoderHead("transformer", 8, 4, num_tokens=5, width=6, depth=0, heads=7)
     assert head(torch.randn(2, 5, 8)).shape == (2, 4, 4)
+
+
+@pytest.mark.parametrize("script", ["train_md.py", "analyze.py"])
+def test_help_into_a_pipe_closed_early_is_no_error(script):
+    """python SCRIPT --help | head: the reader is gone before the text is written (here: closed at once, so the
+    write fails every time); before, a BrokenPipeError traceback"""
+    proc = subprocess.Popen([sys.executable, script, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, text=True)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and stderr == ""
