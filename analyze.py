@@ -1270,9 +1270,10 @@ def read_log(path):
             print(f"warning: {path}: the last line is cut short (the run stopped while writing "
                   f"it); read the {len(records)} records before it")
             break
-        if not isinstance(record, dict) or "iter" not in record:
-            raise SystemExit(f"error: {path}, line {number} is not a training record (no 'iter'): "
-                             f"give the log.jsonl of a run")
+        iteration = record.get("iter") if isinstance(record, dict) else None
+        if not isinstance(iteration, int) or isinstance(iteration, bool):
+            raise SystemExit(f"error: {path}, line {number} is not a training record (no iteration number "
+                             f"'iter'): give the log.jsonl of a run")
         records.append(record)
     if not records:
         raise SystemExit(f"error: {path} holds no records yet: a run writes one per log line")
@@ -1300,6 +1301,8 @@ def curves(paths, labels, out):
                 iters, values = series.setdefault(field, ([], []))
                 iters.append(record["iter"])
                 values.append(value)
+        if not series:
+            raise SystemExit(f"error: {path} holds no numbers beside 'iter': give the log.jsonl of a run")
         results[label] = {field: dict(iter=i, value=v) for field, (i, v) in series.items()}
     json_path, png_path = os.path.join(out, "curves.json"), os.path.join(out, "curves.png")
     settings = dict(models=dict(zip(labels, paths)))

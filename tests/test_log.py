@@ -362,6 +362,14 @@ def test_curves_bad_input_is_one_line(tmp_path):
     broken.write_text('{"iter": 1, "loss": 1.0}\n{"iter": 2, "lo\n{"iter": 3, "loss": 0.5}\n')
     with pytest.raises(SystemExit, match="line 2 is not JSON"):
         analyze.main(["--metric=curves", str(broken)])
+    # records edited by hand (before: a TypeError, and a matplotlib ValueError for 0 columns)
+    broken.write_text('{"iter": 1, "loss": 1.0}\n{"iter": "x", "loss": 0.5}\n')
+    with pytest.raises(SystemExit, match=r"^error: .*broken.jsonl, line 2 is not a training record \(no iteration"):
+        analyze.main(["--metric=curves", str(broken)])
+    broken.write_text('{"iter": 1, "loss": "1.0"}\n')
+    with pytest.raises(SystemExit, match=r"^error: .*broken.jsonl holds no numbers beside 'iter'"):
+        analyze.main(["--metric=curves", str(broken), f"--out={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
