@@ -1522,7 +1522,7 @@ def teachers_of(metrics, finetunes):
     return list(dict.fromkeys(t for t in found if t))
 
 
-UNREADABLE = (TypeError, ValueError, AttributeError, IndexError)  # what an edited results file raises in a rule
+UNREADABLE = (TypeError, ValueError)  # what a field of another type or an empty list raises in a rule
 
 
 def claim_verdicts(metrics, finetunes, teachers):

@@ -50,6 +50,7 @@ class VQKD(nn.Module):
         return z, self.nearest(z)
 
     def code_vectors(self, images):
+        """images (B, 3, H, W) -> the encoder's unit vector of each patch (B, N, code_dim), fp32"""
         return F.normalize(self.to_code(self.encoder.forward_features(images)[:, 1:]).float(), dim=-1)
 
     def nearest(self, z):

@@ -121,7 +121,7 @@ words() {
   for word in "$@"; do
     case $word in
       --labels=*) tr ',' '\n' <<< "${word#--labels=}" | sed 's/^/--label=/' ;;
-      *) echo "$word" ;;
+      *) printf '%s\n' "$word" ;;
     esac
   done
 }
@@ -133,8 +133,9 @@ words() {
 analysis() {
   local name=$1 done_file="$ROOT/steps/$1.done" before now word
   if [ -f "$done_file" ]; then
-    before=$(words $(cut -f2- "$done_file"))
-    now=$(words "${@:2}")
+    # both split at spaces, as the .done file keeps the command (a path with a space: the same words on both)
+    before=$(set -f; words $(cut -f2- "$done_file"))
+    now=$(set -f; words ${*:2})
     word=$(grep -vxF -f <(echo "$before") <<< "$now" | head -1 || true)
     if [ -n "$word" ]; then
       echo "== $name: its command has '$word', which the finished one ($done_file) had not: run again"
@@ -167,7 +168,7 @@ for t in $TEACHERS; do
 done
 baseline=$(for t in $TEACHERS; do echo "$t"; done | grep -x clip || echo "${TEACHERS%% *}")
 earlier=$(cd "$ROOT/steps" && ls ft_*_fd_lr.done 2>/dev/null | head -1 || true)
-if [ "$baseline" != clip ] && [ -n "$earlier" ]; then  # a rerun with a subset of TEACHERS: the finished one stands
+if [ "$baseline" != clip ] && [ -n "$earlier" ]; then  # a rerun without CLIP: the finished one stands
   baseline=${earlier#ft_}
   baseline=${baseline%_fd_lr.done}
 fi

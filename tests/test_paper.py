@@ -16,7 +16,7 @@ def run_paper(tmp_path, teachers, **environment):
     stub_dir.mkdir(exist_ok=True)
     stub = stub_dir / "python"
     stub.write_text(f"#!/bin/sh\nif [ \"$1\" = -c ]; then exec {sys.executable} \"$@\"; fi\n"
-                    f"echo \"$*\" >> {record}\n")
+                    f"echo \"$*\" >> '{record}'\n")
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
     cache = tmp_path / "cache"  # where teacher.py looks for the official files: present, never read
     cache.mkdir(exist_ok=True)
@@ -93,3 +93,13 @@ def test_a_missing_teacher_of_shape_bias_is_said_before_any_work(tmp_path):
     commands, _ = run_paper(tmp_path, "embedded", SHAPE_TEACHERS="")
     shape = [c for c in commands if c[:3] == ["analyze.py", "--metric", "shape_bias"]]
     assert len(shape) == 1 and "embedded" not in shape[0][3:5]  # the fine-tuned models only
+
+
+def test_a_run_folder_with_a_space_in_its_path_skips_what_it_finished(tmp_path):
+    """the .done file keeps the command as one line of words: a path with a space is compared word by word on
+    both sides (before this stop's option-by-option check was mended: every analysis ran again on every rerun)"""
+    spaced = tmp_path / "with space"
+    spaced.mkdir()
+    run_paper(spaced, "embedded")
+    again, out = run_paper(spaced, "embedded")
+    assert [c[:3] for c in again] == [["analyze.py", "--metric", "report"]], out

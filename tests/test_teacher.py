@@ -441,8 +441,8 @@ def test_wrong_architecture_and_wrong_layout(tmp_path, tiny_teacher):
         load_teacher("clip", path=str(good))
     run = tmp_path / "run.pt"  # a training run's checkpoint (its config is the run's settings)
     torch.save(dict(torch.load(tiny_teacher, weights_only=True), config=dict(lr=1e-3)), run)
-    with pytest.raises(CheckpointError, match=f"'{run}' is a training run's checkpoint, not a copy of teacher "
-                                              "'deit''s official file: give the file itself in place of 'deit'"):
+    with pytest.raises(CheckpointError, match=f"'{run}' is a training run's checkpoint, not a copy of the official "
+                                              "file of teacher 'deit': give the file itself in place of 'deit'"):
         load_teacher("deit", path=str(run))  # before: read as deit's, and a fine-tune's result filed under deit
     obj = torch.load(tiny_teacher, weights_only=True)
     obj["model_args"]["depth"] = 3  # a project checkpoint whose weights do not fit its own config

@@ -237,7 +237,8 @@ def test_tokenizer_then_md_on_codes_from_the_command_line(tiny_data, tiny_teache
                        capture_output=True, text=True, cwd=root, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout + r.stderr
-    # 4096 codes, 2048 assignments between log lines, threshold 99%: a collapse is reported
+    # 4096 codes, 2048 assignments between log lines: at most half in use whatever the tokenizer does, under the
+    # threshold of 99%; this checks that the log line says so
     assert "codebook usage" in out and "perplexity" in out and "COLLAPSE" in out
     md_args = ["--target=vqkd", f"--tokenizer={tmp_path / 'tok' / 'tokenizer.pt'}", "--model=nano/4",
                "--compile=False", "--stop_iter=2", f"--out_dir={tmp_path / 'md'}"]
