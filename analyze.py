@@ -751,7 +751,8 @@ def plot_classifier(plt, metric, results):
             its = [e["iter"] for e in log]
             ax.plot(its, [e["eigenvalue"] for e in log], color=f"C{i}", marker="o",
                     label=f"{label}: top eigenvalue")
-            twin.plot(its, [e["trace"] for e in log], color=f"C{i}", ls="--", marker="x",  # one point: a marker
+            # one point: a marker
+            twin.plot(its, [e["trace"] for e in log], color=f"C{i}", ls="--", marker="x",
                       label=f"{label}: trace")
         ax.set(xlabel="iteration", ylabel="top Hessian eigenvalue (sharpness)",
                title="Sharpness during fine-tuning (Fig. 7c, 7f)")
@@ -777,9 +778,11 @@ def plot_classifier(plt, metric, results):
             values = [r["per_class"].get(c) for c in classes] + [r["shape_bias"]]
             xs = np.arange(len(classes) + 1) + i * width
             ax.bar(xs, [v or 0 for v in values], width, label=label)
-            for x, value in zip(xs, values):  # no shape or texture decision: no value, not a bias of 0
+            # no shape or texture decision: no value, not a bias of 0
+            for x, value in zip(xs, values):
                 if value is None:
-                    ax.text(x, 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="gray")
+                    ax.text(x, 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=7,
+                            color="gray")
         ticks = np.arange(len(classes) + 1) + width * (len(labels) - 1) / 2
         ax.set_xticks(ticks, labels=classes + ["overall"], rotation=45)
         ax.set(ylim=(0, 1), ylabel="shape bias (fraction of shape decisions)",
@@ -1080,7 +1083,8 @@ def main(argv):
     check_out_dir(opts["out"])
     folders = [path for path in sorted(written) if os.path.isdir(path)]
     if folders:  # found before the work, not when the first JSON of a pair is written
-        raise SystemExit(f"error: --out={opts['out']}: {folders[0]} is a folder, where {metric} writes a file: "
+        raise SystemExit(f"error: --out={opts['out']}: {folders[0]} is a folder, where {metric} "
+                         "writes a file: "
                          f"move it or choose another --out")
     if metric == "curves":  # the log.jsonl of training runs, not models
         return curves(models, opts["labels"], opts["out"])
@@ -1108,7 +1112,8 @@ def main(argv):
     # a file that is no model stops the run before the first model's work (and before --out is made)
     # (so each file is read twice; a folder is refused as everywhere)
     for model_arg, label in zip(models, labels):
-        if model_arg in OFFICIAL:  # read when its turn comes (a download); the official teachers are B/16
+        # read when its turn comes (a download); the official teachers are B/16
+        if model_arg in OFFICIAL:
             cfg = ViTConfig.from_name("B/16")
         else:
             try:
@@ -1116,7 +1121,8 @@ def main(argv):
                     cfg = load_model(model_arg)[0].config
             except (CheckpointError, ValueError) as e:
                 raise SystemExit(f"error: {e}")
-        if "attn_map" in metrics:  # --layer / --queries out of a later model's range: nothing done yet
+        # --layer / --queries out of a later model's range: nothing done yet
+        if "attn_map" in metrics:
             attention_request(opts, cfg, label)
     if "svd" in metrics and opts["n_images"] < 2:
         raise SystemExit("error: the image-level spectrum needs at least 2 images "
@@ -1169,7 +1175,8 @@ def main(argv):
 
 
 def attention_request(opts, cfg, label):
-    """what attn_map draws of one model: its --layer (negative from the end) and the query patches"""
+    """what attn_map draws of one model: its --layer (negative from the end) and the query
+    patches"""
     if not -cfg.depth <= opts["layer"] < cfg.depth:
         raise SystemExit(f"error: --layer={opts['layer']}: {label} has {cfg.depth} blocks: "
                          f"give 0..{cfg.depth - 1} (-1 = the last)")
@@ -1272,7 +1279,8 @@ def read_log(path):
             break
         iteration = record.get("iter") if isinstance(record, dict) else None
         if not isinstance(iteration, int) or isinstance(iteration, bool):
-            raise SystemExit(f"error: {path}, line {number} is not a training record (no iteration number "
+            raise SystemExit(f"error: {path}, line {number} is not a training record "
+                             "(no iteration number "
                              f"'iter'): give the log.jsonl of a run")
         records.append(record)
     if not records:
@@ -1302,7 +1310,8 @@ def curves(paths, labels, out):
                 iters.append(record["iter"])
                 values.append(value)
         if not series:
-            raise SystemExit(f"error: {path} holds no numbers beside 'iter': give the log.jsonl of a run")
+            raise SystemExit(f"error: {path} holds no numbers beside 'iter': "
+                             "give the log.jsonl of a run")
         results[label] = {field: dict(iter=i, value=v) for field, (i, v) in series.items()}
     json_path, png_path = os.path.join(out, "curves.json"), os.path.join(out, "curves.png")
     settings = dict(models=dict(zip(labels, paths)))
@@ -1397,15 +1406,19 @@ def read_run(root):
                 continue  # finetune.py's sharpness.json is a list (--metric sharpness draws it)
             if name == "result.json" and "top1" in data:  # finetune.py
                 scores = [data.get(k) for k in ("top1", "top5", "best_top1")]
-                if all(isinstance(v, (int, float)) for v in scores) and isinstance(data.get("config"), dict):
+                if (all(isinstance(v, (int, float)) for v in scores)
+                        and isinstance(data.get("config"), dict)):
                     finetunes[os.path.relpath(folder, root)] = data
                 else:
-                    print(f"warning: skipping {path}: its top1, top5, best_top1 or config is not finetune.py's",
+                    print(f"warning: skipping {path}: its top1, top5, best_top1 or config is not "
+                          "finetune.py's",
                           file=sys.stderr)
             elif {"metric", "models"} <= set(data):  # analyze.py
                 models = data["models"]
-                if not (isinstance(models, dict) and all(isinstance(e, dict) for e in models.values())):
-                    print(f"warning: skipping {path}: its models are not analyze.py's {{label: entry}}",
+                if not (isinstance(models, dict)
+                        and all(isinstance(e, dict) for e in models.values())):
+                    print(f"warning: skipping {path}: "
+                          f"its models are not analyze.py's {{label: entry}}",
                           file=sys.stderr)
                     continue
                 metrics.setdefault(data["metric"], {}).update(models)
@@ -1522,7 +1535,8 @@ def teachers_of(metrics, finetunes):
     return list(dict.fromkeys(t for t in found if t))
 
 
-UNREADABLE = (TypeError, ValueError)  # what a field of another type or an empty list raises in a rule
+# what a field of another type or an empty list raises in a rule
+UNREADABLE = (TypeError, ValueError)
 
 
 def claim_verdicts(metrics, finetunes, teachers):
@@ -1575,7 +1589,8 @@ def headline_table(metrics, finetunes):
         for _, metric, value in columns:
             try:
                 row.append(f"{value(metrics[metric][label]):.4g}")
-            except (KeyError, *UNREADABLE):  # not measured for this model, or a field it cannot read
+            # not measured for this model, or a field it cannot read
+            except (KeyError, *UNREADABLE):
                 row.append("")
         top1 = finetunes.get(label, {}).get("top1")
         row.append(f"{top1:.2f}%" if top1 is not None else "")

@@ -234,14 +234,16 @@ class Context:
         return bool(t.item())
 
     def log_values(self, loss, skipped):
-        """At a log line (every rank calls it): the mean over the ranks of each one's last micro-batch loss
-        (a rank that has read no image yet holds NaN and is left out) and the ranks' unreadable images in all.
+        """At a log line (every rank calls it): the mean over the ranks of each one's last
+        micro-batch loss (a rank that has read no image yet holds NaN and is left out) and the
+        ranks' unreadable images in all.
         -> (float, int)"""
         value = loss.item()
         if not self.ddp:
             return value, skipped
         has_loss = not math.isnan(value)  # a real NaN has stopped the run before the log line
-        t = torch.tensor([value if has_loss else 0.0, float(has_loss), float(skipped)], dtype=torch.float64)
+        t = torch.tensor([value if has_loss else 0.0, float(has_loss), float(skipped)],
+                         dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.cpu_group)
         loss_sum, ranks_with_loss, all_skipped = t.tolist()
         mean_loss = loss_sum / ranks_with_loss if ranks_with_loss else float("nan")
@@ -418,17 +420,20 @@ def fetch(url, dest, sha256, instead):
     print(f"downloading {url} -> {dest}")
     received = 0
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response, open(tmp, "wb") as f:
+        response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)
+        with response, open(tmp, "wb") as f:
             size = int(response.headers.get("Content-Length") or 0)
             with tqdm(total=size, unit="B", unit_scale=True) as bar:
-                while chunk := response.read(1 << 20):  # a connection closed early ends it too, without an error
+                # a connection closed early ends it too, without an error
+                while chunk := response.read(1 << 20):
                     f.write(chunk)
                     digest.update(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
         if size and received != size:  # DINO's file has no published hash that would catch it
             raise OSError(f"the connection ended after {received} of {size} bytes")
-    # no network, a refused, stalled or cut connection, HTTP errors (URLError; IncompleteRead of a chunked reply)
+    # no network, a refused, stalled or cut connection, HTTP errors (URLError; IncompleteRead of a
+    # chunked reply)
     except (OSError, http.client.HTTPException) as e:
         if os.path.isfile(tmp):  # (a folder of that name stays)
             os.remove(tmp)
@@ -456,7 +461,8 @@ def read_checkpoint(path):
     weights_only=True (which also admits argparse.Namespace, above), so a file that would run code
     on load is refused; TorchScript archives (CLIP's) give their parameters and buffers by
     read_torchscript, never torch.jit.load."""
-    if os.path.isdir(path):  # a run's folder: its checkpoint (a tokenizer run's tokenizer.pt) as the example
+    # a run's folder: its checkpoint (a tokenizer run's tokenizer.pt) as the example
+    if os.path.isdir(path):
         found = [name for name in RUN_CHECKPOINTS if os.path.isfile(os.path.join(path, name))]
         raise CheckpointError(f"'{path}' is a folder, not a checkpoint file: give a file in it, like "
                               f"{os.path.join(path, (found or RUN_CHECKPOINTS)[0])}")
@@ -738,7 +744,8 @@ def refuse_changed_targets(ckpt, fingerprint, source):
                          f"the original weights, or start a new run in another out_dir")
 
 
-RUN_CHECKPOINTS = ("ckpt.pt", "tokenizer.pt")  # what train_md.py / finetune.py and train_vqkd.py save in out_dir
+# what train_md.py / finetune.py and train_vqkd.py save in out_dir
+RUN_CHECKPOINTS = ("ckpt.pt", "tokenizer.pt")
 
 
 def refuse_overwrite(path):
@@ -751,7 +758,8 @@ def refuse_overwrite(path):
     for name in RUN_CHECKPOINTS:
         other = os.path.join(os.path.dirname(path), name)
         if os.path.exists(other):
-            raise SystemExit(f"error: {other} exists (another script's run) and a new run in its folder would "
+            raise SystemExit(f"error: {other} exists (another script's run) and a new run in its "
+                             "folder would "
                              f"replace its log.jsonl: choose another out_dir")
 
 
@@ -762,7 +770,8 @@ def resume_from(ckpt, path, optimizer, **modules):
         try:
             target.load_state_dict(ckpt[key])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            # torch's message: a heading line, then one line per problem (size mismatch for KEY: ...)
+            # torch's message: a heading line, then one line per problem (size mismatch for KEY:
+            # ...)
             problems = [line.strip() for line in str(e).splitlines() if line.strip()]
             if problems and problems[0].startswith("Error(s) in loading state_dict"):
                 problems = problems[1:]
@@ -876,7 +885,8 @@ def stopped_early(result):
 
 def write_error(path, e):
     """the one line for an OSError e while writing path (a full disk, a file size limit)"""
-    full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # not: a folder of that name, no permission
+    # not: a folder of that name, no permission
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     fix = "free space there or write to another folder" if full else "write to another folder"
     return f"error: could not write {path} ({e.strerror or e}): {fix}"
 

@@ -158,7 +158,8 @@ def freeze(vit):
 def print_summary(root):
     """lr and freeze_blocks -> top-1 of every run under root (each run's result.json)."""
     runs = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(root), "**", "result.json"), recursive=True)):
+    for path in sorted(glob.glob(os.path.join(glob.escape(root), "**", "result.json"),
+                                 recursive=True)):
         try:
             r = json.load(open(path))
             settings = r["config"]
@@ -211,7 +212,8 @@ def print_summary(root):
 def summary_curves(runs):
     """the figure's points from print_summary's runs (init, frozen, lr, top-1, top-5, run, stopped early):
     per init, {"lr": {lr: [top-1 of each run without frozen blocks]}, "frozen": {blocks: [top-1, ...]}},
-    the second only where the init has runs with more than one number of frozen blocks, each number's
+    the second only where the init has runs with more than one number of frozen blocks, each
+    number's
     runs at the lr of the best mean top-1 for it (an lr sweep beside them is not averaged in). A run
     stopped early (a smoke test) is no point of a curve."""
     curves, by_lr = {}, {}
@@ -223,7 +225,8 @@ def summary_curves(runs):
             panels["lr"].setdefault(lr_, []).append(top1)
         by_lr.setdefault((init_, frozen), {}).setdefault(lr_, []).append(top1)
     for (init_, frozen), scores in by_lr.items():
-        curves[init_]["frozen"][frozen] = max(scores.values(), key=lambda top1s: sum(top1s) / len(top1s))
+        curves[init_]["frozen"][frozen] = max(scores.values(),
+                                              key=lambda top1s: sum(top1s) / len(top1s))
     for panels in curves.values():
         if len(panels["frozen"]) < 2:
             panels["frozen"] = {}
@@ -472,7 +475,8 @@ def main():
 
         if iter_num % log_interval == 0:
             stop_if_nonfinite(nonfinite, ckpt_path)
-            loss_value, skipped = ctx.log_values(loss, skipped)  # over the ranks: mean loss, all skipped
+            # over the ranks: mean loss, all skipped
+            loss_value, skipped = ctx.log_values(loss, skipped)
             if ctx.master:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 speed_text, speed = meter.read(iter_num)

@@ -142,9 +142,10 @@ def convert_clip(sd, source, act="quick_gelu"):
 def convert_timm(sd, source, cfg=None, act=None):
     """timm `vision_transformer` layout (DINO, DeiT, timm vit_*, export_timm's files): the key
     names are ours but for layer scale (timm's ls1.gamma / ls2.gamma are gamma_1 / gamma_2).
-    Without `cfg` the shapes tell the rest but the number of heads: like CLIP's, heads_of(embed_dim).
-    timm's CLIP towers (vit_*_clip_*: a norm_pre) also fix what their keys do not tell: LayerNorm eps
-    1e-5 and CLIP's mean/std; `act` their activation (GELU, or QuickGELU for vit_*_clip_quickgelu_*)."""
+    Without `cfg` the shapes tell the rest but the number of heads: like CLIP's,
+    heads_of(embed_dim). timm's CLIP towers (vit_*_clip_*: a norm_pre) also fix what their keys do
+    not tell: LayerNorm eps 1e-5 and CLIP's mean/std; `act` their activation (GELU, or QuickGELU for
+    vit_*_clip_quickgelu_*)."""
     if "dist_token" in sd:  # every block attends to it: dropping it would be another model
         raise CheckpointError("is a distilled DeiT (it has a distillation token, which model.py's ViT has "
                               "not): give the DeiT without distillation (deit_base_patch16_224)")
@@ -163,8 +164,10 @@ def convert_timm(sd, source, cfg=None, act=None):
     grid = int(round((out["pos_embed"].shape[1] - 1) ** 0.5))
     num_classes = out["head.weight"].shape[0] if "head.weight" in out else 0
     clip_tower = {}
-    if "norm_pre.weight" in out:  # timm/models/vision_transformer.py's CLIP registrations: pre_norm, nn.LayerNorm
-        clip_tower = dict(pre_norm=True, norm_eps=1e-5, act=act or "gelu", mean=CLIP_MEAN, std=CLIP_STD)
+    # timm/models/vision_transformer.py's CLIP registrations: pre_norm, nn.LayerNorm
+    if "norm_pre.weight" in out:
+        clip_tower = dict(pre_norm=True, norm_eps=1e-5, act=act or "gelu", mean=CLIP_MEAN,
+                          std=CLIP_STD)
     cfg = ViTConfig(img_size=grid * patch, patch_size=patch, embed_dim=D, depth=depth,
                     num_heads=heads_of(D, source), num_classes=num_classes, global_pool=pool_of(out),
                     qkv_bias="all" if "blocks.0.attn.qkv.bias" in out else "none",
@@ -268,15 +271,19 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
     if found is None:
         raise CheckpointError(f"'{source}' is not a CLIP, DINO/DeiT (timm), BEiT or project "
                               f"checkpoint: keys start {list(sd)[:3]}")
-    exported = isinstance(obj, dict) and "mdlab_args" in obj  # export_timm's file: its config says the activation
+    # export_timm's file: its config says the activation
+    exported = isinstance(obj, dict) and "mdlab_args" in obj
     clip_tower = found == "timm" and "norm_pre.weight" in sd and not exported  # timm's vit_*_clip_*
     if act is not None and found != "clip" and not clip_tower:
         raise CheckpointError(f"'{source}' is a {found} checkpoint: an activation is chosen for CLIP-layout files "
-                              f"(OpenAI's, open_clip's, timm's CLIP towers) only, whose keys do not tell it")
-    # a run's weights as --init=deit --init_path=out/md/ckpt.pt: its fine-tunes would be filed as deit's (a
+                              f"(OpenAI's, open_clip's, timm's CLIP towers) only, "
+                              "whose keys do not tell it")
+    # a run's weights as --init=deit --init_path=out/md/ckpt.pt: its fine-tunes would be filed as
+    # deit's (a
     # converted copy, teacher.py export of the official file with --act, has an empty config)
     if project and name in OFFICIAL and obj.get("config"):
-        raise CheckpointError(f"'{source}' is a training run's checkpoint, not a copy of the official file of "
+        raise CheckpointError(f"'{source}' is a training run's checkpoint, not a copy of the "
+                              "official file of "
                               f"teacher '{name}': give the file itself in place of '{name}'")
     if project:
         cfg = config_of(obj["model_args"], source)
@@ -305,8 +312,9 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
             cfg, sd = convert_clip(sd, f"'{source}'", act or "quick_gelu")
         elif clip_tower:
             if act is None:
-                print(f"warning: '{source}' has the layout of timm's CLIP towers (vit_*_clip_*), whose keys do not "
-                      "tell the activation: GELU assumed; for the vit_*_clip_quickgelu_* ones write a teacher with "
+                print(f"warning: '{source}' has the layout of timm's CLIP towers (vit_*_clip_*), "
+                      "whose keys do not tell the activation: GELU assumed; for the "
+                      "vit_*_clip_quickgelu_* ones write a teacher with "
                       "python teacher.py export --act=quick_gelu SRC DST", file=sys.stderr)
             cfg, sd = convert_timm(sd, f"'{source}'", act=act)
         else:

@@ -344,7 +344,8 @@ def main():
 
         if iter_num % log_interval == 0:
             stop_if_nonfinite(nonfinite, ckpt_path)
-            loss_value, skipped = ctx.log_values(step_loss, skipped)  # over the ranks: mean loss, all skipped
+            # over the ranks: mean loss, all skipped
+            loss_value, skipped = ctx.log_values(step_loss, skipped)
             if ctx.master:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 speed_text, speed = meter.read(iter_num)

@@ -19,9 +19,10 @@ class VQKD(nn.Module):
     gradient through the quantization and a commitment term. The codebook is not learned by
     gradient: each code moves to the EMA of the (unit) encoder vectors assigned to it, and a code
     whose EMA share of the assignments falls below dead_threshold x the uniform share (1 / K) is
-    restarted at a random encoder vector of the batch. The codebook starts on distinct vectors of the
-    first batch, before that batch is quantized. As in BEiT v2 (microsoft/unilm beit2/modeling_vqkd.py,
-    norm_ema_quantizer.py): cosine codes of unit vectors, the commitment term beta x the mean squared
+    restarted at a random encoder vector of the batch. The codebook starts on distinct vectors of
+    the first batch, before that batch is quantized. As in BEiT v2 (microsoft/unilm
+    beit2/modeling_vqkd.py, norm_ema_quantizer.py): cosine codes of unit vectors, the commitment
+    term beta x the mean squared
     error (beta 1); unlike it: no k-means on the first batch, an EMA of the assigned vectors' sums
     (normalized after), and the restarts, which it has not."""
 
@@ -51,11 +52,13 @@ class VQKD(nn.Module):
 
     def code_vectors(self, images):
         """images (B, 3, H, W) -> the encoder's unit vector of each patch (B, N, code_dim), fp32"""
-        return F.normalize(self.to_code(self.encoder.forward_features(images)[:, 1:]).float(), dim=-1)
+        return F.normalize(self.to_code(self.encoder.forward_features(images)[:, 1:]).float(),
+                           dim=-1)
 
     def nearest(self, z):
-        """the code of each unit vector: the entry of largest cosine, scored in fp32 under autocast too (bf16
-        scores tie close codes, and argmax takes the first: codes, and train_md's targets, followed --dtype)"""
+        """the code of each unit vector: the entry of largest cosine, scored in fp32 under autocast
+        too (bf16 scores tie close codes, and argmax takes the first: codes, and train_md's targets,
+        followed --dtype)"""
         with torch.autocast(z.device.type, enabled=False):
             return (z @ self.codebook.T).argmax(-1)
 
@@ -69,7 +72,8 @@ class VQKD(nn.Module):
         """targets: teacher patch features (B, N, teacher_dim) -> (loss, codes). weight 0: a stand-in batch
         that keeps a DDP rank in step with the others (its vectors add nothing to the codebook's EMA)."""
         z = self.code_vectors(images)  # (B, N, code_dim)
-        if self.training and not self.initialized:  # the first batch is quantized on its own vectors
+        # the first batch is quantized on its own vectors
+        if self.training and not self.initialized:
             self.initialize(z.detach(), weight)
         codes = self.nearest(z)  # (B, N)
         q = self.codebook[codes]
@@ -83,7 +87,8 @@ class VQKD(nn.Module):
 
     @torch.no_grad()
     def initialize(self, z, weight=1.0):
-        """data-dependent init: the codebook becomes encoder vectors of this batch, not random directions"""
+        """data-dependent init: the codebook becomes encoder vectors of this batch, not random
+        directions"""
         chosen = self.drawn_vectors(z.reshape(-1, z.shape[-1]), self.codebook.shape[0], weight)
         if chosen is not None:  # else stand-ins on every rank: the next batch initializes
             self.codebook.copy_(chosen)
@@ -113,10 +118,12 @@ class VQKD(nn.Module):
 
     @staticmethod
     def drawn_vectors(flat, n, weight):
-        """n encoder vectors of this batch drawn at random (n, code_dim), distinct where the batch has n, the
-        same on every DDP rank: those of the lowest rank whose batch was read (weight > 0), never a stand-in's;
+        """n encoder vectors of this batch drawn at random (n, code_dim), distinct where the batch
+        has n, the same on every DDP rank: those of the lowest rank whose batch was read
+        (weight > 0), never a stand-in's;
         None if no rank's was"""
-        if flat.shape[0] >= n:  # without replacement: a repeated vector is a code that can never win
+        # without replacement: a repeated vector is a code that can never win
+        if flat.shape[0] >= n:
             picked = torch.randperm(flat.shape[0], device=flat.device)[:n]
         else:
             picked = torch.randint(0, flat.shape[0], (n,), device=flat.device)

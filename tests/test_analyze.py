@@ -212,9 +212,11 @@ def test_all_metrics_from_the_command_line(tiny_data, tiny_teacher, tmp_path):
         if metric != "attn_map":
             # nano/4: 2 blocks, first block first
             assert len(report["models"]["a"]["per_layer"]) == 2
-    maps = json.load(open(out / "attn_map.json"))  # 2 maps of the last block (from 0: 1) of 12 images read
+    # 2 maps of the last block (from 0: 1) of 12 images read
+    maps = json.load(open(out / "attn_map.json"))
     assert maps["models"]["a"]["images"] == len(maps["models"]["a"]["attention"]) == 2  # before: 12
-    assert maps["models"]["b"]["layer"] == 1 and "layer_shown" not in maps["settings"]  # before: 1 and 2
+    # before: 1 and 2
+    assert maps["models"]["b"]["layer"] == 1 and "layer_shown" not in maps["settings"]
     entropy = json.load(open(out / "attn_entropy.json"))["models"]["a"]
     assert all(0 <= h <= math.log(64) + 1e-6 for layer in entropy["per_head"] for h in layer)
     svd = json.load(open(out / "svd.json"))["models"]["a"]
@@ -349,14 +351,17 @@ def test_bad_input(tiny_teacher, tiny_data, tmp_path, args, message):
 
 
 def test_a_folder_where_a_result_file_goes_stops_before_any_work(tiny_teacher, tiny_data, tmp_path):
-    """out/fourier.png is a folder: one line before the first model's work (before: fourier.json was written,
+    """out/fourier.png is a folder: one line before the first model's work (before: fourier.json was
+    written,
     then the figure failed with 'free space there', which was not the cause)"""
     (tmp_path / "out" / "fourier.png").mkdir(parents=True)
-    result = run_analyze(["--metric=fourier", tiny_teacher, f"--data={tiny_data}", f"--out={tmp_path / 'out'}"])
+    result = run_analyze(["--metric=fourier", tiny_teacher, f"--data={tiny_data}",
+                          f"--out={tmp_path / 'out'}"])
     assert result.returncode != 0
     out = tmp_path / "out"
-    assert result.stderr.strip().splitlines()[-1] == (f"error: --out={out}: {out}/fourier.png is a folder, where "
-                                                      "fourier writes a file: move it or choose another --out")
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --out={out}: {out}/fourier.png is a folder, where "
+        "fourier writes a file: move it or choose another --out")
     assert "teacher:" not in result.stdout and os.listdir(tmp_path / "out") == ["fourier.png"]
 
 
@@ -364,7 +369,8 @@ def test_a_write_error_says_free_space_only_for_a_full_disk(tmp_path):
     from common import write_error
     with pytest.raises(OSError) as folder:
         open(tmp_path, "w")  # a real error: a folder of that name
-    assert write_error(tmp_path, folder.value) == f"error: could not write {tmp_path} (Is a directory): write to " \
+    assert write_error(tmp_path, folder.value) == f"error: could not write {tmp_path} " \
+                                                  "(Is a directory): write to " \
                                                   "another folder"
 
 
@@ -376,8 +382,10 @@ def test_a_bad_model_late_in_the_list_stops_before_the_first_ones_work(tiny_teac
 
 
 @pytest.mark.parametrize("layer", [4, -3])
-def test_a_layer_out_of_a_later_models_range_stops_before_any_work(tiny_teacher, tiny_data, tmp_path, layer):
-    """embedded has 6 blocks, the second model (nano/4) 2: it is checked before the first one's work (before:
+def test_a_layer_out_of_a_later_models_range_stops_before_any_work(tiny_teacher, tiny_data,
+                                                                   tmp_path, layer):
+    """embedded has 6 blocks, the second model (nano/4) 2: it is checked before the first one's work
+    (before:
     the error came after the first model's forward passes, which were lost)"""
     result = run_analyze(["--metric=attn_map", "embedded", tiny_teacher, f"--layer={layer}",
                           f"--data={tiny_data}", f"--out={tmp_path / 'out'}"])
@@ -481,7 +489,8 @@ def test_written_json_is_strict_json(tmp_path):
 
 
 def test_representation_metrics_record_the_images_read(tiny_teacher, tiny_data, tmp_path):
-    """--n_images=64 of a folder with 8 images: every entry says 8 were read; attn_map's numbers are the maps
+    """--n_images=64 of a folder with 8 images: every entry says 8 were read; attn_map's numbers are
+    the maps
     of the --map_images=2 shown"""
     for name in sorted(os.listdir(os.path.join(tiny_data, "val")))[:2]:
         folder = os.path.join(tiny_data, "val", name)
@@ -494,7 +503,8 @@ def test_representation_metrics_record_the_images_read(tiny_teacher, tiny_data, 
     for metric in ("attn_map", "attn_distance", "attn_entropy", "nmi", "fourier", "svd"):
         report = json.load(open(tmp_path / f"{metric}.json"))
         images = 2 if metric == "attn_map" else 8
-        assert report["settings"]["n_images"] == 64 and report["models"]["teacher"]["images"] == images, metric
+        assert (report["settings"]["n_images"] == 64
+                and report["models"]["teacher"]["images"] == images), metric
 
 
 def test_options_take_the_value_after_a_space(tiny_data, tiny_teacher, tmp_path):

@@ -241,14 +241,16 @@ def test_shape_bias_of_a_classifier_without_class_names(tiny_data, tiny_teacher,
 
 
 def test_shape_bias_figure_marks_a_class_without_decisions():
-    """a class where no decision was the shape or the texture has no shape bias (None): its bar says n/a
+    """a class where no decision was the shape or the texture has no shape bias (None): its bar says
+    n/a
     (before: drawn as a bias of 0, like a class whose every decision was the texture)"""
     from analyze import plot_classifier
     from common import pyplot
     plt = pyplot()
     if plt is None:
         pytest.skip("matplotlib not installed (pip install -r requirements-dev.txt)")
-    results = {"model": dict(shape_bias=0.25, per_class={"airplane": None, "bicycle": 0.0, "cat": 0.5})}
+    results = {"model": dict(shape_bias=0.25,
+                             per_class={"airplane": None, "bicycle": 0.0, "cat": 0.5})}
     fig = plot_classifier(plt, "shape_bias", results)
     ax = fig.axes[0]
     marked = [text.get_position()[0] for text in ax.texts if text.get_text() == "n/a"]
@@ -259,7 +261,8 @@ def test_shape_bias_figure_marks_a_class_without_decisions():
 
 
 def test_sharpness_figure_shows_a_one_point_trace_and_names_it():
-    """one logged point per run (a short fine-tune): the trace is a marker, not an invisible dashed segment, and
+    """one logged point per run (a short fine-tune): the trace is a marker, not an invisible dashed
+    segment, and
     the legend lists the trace beside the top eigenvalue (before: the eigenvalues only)"""
     from analyze import plot_classifier
     from common import pyplot
@@ -271,5 +274,6 @@ def test_sharpness_figure_shows_a_one_point_trace_and_names_it():
     ax, twin = fig.axes
     (trace_line,) = twin.get_lines()
     assert trace_line.get_marker() == "x" and list(trace_line.get_ydata()) == [40.0]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ft_md: top eigenvalue", "ft_md: trace"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ft_md: top eigenvalue",
+                                                                    "ft_md: trace"]
     plt.close(fig)

@@ -172,8 +172,9 @@ def test_ddp_rank_that_reads_no_image_keeps_step(tiny_data, tiny_teacher, tmp_pa
     for path in broken:
         assert f"skipping unreadable image {path}" in double.stderr
     b = weights(tmp_path / "two" / saved)
-    # each step's log line: the one image of the 4 that could not be read, on whichever rank (before: rank 0's
-    # count alone, 0 with rank 1's broken), and a loss also where rank 0 has read none yet (before: nan)
+    # each step's log line: the one image of the 4 that could not be read, on whichever rank
+    # (before: rank 0's count alone, 0 with rank 1's broken), and a loss also where rank 0 has read
+    # none yet (before: nan)
     double_log = train_records(tmp_path / "two" / "log.jsonl")
     assert [r["skipped"] for r in double_log] == [1, 1]
     if script == "vqkd" and positions == (0, 2):
@@ -187,7 +188,8 @@ def test_ddp_rank_that_reads_no_image_keeps_step(tiny_data, tiny_teacher, tmp_pa
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5), k
-    # one rank read one image per step: the ranks' mean loss is that image's, as one process's last readable one
+    # one rank read one image per step: the ranks' mean loss is that image's, as one process's last
+    # readable one
     single_losses = [r["loss"] for r in train_records(tmp_path / "one" / "log.jsonl")]
     assert [r["loss"] for r in double_log] == pytest.approx(single_losses, rel=1e-5)
 
@@ -993,11 +995,13 @@ def test_resume_from_a_checkpoint_with_a_missing_or_misfit_entry_is_one_line(tin
     assert first.returncode == 0, first.stderr[-2000:]
     good = torch.load(out / "ckpt.pt", weights_only=True)
     no_decoder = {k: v for k, v in good.items() if k != "decoder"}
-    wrong_shape = dict(good, model=dict(good["model"], **{"patch_embed.proj.weight": torch.zeros(5, 3, 4, 4)}))
+    wrong_shape = dict(good, model=dict(good["model"],
+                                        **{"patch_embed.proj.weight": torch.zeros(5, 3, 4, 4)}))
     other_groups = dict(good, optimizer=dict(good["optimizer"], param_groups=good["optimizer"]["param_groups"][:1]))
     cases = [(no_decoder, "is not this script's training checkpoint (no decoder)"),
-             (wrong_shape, "its 'model' does not fit this run (size mismatch for patch_embed.proj.weight: copying "
-                           "a param with shape torch.Size([5, 3, 4, 4]) from checkpoint, the shape in current model "
+             (wrong_shape, "its 'model' does not fit this run (size mismatch for "
+                           "patch_embed.proj.weight: copying a param with shape "
+                           "torch.Size([5, 3, 4, 4]) from checkpoint, the shape in current model "
                            "is torch.Size(["),
              (other_groups, "its 'optimizer' does not fit this run (")]
     for ckpt, says in cases:
@@ -1047,7 +1051,8 @@ OPTION_CASES = [  # (script, options, the one line)
     ("ft", ["--min_crop_scale=1.5"], "error: --min_crop_scale=1.5 must be in (0, 1]"),
     ("ft", ["--lr=1e38"], "error: --lr=1e+38 must be <= 3.4e+37 (float32's max x (1 - beta1))"),  # Adam overflows
     ("vqkd", ["--save_interval=0"], "error: --save_interval=0 must be >= 1"),
-    ("vqkd", ["--decoder_depth=-1"], "error: --decoder_depth=-1 must be >= 0"),  # before: a run without a decoder
+    # before: a run without a decoder
+    ("vqkd", ["--decoder_depth=-1"], "error: --decoder_depth=-1 must be >= 0"),
     ("vqkd", ["--collapse_threshold=-2"], "error: --collapse_threshold=-2.0 must be in [0, 1]"),
     ("vqkd", ["--model=Ti/16", "--img_size=128"],  # 64 patches as the teacher's; before: a shape traceback
      "error: the teacher '{teacher}' takes 32 px / patch 4, the tokenizer 128 px / patch 16: the patch grids"),
@@ -1198,17 +1203,22 @@ def test_train_split_unreadable_mid_run_keeps_the_finished_steps(tiny_data, tiny
     assert torch.load(out / saved, weights_only=True)["iter_num"] == stopped + 1
 
 
-def test_a_new_run_in_another_scripts_run_folder_is_refused_and_its_log_kept(tiny_data, tiny_teacher, tmp_path):
-    """train_vqkd.py started in the out_dir of a train_md.py run: before, refuse_overwrite looked for its own
+def test_a_new_run_in_another_scripts_run_folder_is_refused_and_its_log_kept(
+        tiny_data, tiny_teacher, tmp_path):
+    """train_vqkd.py started in the out_dir of a train_md.py run: before, refuse_overwrite looked
+    for its own
     checkpoint name (tokenizer.pt) only, and the new run emptied the MD run's log.jsonl"""
     out = tmp_path / "md"
-    first = run(MD + [f"--teacher={tiny_teacher}"], tiny_data, ["--stop_iter=1", f"--out_dir={out}"])
+    first = run(MD + [f"--teacher={tiny_teacher}"], tiny_data,
+                ["--stop_iter=1", f"--out_dir={out}"])
     assert first.returncode == 0, first.stderr[-2000:]
     log = (out / "log.jsonl").read_bytes()
     assert log
-    refused = run(TOKENIZER + [f"--teacher={tiny_teacher}"], tiny_data, ["--stop_iter=1", f"--out_dir={out}"])
+    refused = run(TOKENIZER + [f"--teacher={tiny_teacher}"], tiny_data,
+                  ["--stop_iter=1", f"--out_dir={out}"])
     assert refused.returncode != 0
     assert refused.stderr.strip().splitlines() == [
-        f"error: {out / 'ckpt.pt'} exists (another script's run) and a new run in its folder would replace its "
+        f"error: {out / 'ckpt.pt'} exists (another script's run) and a new run in its folder "
+        "would replace its "
         "log.jsonl: choose another out_dir"]
     assert (out / "log.jsonl").read_bytes() == log and not (out / "tokenizer.pt").exists()

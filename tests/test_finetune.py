@@ -281,8 +281,9 @@ def test_summary_skips_a_result_with_a_value_edited_to_null(tmp_path):
 
 def test_summary_figure_points():
     """Fig. 8b/8c points of --summarize: runs at the same lr are averaged (each is still drawn as a dot; before,
-    a vertical segment joined them), a run stopped early (a smoke test) is left out, an 8c point is the runs at
-    the best lr of that number of frozen blocks (before: every lr's runs averaged), and an init with one
+    a vertical segment joined them), a run stopped early (a smoke test) is left out, an 8c point is
+    the runs at the best lr of that number of frozen blocks (before: every lr's runs averaged), and
+    an init with one
     number of frozen blocks has no 8c curve (that panel says so instead of staying empty)"""
     from finetune import summary_curves
     runs = [("md", 0, 1e-3, 80.0, 95.0, "a", False), ("md", 0, 1e-3, 84.0, 96.0, "b", False),
@@ -290,7 +291,8 @@ def test_summary_figure_points():
             ("md", 0, 5e-4, 70.0, 90.0, "c", False), ("md", 6, 1e-3, 50.0, 80.0, "probe", False),
             ("scratch", 0, 1e-3, 40.0, 70.0, "d", False)]
     assert summary_curves(runs) == {
-        "md": dict(lr={5e-4: [70.0], 1e-3: [80.0, 84.0]}, frozen={0: [80.0, 84.0], 6: [50.0]}),  # 0: best lr's
+        # 0: best lr's
+        "md": dict(lr={5e-4: [70.0], 1e-3: [80.0, 84.0]}, frozen={0: [80.0, 84.0], 6: [50.0]}),
         "scratch": dict(lr={1e-3: [40.0]}, frozen={})}
 
 
@@ -311,7 +313,8 @@ def test_summary_names_each_init_whole(tmp_path):
     assert summary.returncode == 0, summary.stderr[-2000:]
     rows = summary.stdout.splitlines()[1:3]
     for i, init_ in enumerate(inits):
-        assert rows[i].split() == [init_, "0", "5.00e-05", f"{80 + i}.00", "95.00", str(root / f"run{i}")]
+        assert rows[i].split() == [init_, "0", "5.00e-05", f"{80 + i}.00", "95.00",
+                                   str(root / f"run{i}")]
 
 
 def test_ddp_eval_counts_each_image_once(tiny_data, tiny_teacher, tmp_path):

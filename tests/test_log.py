@@ -364,7 +364,8 @@ def test_curves_bad_input_is_one_line(tmp_path):
         analyze.main(["--metric=curves", str(broken)])
     # records edited by hand (before: a TypeError, and a matplotlib ValueError for 0 columns)
     broken.write_text('{"iter": 1, "loss": 1.0}\n{"iter": "x", "loss": 0.5}\n')
-    with pytest.raises(SystemExit, match=r"^error: .*broken.jsonl, line 2 is not a training record \(no iteration"):
+    with pytest.raises(SystemExit, match=r"^error: .*broken.jsonl, line 2 is not a training "
+                                         r"record \(no iteration"):
         analyze.main(["--metric=curves", str(broken)])
     broken.write_text('{"iter": 1, "loss": "1.0"}\n')
     with pytest.raises(SystemExit, match=r"^error: .*broken.jsonl holds no numbers beside 'iter'"):

@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_paper(tmp_path, teachers, **environment):
-    """experiments/paper.sh smoke with TEACHERS (and other environment variables); -> the commands it ran
+    """experiments/paper.sh smoke with TEACHERS (and other environment variables); -> the commands
+    it ran
     (script and arguments), stdout"""
     stub_dir, record = tmp_path / "bin", tmp_path / "commands.txt"
     stub_dir.mkdir(exist_ok=True)
@@ -53,8 +54,9 @@ def test_a_rerun_with_more_teachers_trains_and_analyses_the_new_ones(tmp_path):
 
 
 def test_a_changed_or_dropped_analysis_setting_runs_it_again(tmp_path):
-    """the landscape finished with --steps=16 (its .done file says so): the scale now says --steps=3, a value
-    that --lanczos_steps=3 also has (before: '3' was found among the finished command's words, and the step was
+    """the landscape finished with --steps=16 (its .done file says so): the scale now says
+    --steps=3, a value that --lanczos_steps=3 also has (before: '3' was found among the finished
+    command's words, and the step was
     skipped); the hessian finished with a --span the scale no longer sets (before: never noticed)"""
     run_paper(tmp_path, "embedded")
     steps = tmp_path / "run" / "steps"
@@ -66,12 +68,14 @@ def test_a_changed_or_dropped_analysis_setting_runs_it_again(tmp_path):
     again, out = run_paper(tmp_path, "embedded")
     assert sorted(c[2] for c in again) == ["hessian", "landscape", "report"]
     assert "== landscape: its command has '--steps=3', which the finished one" in out
-    assert "== hessian: the finished one" in out and "set --span, which its command does not: run again" in out
+    assert ("== hessian: the finished one" in out
+            and "set --span, which its command does not: run again" in out)
 
 
 def test_a_rerun_with_a_subset_of_teachers_trains_no_other_baseline(tmp_path):
-    """the better baseline at FD's lr was fine-tuned from CLIP; rerun without CLIP: before, the baseline became
-    the first teacher left and a new fine-tune at FD's lr was trained, which the report does not read"""
+    """the better baseline at FD's lr was fine-tuned from CLIP; rerun without CLIP: before, the
+    baseline became the first teacher left and a new fine-tune at FD's lr was trained, which the
+    report does not read"""
     run_paper(tmp_path, "embedded clip")
     subset, out = run_paper(tmp_path, "embedded")
     assert [c[:3] for c in subset] == [["analyze.py", "--metric", "report"]]
@@ -79,15 +83,20 @@ def test_a_rerun_with_a_subset_of_teachers_trains_no_other_baseline(tmp_path):
 
 
 def test_a_missing_teacher_of_shape_bias_is_said_before_any_work(tmp_path):
-    """SHAPE_TEACHERS=deit with no deit file: one 'missing:' line up front and nothing runs (before: found by
-    the shape_bias step after every training, and the run stopped without a report); SHAPE_TEACHERS="" runs"""
-    env = dict(os.environ, ROOT=str(tmp_path / "run"), MDLAB_CACHE=str(tmp_path / "cache"), PYTHONPATH=ROOT,
+    """SHAPE_TEACHERS=deit with no deit file: one 'missing:' line up front and nothing runs (before:
+    found by
+    the shape_bias step after every training, and the run stopped without a report);
+    SHAPE_TEACHERS="" runs"""
+    env = dict(os.environ, ROOT=str(tmp_path / "run"), MDLAB_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=ROOT,
                SHAPE_TEACHERS="deit")
-    result = subprocess.run(["bash", "experiments/paper.sh", "smoke"], capture_output=True, text=True, cwd=ROOT,
+    result = subprocess.run(["bash", "experiments/paper.sh", "smoke"], capture_output=True,
+                            text=True, cwd=ROOT,
                             env=env, timeout=300)
     assert result.returncode != 0 and not (tmp_path / "run").exists()
     lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith(f"missing: teacher deit ({tmp_path / 'cache'}/deit_base_patch16_224-b5f2ef4d.pth)")
+    assert lines[0].startswith(f"missing: teacher deit ({tmp_path / 'cache'}/"
+                               "deit_base_patch16_224-b5f2ef4d.pth)")
     assert lines[0].endswith('or run without it: SHAPE_TEACHERS="" experiments/paper.sh smoke')
     assert lines[1] == "error: scale 'smoke' lacks 1 piece(s) above; nothing was run"
     commands, _ = run_paper(tmp_path, "embedded", SHAPE_TEACHERS="")
@@ -96,8 +105,9 @@ def test_a_missing_teacher_of_shape_bias_is_said_before_any_work(tmp_path):
 
 
 def test_a_run_folder_with_a_space_in_its_path_skips_what_it_finished(tmp_path):
-    """the .done file keeps the command as one line of words: a path with a space is compared word by word on
-    both sides (before this stop's option-by-option check was mended: every analysis ran again on every rerun)"""
+    """the .done file keeps the command as one line of words: a path with a space is compared word
+    by word on both sides (before this stop's option-by-option check was mended: every analysis ran
+    again on every rerun)"""
     spaced = tmp_path / "with space"
     spaced.mkdir()
     run_paper(spaced, "embedded")

@@ -169,8 +169,9 @@ def test_missing_results_are_not_tested(tmp_path):
 
 
 def test_results_edited_by_hand_are_not_tested_instead_of_a_traceback(tmp_path, capsys):
-    """fields of another type or empty (before: ValueError, AttributeError or TypeError tracebacks, or a verdict
-    on NaN): the claims that read them are not tested, the files that are not analyze.py's or finetune.py's
+    """fields of another type or empty (before: ValueError, AttributeError or TypeError tracebacks,
+    or a verdict on NaN): the claims that read them are not tested, the files that are not
+    analyze.py's or finetune.py's
     layout are skipped with a warning, the other claims keep their verdicts"""
     root = str(tmp_path / "run")
     make_run(root, ("clip",), holds=True)
@@ -179,22 +180,30 @@ def test_results_edited_by_hand_are_not_tested_instead_of_a_traceback(tmp_path, 
         data = json.load(open(path))
         change(data)
         write_json(path, data)
-    edit("analysis/finetuned/hessian.json", lambda d: d["models"]["ft_md_clip"].update(eigenvalues=[]))
-    edit("analysis/finetuned/shape_bias.json", lambda d: d["models"]["ft_md_clip"].update(shape_bias="0.3"))
+    edit("analysis/finetuned/hessian.json",
+         lambda d: d["models"]["ft_md_clip"].update(eigenvalues=[]))
+    edit("analysis/finetuned/shape_bias.json",
+         lambda d: d["models"]["ft_md_clip"].update(shape_bias="0.3"))
     edit("analysis/pretrained/nmi.json", lambda d: d["models"]["md_clip"].update(per_layer=[]))
     edit("analysis/pretrained/fourier.json", lambda d: d["models"].update(md_clip=7))
     edit("ft_clip_fd_lr/result.json", lambda d: d.update(top1=None))
     analyze.main(["--metric", "report", root])
     warnings = capsys.readouterr().err
-    assert f"warning: skipping {os.path.join(root, 'analysis/pretrained/fourier.json')}: its models" in warnings
-    assert f"warning: skipping {os.path.join(root, 'ft_clip_fd_lr/result.json')}: its top1" in warnings
+    assert (f"warning: skipping {os.path.join(root, 'analysis/pretrained/fourier.json')}: "
+            "its models" in warnings)
+    assert (f"warning: skipping {os.path.join(root, 'ft_clip_fd_lr/result.json')}: its top1"
+            in warnings)
     lines = claim_lines(open(os.path.join(root, "report.md")).read())
-    assert lines[("flatness", "clip")] == ("the results cannot be read (ValueError: max() arg is an empty "
+    assert lines[("flatness", "clip")] == ("the results cannot be read (ValueError: max() arg "
+                                           "is an empty "
                                            "sequence)", "not tested")
-    assert lines[("shape bias", "clip")][1] == "not tested" and "ValueError" in lines[("shape bias", "clip")][0]
-    assert lines[("NMI", "clip")] == ("the results cannot be read (ValueError: no blocks in per_layer)",
+    assert (lines[("shape bias", "clip")][1] == "not tested"
+            and "ValueError" in lines[("shape bias", "clip")][0])
+    assert lines[("NMI", "clip")] == ("the results cannot be read (ValueError: no blocks in "
+                                      "per_layer)",
                                       "not tested")
-    assert lines[("Fourier", "clip")][1] == "not tested" and lines[("better baseline", "clip")][1] == "not tested"
+    assert (lines[("Fourier", "clip")][1] == "not tested"
+            and lines[("better baseline", "clip")][1] == "not tested")
     assert lines[("attention distance", "clip")][1] == "holds"
 
 

@@ -279,9 +279,10 @@ def test_known_head_counts_are_the_reference_libraries():
 @pytest.mark.parametrize("name, act", [("vit_base_patch16_clip_224", None),
                                        ("vit_base_patch16_clip_quickgelu_224", "quick_gelu")])
 def test_timm_clip_tower_state_dict_is_timms_model(tmp_path, capsys, images, name, act):
-    """A state dict of timm's CLIP towers (norm_pre, no patch bias; before: refused as a file that 'does not
-    fit the model it describes'): the same features as timm's forward_features on its own pretrained_cfg
-    normalization (CLIP's mean/std). Their keys do not tell the activation: GELU, as timm's vit_*_clip_*,
+    """A state dict of timm's CLIP towers (norm_pre, no patch bias; before: refused as a file that
+    'does not fit the model it describes'): the same features as timm's forward_features on its own
+    pretrained_cfg normalization (CLIP's mean/std). Their keys do not tell the activation: GELU, as
+    timm's vit_*_clip_*,
     with a warning; QuickGELU with act. The wrong activation gives other features."""
     def build():
         return timm.create_model(name, pretrained=False)
@@ -291,9 +292,11 @@ def test_timm_clip_tower_state_dict_is_timms_model(tmp_path, capsys, images, nam
     vit, _ = load_model(str(path), act=act)
     warning = capsys.readouterr().err
     assert ("GELU assumed" in warning) == (act is None)
-    mean, std = (torch.tensor(reference.pretrained_cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    mean, std = (torch.tensor(reference.pretrained_cfg[k]).view(1, 3, 1, 1)
+                 for k in ("mean", "std"))
     with torch.no_grad():
-        expected = reference.forward_features((images - mean) / std)  # (B, 197, 768), final norm on all tokens
+        # (B, 197, 768), final norm on all tokens
+        expected = reference.forward_features((images - mean) / std)
         assert torch.allclose(vit.forward_features(images), expected, atol=1e-4)
         other = load_model(str(path), act="gelu" if act else "quick_gelu")[0]
         assert (other.forward_features(images) - expected).abs().max() > 1e-2
@@ -441,9 +444,11 @@ def test_wrong_architecture_and_wrong_layout(tmp_path, tiny_teacher):
         load_teacher("clip", path=str(good))
     run = tmp_path / "run.pt"  # a training run's checkpoint (its config is the run's settings)
     torch.save(dict(torch.load(tiny_teacher, weights_only=True), config=dict(lr=1e-3)), run)
-    with pytest.raises(CheckpointError, match=f"'{run}' is a training run's checkpoint, not a copy of the official "
-                                              "file of teacher 'deit': give the file itself in place of 'deit'"):
-        load_teacher("deit", path=str(run))  # before: read as deit's, and a fine-tune's result filed under deit
+    with pytest.raises(CheckpointError,
+                       match=f"'{run}' is a training run's checkpoint, not a copy of the official "
+                             "file of teacher 'deit': give the file itself in place of 'deit'"):
+        # before: read as deit's, and a fine-tune's result filed under deit
+        load_teacher("deit", path=str(run))
     obj = torch.load(tiny_teacher, weights_only=True)
     obj["model_args"]["depth"] = 3  # a project checkpoint whose weights do not fit its own config
     bad_project = tmp_path / "project.pt"
@@ -499,8 +504,10 @@ def test_export_of_a_folder_says_it_is_a_folder(tmp_path):
     with pytest.raises(CheckpointError, match=re.escape(message)):
         load_teacher(str(tmp_path))
     assert os.listdir(tmp_path) == []
-    (tmp_path / "tokenizer.pt").write_bytes(b"")  # a train_vqkd.py run's folder: its file is the example
-    with pytest.raises(CheckpointError, match=re.escape(f"give a file in it, like {tmp_path / 'tokenizer.pt'}")):
+    # a train_vqkd.py run's folder: its file is the example
+    (tmp_path / "tokenizer.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError,
+                       match=re.escape(f"give a file in it, like {tmp_path / 'tokenizer.pt'}")):
         load_teacher(str(tmp_path))
 
 
@@ -604,16 +611,20 @@ def test_processes_that_start_together_download_once(tmp_path):
     assert (cache / "ViT-B-16.pt").read_bytes() == payload
     assert sorted(os.listdir(cache)) == ["ViT-B-16.pt", "ViT-B-16.pt.lock"]
 
-def test_a_cut_or_stalled_download_is_one_line_and_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
-    """A real local HTTP server. It says 1 MiB and sends 200 kB, then closes (before: the cut file was
-    kept as the download of a teacher without a published hash, DINO's, and every later run failed on
+def test_a_cut_or_stalled_download_is_one_line_and_leaves_nothing_in_the_cache(tmp_path,
+                                                                                monkeypatch):
+    """A real local HTTP server. It says 1 MiB and sends 200 kB, then closes (before: the cut file
+    was
+    kept as the download of a teacher without a published hash, DINO's, and every later run failed
+    on
     it), or sends 100 bytes and then nothing (before: no timeout, the run waited forever); then it
     sends the whole file, which the next call fetches."""
     import http.server
     import threading
     import urllib.request
     import common
-    monkeypatch.setattr(urllib.request, "urlopen", urllib.request.build_opener().open)  # loopback only, here
+    # loopback only, here
+    monkeypatch.setattr(urllib.request, "urlopen", urllib.request.build_opener().open)
     payload = os.urandom(1 << 20)
     mode, release = ["cut"], threading.Event()
 
@@ -639,7 +650,8 @@ def test_a_cut_or_stalled_download_is_one_line_and_leaves_nothing_in_the_cache(t
     url = f"http://127.0.0.1:{server.server_address[1]}/dino_vitbase16_pretrain.pth"
     cache = tmp_path / "cache"
     try:
-        with pytest.raises(CheckpointError, match=r"could not download .* \(the connection ended after 200000 "
+        with pytest.raises(CheckpointError, match=r"could not download .* \(the connection ended "
+                                                  r"after 200000 "
                                                   r"of 1048576 bytes\): fetch the file elsewhere"):
             common.download(url, None, str(cache))
         assert os.listdir(cache) == ["dino_vitbase16_pretrain.pth.lock"]

@@ -460,9 +460,11 @@ def test_transformer_head_with_zero_blocks_works():
 
 @pytest.mark.parametrize("script", ["train_md.py", "analyze.py"])
 def test_help_into_a_pipe_closed_early_is_no_error(script):
-    """python SCRIPT --help | head: the reader is gone before the text is written (here: closed at once, so the
+    """python SCRIPT --help | head: the reader is gone before the text is written (here: closed at
+    once, so the
     write fails every time); before, a BrokenPipeError traceback"""
-    proc = subprocess.Popen([sys.executable, script, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, script, "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
                             cwd=ROOT, text=True)
     proc.stdout.close()
     stderr = proc.stderr.read()

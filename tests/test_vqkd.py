@@ -101,12 +101,17 @@ def test_weight_decay_groups_follow_beit_v2s_skip_list():
 
 
 def test_codebook_starts_on_distinct_first_batch_vectors_before_they_are_quantized():
-    """the first training batch: the 64 codes are 64 distinct ones of its 128 vectors (before: drawn with
-    replacement, so repeated codes that could never win), and that batch's codes are those of the new codebook
-    (before: of the random one): each drawn vector's code is its own (cosine 1), its commitment term 0"""
-    vq = tokenizer(K=64, initialized=False, decay=1.0)  # decay 1: the EMA leaves the codebook as initialized
+    """the first training batch: the 64 codes are 64 distinct ones of its 128 vectors (before: drawn
+    with
+    replacement, so repeated codes that could never win), and that batch's codes are those of the
+    new codebook
+    (before: of the random one): each drawn vector's code is its own (cosine 1), its commitment term
+    0"""
+    # decay 1: the EMA leaves the codebook as initialized
+    vq = tokenizer(K=64, initialized=False, decay=1.0)
     images, targets = torch.rand(2, 3, 32, 32), torch.randn(2, 64, 12)
-    z = vq.code_vectors(images).reshape(-1, 4)  # the vectors the forward computes (its weights do not change)
+    # the vectors the forward computes (its weights do not change)
+    z = vq.code_vectors(images).reshape(-1, 4)
     _, codes = vq(images, targets)
     assert bool(vq.initialized)
     similarity = vq.codebook @ z.T  # (codes, vectors)
@@ -126,8 +131,9 @@ def test_codes_are_the_nearest_entries_by_cosine():
 
 
 def test_codes_are_scored_in_fp32_under_bf16_autocast():
-    """two codes 1e-3 apart in cosine to a vector: bf16 scores tie them, and argmax took the first (code 0);
-    the codes under autocast are the fp32 ones (train_md's targets and its val targets no longer depend on
+    """two codes 1e-3 apart in cosine to a vector: bf16 scores tie them, and argmax took the first
+    (code 0); the codes under autocast are the fp32 ones (train_md's targets and its val targets no
+    longer depend on
     --dtype)"""
     vq = tokenizer(K=2)
     z = torch.nn.functional.normalize(torch.tensor([[[1.0, 0.5, 0.25, 0.0]]]), dim=-1)
@@ -135,20 +141,23 @@ def test_codes_are_scored_in_fp32_under_bf16_autocast():
     nearer = torch.nn.functional.normalize(z[0, 0] + torch.tensor([0.0, 0.0, 0.0, 0.02]), dim=0)
     vq.codebook.copy_(torch.stack([farther, nearer]))
     cosines = (vq.codebook.double() @ z[0, 0].double()).tolist()
-    assert cosines[1] > cosines[0] and torch.tensor(cosines, dtype=torch.bfloat16).unique().numel() == 1
+    assert (cosines[1] > cosines[0]
+            and torch.tensor(cosines, dtype=torch.bfloat16).unique().numel() == 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert vq.nearest(z).item() == 1
 
 
 def test_commitment_is_the_mean_squared_error_of_z_and_its_code():
-    """BEiT v2's beta x F.mse_loss(z_q.detach(), z): the mean over patches and code dimensions (before: the sum
-    over the code dimensions, code_dim x the reference's); the difference of two commitment weights, computed
+    """BEiT v2's beta x F.mse_loss(z_q.detach(), z): the mean over patches and code dimensions
+    (before: the sum over the code dimensions, code_dim x the reference's); the difference of two
+    commitment weights, computed
     from the encoder's own vectors and codes"""
     vq = tokenizer()
     vq.eval()
     images, targets = torch.rand(2, 3, 32, 32), torch.randn(2, 64, 12)
     z, codes = vq.encode(images)
-    expected = sum(((a - b) ** 2) for a, b in zip(z.flatten().tolist(), vq.codebook[codes].flatten().tolist()))
+    expected = sum(((a - b) ** 2) for a, b in zip(z.flatten().tolist(),
+                                                  vq.codebook[codes].flatten().tolist()))
     expected /= z.numel()
     difference = vq(images, targets, commitment=3.0)[0] - vq(images, targets, commitment=1.0)[0]
     assert difference.item() == pytest.approx(2 * expected, rel=1e-4)
@@ -231,13 +240,15 @@ def test_tokenizer_then_md_on_codes_from_the_command_line(tiny_data, tiny_teache
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     common = [f"--data_dir={tiny_data}", "--img_size=32", "--total_batch_size=16", "--micro_batch_size=8",
               "--num_workers=0", "--device=cpu", "--dtype=float32", "--log_interval=2", "--epochs=1"]
-    tokenizer_args = [f"--teacher={tiny_teacher}", "--model=nano/4", "--codebook_size=4096", "--stop_iter=4",
+    tokenizer_args = [f"--teacher={tiny_teacher}", "--model=nano/4", "--codebook_size=4096",
+                      "--stop_iter=4",
                       "--collapse_threshold=0.99", f"--out_dir={tmp_path / 'tok'}"]
     r = subprocess.run([sys.executable, "train_vqkd.py", *common, *tokenizer_args],
                        capture_output=True, text=True, cwd=root, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout + r.stderr
-    # 4096 codes, 2048 assignments between log lines: at most half in use whatever the tokenizer does, under the
+    # 4096 codes, 2048 assignments between log lines: at most half in use whatever the tokenizer
+    # does, under the
     # threshold of 99%; this checks that the log line says so
     assert "codebook usage" in out and "perplexity" in out and "COLLAPSE" in out
     md_args = ["--target=vqkd", f"--tokenizer={tmp_path / 'tok' / 'tokenizer.pt'}", "--model=nano/4",
