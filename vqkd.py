@@ -22,9 +22,8 @@ class VQKD(nn.Module):
     restarted at a random encoder vector of the batch. The codebook starts on distinct vectors of
     the first batch, before that batch is quantized. As in BEiT v2 (microsoft/unilm
     beit2/modeling_vqkd.py, norm_ema_quantizer.py): cosine codes of unit vectors, the commitment
-    term beta x the mean squared
-    error (beta 1); unlike it: no k-means on the first batch, an EMA of the assigned vectors' sums
-    (normalized after), and the restarts, which it has not."""
+    term beta x the mean squared error (beta 1); unlike it: no k-means on the first batch, an EMA
+    of the assigned vectors' sums (normalized after), and the restarts, which it has not."""
 
     def __init__(self, cfg, teacher_dim, codebook_size=8192, code_dim=32, decoder_depth=1, decay=0.99,
                  dead_threshold=0.05):
@@ -120,8 +119,7 @@ class VQKD(nn.Module):
     def drawn_vectors(flat, n, weight):
         """n encoder vectors of this batch drawn at random (n, code_dim), distinct where the batch
         has n, the same on every DDP rank: those of the lowest rank whose batch was read
-        (weight > 0), never a stand-in's;
-        None if no rank's was"""
+        (weight > 0), never a stand-in's; None if no rank's was"""
         # without replacement: a repeated vector is a code that can never win
         if flat.shape[0] >= n:
             picked = torch.randperm(flat.shape[0], device=flat.device)[:n]
