@@ -279,8 +279,7 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
                               f"(OpenAI's, open_clip's, timm's CLIP towers) only, "
                               "whose keys do not tell it")
     # a run's weights as --init=deit --init_path=out/md/ckpt.pt: its fine-tunes would be filed as
-    # deit's (a
-    # converted copy, teacher.py export of the official file with --act, has an empty config)
+    # deit's (a converted copy, teacher.py export of the official file with --act, has an empty config)
     if project and name in OFFICIAL and obj.get("config"):
         raise CheckpointError(f"'{source}' is a training run's checkpoint, not a copy of the "
                               "official file of "
