@@ -1084,8 +1084,7 @@ def main(argv):
     folders = [path for path in sorted(written) if os.path.isdir(path)]
     if folders:  # found before the work, not when the first JSON of a pair is written
         raise SystemExit(f"error: --out={opts['out']}: {folders[0]} is a folder, where {metric} "
-                         "writes a file: "
-                         f"move it or choose another --out")
+                         "writes a file: move it or choose another --out")
     if metric == "curves":  # the log.jsonl of training runs, not models
         return curves(models, opts["labels"], opts["out"])
     labels = opts["labels"].split(",") if opts["labels"] else default_labels(models)
@@ -1280,8 +1279,7 @@ def read_log(path):
         iteration = record.get("iter") if isinstance(record, dict) else None
         if not isinstance(iteration, int) or isinstance(iteration, bool):
             raise SystemExit(f"error: {path}, line {number} is not a training record "
-                             "(no iteration number "
-                             f"'iter'): give the log.jsonl of a run")
+                             "(no iteration number 'iter'): give the log.jsonl of a run")
         records.append(record)
     if not records:
         raise SystemExit(f"error: {path} holds no records yet: a run writes one per log line")
@@ -1411,8 +1409,7 @@ def read_run(root):
                     finetunes[os.path.relpath(folder, root)] = data
                 else:
                     print(f"warning: skipping {path}: its top1, top5, best_top1 or config is not "
-                          "finetune.py's",
-                          file=sys.stderr)
+                          "finetune.py's", file=sys.stderr)
             elif {"metric", "models"} <= set(data):  # analyze.py
                 models = data["models"]
                 if not (isinstance(models, dict)

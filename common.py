@@ -759,8 +759,7 @@ def refuse_overwrite(path):
         other = os.path.join(os.path.dirname(path), name)
         if os.path.exists(other):
             raise SystemExit(f"error: {other} exists (another script's run) and a new run in its "
-                             "folder would "
-                             f"replace its log.jsonl: choose another out_dir")
+                             "folder would replace its log.jsonl: choose another out_dir")
 
 
 def resume_from(ckpt, path, optimizer, **modules):

@@ -213,9 +213,8 @@ def summary_curves(runs):
     """the figure's points from print_summary's runs (init, frozen, lr, top-1, top-5, run, stopped early):
     per init, {"lr": {lr: [top-1 of each run without frozen blocks]}, "frozen": {blocks: [top-1, ...]}},
     the second only where the init has runs with more than one number of frozen blocks, each
-    number's
-    runs at the lr of the best mean top-1 for it (an lr sweep beside them is not averaged in). A run
-    stopped early (a smoke test) is no point of a curve."""
+    number's runs at the lr of the best mean top-1 for it (an lr sweep beside them is not averaged
+    in). A run stopped early (a smoke test) is no point of a curve."""
     curves, by_lr = {}, {}
     for init_, frozen, lr_, top1, _, _, early in sorted(runs):
         if early:

@@ -282,8 +282,8 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
     # deit's (a converted copy, teacher.py export of the official file with --act, has an empty config)
     if project and name in OFFICIAL and obj.get("config"):
         raise CheckpointError(f"'{source}' is a training run's checkpoint, not a copy of the "
-                              "official file of "
-                              f"teacher '{name}': give the file itself in place of '{name}'")
+                              f"official file of teacher '{name}': give the file itself in "
+                              f"place of '{name}'")
     if project:
         cfg = config_of(obj["model_args"], source)
         model = build_vit(cfg, sd, f"'{source}'")

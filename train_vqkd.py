@@ -53,8 +53,7 @@ code_dim = 32                 # code vector size (l2-normalized)
 decoder_depth = 1             # decoder blocks
 ema_decay = 0.99              # codebook EMA
 dead_threshold = 0.05         # restart codes used at under this fraction of the uniform rate
-# beta: weight of the mean of (z - q)^2 over patches and code dimensions (BEiT v2)
-commitment = 1.0
+commitment = 1.0              # beta: weight of the mean of (z - q)^2, as BEiT v2's
 collapse_threshold = 0.1      # report a collapse when fewer than this fraction of codes were used
 epochs = 100                  # Table 1, VQ-KD column
 warmup_epochs = 5
@@ -91,8 +90,7 @@ def main():
         (code_dim >= 1, f"--code_dim={code_dim} must be >= 1"),
         (decoder_depth >= 0, f"--decoder_depth={decoder_depth} must be >= 0 (0: a linear decoder)"),
         (0 <= collapse_threshold <= 1, f"--collapse_threshold={collapse_threshold} must be in "
-                                       "[0, 1] "
-                                       f"(a fraction of the codes)"),
+                                       "[0, 1] (a fraction of the codes)"),
         (model in PRESETS, f"unknown model size '{model}': choose one of {', '.join(PRESETS)}"),
         (img_size % patch_size == 0, f"--img_size={img_size} is not a multiple of the patch size "
                                      f"{patch_size} of {model}: the patches must tile the image"),
