@@ -16,9 +16,10 @@
 # TEACHERS="clip deit" (a subset of the scale's teachers), SHAPE_TEACHERS="" (the teachers whose own
 # decisions shape bias and OOD show before fine-tuning: none).
 # A finished step writes ROOT/steps/NAME.done (its seconds and its command) and is skipped when
-# the script runs again; a stopped training resumes from its checkpoint; an analysis whose command
-# has something new (more TEACHERS, other settings) runs again. To redo a step, delete its .done file
-# (and, for a training, its folder).
+# the script runs again; Ctrl-C or a SIGTERM to the script stops the step that runs, then the script;
+# a stopped training resumes from its checkpoint; an analysis whose command has something new (more
+# TEACHERS, other settings) runs again. To redo a step, delete its .done file (and, for a training,
+# its folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 {  # one block: bash reads all of it before it starts, so editing this file cannot upset a run
@@ -90,6 +91,46 @@ fi
 ran=0
 skipped=0
 
+# A stop reaches the step that runs and ends the script after it, even when the step still finishes
+# (a Ctrl-C in a training's last iteration): Ctrl-C goes from the terminal to the step itself; a SIGTERM
+# to this script (kill, a scheduler) is passed on to the step, which saves and stops as on its own.
+child="" stop="" signals=0
+on_term() {
+  stop=143 signals=$((signals + 1))
+  if [ -n "$child" ]; then
+    kill -TERM "$child" 2>/dev/null || true
+  fi
+}
+trap 'stop=130 signals=$((signals + 1))' INT
+trap on_term TERM
+
+# run COMMAND...: COMMAND in the background, waited for (a trapped signal ends a plain `wait` early, a
+# foreground command would hold it until the command ends); Ctrl-C gets its default action back there.
+# A failed command ends the script with its exit status.
+run() {
+  local status=0 seen=-1
+  ( trap - INT; exec "$@" ) &
+  child=$!
+  while [ "$seen" != "$signals" ]; do  # again after each signal, until the command itself has ended
+    seen=$signals status=0
+    wait "$child" || status=$?
+  done
+  child=""
+  if [ "$status" != 0 ]; then
+    stopped
+    exit "$status"
+  fi
+}
+
+# stopped: end the script here if a stop signal came
+stopped() {
+  if [ -n "$stop" ]; then
+    echo "stopped by $([ "$stop" = 130 ] && echo Ctrl-C || echo SIGTERM): run experiments/paper.sh $SCALE" \
+         "again to go on from here" >&2
+    exit "$stop"
+  fi
+}
+
 # step NAME COMMAND...: run COMMAND unless ROOT/steps/NAME.done says it already finished
 step() {
   local name=$1 start=$SECONDS
@@ -100,9 +141,10 @@ step() {
     return
   fi
   echo "== $name: $*"
-  "$@"
+  run "$@"
   printf '%s\t%s\n' $((SECONDS - start)) "$*" > "$ROOT/steps/$name.done"
   ran=$((ran + 1))
+  stopped
 }
 
 # train NAME SCRIPT ARGS...: a training step writing to ROOT/NAME, resumed if it had stopped
@@ -219,7 +261,8 @@ if [ -n "$OOD_DATA" ]; then
 fi
 
 # ---- 4. the report (always rewritten: it only reads the files above)
-$PYTHON analyze.py --metric report "$ROOT"
+run $PYTHON analyze.py --metric report "$ROOT"
+stopped
 echo "done: $ran step(s) ran, $skipped finished before; $((SECONDS / 60)) min $((SECONDS % 60)) s"
 exit
 }

@@ -2,33 +2,46 @@
 `python` first on PATH that runs only `python -c`, the script's own look-ups): which steps run, which
 are skipped on a rerun."""
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_paper(tmp_path, teachers, **environment):
-    """experiments/paper.sh smoke with TEACHERS (and other environment variables); -> the commands
-    it ran
-    (script and arguments), stdout"""
+def paper_environment(tmp_path, teachers, stub_tail="", **environment):
+    """the environment of experiments/paper.sh smoke with TEACHERS, its `python` a stub that records
+    each command in tmp_path/commands.txt and then runs stub_tail (sh)"""
     stub_dir, record = tmp_path / "bin", tmp_path / "commands.txt"
     stub_dir.mkdir(exist_ok=True)
     stub = stub_dir / "python"
     stub.write_text(f"#!/bin/sh\nif [ \"$1\" = -c ]; then exec {sys.executable} \"$@\"; fi\n"
-                    f"echo \"$*\" >> '{record}'\n")
+                    f"echo \"$*\" >> '{record}'\n{stub_tail}")
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
     cache = tmp_path / "cache"  # where teacher.py looks for the official files: present, never read
     cache.mkdir(exist_ok=True)
     (cache / "ViT-B-16.pt").write_bytes(b"")
     record.write_text("")
-    env = dict(os.environ, PATH=f"{stub_dir}:{os.environ['PATH']}", ROOT=str(tmp_path / "run"),
-               TEACHERS=teachers, MDLAB_CACHE=str(cache), PYTHONPATH=ROOT, **environment)
+    return dict(os.environ, PATH=f"{stub_dir}:{os.environ['PATH']}", ROOT=str(tmp_path / "run"),
+                TEACHERS=teachers, MDLAB_CACHE=str(cache), PYTHONPATH=ROOT, **environment)
+
+
+def recorded(tmp_path):
+    return [line.split() for line in (tmp_path / "commands.txt").read_text().splitlines()]
+
+
+def run_paper(tmp_path, teachers, **environment):
+    """experiments/paper.sh smoke with TEACHERS (and other environment variables); -> the commands
+    it ran (script and arguments), stdout"""
+    env = paper_environment(tmp_path, teachers, **environment)
     result = subprocess.run(["bash", "experiments/paper.sh", "smoke"], capture_output=True, text=True,
                             cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    return [line.split() for line in record.read_text().splitlines()], result.stdout
+    return recorded(tmp_path), result.stdout
 
 
 def test_a_rerun_with_more_teachers_trains_and_analyses_the_new_ones(tmp_path):
@@ -113,3 +126,61 @@ def test_a_run_folder_with_a_space_in_its_path_skips_what_it_finished(tmp_path):
     run_paper(spaced, "embedded")
     again, out = run_paper(spaced, "embedded")
     assert [c[:3] for c in again] == [["analyze.py", "--metric", "report"]], out
+
+
+# the MD pretraining of the stub: says it is ready, then trains until a signal; SIGTERM: it saves and
+# stops (exit 143), Ctrl-C: its last iteration ends the training normally (exit 0)
+TRAINING_UNTIL_A_SIGNAL = """if [ "$1" = train_md.py ]; then
+  trap 'echo INT >> "$SIGNALS"; exit 0' INT
+  trap 'echo TERM >> "$SIGNALS"; exit 143' TERM
+  touch "$READY"
+  while :; do sleep 1; done
+fi
+"""
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM to the script", "Ctrl-C in the last iteration"])
+def test_a_stop_signal_reaches_the_step_and_ends_the_script(tmp_path, stop):
+    """a real signal while the first training runs. SIGTERM to paper.sh alone (kill, a scheduler)
+    is passed on to the training, and the script ends after it with 143 (before: bash ended at once
+    and the training went on without it). Ctrl-C, which the terminal sends to the whole process
+    group, in a training's last iteration: the training finishes (exit 0), its .done file is
+    written and the script ends with 130 (before: the next step started). A rerun goes on."""
+    ready, signals = tmp_path / "ready", tmp_path / "signals"
+    env = paper_environment(tmp_path, "embedded", TRAINING_UNTIL_A_SIGNAL, READY=str(ready),
+                            SIGNALS=str(signals))
+    process = subprocess.Popen(["bash", "experiments/paper.sh", "smoke"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group, as a terminal's job
+    try:
+        for _ in range(1200):  # the stub training is ready (at most 2 minutes)
+            if ready.exists() or process.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert ready.exists(), process.communicate()[1][-2000:]
+        if stop == "SIGTERM to the script":
+            process.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        try:  # a training left behind (the old script's fault)
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # none: the whole group has ended
+            pass
+    finished = tmp_path / "run" / "steps" / "md_embedded.done"
+    go_on = "run experiments/paper.sh smoke again to go on from here"
+    assert [c[0] for c in recorded(tmp_path)] == ["train_md.py"]  # no later step started
+    if stop == "SIGTERM to the script":
+        assert signals.read_text() == "TERM\n" and process.returncode == 143
+        assert not finished.exists()
+        assert err.strip().endswith("stopped by SIGTERM: " + go_on)
+    else:
+        assert signals.read_text() == "INT\n" and process.returncode == 130
+        assert finished.exists()
+        assert err.strip().endswith("stopped by Ctrl-C: " + go_on)
+    again, out = run_paper(tmp_path, "embedded")
+    scripts = [c[0] for c in again]
+    assert scripts.count("finetune.py") == 4 and scripts.count("analyze.py") == 7
+    trained_again = "train_md.py" in scripts
+    assert trained_again == (stop == "SIGTERM to the script")
