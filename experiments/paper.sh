@@ -106,7 +106,7 @@ trap on_term TERM
 
 # run COMMAND...: COMMAND in the background, waited for (a trapped signal ends a plain `wait` early, a
 # foreground command would hold it until the command ends); Ctrl-C gets its default action back there.
-# A failed command ends the script with its exit status.
+# Returns COMMAND's exit status.
 run() {
   local status=0 seen=-1
   ( trap - INT; exec "$@" ) &
@@ -116,24 +116,26 @@ run() {
     wait "$child" || status=$?
   done
   child=""
-  if [ "$status" != 0 ]; then
-    stopped
-    exit "$status"
-  fi
+  return "$status"
 }
 
-# stopped: end the script here if a stop signal came
+# stopped [STATUS]: end the script here if a stop signal came, else with STATUS if it is not 0
 stopped() {
   if [ -n "$stop" ]; then
     echo "stopped by $([ "$stop" = 130 ] && echo Ctrl-C || echo SIGTERM): run experiments/paper.sh $SCALE" \
          "again to go on from here" >&2
     exit "$stop"
   fi
+  if [ "${1:-0}" != 0 ]; then
+    exit "$1"
+  fi
 }
 
-# step NAME COMMAND...: run COMMAND unless ROOT/steps/NAME.done says it already finished
+# step NAME COMMAND...: run COMMAND unless ROOT/steps/NAME.done says it already finished. The
+# seconds of a try that stopped or failed are kept in NAME.spent and added to the next one's.
 step() {
-  local name=$1 start=$SECONDS
+  local name=$1 start=$SECONDS status=0 seconds
+  local spent="$ROOT/steps/$1.spent"
   shift
   if [ -f "$ROOT/steps/$name.done" ]; then
     echo "== $name: finished before, skipped"
@@ -141,8 +143,14 @@ step() {
     return
   fi
   echo "== $name: $*"
-  run "$@"
-  printf '%s\t%s\n' $((SECONDS - start)) "$*" > "$ROOT/steps/$name.done"
+  run "$@" || status=$?
+  seconds=$((SECONDS - start + $(cat "$spent" 2>/dev/null || echo 0)))
+  if [ "$status" != 0 ]; then
+    echo "$seconds" > "$spent"
+    stopped "$status"
+  fi
+  printf '%s\t%s\n' "$seconds" "$*" > "$ROOT/steps/$name.done"
+  rm -f "$spent"
   ran=$((ran + 1))
   stopped
 }
@@ -261,8 +269,9 @@ if [ -n "$OOD_DATA" ]; then
 fi
 
 # ---- 4. the report (always rewritten: it only reads the files above)
-run $PYTHON analyze.py --metric report "$ROOT"
-stopped
+status=0
+run $PYTHON analyze.py --metric report "$ROOT" || status=$?
+stopped "$status"
 echo "done: $ran step(s) ran, $skipped finished before; $((SECONDS / 60)) min $((SECONDS % 60)) s"
 exit
 }

@@ -145,7 +145,8 @@ def test_a_stop_signal_reaches_the_step_and_ends_the_script(tmp_path, stop):
     is passed on to the training, and the script ends after it with 143 (before: bash ended at once
     and the training went on without it). Ctrl-C, which the terminal sends to the whole process
     group, in a training's last iteration: the training finishes (exit 0), its .done file is
-    written and the script ends with 130 (before: the next step started). A rerun goes on."""
+    written and the script ends with 130 (before: the next step started). A rerun goes on, and the
+    seconds of the stopped try count in the step's time (before: only the last try's)."""
     ready, signals = tmp_path / "ready", tmp_path / "signals"
     env = paper_environment(tmp_path, "embedded", TRAINING_UNTIL_A_SIGNAL, READY=str(ready),
                             SIGNALS=str(signals))
@@ -175,6 +176,9 @@ def test_a_stop_signal_reaches_the_step_and_ends_the_script(tmp_path, stop):
         assert signals.read_text() == "TERM\n" and process.returncode == 143
         assert not finished.exists()
         assert err.strip().endswith("stopped by SIGTERM: " + go_on)
+        spent = finished.with_suffix(".spent")  # the stopped try's seconds, added to the next one's
+        assert int(spent.read_text()) >= 0
+        spent.write_text("1000\n")  # as if that try had trained for 1000 s
     else:
         assert signals.read_text() == "INT\n" and process.returncode == 130
         assert finished.exists()
@@ -184,3 +188,6 @@ def test_a_stop_signal_reaches_the_step_and_ends_the_script(tmp_path, stop):
     assert scripts.count("finetune.py") == 4 and scripts.count("analyze.py") == 7
     trained_again = "train_md.py" in scripts
     assert trained_again == (stop == "SIGTERM to the script")
+    if trained_again:  # the .done time counts both tries (before: the last one only)
+        assert int(finished.read_text().split("\t")[0]) >= 1000
+        assert not finished.with_suffix(".spent").exists()
