@@ -51,6 +51,7 @@ stop_iter = 0                 # stop (and save) after this iteration without cha
 summarize = ""                # a directory of runs: print (and plot) lr / freeze_blocks -> top-1, then exit
 hessian_every = 0             # every N iterations log the top Hessian eigenvalue and trace on a fixed val batch
                               # to out_dir/sharpness.json (Fig. 7c, 7f; plot: analyze.py --metric sharpness); 0 = off
+hessian_samples = 30          # with --hessian_every: Hutchinson samples of the trace (after at most 20 Lanczos steps)
 # model
 init = "clip"                 # clip | dino | deit | embedded | checkpoint path | scratch
 init_path = ""                # local copy of the official file for clip/dino/deit
@@ -95,7 +96,7 @@ backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 # what is computed (device, compile and backend change float rounding only); resume refuses others
 RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "wandb_log", "wandb_project", "wandb_run_name",
                      "eval_interval", "log_interval", "num_workers", "device", "compile", "backend", "init_path",
-                     "hessian_every", "summarize")
+                     "hessian_every", "hessian_samples", "summarize")
 # the checkpoint entries --resume reads, besides config, iter_num and optimizer
 RESUME_ENTRIES = ("model", "model_args", "best_top1")
 
@@ -247,6 +248,7 @@ def main():
         (eval_interval >= 0, f"--eval_interval={eval_interval} must be >= 0 (0 = once per epoch)"),
         (0 < layer_decay <= 1, f"--layer_decay={layer_decay} must be in (0, 1] (1 = off)"),
         (recount >= 1, f"--recount={recount} must be >= 1"),
+        (hessian_samples >= 2, f"--hessian_samples={hessian_samples} must be >= 2 (a standard error needs two)"),
         (init != "scratch" or model in PRESETS,
          f"unknown model size '{model}': choose one of {', '.join(PRESETS)}"),
         (init != "scratch" or img_size % patch_size == 0,
@@ -380,7 +382,8 @@ def main():
             p.requires_grad_(True)
         vit.eval()
         try:
-            r = curvature(vit, batch, k=1, max_iter=20, trace_products=10)
+            # trace_products counts the Lanczos steps too: at least hessian_samples are samples
+            r = curvature(vit, batch, k=1, max_iter=20, trace_products=20 + hessian_samples)
         finally:
             for p in frozen:
                 p.requires_grad_(False)
@@ -388,7 +391,8 @@ def main():
         value, trace, stderr = r["eigenvalues"][0], r["trace"], r["trace_stderr"]
         parameters = sum(t.numel() for t in r["vectors"][0])  # the dimension the Hessian acted on
         sharpness_log.append(dict(iter=iter_num, eigenvalue=value, trace=trace, trace_stderr=stderr,
-                                  parameters=parameters))
+                                  parameters=parameters, trace_samples=r["trace_samples"],
+                                  lanczos_steps=r["lanczos_steps"], converged=r["converged"]))
         os.makedirs(out_dir, exist_ok=True)
         write_atomic(sharpness_path, json.dumps(sharpness_log))
         return f"iter {iter_num}: sharpness (top Hessian eigenvalue) {value:.4g}, trace {trace:.4g}"

@@ -9,8 +9,8 @@ trace is E[v^T H v] over Rademacher v. The algorithms are cheaper than PyHessian
 
 - eigenvalues: Lanczos with full reorthogonalization (one Krylov run gives all k) instead of
   power iteration with deflation (kept here as `power_iteration`, the reference for bench.py);
-  it stops when the error bound of every wanted Ritz value is <= tol |theta| (see `lanczos`),
-  where power iteration stops when its estimate changes by less than that.
+  it stops when the residual of every wanted Ritz pair is <= tol |theta| (an eigenvalue lies
+  that close, see `lanczos`), where power iteration stops when its estimate changes by less.
 - trace: Hutchinson on the complement of the Lanczos Krylov basis Q. tr H = tr(Q^T H Q) +
   tr(P H P) with P = I - Q Q^T; the first term is the sum of the Lanczos diagonal (exact, no
   extra product), the second is estimated from Rademacher v projected by P. The big outlier
@@ -333,8 +333,8 @@ def bilinear(f, a, b):
     return Jet.of(z0, terms([(a1, b0), (a0, b1)]), terms([(a2, b0), (a1, b1), (a0, b2)]))
 
 
-def conv2d_rule(x, w, b=None, *options):
-    z = bilinear(lambda s, t: F.conv2d(s, t, None, *options), x, w)
+def conv2d_rule(x, w, b=None, *options, **named):
+    z = bilinear(lambda s, t: F.conv2d(s, t, None, *options, **named), x, w)
     return z if b is None else add_rule(z, b[:, None, None])
 
 
@@ -455,6 +455,7 @@ def cross_entropy_rule(logits, targets, weight=None, size_average=None, ignore_i
     """L = mean_b (logsumexp z_b - z_b[y_b]): L1 = mean(<p, z1> - z1[y]),
     L2 = mean(<p, z2> - z2[y] + (<p, z1^2> - <p, z1>^2) / 2)"""
     if (weight is not None or reduction != "mean" or label_smoothing or targets.is_floating_point()
+            or logits.dim() != 2
             or size_average is not None or reduce is not None or (targets == ignore_index).any()):
         raise NotImplementedError("no second-order rule for this cross_entropy")
     z0, z1, z2 = parts(logits)
@@ -574,11 +575,14 @@ class Jet(torch.Tensor):
         if func in RULES:
             return RULES[func](*args, **kwargs)
         name = getattr(func, "__name__", "")
+        if name == "__setitem__":  # x[i] = y returns None: the parts written would be lost
+            raise NotImplementedError("no second-order rule for an in-place write x[i] = y")
         with torch._C.DisableTorchFunctionSubclass():
             values = tree_map(lambda a: a.value if isinstance(a, Jet) else a, (args, kwargs))
             z0 = Jet.tape(lambda: func(*values[0], **values[1]))
             results = z0 if isinstance(z0, (tuple, list)) else [z0]
-            moves = all(torch.is_tensor(r) and r.is_floating_point() for r in results)
+            # an op with values and indices (max, sort) moves with the weights: it needs a rule
+            moves = any(torch.is_tensor(r) and r.is_floating_point() for r in results)
             if name in CONSTANT or not moves:  # shapes, sizes, indices, constants
                 return z0
             jets = [a for a in tree_leaves((args, kwargs)) if isinstance(a, Jet)]
@@ -620,11 +624,12 @@ def lanczos(hessian, k=2, tol=1e-3, max_iter=100, seed=0):
     q_{j+1} beta_j = H q_j - alpha_j q_j - beta_{j-1} q_{j-1}, alpha_j = q_j^T H q_j, with every
     new q orthogonalized against all the previous ones (full reorthogonalization). A Ritz pair
     (theta, y = Q s) of the tridiagonal T = tridiag(beta, alpha, beta) has the residual
-    r = ||H y - theta y|| = beta_m |s_m|, and an eigenvalue of H lies within min(r, r^2 / gap)
-    of theta, gap = the distance to the rest of the spectrum (Parlett, The Symmetric Eigenvalue
-    Problem, 11.7; estimated here by the distance to the other Ritz values). The run stops when
-    this bound is <= tol |theta| for all k, after max_iter products, or when the Krylov space is
-    invariant (beta = 0: the Ritz values are then exact eigenvalues).
+    r = ||H y - theta y|| = beta_m |s_m|, and an eigenvalue of H lies within r of theta (H
+    symmetric, y a unit vector). The run stops when r <= tol |theta| for all k (ARPACK's rule),
+    after max_iter products, or when the Krylov space is invariant (beta = 0: the Ritz values
+    are then exact eigenvalues). The sharper r^2 / gap bound is not used: it needs the gap to the
+    rest of the spectrum, and the other Ritz values misjudge it while a close pair is unresolved
+    (top eigenvalues 10 and 9.8: it stopped on 9.82 for 33 of 40 random starts at tol 1e-3).
     -> dict(values (by magnitude, largest first), vectors (k, P), basis [q_1..q_m], steps,
     residuals, converged, basis_trace = sum of alpha = tr(Q^T H Q), history: the values after
     every step)"""
@@ -647,12 +652,8 @@ def lanczos(hessian, k=2, tol=1e-3, max_iter=100, seed=0):
         residuals = (beta * S[-1, order].abs()).tolist()
         values = theta[order].tolist()
         history.append(values)
-        gaps = [(theta - v).abs().sort().values[1].item() if len(theta) > 1 else math.inf
-                for v in values]
-        # a single Ritz value has no gap estimate (inf): its bound is the residual itself
-        bounds = [min(r, r * r / gap) if 0 < gap < math.inf else r for r, gap in zip(residuals, gaps)]
         invariant = beta <= 1e-7 * max(abs(v) for v in values)
-        converged = len(values) == k and all(b <= tol * abs(v) for b, v in zip(bounds, values))
+        converged = len(values) == k and all(r <= tol * abs(v) for r, v in zip(residuals, values))
         if converged or invariant or len(basis) == min(max_iter, hessian.size):
             break
         betas.append(beta)

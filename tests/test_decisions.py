@@ -143,7 +143,8 @@ def test_sharpness_logged_during_finetuning_and_plotted(tiny_data, tiny_teacher,
     cmd = [sys.executable, "finetune.py", f"--data_dir={tiny_data}", f"--init={tiny_teacher}",
            "--img_size=32", "--epochs=1", "--total_batch_size=16", "--micro_batch_size=8",
            "--num_workers=0", "--device=cpu", "--dtype=float32", "--compile=False",
-           "--stop_iter=4", "--hessian_every=2", "--freeze_blocks=2", f"--out_dir={tmp_path / 'ft'}"]
+           "--stop_iter=4", "--hessian_every=2", "--hessian_samples=5", "--freeze_blocks=2",
+           f"--out_dir={tmp_path / 'ft'}"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     # 144 train images, batches of 16: an epoch is 9 iterations, of which --stop_iter ran 4
@@ -160,6 +161,9 @@ def test_sharpness_logged_during_finetuning_and_plotted(tiny_data, tiny_teacher,
     log = json.load(open(tmp_path / "ft" / "sharpness.json"))
     assert [e["iter"] for e in log] == [2, 4]
     assert all(np.isfinite(e["eigenvalue"]) and np.isfinite(e["trace"]) for e in log)
+    # the trace on at most 20 Lanczos steps and the rest of 20 + 5 products as samples (before: 10
+    # products in all, so 2 samples after the at least 8 Lanczos steps)
+    assert all(e["trace_samples"] == 25 - e["lanczos_steps"] >= 5 for e in log)
     # the Hessian over all the weights, the two frozen blocks and patch projection too, as analyze.py's
     # of the checkpoint (before: over the trained ones only, another number for the same model)
     from model import ViT, ViTConfig
