@@ -471,6 +471,13 @@ def read_checkpoint(path):
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             is_torchscript = any(n.endswith("constants.pkl") for n in z.namelist())
+            try:  # torch.load checks no checksum: a flipped byte would load as a wrong weight
+                damaged = z.testzip()  # the first record whose bytes fail their CRC-32, or None
+            except (OSError, zipfile.BadZipFile, EOFError) as e:
+                damaged = f"a record ({first_line(e) or type(e).__name__})"
+        if damaged:
+            raise CheckpointError(f"'{path}' is damaged: {damaged} in it does not match its checksum "
+                                  "(CRC-32): not a readable checkpoint")
         if is_torchscript:  # CLIP's file: its tensors, read without running any code stored in it
             try:
                 state_dict = read_torchscript(path)

@@ -416,6 +416,15 @@ def test_missing_file_and_not_a_checkpoint(tmp_path):
     cut.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="cut.pt' is a cut or damaged zip archive"):
         load_teacher(str(cut))
+    flipped = tmp_path / "flipped.pt"  # one byte of the tensor's data changed, the zip intact: torch.load
+    data = bytearray(whole.read_bytes())  # reads it as another weight, the zip's CRC-32 tells
+    at = data.index(bytes(256))  # the 64 float zeros of the tensor
+    data[at + 100] ^= 0x40
+    flipped.write_bytes(data)
+    assert torch.load(flipped, weights_only=True)["vit.cls_token"].abs().max() > 0
+    with pytest.raises(CheckpointError, match=r"flipped.pt' is damaged: whole/data/0 in it does not "
+                                              r"match its checksum \(CRC-32\)"):
+        load_teacher(str(flipped))
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty.pt' is empty: not a checkpoint"):
         load_teacher(str(tmp_path / "empty.pt"))
