@@ -124,6 +124,22 @@ def test_nmi_closed_forms():
     assert nmi == pytest.approx(math.log(2) / math.log(16), rel=1e-5)
 
 
+def test_nmi_with_a_non_uniform_key_marginal():
+    """NMI = I / sqrt(H(q) H(k)), H(q) = log N (the docstring and docs/metrics.md), on a case
+    where H(k) < log N and I > 0, worked out by hand: 16 queries, 12 spread uniformly over keys
+    0-7 and 4 over keys 8-15"""
+    a = torch.zeros(1, 1, 16, 16)
+    a[0, 0, :12, :8] = 1 / 8
+    a[0, 0, 12:, 8:] = 1 / 8
+    # p(k) = 12/16 * 1/8 = 3/32 on keys 0-7, 4/16 * 1/8 = 1/32 on keys 8-15:
+    # H(k) = 8 (3/32) log(32/3) + 8 (1/32) log 32 = 3/4 log(32/3) + 1/4 log 32
+    h_k = 0.75 * math.log(32 / 3) + 0.25 * math.log(32)
+    # every row has entropy log 8: I = H(k) - log 8 = 3/4 log(4/3) + 1/4 log 4
+    mutual = 0.75 * math.log(4 / 3) + 0.25 * math.log(4)
+    assert h_k - math.log(8) == pytest.approx(mutual)
+    nmi = attention_nmi(patch_attention(with_cls(a))).item()
+    assert nmi == pytest.approx(mutual / math.sqrt(math.log(16) * h_k), rel=1e-5)
+
 def test_fourier_single_cosine():
     """1 + cos(2 pi k (x + y) / G): DC amplitude G^2, peaks of G^2 / 2 at (k, k) -> entry k is
     log(1/2); the other diagonal entries are empty (round-off only, far below the peak)."""
