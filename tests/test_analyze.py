@@ -308,6 +308,58 @@ def test_collect_matches_the_definitions_on_a_model(tiny_teacher, workers, monke
             assert torch.allclose(stats[("svd_token", layer)][:63], relative.mean(0), atol=1e-6)
 
 
+def test_summaries_and_image_spectrum_match_the_definitions_on_a_model():
+    """summarize() after collect() against the definitions recomputed from ViT.forward_all:
+    per_layer of the attention metrics = the mean over heads; the image spectrum of block l =
+    the relative log singular values of the covariance of the images' mean-pooled patch tokens;
+    the svd per_layer = the mean over images of the first min(N - 1, C) entries of each image's
+    token spectrum. 16 patches and 32 channels, so that min(N - 1, C) = 15 < N < C."""
+    from analyze import collect, patch_distances, summarize
+    from model import ViT, ViTConfig
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    model = ViT(cfg).eval()
+    with torch.no_grad():  # head 1 sharper than at init, head 0 (query rows 0-15) near uniform
+        for block in model.blocks:
+            block.attn.qkv.weight.normal_(0, 0.3)[:16].mul_(0.1)
+    g = torch.Generator().manual_seed(1)
+    # a contrast per image, so that the images' pooled tokens spread
+    images = torch.rand(5, 3, 16, 16, generator=g) * torch.rand(5, 1, 1, 1, generator=g) * 4
+    loader = [(images[:3], None, None, None), (images[3:], None, None, None)]
+    want = {"attn_distance", "attn_entropy", "nmi", "svd"}
+    stats = collect(model, loader, "cpu", want)
+    with torch.no_grad():
+        out = model.forward_all(images)
+    D = patch_distances(4, 4).double()
+    for layer, attn in enumerate(out["attn"]):  # per head, mean over images and queries
+        a = attn[..., 1:, 1:].double()
+        a = a / a.sum(-1, keepdim=True)
+        heads = {"attn_entropy": -(a * a.log()).sum(-1).mean((0, -1)),
+                 "attn_distance": (a * D).sum(-1).mean((0, -1))}
+        p_k = a.mean(-2, keepdim=True)
+        mutual = (a * (a / p_k).log()).sum((-2, -1)) / 16  # sum_{q,k} p(q) a log(a / p(k))
+        h_k = -(p_k * p_k.log()).sum((-2, -1))
+        heads["nmi"] = (mutual / (math.log(16) * h_k).sqrt()).mean(0)
+        for metric, per_head in heads.items():
+            # the heads differ, so that the first head is not their mean
+            assert per_head[0].item() != pytest.approx(per_head[1].item(), rel=1e-3)
+            summary = summarize(metric, stats, cfg)
+            assert summary["per_layer"][layer] == pytest.approx(per_head.mean().item(), rel=1e-5)
+    svd = summarize("svd", stats, cfg)
+    assert svd["token_usable"] == 15 and svd["image_usable"] == 4
+    for layer, hidden in enumerate(out["hidden"][1:]):
+        tokens = hidden[:, 1:].double()  # (5, 16, 32)
+        # covariance eigenvalues = squared singular values of the centred samples / (M - 1);
+        # relative log: log(s_i / s_1); only the first M - 1 are nonzero
+        s = torch.linalg.svdvals(tokens - tokens.mean(1, keepdim=True)) ** 2 / 15  # (5, 16)
+        token = (s / s[:, :1]).log()[:, :15]
+        assert svd["per_layer"][layer] == pytest.approx(token.mean().item(), abs=1e-5)
+        pooled = tokens.mean(1)  # (5, 32): one mean-pooled sample per image
+        s = torch.linalg.svdvals(pooled - pooled.mean(0)) ** 2 / 4  # (5,), the last one zero
+        image = torch.tensor(svd["image_spectrum"][layer][:4], dtype=torch.float64)
+        assert torch.allclose(image, (s / s[0]).log()[:4], atol=1e-4)
+
+
 def test_metric_runs_on_vit_b_at_224(tmp_path):
     from model import ViT, ViTConfig
     cfg = ViTConfig.from_name("B/16")
