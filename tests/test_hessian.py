@@ -449,3 +449,29 @@ def test_a_batch_without_second_derivative_does_not_crash():
 
     r = curvature(model, batches, k=1, max_iter=5, trace_products=3, loss_fn=linear_loss)
     assert r["eigenvalues"] == [0.0] and r["trace"] == 0.0
+
+
+def test_landscape_directions_of_a_quadratic():
+    """loss_landscape on the quadratic, d1 and d2 its Hessian's eigenvectors of 5 and 2, against
+    the closed form L(theta + a d1 + b d2) = L0 + a g.d1 + b g.d2 + (a^2 lambda1 + b^2 lambda2)/2
+    (d1^T H d2 = 0, g the gradient by autograd): the grid, its second differences, the mixed one"""
+    model, batches, H, loss_fn = quadratic_problem([5.0, 2.0, 0.5, -1.0, 0.3, 0.1])
+    vectors = torch.linalg.eigh(H).eigenvectors  # ascending: 5 is the last, 2 the one before
+    u1, u2 = vectors[:, -1], vectors[:, -2]
+    directions = [[u[:3], u[3:], torch.zeros(4, dtype=torch.float64)] for u in (u1, u2)]
+    total = sum(len(t) for _, t in batches)
+    loss0 = sum(loss_fn(model, x, t) * len(t) / total for x, t in batches)
+    g = torch.cat(torch.autograd.grad(loss0, [model.a, model.b]))
+    coords, grid = loss_landscape(model, batches, directions, span=0.5, steps=3, loss_fn=loss_fn)
+    assert coords == pytest.approx([-0.5, 0.0, 0.5])
+    for i, a in enumerate(coords):
+        for j, b in enumerate(coords):
+            expected = loss0.item() + a * g @ u1 + b * g @ u2 + (5 * a ** 2 + 2 * b ** 2) / 2
+            assert grid[i][j] == pytest.approx(expected.item(), rel=1e-9, abs=1e-9)
+    # second differences: L(h d) + L(-h d) - 2 L(0) = lambda h^2; mixed: 4 h^2 d1^T H d2 = 0
+    h = coords[2]
+    assert (grid[2][1] + grid[0][1] - 2 * grid[1][1]) / h ** 2 == pytest.approx(5.0, rel=1e-9)
+    assert (grid[1][2] + grid[1][0] - 2 * grid[1][1]) / h ** 2 == pytest.approx(2.0, rel=1e-9)
+    mixed = (grid[2][2] - grid[2][0] - grid[0][2] + grid[0][0]) / (4 * h ** 2)
+    assert mixed == pytest.approx(0.0, abs=1e-9)
+    assert mean_loss(model, batches, loss_fn) == pytest.approx(loss0.item(), abs=1e-12)  # restored
