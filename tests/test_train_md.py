@@ -85,6 +85,19 @@ def test_loss_closed_form_with_zero_prediction_head(loss):
     assert md(images, masks, targets).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_loss_is_the_mean_over_all_masked_patches_of_the_batch(monkeypatch):
+    """md_loss with loss_on='masked' averages over every masked patch of the batch (its
+    docstring), not per image first: images with 1 and 3 masked patches, MSE by hand"""
+    for name, value in dict(loss="mse", loss_on="masked", target="features").items():
+        monkeypatch.setattr(train_md, name, value)
+    pred = torch.zeros(2, 4, 2)
+    targets = torch.full((2, 4, 2), 10.0)  # the visible patches: MSE 100, ignored
+    masks = torch.tensor([[True, False, False, False], [True, True, True, False]])
+    targets[0, 0] = 2.0  # MSE of a patch: mean over channels of (pred - target)^2 = 4
+    targets[1, :3] = 1.0  # 1 each
+    # (4 + 1 + 1 + 1) / 4 masked patches = 7/4 (per image first: (4 + 1) / 2 = 5/2)
+    assert train_md.md_loss(pred, targets, masks).item() == pytest.approx(7 / 4, rel=1e-6)
+
 def test_one_step_lowers_the_loss_on_a_fixed_batch():
     md = md_model()
     images, masks, targets = batch(2)
