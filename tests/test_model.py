@@ -182,6 +182,19 @@ def test_drop_path_is_identity_in_eval_and_unbiased_in_train():
     assert torch.equal(block.drop_path(x), x)
 
 
+def test_drop_path_drops_whole_samples():
+    """stochastic depth draws once per sample (timm's drop_path): on an (N, T, D) input each
+    sample comes out either all zero or all x / keep_prob, never a mix of the two"""
+    drop = ViT(ViTConfig.from_name("nano/4", drop_path=0.5)).blocks[-1].drop_path.train()
+    x = torch.rand(64, 5, 7) + 0.5  # no zeros in the input
+    torch.manual_seed(0)
+    y = drop(x)
+    dropped = (y == 0).flatten(1).all(1)
+    kept = torch.isclose(y, x / 0.5).flatten(1).all(1)  # keep_prob = 1 - p = 0.5
+    assert torch.equal(dropped | kept, torch.ones(64, dtype=torch.bool))
+    assert 0 < int(dropped.sum()) < 64  # both outcomes occur
+
+
 def test_resize_pos_embed_keeps_constants_and_cls():
     """interpolation weights sum to one: a constant grid stays that constant; CLS is untouched"""
     pe = torch.cat([torch.full((1, 1, 3), 7.0), torch.full((1, 16, 3), -1.5)], dim=1)  # 4 x 4 grid
