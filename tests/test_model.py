@@ -220,6 +220,33 @@ def test_resize_rel_pos_table_keeps_center_and_cls_rows():
     assert out[center].abs().max() < 1e-4  # offset (0, 0) stays 0 for a plane through the origin
 
 
+def test_resize_pos_embed_puts_each_old_position_where_align_corners_false_maps_it():
+    """an asymmetric random 4 x 4 grid resized to 12 x 12: with align_corners=False new pixel i
+    samples old coordinate (i + 0.5) * 4 / 12 - 0.5 = (i - 1) / 3, so new (1 + 3a, 1 + 3b) lies
+    exactly on old (a, b), where the cubic kernel (1 at 0, 0 at +-1, +-2) returns the sample"""
+    torch.manual_seed(0)
+    pe = torch.randn(1, 1 + 16, 3)
+    out = resize_pos_embed(pe, 12)
+    old = pe[0, 1:].reshape(4, 4, 3)  # (row, col, channel), row-major patch order
+    new = out[0, 1:].reshape(12, 12, 3)
+    assert torch.allclose(new[1::3, 1::3], old, atol=1e-5)
+    assert torch.equal(out[0, 0], pe[0, 0])
+
+
+def test_resize_rel_pos_table_puts_each_old_offset_where_align_corners_true_maps_it():
+    """a random (asymmetric) 5 x 5 offset table (grid 3) resized for grid 5 (9 x 9): with
+    align_corners=True new index i samples old coordinate i * (5 - 1) / (9 - 1) = i / 2, so
+    new (2a, 2b) lies exactly on old (a, b): offset (dy, dx) becomes (2 dy, 2 dx)"""
+    torch.manual_seed(0)
+    heads = 2
+    table = torch.randn(5 * 5 + 3, heads)
+    out = resize_rel_pos_table(table, 5)
+    old = table[:25].reshape(5, 5, heads)  # (dy index, dx index, head)
+    new = out[:81].reshape(9, 9, heads)
+    assert torch.allclose(new[::2, ::2], old, atol=1e-5)
+    assert torch.equal(out[81:], table[25:])
+
+
 def test_adapt_state_dict_copies_shared_table_to_every_layer():
     src = randomize(ViT(beit_student()))
     dst_cfg = ViTConfig.from_name("nano/4", abs_pos=False, rel_pos="layer", qkv_bias="qv", layer_scale=0.1,
