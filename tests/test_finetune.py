@@ -67,6 +67,32 @@ def test_randaugment_ops_follow_their_definitions():
     assert rot[0, 0].tolist() == [124, 116, 104]
 
 
+def asymmetric_image():
+    """64 x 64: a linear ramp along x, a quadratic ramp along y (an uneven histogram), and a
+    bright rectangle off the center, so no flip, transpose or rotation maps it onto itself"""
+    x = np.arange(64)[None, :].repeat(64, 0)
+    y = x.T
+    rgb = np.stack([4 * x, y * y // 16, np.full_like(x, 100)], -1)
+    rgb[10:20, 40:56] = (230, 200, 30)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+@pytest.mark.parametrize("name", list(RAND_OPS))
+@pytest.mark.parametrize("draw", [0.0, 1.0])
+def test_each_randaugment_op_is_timms_op_of_the_same_name(name, draw, monkeypatch):
+    """every op at m = 9 with each sign against timm.data.auto_augment's AugmentOp of the same
+    name (rand-m9-inc1, bicubic, the ImageNet mean as fill), pixel for pixel: timm negates a
+    level when random() > 0.5, as _sign does, so both take the same fixed draw"""
+    aa = pytest.importorskip("timm.data.auto_augment")
+    monkeypatch.setattr(aa, "_randomly_negate", lambda v: -v if draw > 0.5 else v)
+    hparams = dict(img_mean=(124, 116, 104), interpolation=Image.BICUBIC)
+    img = asymmetric_image()
+    ours = np.asarray(RAND_OPS[name](img, 0.9, Fixed(draw)))
+    theirs = np.asarray(aa.AugmentOp(name, prob=1.0, magnitude=9, hparams=hparams)(img))
+    assert np.array_equal(ours, theirs)
+    assert not np.array_equal(ours, np.asarray(img))  # the op did change the image
+
+
 def test_randaugment_applies_each_op_with_probability_half():
     ra = RandAugment("rand-m9-mstd0.5-inc1")
     calls = []
