@@ -211,6 +211,40 @@ def test_dead_codes_are_restarted_on_batch_vectors():
     assert all(torch.isclose(restarted[i] @ z[0].T, one, atol=1e-5).any() for i in range(7))
 
 
+def test_ema_count_is_the_decayed_share_of_assignments():
+    """ema_count after n updates with the same assignment, against the recurrence's closed form:
+    c_n = d c_(n-1) + (1 - d) share, c_0 = 1 / K  =>  c_n = d^n / K + (1 - d^n) share,
+    share = the fraction of the batch's vectors assigned to each code (here 6, 3, 1, 0 of 10)"""
+    K, d, n = 4, 0.5, 5
+    vq = tokenizer(K=K, decay=d, dead_threshold=0.0)
+    z = torch.nn.functional.normalize(torch.randn(1, 10, 4), dim=-1)
+    codes = torch.tensor([[0] * 6 + [1] * 3 + [2]])
+    for _ in range(n):
+        vq.ema_update(z, codes, weight=0.5)  # the weight scales counts, not shares
+    share = torch.tensor([0.6, 0.3, 0.1, 0.0])
+    assert torch.allclose(vq.ema_count, d ** n / K + (1 - d ** n) * share, atol=1e-6)
+
+
+def test_a_code_restarts_below_the_dead_threshold_and_not_above():
+    """one update, decay 1/2, from c_0 = 1/K = 1/4 with shares (10, 6, 3, 1) / 20:
+    c_1 = 1/8 + share / 2 = (0.375, 0.275, 0.2, 0.15); threshold 0.7 / K = 0.175, so code 2
+    (0.2) is kept and code 3 (0.15) is dead: its count is reset to 1/K and its entry (and EMA
+    sum) becomes one of the batch's vectors; the live codes are normalized EMA sums"""
+    K = 4
+    vq = tokenizer(K=K, decay=0.5, dead_threshold=0.7)
+    z = torch.nn.functional.normalize(torch.randn(1, 20, 4), dim=-1)
+    codes = torch.tensor([[0] * 10 + [1] * 6 + [2] * 3 + [3]])
+    old_sum = vq.ema_sum.clone()
+    vq.ema_update(z, codes)
+    assert torch.allclose(vq.ema_count, torch.tensor([0.375, 0.275, 0.2, 1 / K]), atol=1e-6)
+    for k in range(3):  # sum_k = (old sum + sum of its assigned vectors) / 2
+        new_sum = 0.5 * old_sum[k] + 0.5 * z[0, codes[0] == k].sum(0)
+        assert torch.allclose(vq.codebook[k], torch.nn.functional.normalize(new_sum, dim=0),
+                              atol=1e-6)
+    assert torch.isclose(vq.codebook[3] @ z[0].T, torch.tensor(1.0), atol=1e-6).any()
+    assert torch.equal(vq.ema_sum[3], vq.codebook[3])
+
+
 def test_codebook_usage_and_perplexity():
     used, perplexity = codebook_usage(torch.tensor([5, 5, 0, 0]))
     assert used == 0.5 and perplexity == pytest.approx(2.0)
