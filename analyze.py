@@ -1055,7 +1055,12 @@ def check_out_dir(out):
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-        reason = "Permission denied" if os.path.isdir(existing) else "File exists"
+        if not os.path.isdir(existing):
+            reason = "File exists"
+        elif os.statvfs(existing).f_flag & os.ST_RDONLY:
+            reason = "Read-only file system"
+        else:
+            reason = "Permission denied"
         raise SystemExit(f"error: --out={out} cannot be a directory ({reason}): "
                          f"give a directory for NAME.json and NAME.png")
 

@@ -139,13 +139,14 @@ def option_error(config, extra=()):
         (">= 1", lambda v: v >= 1,
          ("micro_batch_size", "total_batch_size", "epochs", "log_interval", "save_interval", "img_size")),
         (">= 0", lambda v: v >= 0,
-         ("warmup_epochs", "stop_iter", "lr", "min_lr", "weight_decay", "grad_clip", "seed",
+         ("warmup_epochs", "stop_iter", "lr", "min_lr", "weight_decay", "grad_clip",
           "num_workers", "eval_images", "hessian_every", "mixup", "cutmix", "color_jitter",
           "commitment", "dead_threshold")),
         ("in [0, 1)", lambda v: 0 <= v < 1,
          ("beta1", "beta2", "drop_path", "label_smoothing", "ema_decay")),
         ("in (0, 1]", lambda v: 0 < v <= 1, ("min_crop_scale", "crop_pct")),
         ("in [0, 1]", lambda v: 0 <= v <= 1, ("flip", "reprob")),
+        ("in [0, 2**64)", lambda v: 0 <= v < 2 ** 64, ("seed",)),  # torch.manual_seed's range
     )
     for requirement, ok, names in rules:
         for name in names:

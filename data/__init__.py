@@ -277,7 +277,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def indices(self):
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            g = torch.Generator().manual_seed((self.seed * 100003 + self.epoch) % 2 ** 64)  # its range
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))

@@ -470,6 +470,22 @@ def test_real_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
         subprocess.run(["umount", str(disk)])
 
 
+def test_analyze_out_on_a_read_only_filesystem_says_so(tmp_path, tiny_teacher):
+    """a real read-only mount as --out's parent: the reason is the filesystem's (before: "Permission
+    denied", fixed in the message)"""
+    disk = tmp_path / "ro"
+    mount_tmpfs(disk, "ro,size=1m")
+    try:
+        result = subprocess.run([sys.executable, "analyze.py", "--metric=attn_entropy", tiny_teacher,
+                                 f"--out={disk / 'an'}"], capture_output=True, text=True, cwd=ROOT,
+                                timeout=300)
+    finally:
+        subprocess.run(["umount", str(disk)])
+    assert result.returncode != 0
+    assert result.stderr.strip() == (f"error: --out={disk / 'an'} cannot be a directory (Read-only "
+                                      "file system): give a directory for NAME.json and NAME.png")
+
+
 def file_size_limit(size):
     """preexec_fn: writes past `size` bytes fail with EFBIG in the child (Python ignores SIGXFSZ)"""
     import resource
@@ -1034,7 +1050,9 @@ OPTION_CASES = [  # (script, options, the one line)
     ("md", ["--lr=-0.001"], "error: --lr=-0.001 must be >= 0"),
     ("md", ["--beta1=1.0"], "error: --beta1=1.0 must be in [0, 1)"),
     ("md", ["--beta2=-0.5"], "error: --beta2=-0.5 must be in [0, 1)"),
-    ("md", ["--seed=-1"], "error: --seed=-1 must be >= 0"),
+    ("md", ["--seed=-1"], "error: --seed=-1 must be in [0, 2**64)"),
+    # before: torch.manual_seed's overflow traceback
+    ("ft", ["--seed=99999999999999999999"], "error: --seed=99999999999999999999 must be in [0, 2**64)"),
     ("md", ["--num_workers=-2"], "error: --num_workers=-2 must be >= 0"),
     ("md", ["--drop_path=1.0"], "error: --drop_path=1.0 must be in [0, 1)"),
     ("md", ["--min_crop_scale=0.0"], "error: --min_crop_scale=0.0 must be in (0, 1]"),
