@@ -1417,8 +1417,10 @@ def read_run(root):
                           "finetune.py's", file=sys.stderr)
             elif {"metric", "models"} <= set(data):  # analyze.py
                 models = data["models"]
+                # an entry is a dict; sharpness keeps each model's finetune.py log, a list
+                kind = list if data["metric"] == "sharpness" else dict
                 if not (isinstance(models, dict)
-                        and all(isinstance(e, dict) for e in models.values())):
+                        and all(isinstance(e, kind) for e in models.values())):
                     print(f"warning: skipping {path}: "
                           f"its models are not analyze.py's {{label: entry}}",
                           file=sys.stderr)
@@ -1657,7 +1659,7 @@ def report_blocks(root, metrics, figures, finetunes, steps):
                      for name, seconds, command in steps]
         minutes = sum(s for _, s, _ in steps) / 60
         doc.append(("p", f"{len(steps)} step(s), {minutes:.1f} minutes in all (the time of each "
-                         "step when it ran; a rerun skips finished steps)."))
+                         "step, its stopped tries included; a rerun skips finished steps)."))
         doc.append(("table", (["step", "time", "command"], step_rows)))
     for name in sorted(f for f in os.listdir(root) if f.endswith(".sh")):  # paper.sh's copy
         scale = name[:-len(".sh")]

@@ -33,7 +33,7 @@ from data import (DataError, EvalTransform, ImageFolder, TrainTransform, check_s
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
 from hessian import curvature
 from model import PRESETS, ViT, ViTConfig, adapt_state_dict
-from teacher import config_of, load_model
+from teacher import NAMES, OFFICIAL, config_of, is_path, load_model
 
 # -----------------------------------------------------------------------------
 # defaults (override with a config file and/or --key=value)
@@ -108,6 +108,8 @@ def build_model(classes):
         cfg = ViTConfig.beit_v2(model, img_size=img_size, rel_pos="layer", layer_scale=layer_scale,
                                 drop_path=drop_path, num_classes=num_classes, global_pool="avg")
         return ViT(cfg), "random init"
+    if init not in OFFICIAL and init != "embedded" and not is_path(init):
+        raise CheckpointError(f"unknown --init '{init}': choose {NAMES}, scratch or a checkpoint path")
     source, info = load_model(init, init_path or None)
     src_cfg = source.config
     if img_size % src_cfg.patch_size:

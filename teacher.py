@@ -47,6 +47,11 @@ OFFICIAL = {
 NAMES = ", ".join(list(OFFICIAL) + ["embedded"])
 
 
+def is_path(name):
+    """a model name that is meant as a file: one that exists, or looks like a path"""
+    return os.path.exists(name) or os.sep in name or name.endswith((".pt", ".pth", ".bin"))
+
+
 # ----------------------------------------------------------------------------------------
 # reading state dicts
 
@@ -252,7 +257,7 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
         source = path or download(url, sha, cache_dir)
     elif name == "embedded":
         source, layout = path or EMBEDDED_TEACHER, None
-    elif os.path.exists(name) or os.sep in name or name.endswith((".pt", ".pth", ".bin")):
+    elif is_path(name):
         source, layout = name, None
     else:
         raise CheckpointError(f"unknown model '{name}': choose {NAMES} or a checkpoint path")

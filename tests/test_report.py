@@ -220,6 +220,23 @@ def test_captions_count_the_images_each_model_read(tmp_path):
     assert "*attn_distance (Fig. 3a): clip, 16 images of embedded*" in markdown
 
 
+def test_the_sharpness_figure_is_in_the_report(tmp_path, capsys):
+    """analyze.py --metric sharpness writes each model's finetune.py log (a list) as its entry: the
+    report shows its figure (before: skipped with "its models are not analyze.py's {label: entry}")"""
+    root = tmp_path / "run"
+    log = tmp_path / "ft_md_clip" / "sharpness.json"  # finetune.py --hessian_every's records
+    write_json(str(log), [dict(iter=i, eigenvalue=10.0 + i, trace=100.0 + i, trace_stderr=1.0,
+                               parameters=1000) for i in (2, 4)])
+    analyze.main(["--metric", "sharpness", str(log), "--labels=ft_md_clip",
+                  f"--out={root / 'analysis' / 'finetuned'}"])
+    capsys.readouterr()
+    analyze.main(["--metric", "report", str(root)])
+    assert "skipping" not in capsys.readouterr().err
+    markdown = open(root / "report.md").read()
+    assert "(analysis/finetuned/sharpness.png)" in markdown
+    assert "*sharpness (Fig. 7c/f): ft_md_clip*" in markdown
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda root: None, "no analyze.py or finetune.py results"),
     (lambda root: os.rmdir(root), "takes one run folder"),
