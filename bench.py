@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import peak_flops
+from common import peak_flops, print_help
 from data import TrainTransform, load_image
 from data.masks import BEIT_RATIO, MaskGenerator
 from hessian import (HessianOperator, cross_entropy, curvature, hutchinson, keep_freed_memory, lanczos,
@@ -826,7 +826,14 @@ def gpu_main():
         raise SystemExit(f"error: {failed} of {len(plan)} rows failed (see above)")
 
 
+OPTIONS = ("quick", "analysis", "gpu", "sizes", "device", "steps", "batch", "counts")
+
 if __name__ == "__main__":
+    unknown = [a for a in sys.argv[1:] if not a.startswith("--") or a[2:].split("=")[0] not in OPTIONS]
+    if unknown and unknown[0] in ("-h", "--help"):
+        print_help(__doc__.strip())
+    if unknown:
+        raise SystemExit(f"error: unknown option '{unknown[0]}': python bench.py --help lists them")
     if "gpu" in args:
         gpu_main()
     elif "analysis" in args:

@@ -470,6 +470,18 @@ def test_real_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
         subprocess.run(["umount", str(disk)])
 
 
+def test_bench_help_and_an_unknown_option_start_no_benchmark():
+    """before: every --word was taken as an option and unknown ones ignored, so --help or a typo ran
+    the whole benchmark (minutes)"""
+    shown = subprocess.run([sys.executable, "bench.py", "--help"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=300)
+    assert shown.returncode == 0 and shown.stdout.startswith("How close the MD training step is")
+    typo = subprocess.run([sys.executable, "bench.py", "--qick"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert typo.returncode == 1 and typo.stdout == ""
+    assert typo.stderr == "error: unknown option '--qick': python bench.py --help lists them\n"
+
+
 def test_analyze_out_on_a_read_only_filesystem_says_so(tmp_path, tiny_teacher):
     """a real read-only mount as --out's parent: the reason is the filesystem's (before: "Permission
     denied", fixed in the message)"""
