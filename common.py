@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 import urllib.request
 import zipfile
 
@@ -78,7 +79,7 @@ def apply_overrides(config, argv):
             except Exception as e:  # a config file is Python: its error becomes one line
                 raise SystemExit(f"error: config file {config_error(arg, e)}") from None
             for key, value in file_globals.items():
-                if key.startswith("_"):
+                if key.startswith("_") or isinstance(value, types.ModuleType):  # import math: a tool
                     continue
                 if key not in keys:
                     valid = ", ".join(keys)

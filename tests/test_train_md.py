@@ -482,3 +482,16 @@ def test_help_into_a_pipe_closed_early_is_no_error(script):
     proc.stdout.close()
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 0 and stderr == ""
+
+
+def test_a_config_file_may_import_what_it_computes_with(tmp_path):
+    """a config file is Python: `import math` there is a tool, not an option (before: "unknown
+    option 'math'"); its assignments still must be options"""
+    from common import apply_overrides
+    path = tmp_path / "cfg.py"
+    path.write_text("import math\nlr = math.pi / 1000\n")
+    config = dict(lr=1e-3, epochs=3)
+    assert apply_overrides(config, [str(path)]) == dict(lr=math.pi / 1000, epochs=3)
+    path.write_text("import math\nlr_typo = math.pi\n")
+    with pytest.raises(SystemExit, match="unknown option 'lr_typo' in"):
+        apply_overrides(config, [str(path)])
