@@ -335,6 +335,9 @@ def config_of(model_args, source):
     """a checkpoint's model_args -> ViTConfig; an unknown key, a value not of its field's type, or one
     out of its field's range (which would fail later, deep in building the model, or build another model
     silently) is one line"""
+    if not isinstance(model_args, dict):
+        raise CheckpointError(f"'{source}' has model_args this version cannot read: a "
+                              f"{type(model_args).__name__}, not a dict of ViT settings")
     try:
         cfg = ViTConfig.from_dict(model_args)
     except TypeError as e:  # an unknown field

@@ -1031,7 +1031,10 @@ def test_resume_from_a_checkpoint_with_a_missing_or_misfit_entry_is_one_line(tin
                            "patch_embed.proj.weight: copying a param with shape "
                            "torch.Size([5, 3, 4, 4]) from checkpoint, the shape in current model "
                            "is torch.Size(["),
-             (other_groups, "its 'optimizer' does not fit this run (")]
+             (other_groups, "its 'optimizer' does not fit this run ("),
+             # before: a list config skipped the check of changed settings; a str iter_num, a traceback
+             (dict(good, config=[1]), "its 'config' is a list, not a dict: not this script's"),
+             (dict(good, iter_num="1"), "its 'iter_num' is a str, not an int: not this script's")]
     for ckpt, says in cases:
         torch.save(ckpt, out / "ckpt.pt")
         saved = (out / "ckpt.pt").read_bytes()

@@ -476,6 +476,9 @@ def test_model_args_of_the_wrong_type_is_one_line(tmp_path, tiny_teacher, tiny_d
     torch.save(obj, path)
     with pytest.raises(CheckpointError, match="model_args this version cannot read: depth='six', expected int"):
         load_model(str(path))
+    torch.save(dict(obj, model_args="x"), tmp_path / "argstr.pt")  # before: "dictionary update sequence"
+    with pytest.raises(CheckpointError, match="model_args this version cannot read: a str, not a dict"):
+        load_model(str(tmp_path / "argstr.pt"))
     common = [f"--data_dir={tiny_data}", "--img_size=32", "--device=cpu", "--num_workers=0"]
     scripts = [["train_md.py", "--model=nano/4", f"--teacher={path}", f"--out_dir={tmp_path / 'md'}"],
                ["finetune.py", f"--init={path}", f"--out_dir={tmp_path / 'ft'}"]]
