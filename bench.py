@@ -119,8 +119,11 @@ def bench_md(size, dtype="fp32", compiled=False, fused=True, teacher_bf16=True):
         opt.zero_grad(set_to_none=True)
         return loss
 
-    seconds = timeit(step, warmup=2 if compiled else 1)
-    teacher_seconds = timeit(teacher_only)
+    if compiled:
+        step()  # the compilation, before compare's warm-up call
+    # taking turns, the fastest of each: a busy machine slows both alike (timed apart, the
+    # teacher's share once came out at 134%)
+    seconds, teacher_seconds = compare([step, teacher_only], rounds=STEPS)
     flops = len(images) * (3 * student.flops_per_image() + teacher_vit.flops_per_image())
     return seconds, teacher_seconds, flops, len(images)
 
