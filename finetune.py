@@ -51,7 +51,7 @@ stop_iter = 0                 # stop (and save) after this iteration without cha
 summarize = ""                # a directory of runs: print (and plot) lr / freeze_blocks -> top-1, then exit
 hessian_every = 0             # every N iterations log the top Hessian eigenvalue and trace on a fixed val batch
                               # to out_dir/sharpness.json (Fig. 7c, 7f; plot: analyze.py --metric sharpness); 0 = off
-hessian_samples = 30          # with --hessian_every: Hutchinson samples of the trace (after at most 20 Lanczos steps)
+hessian_samples = 30          # with --hessian_every: the trace's Hutchinson samples (after at most 20 Lanczos steps)
 # model
 init = "clip"                 # clip | dino | deit | embedded | checkpoint path | scratch
 init_path = ""                # local copy of the official file for clip/dino/deit
@@ -384,8 +384,7 @@ def main():
             p.requires_grad_(True)
         vit.eval()
         try:
-            # trace_products counts the Lanczos steps too: at least hessian_samples are samples
-            r = curvature(vit, batch, k=1, max_iter=20, trace_products=20 + hessian_samples)
+            r = curvature(vit, batch, k=1, max_iter=20, trace_samples=hessian_samples)
         finally:
             for p in frozen:
                 p.requires_grad_(False)

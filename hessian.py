@@ -719,19 +719,20 @@ def hutchinson(hessian, samples=50, seed=0, basis=(), basis_trace=0.0, tol=0.0, 
 
 
 def curvature(model, batches, k=2, tol=1e-3, max_iter=100, trace_products=50, trace_tol=0.0,
-              seed=0, keep_graphs=False, loss_fn=cross_entropy):
+              seed=0, keep_graphs=False, loss_fn=cross_entropy, trace_samples=None):
     """top-k eigenvalues by Lanczos, then the trace by Hutchinson deflated with the same Krylov
     basis. trace_products counts every product the trace rests on: the m Lanczos steps (shared
     with the eigenvalues, no extra cost) and trace_products - m Rademacher samples (at least 2,
     each a quadratic form r^T H r, which costs less than a product), so that plain and deflated
-    Hutchinson compare at the same number of products.
+    Hutchinson compare at the same number of products; trace_samples, if given, is the number
+    of samples instead.
     -> dict(eigenvalues, vectors (per-parameter tensors, one list per eigenvalue), trace,
     trace_stderr, trace_samples, lanczos_steps, converged, residuals ||H y - lambda y||, products
     (Hessian-vector products), forms (quadratic forms by Taylor mode; 0 where the model has an
     op without a rule: the samples were products then), passes)"""
     hessian = HessianOperator(model, batches, loss_fn, keep_graphs)
     eig = lanczos(hessian, k, tol, max_iter, seed)
-    samples = max(trace_products - eig["steps"], 2)
+    samples = trace_samples or max(trace_products - eig["steps"], 2)
     trace, stderr, used = hutchinson(hessian, samples, seed + 1, eig["basis"], eig["basis_trace"],
                                      trace_tol)
     return dict(eigenvalues=eig["values"], vectors=[hessian.unflat(v) for v in eig["vectors"]],
