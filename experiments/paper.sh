@@ -142,6 +142,7 @@ step() {
     skipped=$((skipped + 1))
     return
   fi
+  stopped  # a signal between two steps
   echo "== $name: $*"
   run "$@" || status=$?
   seconds=$((SECONDS - start + $(cat "$spent" 2>/dev/null || echo 0)))
