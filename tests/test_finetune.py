@@ -363,7 +363,7 @@ def test_ddp_eval_counts_each_image_once(tiny_data, tiny_teacher, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--init=/no/such/file.pt"], "error: checkpoint '/no/such/file.pt' not found"),
-    (["--init=nothing"], "error: unknown model 'nothing'"),
+    (["--init=nothing"], "error: unknown --init 'nothing'"),
     (["--keep_head=True", "--init={ten}"], "has a head for 10 classes but the data has 6"),
     (["--keep_head=True", "--init={swapped}"],  # the data's 6 names in another order: before, accepted
      "has a head for other classes than the data: output 0 is"),
