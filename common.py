@@ -721,12 +721,10 @@ def resume_checkpoint(path, config, may_change, entries=()):
     if missing:
         raise SystemExit(f"error: {path} is not this script's training checkpoint (no {', '.join(missing)}): "
                          f"start without --resume or in another out_dir")
-    wrong = [(key, expected) for key, kind, expected in (("config", dict, "a dict"), ("iter_num", int, "an int"))
-             if not isinstance(ckpt[key], kind)]
-    if wrong:  # edited by hand, or another program's file
-        key, expected = wrong[0]
-        raise SystemExit(f"error: {path}: its '{key}' is a {type(ckpt[key]).__name__}, not {expected}: "
-                         "not this script's training checkpoint")
+    for key, kind, expected in (("config", dict, "a dict"), ("iter_num", int, "an int")):
+        if not isinstance(ckpt[key], kind):  # edited by hand, or another program's file
+            raise SystemExit(f"error: {path}: its '{key}' is a {type(ckpt[key]).__name__}, not {expected}: "
+                             "not this script's training checkpoint")
     saved = ckpt["config"]
     changed = [k for k in sorted(config)
                if k in saved and k not in may_change and saved[k] != config[k]]
