@@ -1101,6 +1101,7 @@ OPTION_CASES = [  # (script, options, the one line)
     ("md", ["--teacher={nan_model}"],  # before: "loss is nan" after log_interval iterations
      "error: '{nan_model}' has non-finite (NaN/inf) weights, first in blocks.0.mlp.fc1.weight"),
     ("ft", ["--init={nan_model}"], "error: '{nan_model}' has non-finite (NaN/inf) weights, first in blocks.0.mlp.fc1"),
+    ("ft", ["--hessian_samples=1"], "error: --hessian_samples=1 must be >= 2 (a standard error needs two)"),
     ("ft", ["--init=scrach"],  # before: the list left out scratch
      "error: unknown --init 'scrach': choose clip, dino, deit, embedded, scratch or a checkpoint path"),
     ("ft", ["--img_size=0"], "error: --img_size=0 must be >= 1"),  # before: a PIL or interpolate traceback
