@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests.test_faults import default_sigint
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -150,12 +152,11 @@ def test_a_stop_signal_reaches_the_step_and_ends_the_script(tmp_path, stop):
     ready, signals = tmp_path / "ready", tmp_path / "signals"
     env = paper_environment(tmp_path, "embedded", TRAINING_UNTIL_A_SIGNAL, READY=str(ready),
                             SIGNALS=str(signals))
-    # its own process group with Ctrl-C's default action, as a terminal's job (a test run started in
-    # the background ignores SIGINT, and a shell cannot trap a signal ignored when it started)
+    # its own process group with Ctrl-C's default action, as a terminal's job (a shell cannot trap
+    # a signal that was ignored when it started)
     process = subprocess.Popen(["bash", "experiments/paper.sh", "smoke"], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                               start_new_session=True, preexec_fn=default_sigint)
     try:
         for _ in range(1200):  # the stub training is ready (at most 2 minutes)
             if ready.exists() or process.poll() is not None:
