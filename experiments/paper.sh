@@ -98,24 +98,31 @@ child="" stop="" signals=0
 on_term() {
   stop=143 signals=$((signals + 1))
   if [ -n "$child" ]; then
-    kill -TERM "$child" 2>/dev/null || true
+    pkill -TERM -P "$child" || true  # the step (run's subshell keeps on to record its status)
   fi
 }
 trap 'stop=130 signals=$((signals + 1))' INT
 trap on_term TERM
 
 # run COMMAND...: COMMAND in the background, waited for (a trapped signal ends a plain `wait` early, a
-# foreground command would hold it until the command ends); Ctrl-C gets its default action back there.
-# Returns COMMAND's exit status.
+# foreground command would hold it until the command ends). Returns COMMAND's exit status, which a
+# subshell writes to a file: bash loses a child's status when the child ends as a signal cuts the
+# `wait` short (1 in 300 tries of a Ctrl-C to a step that ends at once: a later `wait` said 127 or
+# 255). The subshell traps INT and TERM to outlive COMMAND, which starts with their default actions
+# (an exec resets a caught signal; a background job would start with Ctrl-C ignored).
 run() {
-  local status=0 seen=-1
-  ( trap - INT; exec "$@" ) &
+  local result="$ROOT/steps/status" status=0
+  rm -f "$result"
+  ( trap : INT TERM; "$@"; echo $? > "$result.part"; mv "$result.part" "$result" ) &
   child=$!
-  while [ "$seen" != "$signals" ]; do  # again after each signal, until the command itself has ended
-    seen=$signals status=0
-    wait "$child" || status=$?
+  while [ ! -f "$result" ] && kill -0 "$child" 2>/dev/null; do
+    wait "$child" || status=$?  # again after a signal, until the subshell has ended
   done
   child=""
+  if [ -f "$result" ]; then
+    status=$(cat "$result")
+    rm -f "$result"
+  fi
   return "$status"
 }
 
