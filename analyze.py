@@ -393,13 +393,20 @@ def human_trials(folder):
                                     "model-vs-human's raw-data CSVs have subj, "
                                     f"{', '.join(TRIAL_COLUMNS)}")
                 for row in reader:
-                    subject = row[columns["subj"]]
+                    values = [row[columns[c]] for c in ("subj",) + TRIAL_COLUMNS]
+                    if None in values:  # fewer fields than the header (an unclosed quote ends so too)
+                        raise DataError(f"{path}, line {reader.line_num}: a row with fewer fields than "
+                                        f"the header's {len(reader.fieldnames)}: the file is cut or damaged")
+                    subject, trial = values[0], tuple(values[1:])
                     if subject.startswith("subject-"):
-                        trial = tuple(row[columns[c]] for c in TRIAL_COLUMNS)
                         subjects.setdefault(subject, (path, []))[1].append(trial)
         except UnicodeDecodeError as e:
             raise DataError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x}): save it as "
                             "UTF-8, the encoding model-vs-human's pandas.read_csv reads") from None
+        except csv.Error as e:  # a field over csv's size limit, a NUL byte: not a CSV of trials
+            raise DataError(f"{path}, after line {reader.line_num}: not a CSV of trials ({e})") from None
+        except OSError as e:  # a folder named *.csv, no permission
+            raise DataError(f"{path} cannot be read: {e.strerror}") from None
     return subjects
 
 
@@ -1395,7 +1402,11 @@ def read_run(root):
         for name in sorted(files):
             path = os.path.join(folder, name)
             if name.endswith(".done"):  # experiments/paper.sh: SECONDS<tab>COMMAND
-                seconds, _, command = open(path).read().strip().partition("\t")
+                try:
+                    seconds, _, command = open(path).read().strip().partition("\t")
+                except (OSError, ValueError) as e:  # ValueError: not UTF-8 (edited, damaged)
+                    print(f"warning: skipping unreadable {path} ({e})", file=sys.stderr)
+                    continue
                 if seconds.isdigit():
                     steps.append((os.path.getmtime(path), name[:-5], int(seconds), command))
             if not name.endswith(".json"):

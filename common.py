@@ -470,16 +470,28 @@ def read_checkpoint(path):
                               f"{os.path.join(path, (found or RUN_CHECKPOINTS)[0])}")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' not found")
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            is_torchscript = any(n.endswith("constants.pkl") for n in z.namelist())
-            try:  # torch.load checks no checksum: a flipped byte would load as a wrong weight
+    # torch.load checks no checksum: a flipped byte would load as a wrong weight. A flipped byte in
+    # the zip's own records makes zipfile raise one of many errors (BadZipFile, a "version"
+    # NotImplementedError, an "encrypted" RuntimeError, UnicodeDecodeError in a name, ...)
+    try:
+        is_zip, damaged = zipfile.is_zipfile(path), None
+        if is_zip:
+            with zipfile.ZipFile(path) as z:
+                is_torchscript = any(n.endswith("constants.pkl") for n in z.namelist())
                 damaged = z.testzip()  # the first record whose bytes fail their CRC-32, or None
-            except (OSError, zipfile.BadZipFile, EOFError) as e:
-                damaged = f"a record ({first_line(e) or type(e).__name__})"
+                # torch's reader (miniz) takes a record whose MS-DOS folder bit (0x10) is set for a
+                # folder and gives its tensor uninitialized memory, without an error
+                folders = [i.filename for i in z.infolist() if i.external_attr & 0x10 and not i.is_dir()]
+    except Exception as e:
+        raise CheckpointError(f"'{path}' is damaged: its zip records cannot be read "
+                              f"({first_line(e) or type(e).__name__}): not a readable checkpoint") from None
+    if is_zip:
         if damaged:
             raise CheckpointError(f"'{path}' is damaged: {damaged} in it does not match its checksum "
                                   "(CRC-32): not a readable checkpoint")
+        if folders:
+            raise CheckpointError(f"'{path}' is damaged: its record {folders[0]} is marked as a folder: "
+                                  "not a readable checkpoint")
         if is_torchscript:  # CLIP's file: its tensors, read without running any code stored in it
             try:
                 state_dict = read_torchscript(path)

@@ -361,7 +361,7 @@ def main():
                 sharpness_log = [e for e in json.load(f) if e["iter"] <= iter_num]
             if any("parameters" not in e for e in sharpness_log):  # another definition: one curve, one
                 raise ValueError("written by an older version, over the trained weights only")
-        except (ValueError, TypeError, KeyError) as e:  # edited or cut by hand: set aside, not lost
+        except (ValueError, TypeError, KeyError, OSError) as e:  # edited, cut, a folder: set aside, not lost
             aside, sharpness_log = sharpness_path + ".unreadable", []
             os.replace(sharpness_path, aside)
             log(ctx, f"warning: {sharpness_path} cannot be continued ({type(e).__name__}: {e}); moved to {aside}, "

@@ -957,12 +957,12 @@ def test_a_killed_loader_worker_is_one_line(tiny_data, tiny_teacher, tmp_path):
     assert last.startswith("error: DataLoader worker (pid") and last.endswith("with --resume=True"), last
 
 
-@pytest.mark.parametrize("damage", ["cut", "older"])
+@pytest.mark.parametrize("damage", ["cut", "older", "folder"])
 def test_resume_with_a_cut_sharpness_log_sets_it_aside(tiny_data, tiny_teacher, tmp_path, damage):
-    """a sharpness.json cut or edited by hand (the run itself writes it atomically), or written by an
-    older version (no `parameters`: its Hessian was over the trained weights only, another quantity):
-    the resumed run keeps the bytes beside it, says so, and logs the curve again; before, a
-    JSONDecodeError, or one curve of two definitions"""
+    """a sharpness.json cut or edited by hand (the run itself writes it atomically), written by an
+    older version (no `parameters`: its Hessian was over the trained weights only, another quantity),
+    or a folder of that name: the resumed run keeps it beside, says so, and logs the curve again;
+    before, a JSONDecodeError, one curve of two definitions, or an IsADirectoryError traceback"""
     args = FT + [f"--init={tiny_teacher}", "--hessian_every=1", "--epochs=3", "--eval_interval=100"]
     out = tmp_path / "run"
     first = run(args, tiny_data, ["--stop_iter=2", f"--out_dir={out}"])
@@ -973,10 +973,15 @@ def test_resume_with_a_cut_sharpness_log_sets_it_aside(tiny_data, tiny_teacher, 
     else:
         kept = json.dumps([{k: v for k, v in e.items() if k != "parameters"} for e in json.loads(text)])
     (out / "sharpness.json").write_text(kept)
+    if damage == "folder":  # with a file in it
+        (out / "sharpness.json").rename(out / "kept.json")
+        (out / "sharpness.json").mkdir()
+        (out / "kept.json").rename(out / "sharpness.json" / "kept.json")
     resumed = run(args, tiny_data, ["--stop_iter=3", f"--out_dir={out}", "--resume=True"])
     assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr[-2000:]
     assert f"warning: {out / 'sharpness.json'} cannot be continued" in resumed.stdout + resumed.stderr
-    assert (out / "sharpness.json.unreadable").read_text() == kept
+    aside = out / "sharpness.json.unreadable"
+    assert (aside / "kept.json" if damage == "folder" else aside).read_text() == kept
     assert [e["iter"] for e in json.load(open(out / "sharpness.json"))] == [3]
 
 

@@ -368,3 +368,32 @@ def test_human_csvs_with_a_byte_order_mark_or_in_latin_1(tmp_path):
         human_trials(str(folder))
     assert str(error.value) == (f"{path} is not UTF-8 text (byte 0xe9): save it as UTF-8, the "
                                 "encoding model-vs-human's pandas.read_csv reads")
+
+
+def test_a_cut_or_damaged_human_csv_is_one_line(tmp_path):
+    """model-vs-human's own CSV cut inside a row (a copy that stopped), a folder named *.csv and
+    a field over the csv module's size limit (a binary file named .csv): one line that names the
+    file, each, before any score (before: a TypeError or AttributeError from the None that csv
+    gives a missing field, IsADirectoryError, _csv.Error)"""
+    folder = tmp_path / "colour"
+    shutil.copytree(os.path.join(FIXTURE, "raw-data", "colour"), folder)
+    path = folder / "colour_subject-01_session_1.csv"
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    cut = "".join(lines[:11]) + lines[11][: len(lines[11]) // 3]  # 10 trials, then a third of one
+    path.write_text(cut, encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        human_trials(str(folder))
+    fields = len(next(csv.reader([lines[0]])))
+    assert str(error.value) == (f"{path}, line 12: a row with fewer fields than the header's {fields}: "
+                                "the file is cut or damaged")
+
+    path.write_text(text, encoding="utf-8")
+    (folder / "notes.csv").mkdir()
+    with pytest.raises(DataError, match=r"notes.csv cannot be read: Is a directory$"):
+        human_trials(str(folder))
+
+    (folder / "notes.csv").rmdir()
+    (folder / "notes.csv").write_text(lines[0] + "x" * 200_000 + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"notes.csv, after line 1: not a CSV of trials \(field larger than"):
+        human_trials(str(folder))

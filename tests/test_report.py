@@ -171,8 +171,8 @@ def test_missing_results_are_not_tested(tmp_path):
 def test_results_edited_by_hand_are_not_tested_instead_of_a_traceback(tmp_path, capsys):
     """fields of another type or empty (before: ValueError, AttributeError or TypeError tracebacks,
     or a verdict on NaN): the claims that read them are not tested, the files that are not
-    analyze.py's or finetune.py's
-    layout are skipped with a warning, the other claims keep their verdicts"""
+    analyze.py's or finetune.py's layout (or not text) are skipped with a warning, the other
+    claims keep their verdicts"""
     root = str(tmp_path / "run")
     make_run(root, ("clip",), holds=True)
     def edit(relative, change):
@@ -187,8 +187,13 @@ def test_results_edited_by_hand_are_not_tested_instead_of_a_traceback(tmp_path, 
     edit("analysis/pretrained/nmi.json", lambda d: d["models"]["md_clip"].update(per_layer=[]))
     edit("analysis/pretrained/fourier.json", lambda d: d["models"].update(md_clip=7))
     edit("ft_clip_fd_lr/result.json", lambda d: d.update(top1=None))
+    damaged = os.path.join(root, "steps", "ft_x.done")  # not UTF-8 (before: UnicodeDecodeError)
+    with open(damaged, "wb") as f:
+        f.write(b"12\t\xff\xfe python finetune.py\n")
     analyze.main(["--metric", "report", root])
     warnings = capsys.readouterr().err
+    assert f"warning: skipping unreadable {damaged} ('utf-8' codec can't decode" in warnings
+    assert "1 step(s), 1.5 minutes in all" in open(os.path.join(root, "report.md")).read()
     assert (f"warning: skipping {os.path.join(root, 'analysis/pretrained/fourier.json')}: "
             "its models" in warnings)
     assert (f"warning: skipping {os.path.join(root, 'ft_clip_fd_lr/result.json')}: its top1"
