@@ -246,6 +246,26 @@ def build_vit(cfg, sd, source):
     return model
 
 
+def class_names(classes, cfg, source):
+    """a checkpoint's class names (finetune.py saves the data's, one per output of the head) -> the
+    list, or None where it has none; a list that cannot name the outputs is one line (analysis would
+    pick a wrong output or fail deep inside, an IndexError)"""
+    if classes is None:
+        return None
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"'{source}' has class names this version cannot read: a "
+                              f"{type(classes).__name__}, not a list of names")
+    if not classes:  # an empty list names nothing, as for a model without a head
+        return None
+    if len(classes) != cfg.num_classes:
+        raise CheckpointError(f"'{source}' names {len(classes)} classes but its head has {cfg.num_classes} "
+                              "outputs: not as finetune.py writes it (edited by hand?)")
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:
+        raise CheckpointError(f"'{source}' names the class {twice[0]!r} twice")
+    return list(classes)
+
+
 def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
     """Any model form -> (ViT in eval mode, info dict). `path` is a local copy of an official
     teacher's file (no download). `act` is the activation of a CLIP-layout file, which its keys do
@@ -292,7 +312,8 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
     if project:
         cfg = config_of(obj["model_args"], source)
         model = build_vit(cfg, sd, f"'{source}'")
-        info = dict(source=source, kind="project", config=obj.get("config", {}), classes=obj.get("classes"))
+        classes = class_names(obj.get("classes"), cfg, source)
+        info = dict(source=source, kind="project", config=obj.get("config", {}), classes=classes)
         return model.eval(), info
     if layout is not None and found != layout:
         raise CheckpointError(f"'{source}' has the {found} layout, but teacher '{name}' needs the {layout} "
@@ -327,8 +348,9 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
         raise CheckpointError(f"'{source}' {e}") from None
     if "mask_token" in extra:
         sd["mask_token"] = extra["mask_token"]
-    info = dict(source=source, kind=found, classes=extra.get("classes"))
-    return build_vit(cfg, sd, f"'{source}'").eval(), info
+    model = build_vit(cfg, sd, f"'{source}'")
+    info = dict(source=source, kind=found, classes=class_names(extra.get("classes"), model.config, source))
+    return model.eval(), info
 
 
 def config_of(model_args, source):

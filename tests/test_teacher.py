@@ -770,3 +770,23 @@ def test_export_that_cannot_be_written_keeps_the_older_file_and_is_one_line(tmp_
         assert r.stderr.startswith("error:") and expected in r.stderr, r.stderr
         assert open(older, "rb").read() == before and sorted(os.listdir(tmp_path)) == ["older.pt", "src.pt"]
     load_model(older)
+
+
+def test_class_names_that_do_not_name_the_head_are_one_line(tmp_path):
+    """finetune.py saves one class name per output of the head; a checkpoint whose names are more or
+    fewer than its outputs, name one class twice, or are not names is refused when read (before:
+    analyze.py's hessian, landscape and shape_bias ended in an IndexError deep inside)"""
+    model = ViT(ViTConfig.from_name("nano/4", num_classes=4))
+    path = tmp_path / "ft.pt"
+    names = ["cat", "dog", "owl", "yak"]
+    for classes, message in ((names + ["emu", "fox"], "names 6 classes but its head has 4 outputs"),
+                             (names[:3], "names 3 classes but its head has 4 outputs"),
+                             (["cat", "dog", "cat", "yak"], "names the class 'cat' twice"),
+                             ("cat dog owl yak", "has class names this version cannot read: a str"),
+                             ([0, 1, 2, 3], "has class names this version cannot read: a list")):
+        torch.save(dict(model=model.state_dict(), model_args=model.config.to_dict(), classes=classes), path)
+        with pytest.raises(CheckpointError) as error:
+            load_model(str(path))
+        assert str(error.value).startswith(f"'{path}' {message}"), str(error.value)
+    torch.save(dict(model=model.state_dict(), model_args=model.config.to_dict(), classes=names), path)
+    assert load_model(str(path))[1]["classes"] == names
