@@ -938,23 +938,29 @@ def subset_of(dataset, opts):
     return order[:opts["n_images"]].tolist()
 
 
-def labelled_batches(model, dataset, subset, opts, device, classes=None):
-    """the subset as a list of (images, labels) on the device, for the loss of a classifier.
-    classes: the class names of the model's outputs, where its checkpoint has them; the data's class
-    folders must be those names, in any order: each image's label is the output of its folder's name"""
-    if model.head is None or (model.config.num_classes != len(dataset.classes) and not classes):
+def label_outputs(cfg, classes, dataset):
+    """data label -> the output of a classifier with config cfg. classes: the class names of its
+    outputs, where its checkpoint has them; the data's class folders must be those names, in any
+    order: each image's label is the output of its folder's name"""
+    if cfg.num_classes == 0 or (cfg.num_classes != len(dataset.classes) and not classes):
         raise SystemExit(f"error: the Hessian needs a classifier for the data's "
                          f"{len(dataset.classes)} classes; this model has "
-                         f"{model.config.num_classes or 'no'} outputs: fine-tune it first")
-    output = torch.arange(len(dataset.classes))  # data label -> model output
-    if classes:  # named outputs: the folders must be those names (a count that differs included)
-        if sorted(classes) != dataset.classes:
-            only_model = sorted(set(classes) - set(dataset.classes))
-            only_data = sorted(set(dataset.classes) - set(classes))
-            raise SystemExit(f"error: the model's classes are not the class folders under '{dataset.root}': "
-                             f"{only_model} only in the model, {only_data} only in the data: give the data "
-                             "the model was fine-tuned on")
-        output = torch.tensor([list(classes).index(c) for c in dataset.classes])
+                         f"{cfg.num_classes or 'no'} outputs: fine-tune it first")
+    if not classes:
+        return torch.arange(len(dataset.classes))
+    if sorted(classes) != dataset.classes:  # named outputs (a count that differs included)
+        only_model = sorted(set(classes) - set(dataset.classes))
+        only_data = sorted(set(dataset.classes) - set(classes))
+        raise SystemExit(f"error: the model's classes are not the class folders under '{dataset.root}': "
+                         f"{only_model} only in the model, {only_data} only in the data: give the data "
+                         "the model was fine-tuned on")
+    return torch.tensor([list(classes).index(c) for c in dataset.classes])
+
+
+def labelled_batches(model, dataset, subset, opts, device, classes=None):
+    """the subset as a list of (images, labels) on the device, for the loss of a classifier (labels:
+    label_outputs)"""
+    output = label_outputs(model.config, classes, dataset)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, subset),
                                          batch_size=opts["batch_size"], collate_fn=collate)
     batches = [(x.to(device), output[y].to(device)) for x, y, _, _ in loader if x is not None]
@@ -979,6 +985,36 @@ def predict_files(model, paths, transform, device, batch_size):
         if images:
             logits.append(model(torch.stack(images).to(device)).float().cpu())
     return kept, torch.cat(logits) if logits else torch.zeros(0, 0)
+
+
+def cue_conflict_folder(opts):
+    """model-vs-human's datasets folder holds cue-conflict/, the embedded data cue_conflict/"""
+    has_mvh = os.path.isdir(os.path.join(resolve_data_dir(opts["data"]), "cue-conflict"))
+    return image_folder(opts, "cue-conflict" if has_mvh else "cue_conflict")
+
+
+def check_decider(metric, cfg, classes, opts):
+    """shape_bias, ood: a model with config cfg and these class names can decide among the categories
+    of every image the metric reads (decision_categories), or one error line"""
+    if cfg.num_classes == 0:  # decisions need class scores
+        raise SystemExit(f"error: {metric} needs a classifier; this model has no classification "
+                         "head: fine-tune it first, or give an ImageNet-1k classifier (deit)")
+    if metric == "shape_bias":
+        paths = [p for p, _ in cue_conflict_folder(opts).samples]
+        label_sets = [[label for p in paths for label in cue_conflict_labels(p)]]
+    else:
+        label_sets = [[c for _, _, c in ood_images(folder)] for _, folder in ood_folders(opts)]
+    for labels in label_sets:
+        decision_categories(labels, cfg.num_classes, classes)  # ValueError: one line in main
+
+
+def check_classifier(metric, cfg, classes, opts):
+    """before the first model's work: each model can give a classifier metric (hessian, landscape:
+    the data's classes are its outputs; shape_bias, ood: check_decider), or one error line"""
+    if metric in ("hessian", "landscape"):
+        label_outputs(cfg, classes, image_folder(opts, "val"))
+    else:
+        check_decider(metric, cfg, classes, opts)
 
 
 def classifier_metric(metric, model, info, opts, device):
@@ -1008,16 +1044,12 @@ def classifier_metric(metric, model, info, opts, device):
                     hessian_vector_products=r["products"], quadratic_forms=r["forms"],
                     gradient_passes=r["passes"],
                     loss=mean_loss(model, batches), images=sum(len(t) for _, t in batches))
-    if model.head is None:  # shape_bias, ood: decisions need class scores
-        raise SystemExit(f"error: {metric} needs a classifier; this model has no classification "
-                         "head: fine-tune it first, or give an ImageNet-1k classifier (deit)")
+    check_decider(metric, cfg, info.get("classes"), opts)
     # the benchmark's stimuli at the model's size are seen whole, as model-vs-human feeds its 224 px
     # images (datasets/base.py: no resize at image_size 224); other sizes are resized and cropped
     transform = EvalTransform(cfg.img_size, keep_exact_size=True)
     if metric == "shape_bias":
-        # model-vs-human's datasets folder holds cue-conflict/, the embedded data cue_conflict/
-        has_mvh = os.path.isdir(os.path.join(resolve_data_dir(opts["data"]), "cue-conflict"))
-        dataset = image_folder(opts, "cue-conflict" if has_mvh else "cue_conflict")
+        dataset = cue_conflict_folder(opts)
         paths = [p for p, _ in dataset.samples]  # hidden entries are no samples (data.image_files)
         kept, logits = predict_files(model, paths, transform, device, opts["batch_size"])
         if not kept:
@@ -1122,6 +1154,7 @@ def main(argv):
             raise SystemExit(f"error: no model '{model_arg}': not a file, and not one of {NAMES}")
     # a file that is no model stops the run before the first model's work (and before --out is made)
     # (so each file is read twice; a folder is refused as everywhere)
+    files = []  # (config, class names) of the models that are files
     for model_arg, label in zip(models, labels):
         # read when its turn comes (a download); the official teachers are B/16
         if model_arg in OFFICIAL:
@@ -1129,9 +1162,11 @@ def main(argv):
         else:
             try:
                 with contextlib.redirect_stderr(io.StringIO()):  # its warnings are said when it is used
-                    cfg = load_model(model_arg)[0].config
+                    model, info = load_model(model_arg)
             except (CheckpointError, ValueError) as e:
                 raise SystemExit(f"error: {e}")
+            cfg = model.config
+            files.append((cfg, info["classes"]))
         # --layer / --queries out of a later model's range: nothing done yet
         if "attn_map" in metrics:
             attention_request(opts, cfg, label)
@@ -1148,7 +1183,9 @@ def main(argv):
             ood_folders(opts)
         else:
             resolve_data_dir(opts["data"])
-    except DataError as e:
+        for cfg, classes in files if metric in CLASSIFIER else ():  # a later one that cannot give it
+            check_classifier(metric, cfg, classes, opts)
+    except (DataError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 
     results, maps = {m: {} for m in metrics}, {}

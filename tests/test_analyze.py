@@ -624,3 +624,26 @@ def test_a_bad_file_late_in_the_list_stops_before_any_work(tiny_teacher, tmp_pat
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: '{bad}' is not")
     assert "teacher:" not in result.stdout  # the line each model's work starts with
     assert not (tmp_path / "hessian.json").exists()
+
+
+@pytest.mark.parametrize("metric", ["hessian", "landscape", "shape_bias"])
+@pytest.mark.parametrize("later", ["no head", "other classes", "unnamed outputs"])
+def test_a_later_model_that_cannot_give_the_metric_stops_before_any_work(tiny_teacher, tiny_data, tmp_path,
+                                                                         metric, later):
+    """the second of two models is no classifier of the data (no head; a head for other named
+    classes; 4 outputs without names for 6 categories): one line before the first model's work
+    (before: after it, which was then thrown away)"""
+    from model import ViT, ViTConfig
+    cfg = ViTConfig.from_name("nano/4", num_classes=0 if later == "no head" else 4)
+    obj = dict(model=ViT(cfg).state_dict(), model_args=cfg.to_dict())
+    if later == "other classes":
+        obj["classes"] = ["apple", "kiwi", "lime", "pear"]
+    torch.save(obj, tmp_path / "second.pt")
+    result = run_analyze([f"--metric={metric}", tiny_teacher, str(tmp_path / "second.pt"), f"--data={tiny_data}",
+                          f"--out={tmp_path}", "--n_images=8", "--lanczos_steps=2", "--trace_products=2",
+                          "--steps=2"])
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "teacher:" not in result.stdout  # the line each model's work starts with
+    assert not (tmp_path / f"{metric}.json").exists()
