@@ -705,7 +705,8 @@ def save_atomic(obj, path, kept):
         # context is the OSError
         cause = e if isinstance(e, OSError) else e.__context__
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else f"{e}".split("\n")[0]
-        raise SystemExit(f"error: could not write {path} ({reason}); {kept}") from None
+        where = tmp if os.path.isdir(tmp) else path  # a folder of the temp file's name, not path, is in the way
+        raise SystemExit(f"error: could not write {where} ({reason}); {kept}") from None
 
 
 def check_finite(module, source):
