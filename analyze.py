@@ -16,6 +16,10 @@ headline number per block, first block first) and out/NAME.png (the figure; need
 Definitions, formulas and sources: docs/metrics.md. Attention metrics read the patch-to-patch
 attention: CLS dropped, each patch query's softmax taken over the patch logits.
 """
+import signal
+SIGINT_AT_START = signal.getsignal(signal.SIGINT)  # put back after the imports
+if SIGINT_AT_START is signal.default_int_handler:  # Ctrl-C while torch loads ends it, without a traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 import contextlib
 import csv
 import io
@@ -36,6 +40,7 @@ from data import (IMAGE_EXTENSIONS, DataError, EvalTransform, ImageFolder, colla
 from hessian import HessianOperator, curvature, keep_freed_memory, lanczos, loss_landscape, mean_loss
 from model import ViTConfig
 from teacher import NAMES, OFFICIAL, CheckpointError, load_model
+signal.signal(signal.SIGINT, SIGINT_AT_START)  # as it was: from here Ctrl-C raises KeyboardInterrupt
 
 REPRESENTATION = ("attn_map", "attn_distance", "attn_entropy", "nmi", "fourier", "svd")
 CLASSIFIER = ("hessian", "landscape", "shape_bias", "ood")

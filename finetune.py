@@ -12,6 +12,10 @@ directly at lr 5e-5 with layer decay 0.6 reaches 84.8% top-1 on ImageNet).
 --freeze_blocks=k freezes the embedding and the first k blocks (k = depth: linear probe).
 Every log line and evaluation is also a record in out_dir/log.jsonl (analyze.py --metric curves).
 """
+import signal
+SIGINT_AT_START = signal.getsignal(signal.SIGINT)  # put back after the imports
+if SIGINT_AT_START is signal.default_int_handler:  # Ctrl-C while torch loads ends it, without a traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 import glob
 import json
 import os
@@ -34,6 +38,7 @@ from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_ho
 from hessian import curvature
 from model import PRESETS, ViT, ViTConfig, adapt_state_dict
 from teacher import NAMES, OFFICIAL, config_of, is_path, load_model
+signal.signal(signal.SIGINT, SIGINT_AT_START)  # as it was: from here Ctrl-C raises KeyboardInterrupt
 
 # -----------------------------------------------------------------------------
 # defaults (override with a config file and/or --key=value)

@@ -14,6 +14,10 @@ The paper's run on 8 GPUs (ImageNet in data/imagenet/{train,val}/class/*.JPEG):
 Resume a stopped run with the same command plus --resume=True. Every log line and evaluation is
 also a record in out_dir/log.jsonl (plot: python analyze.py --metric curves out_dir/log.jsonl).
 """
+import signal
+SIGINT_AT_START = signal.getsignal(signal.SIGINT)  # put back after the imports
+if SIGINT_AT_START is signal.default_int_handler:  # Ctrl-C while torch loads ends it, without a traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 import os
 import sys
 
@@ -32,6 +36,7 @@ from data.masks import BEIT_RATIO, MaskGenerator
 from model import DECODER_HEADS, PRESETS, DecoderHead, MDStudent, ViT, ViTConfig
 from teacher import WHITENINGS, Whitening, load_teacher
 from vqkd import load_tokenizer
+signal.signal(signal.SIGINT, SIGINT_AT_START)  # as it was: from here Ctrl-C raises KeyboardInterrupt
 
 # -----------------------------------------------------------------------------
 # defaults (override with a config file and/or --key=value)

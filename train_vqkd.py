@@ -15,6 +15,10 @@ The codebook moves by an EMA once per forward: one process with accumulation upd
 micro-batch, torchrun once per micro-step over all ranks' codes, so the two differ (unlike train_md.py
 and finetune.py, where the same total batch gives the same weights).
 """
+import signal
+SIGINT_AT_START = signal.getsignal(signal.SIGINT)  # put back after the imports
+if SIGINT_AT_START is signal.default_int_handler:  # Ctrl-C while torch loads ends it, without a traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 import os
 import sys
 
@@ -31,6 +35,7 @@ from data import DataError, ImageFolder, TrainTransform, make_loader, resolve_da
 from model import PRESETS, ViTConfig
 from teacher import load_teacher
 from vqkd import VQKD, codebook_usage
+signal.signal(signal.SIGINT, SIGINT_AT_START)  # as it was: from here Ctrl-C raises KeyboardInterrupt
 
 # -----------------------------------------------------------------------------
 # defaults (override with a config file and/or --key=value)

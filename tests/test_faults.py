@@ -1270,3 +1270,38 @@ def test_a_new_run_in_another_scripts_run_folder_is_refused_and_its_log_kept(
         "would replace its "
         "log.jsonl: choose another out_dir"]
     assert (out / "log.jsonl").read_bytes() == log and not (out / "tokenizer.pt").exists()
+
+
+def sigint_state(pid):
+    """-> (whether the process has a handler for SIGINT, its state letter), from /proc/PID/status"""
+    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    caught = int(fields["SigCgt"], 16) >> (signal.SIGINT - 1) & 1
+    return bool(caught), fields["State"].split()[0]
+
+
+@pytest.mark.parametrize("script", ["train_md.py", "finetune.py", "train_vqkd.py", "analyze.py"])
+def test_ctrl_c_while_torch_loads_ends_without_a_traceback(script):
+    """Ctrl-C in the first seconds, while the script imports torch (nothing to save yet): the process
+    ends at once, without the KeyboardInterrupt traceback that it printed before. The signal is sent
+    when Python's own SIGINT handler, installed as the interpreter starts, has been taken off again
+    (the script's first lines), read from /proc: no guess at the time the imports take"""
+    proc = subprocess.Popen([sys.executable, script, "--no_such_option=1"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    handled_once = sent = False
+    while proc.poll() is None and not sent:
+        try:
+            caught, state = sigint_state(proc.pid)
+        except OSError:  # it ended meanwhile
+            break
+        if state == "Z":
+            break
+        handled_once |= caught
+        if handled_once and not caught:
+            os.kill(proc.pid, signal.SIGINT)
+            sent = True
+        time.sleep(0.001)
+    _, err = proc.communicate(timeout=300)
+    assert sent, f"SIGINT stayed handled through the whole start-up: {err[-1000:]}"
+    assert proc.returncode == -signal.SIGINT and "Traceback" not in err, err[-2000:]
+    assert "unknown option" not in err  # ended before its options were read (Python also takes its
+    # handler off as it exits: a signal then would end a script that has printed its error)
