@@ -1259,6 +1259,12 @@ def read_sharpness(path):
     fields = {"iter", "eigenvalue", "trace"}
     if not isinstance(log, list) or not all(isinstance(e, dict) and fields <= e.keys() for e in log):
         raise ValueError(f"'{path}' is not a list of records with {', '.join(sorted(fields))}")
+    if not log:
+        raise ValueError(f"'{path}' has no record: its run has not reached --hessian_every yet")
+    for e in log:  # a record edited by hand: one line, not a figure of strings
+        number = all(isinstance(e[k], (int, float)) and not isinstance(e[k], bool) for k in fields)
+        if not number or not isinstance(e["iter"], int):
+            raise ValueError(f"'{path}' has a record whose iter, eigenvalue or trace is not a number: {e}")
     return log
 
 

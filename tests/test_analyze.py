@@ -505,6 +505,17 @@ def test_default_labels_of_files_with_one_name_are_their_folders(tiny_teacher, t
     result = run_analyze(["--metric=sharpness", str(tmp_path / "out" / "nmi.json"), f"--out={tmp_path}"])
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: sharpness takes the JSON logs of finetune.py --hessian_every: "), result.stderr
+    # logs edited by hand (before: exit 0 and a figure of them, or of nothing)
+    edited = tmp_path / "edited.json"
+    for log, says in (([], "has no record"),
+                      ([dict(iter=1, eigenvalue="x", trace=3.0)], "is not a number"),
+                      ([dict(iter="a", eigenvalue=1.0, trace=3.0)], "is not a number"),
+                      ([dict(iter=1, eigenvalue=1.0, trace=True)], "is not a number")):
+        edited.write_text(json.dumps(log))
+        result = run_analyze(["--metric=sharpness", str(edited), f"--out={tmp_path / 'edits'}"])
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 1 and says in last and last.startswith("error: sharpness takes"), result.stderr
+        assert not (tmp_path / "edits" / "sharpness.json").exists()
     for metric in ("curves", "nmi"):
         result = run_analyze([f"--metric={metric}", logs[0], f"--out={logs[1]}"])
         assert result.stderr.strip().splitlines()[-1].startswith(f"error: --out={logs[1]} cannot be"), \
