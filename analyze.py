@@ -1137,7 +1137,7 @@ def main(argv):
     if metric == "curves":  # the log.jsonl of training runs, not models
         return curves(models, opts["labels"], opts["out"])
     labels = opts["labels"].split(",") if opts["labels"] else default_labels(models)
-    if len(labels) != len(models) or len(set(labels)) != len(labels):
+    if len(labels) != len(models) or len(set(labels)) != len(labels) or not all(l.strip() for l in labels):
         given = f"got '{opts['labels']}'" if opts["labels"] else f"the default ones are {labels}"
         raise SystemExit(f"error: --labels needs {len(models)} distinct comma-separated names: "
                          f"{given}")
@@ -1353,7 +1353,7 @@ def curves(paths, labels, out):
         labels = labels.split(",")
     else:  # each log's run folder
         labels = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
-    if len(labels) != len(paths) or len(set(labels)) != len(labels):
+    if len(labels) != len(paths) or len(set(labels)) != len(labels) or not all(l.strip() for l in labels):
         raise SystemExit(f"error: --labels needs {len(paths)} distinct comma-separated names, "
                          f"got {','.join(labels)!r}")
     results = {}

@@ -403,6 +403,7 @@ def test_metric_runs_on_vit_b_at_224(tmp_path):
     (["--metric=attn_entropy", "{empty}"], "error: '{empty}' is empty: not a checkpoint"),
     (["--metric=nmi", "{folder}"], "error: '{folder}' is a folder, not a checkpoint file: give a file in it, like"),
     (["--metric=nmi", "{teacher}", "{teacher}"], "error: --labels needs 2 distinct comma-separated names"),
+    (["--metric=nmi", "{teacher}", "--labels= "], "error: --labels needs 1 distinct comma-separated names"),
 ])
 def test_bad_input(tiny_teacher, tiny_data, tmp_path, args, message):
     """one line, and no --out folder made (before: an empty one was left by the errors found after it was made,
