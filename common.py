@@ -1070,9 +1070,15 @@ def lock_out_dir(out_dir):
     and which forked workers do not hold. The file stays open until the process exits (its exit
     handler holds it); open run.lock nowhere else (closing any descriptor of the file drops a POSIX
     lock). Call it on the master process only. At exit the process removes run.lock, and out_dir
-    too where this call made it and the run left nothing in it (a start that failed)."""
+    too where this call made it and the run left nothing in it (a start that failed). A folder where
+    a checkpoint's temporary file goes (save_atomic) is refused here, not at the first save."""
     import fcntl
     made = check_out_dir(out_dir)
+    for name in RUN_CHECKPOINTS:
+        tmp = os.path.join(out_dir, name + ".tmp")
+        if os.path.isdir(tmp):
+            raise SystemExit(f"error: {tmp} is a folder; the run writes {name} through a file of that name: "
+                             "move the folder or choose another out_dir")
     path = os.path.join(out_dir, "run.lock")
     while True:
         try:

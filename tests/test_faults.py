@@ -570,8 +570,8 @@ def test_a_figure_that_cannot_be_written_is_one_line_and_keeps_the_older_one(tmp
     ("ckpt.pt", "is a folder, not a checkpoint file"),  # before: "checkpoint ... not found"
     ("run.lock", "error: could not write {out}/run.lock (Is a directory)"),  # before: IsADirectoryError
     ("log.jsonl", "error: could not read {out}/log.jsonl (Is a directory)"),
-    ("ckpt.pt.tmp", "error: could not write {out}/ckpt.pt.tmp (Is a directory)"),  # before: ckpt.pt named
-])
+    ("ckpt.pt.tmp", "error: {out}/ckpt.pt.tmp is a folder; the run writes ckpt.pt through a file of that name"),
+])  # (ckpt.pt.tmp, before: found at the first checkpoint, after the work up to it, with ckpt.pt named)
 def test_a_folder_where_a_run_keeps_a_file_is_one_line(tiny_data, tiny_teacher, tmp_path, folder, says):
     out = tmp_path / "run"
     (out / folder).mkdir(parents=True)
