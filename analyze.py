@@ -998,28 +998,32 @@ def cue_conflict_folder(opts):
     return image_folder(opts, "cue-conflict" if has_mvh else "cue_conflict")
 
 
-def check_decider(metric, cfg, classes, opts):
-    """shape_bias, ood: a model with config cfg and these class names can decide among the categories
-    of every image the metric reads (decision_categories), or one error line"""
-    if cfg.num_classes == 0:  # decisions need class scores
+def check_head(metric, cfg):
+    """shape_bias, ood: decisions need class scores"""
+    if cfg.num_classes == 0:
         raise SystemExit(f"error: {metric} needs a classifier; this model has no classification "
                          "head: fine-tune it first, or give an ImageNet-1k classifier (deit)")
+
+
+def check_classifiers(metric, models, opts):
+    """before the first model's work: each model, (config, class names), can give a classifier
+    metric, or one error line. hessian, landscape: the data's classes are its outputs
+    (label_outputs); shape_bias, ood: it has a head and can decide among the categories of every
+    image the metric reads (decision_categories; its ValueError is one line in main)"""
+    if metric in ("hessian", "landscape"):
+        dataset = image_folder(opts, "val")
+        for cfg, classes in models:
+            label_outputs(cfg, classes, dataset)
+        return
     if metric == "shape_bias":
         paths = [p for p, _ in cue_conflict_folder(opts).samples]
         label_sets = [[label for p in paths for label in cue_conflict_labels(p)]]
     else:
         label_sets = [[c for _, _, c in ood_images(folder)] for _, folder in ood_folders(opts)]
-    for labels in label_sets:
-        decision_categories(labels, cfg.num_classes, classes)  # ValueError: one line in main
-
-
-def check_classifier(metric, cfg, classes, opts):
-    """before the first model's work: each model can give a classifier metric (hessian, landscape:
-    the data's classes are its outputs; shape_bias, ood: check_decider), or one error line"""
-    if metric in ("hessian", "landscape"):
-        label_outputs(cfg, classes, image_folder(opts, "val"))
-    else:
-        check_decider(metric, cfg, classes, opts)
+    for cfg, classes in models:
+        check_head(metric, cfg)
+        for labels in label_sets:
+            decision_categories(labels, cfg.num_classes, classes)
 
 
 def classifier_metric(metric, model, info, opts, device):
@@ -1049,7 +1053,7 @@ def classifier_metric(metric, model, info, opts, device):
                     hessian_vector_products=r["products"], quadratic_forms=r["forms"],
                     gradient_passes=r["passes"],
                     loss=mean_loss(model, batches), images=sum(len(t) for _, t in batches))
-    check_decider(metric, cfg, info.get("classes"), opts)
+    check_head(metric, cfg)  # (an official teacher's; a file's was checked before any work)
     # the benchmark's stimuli at the model's size are seen whole, as model-vs-human feeds its 224 px
     # images (datasets/base.py: no resize at image_size 224); other sizes are resized and cropped
     transform = EvalTransform(cfg.img_size, keep_exact_size=True)
@@ -1188,8 +1192,8 @@ def main(argv):
             ood_folders(opts)
         else:
             resolve_data_dir(opts["data"])
-        for cfg, classes in files if metric in CLASSIFIER else ():  # a later one that cannot give it
-            check_classifier(metric, cfg, classes, opts)
+        if metric in CLASSIFIER:  # a later model that cannot give it
+            check_classifiers(metric, files, opts)
     except (DataError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 
