@@ -518,6 +518,8 @@ def main():
             if at_eval and top1 is None:  # after the save: the steps are kept
                 ctx.barrier()
                 raise SystemExit(no_val_image())
+            # a signal during the evaluation or the save: this step is saved, the run stops here
+            stop = stop or (ctx.any_rank(bool(stop_signal)) and iter_num < end_iter)
         if stop:
             bar.close()
             signal_name, exit_code = stopped_by(stop_signal, ctx)

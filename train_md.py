@@ -385,6 +385,8 @@ def main():
                 raise SystemExit(f"error: iteration {iter_num}: no val image under {os.path.join(root, 'val')} "
                                  f"could be read (see the warnings): fix the files, or remove the val split; "
                                  f"{then} (checkpoint {ckpt_path})")
+            # a signal during the evaluation or the save: this step is saved, the run stops here
+            stop = stop or (ctx.any_rank(bool(stop_signal)) and iter_num < end_iter)
         if stop:
             bar.close()
             signal_name, exit_code = stopped_by(stop_signal, ctx)

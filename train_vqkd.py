@@ -263,6 +263,8 @@ def main():
             all_counts = ctx.all_reduce_sum(counts.clone())
             if ctx.master:
                 save_checkpoint(checkpoint(all_counts), path)
+            # a signal during the save: this step is saved, the run stops here
+            stop = stop or (ctx.any_rank(bool(stop_signal)) and iter_num < end_iter)
         if stop:
             bar.close()
             signal_name, exit_code = stopped_by(stop_signal, ctx)

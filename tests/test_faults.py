@@ -730,6 +730,43 @@ def test_sigterm_stops_the_tokenizer_with_a_checkpoint(tiny_data, tiny_teacher, 
     assert "Traceback" not in open(err).read()
 
 
+# The script run as __main__ with one library function wrapped so that the process sends itself a
+# real SIGTERM when it reaches that point: the signal comes during the evaluation or the save.
+SIGTERM_WHEN_CALLED = """
+import os, runpy, signal, sys
+import common, data
+during, sys.argv = sys.argv[1], sys.argv[2:]
+module = {"make_loader": data, "save_checkpoint": common}[during]
+original = getattr(module, during)
+
+def signal_then_call(*args, **kwargs):
+    if during == "save_checkpoint" or args[2] is False:  # a save; a loader that is not the train one
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+setattr(module, during, signal_then_call)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script, during", [("md", "make_loader"), ("ft", "make_loader"), ("md", "save_checkpoint"),
+                                            ("ft", "save_checkpoint"), ("tok", "save_checkpoint")])
+def test_a_signal_during_the_evaluation_or_the_save_stops_at_that_step(script, during, tiny_data, tiny_teacher,
+                                                                       tmp_path):
+    """SIGTERM while the run evaluates or saves at iteration 2: the run stops there, with that step
+    saved (before: it trained iteration 3, saved again and said it stopped after iteration 3)"""
+    args, saved = script_args(script, tiny_teacher, 2, ["--epochs=50", f"--out_dir={tmp_path}"])
+    cmd = [sys.executable, "-c", SIGTERM_WHEN_CALLED, during, *args, f"--data_dir={tiny_data}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 143, result.stderr[-2000:]
+    assert stopped_at(result.stdout) == 2
+    assert weights_at(tmp_path / saved)["iter_num"] == 2
+    trained = [json.loads(line)["iter"] for line in open(tmp_path / "log.jsonl") if '"loss"' in line]
+    assert trained == [1, 2]
+    assert "Traceback" not in result.stderr
+
+
 BROKEN_PIPE_IN_A_WORKER = """
 import multiprocessing, sys, threading
 from data import init_worker
