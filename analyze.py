@@ -1176,6 +1176,7 @@ def main(argv):
                 raise SystemExit(f"error: {e}")
             cfg = model.config
             files.append((cfg, info["classes"]))
+            del model  # its weights are read again when its turn comes: one model in memory at a time
         # --layer / --queries out of a later model's range: nothing done yet
         if "attn_map" in metrics:
             attention_request(opts, cfg, label)

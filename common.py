@@ -211,12 +211,14 @@ class Context:
         self.device = device
         self.device_type = "cuda" if device.startswith("cuda") else "cpu"
         self.master = self.rank == 0
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise SystemExit(f"error: dtype '{dtype}' must be float32, bfloat16 or float16")
-        if dtype == "float16" and self.device_type == "cpu":
-            raise SystemExit("error: float16 autocast needs a GPU: use dtype=bfloat16 or float32 on CPU")
+        if dtype == "float16":  # without a loss scale, float16's small gradients round to 0
+            raise SystemExit("error: dtype 'float16' would train without loss scaling, which these scripts do "
+                             "not do (small gradients become 0): use bfloat16 (CPUs, A100 and newer GPUs) or "
+                             "float32")
+        if dtype not in ("float32", "bfloat16"):
+            raise SystemExit(f"error: dtype '{dtype}' must be bfloat16 or float32")
         self.dtype = dtype
-        self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16}[dtype]
 
     def autocast(self):
         enabled = self.autocast_dtype is not None

@@ -93,7 +93,7 @@ crop_pct = 0.875              # eval: resize to img_size / crop_pct, center crop
 # system
 seed = 0                      # init, data order, augmentations
 device = "auto"               # auto | cpu | cuda | cuda:1 ...
-dtype = "bfloat16"            # autocast dtype: bfloat16 | float16 | float32
+dtype = "bfloat16"            # autocast dtype: bfloat16 | float32 (float16: no loss scaling)
 compile = True                # torch.compile the model
 backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 # -----------------------------------------------------------------------------

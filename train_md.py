@@ -92,7 +92,7 @@ flip = 0.5                    # horizontal flip probability
 # system
 seed = 0                      # model init, data order, augmentations, masks
 device = "auto"               # auto | cpu | cuda | cuda:1 ...
-dtype = "bfloat16"            # autocast dtype for the student: bfloat16 | float16 | float32
+dtype = "bfloat16"            # autocast dtype of the student: bfloat16 | float32 (float16: no loss scaling)
 compile = True                # torch.compile the student + head, and the teacher's forward
 backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 # -----------------------------------------------------------------------------

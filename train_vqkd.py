@@ -73,7 +73,7 @@ grad_clip = 0.0               # none in Table 1
 min_crop_scale = 0.08         # RandomResizedCrop scale; no color jitter (Table 1)
 seed = 0
 device = "auto"
-dtype = "bfloat16"            # autocast dtype: bfloat16 | float16 | float32
+dtype = "bfloat16"            # autocast dtype: bfloat16 | float32 (float16: no loss scaling)
 compile = False               # torch.compile the tokenizer
 backend = ""
 # -----------------------------------------------------------------------------
