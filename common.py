@@ -70,6 +70,8 @@ def apply_overrides(config, argv):
             except (ValueError, SyntaxError):
                 kind = type(config[key]).__name__
                 raise SystemExit(f"error: {arg}: '{key}' must be {kind} like the default {config[key]!r}") from None
+            if isinstance(config[key], str) and config[key].startswith("~"):  # the shell leaves ~ after --key=
+                config[key] = os.path.expanduser(config[key])
         else:
             if not os.path.isfile(arg):
                 raise SystemExit(f"error: config file '{arg}' not found (options are --key=value)")
@@ -772,6 +774,34 @@ def refuse_changed_targets(ckpt, fingerprint, source):
                          f"the original weights, or start a new run in another out_dir")
 
 
+def train_split_summary(dataset):
+    """what a run's checkpoint keeps of its train split, for --resume=True: its image count (the
+    schedule's iterations per epoch follow from it) and its class folders (a classifier's labels)"""
+    return dict(images=len(dataset), classes=list(dataset.classes))
+
+
+def refuse_changed_split(ckpt, dataset, train_dir):
+    """--resume=True: the train split must have the images count and class folders it had when the run
+    started (the checkpoint's `train_split`; older checkpoints have none, or only a fine-tune's `classes`):
+    otherwise the schedule, or the labels, would change mid-run. One line."""
+    saved = ckpt.get("train_split")
+    if not isinstance(saved, dict):
+        saved = {"classes": ckpt["classes"]} if isinstance(ckpt.get("classes"), list) else {}
+    now = train_split_summary(dataset)
+    changed = []
+    if "images" in saved and saved["images"] != now["images"]:
+        changed.append(f"{saved['images']} images -> {now['images']} (the schedule would change)")
+    if "classes" in saved and saved["classes"] != now["classes"]:
+        added = sorted(set(now["classes"]) - set(saved["classes"]))
+        removed = sorted(set(saved["classes"]) - set(now["classes"]))
+        change = "; ".join(f"{what} {', '.join(names)}" for what, names in (("added", added), ("removed", removed))
+                           if names)
+        changed.append(f"class folders changed ({change or 'renamed'}: the labels would change)")
+    if changed:
+        raise SystemExit(f"error: --resume=True but the train split {train_dir} is not the one the run started "
+                         f"with: {'; '.join(changed)}; restore it, or start a new run in another out_dir")
+
+
 # what train_md.py / finetune.py and train_vqkd.py save in out_dir
 RUN_CHECKPOINTS = ("ckpt.pt", "tokenizer.pt")
 
@@ -1095,6 +1125,12 @@ def lock_out_dir(out_dir):
             f.close()
             raise SystemExit(f"error: out_dir '{out_dir}' is in use by a running run ({holder}): "
                              "wait for it to end or choose another out_dir") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise SystemExit(write_error(path, e)) from None
+            # NFS without its lock daemon, Lustre without flock: the run goes on, unguarded
+            print(f"warning: out_dir '{out_dir}' cannot be locked ({e.strerror}: its filesystem has no POSIX "
+                  "locks): a second run started on it would not be refused", file=sys.stderr)
         try:
             still_there = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
         except FileNotFoundError:

@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumulation_steps, append_jsonl,
                     apply_overrides, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
-                    micro_batches, option_error, peak_flops, pyplot, record_nonfinite, refuse_overwrite,
-                    resume_checkpoint, resume_from, save_checkpoint, save_figure, save_on_ctrl_c,
-                    schedule_lengths, stop_if_nonfinite, stop_signals, stopped_by, stopped_early, trim_log,
-                    wandb_init, warmup_warning, wrap_for_training, write_atomic)
+                    micro_batches, option_error, peak_flops, pyplot, record_nonfinite, refuse_changed_split,
+                    refuse_overwrite, resume_checkpoint, resume_from, save_checkpoint, save_figure, save_on_ctrl_c,
+                    schedule_lengths, stop_if_nonfinite, stop_signals, stopped_by, stopped_early,
+                    train_split_summary, trim_log, wandb_init, warmup_warning, wrap_for_training, write_atomic)
 from data import (DataError, EvalTransform, ImageFolder, TrainTransform, check_same_classes, make_loader,
                   resolve_data_dir)
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
@@ -98,8 +98,9 @@ compile = True                # torch.compile the model
 backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 # -----------------------------------------------------------------------------
 # settings a resumed run may change: they decide where, how fast and how often to report, not
-# what is computed (device, compile and backend change float rounding only); resume refuses others
-RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "wandb_log", "wandb_project", "wandb_run_name",
+# what is computed (device, compile and backend change float rounding only; a moved data_dir is checked
+# by refuse_changed_split); resume refuses others
+RESUME_MAY_CHANGE = ("out_dir", "data_dir", "resume", "stop_iter", "wandb_log", "wandb_project", "wandb_run_name",
                      "eval_interval", "log_interval", "num_workers", "device", "compile", "backend", "init_path",
                      "hessian_every", "hessian_samples", "summarize")
 # the checkpoint entries --resume reads, besides config, iter_num and optimizer
@@ -283,6 +284,7 @@ def main():
         val_set = ImageFolder(os.path.join(root, "val"), EvalTransform(img_size, crop_pct), None, seed)
         check_same_classes(train_set, val_set, root)
         if resume:  # the weights and their shapes come from the checkpoint: --init is not read again
+            refuse_changed_split(ckpt, train_set, os.path.join(root, "train"))
             vit, origin = ViT(config_of(ckpt["model_args"], ckpt_path)), f"from {init}"
         else:
             vit, origin = build_model(train_set.classes)
@@ -408,7 +410,7 @@ def main():
         data (torch.load(weights_only=True) reads it)"""
         return dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config=config,
                     optimizer=optimizer.state_dict(), iter_num=iter_num, best_top1=best_top1,
-                    classes=train_set.classes, top1=top1, top5=top5)
+                    classes=train_set.classes, top1=top1, top5=top5, train_split=train_split_summary(train_set))
 
     trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
     log(ctx, f"fine-tune {origin}: {vit.config.embed_dim}-d x {vit.config.depth} blocks, "

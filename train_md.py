@@ -28,9 +28,9 @@ from tqdm import tqdm
 from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumulation_steps, append_jsonl,
                     apply_overrides, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line, micro_batches,
                     option_error, peak_flops, record_nonfinite, refuse_changed_targets, refuse_overwrite,
-                    resume_checkpoint, resume_from, save_checkpoint, save_on_ctrl_c, schedule_lengths,
-                    stop_if_nonfinite, stop_signals, stopped_by, trim_log, wandb_init, warmup_warning,
-                    weights_fingerprint, wrap_for_training)
+                    refuse_changed_split, resume_checkpoint, resume_from, save_checkpoint, save_on_ctrl_c,
+                    schedule_lengths, stop_if_nonfinite, stop_signals, stopped_by, train_split_summary, trim_log,
+                    wandb_init, warmup_warning, weights_fingerprint, wrap_for_training)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.masks import BEIT_RATIO, MaskGenerator
 from model import DECODER_HEADS, PRESETS, DecoderHead, MDStudent, ViT, ViTConfig
@@ -99,8 +99,9 @@ backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 
 LOSSES = ("smooth_l1", "mse", "cosine")
 # settings a resumed run may change: they decide where, how fast and how often to report, not
-# what is computed (device, compile and backend change float rounding only); resume refuses others
-RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "wandb_log", "wandb_project", "wandb_run_name",
+# what is computed (device, compile and backend change float rounding only; a moved data_dir is checked
+# by refuse_changed_split); resume refuses others
+RESUME_MAY_CHANGE = ("out_dir", "data_dir", "resume", "stop_iter", "wandb_log", "wandb_project", "wandb_run_name",
                      "eval_interval", "log_interval", "num_workers", "device", "compile", "backend", "teacher_path")
 # settings that a target does not read: a resumed run may change them (a tokenizer run has no teacher)
 UNREAD_BY_TARGET = dict(features=("tokenizer",),
@@ -207,6 +208,7 @@ def main():
     if resume:
         refuse_changed_targets(ckpt, source_fingerprint,
                                f"the tokenizer {tokenizer}" if target == "vqkd" else f"the teacher {teacher!r}")
+        refuse_changed_split(ckpt, train_set, os.path.join(root, "train"))
     train_loader, train_sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed,
                                               num_workers)
     iters_per_epoch, max_iters, warmup_iters, end_iter = schedule_lengths(
@@ -273,7 +275,8 @@ def main():
         """the run after iteration iter_num, as plain data (torch.load(weights_only=True) reads it)"""
         return dict(model=student.state_dict(), decoder=decoder.state_dict(), whitening=whitener.state_dict(),
                     model_args=cfg.to_dict(), config=config, optimizer=optimizer.state_dict(), iter_num=iter_num,
-                    best_val_loss=best_val_loss, target_fingerprint=source_fingerprint)
+                    best_val_loss=best_val_loss, target_fingerprint=source_fingerprint,
+                    train_split=train_split_summary(train_set))
 
     n_params = sum(p.numel() for p in student.parameters()) / 1e6
     source = f"tokenizer {tokenizer}" if target == "vqkd" else f"teacher {teacher}"
@@ -396,7 +399,9 @@ def main():
             ctx.close()
             raise SystemExit(exit_code)
     bar.close()
-    log(ctx, f"done: {iter_num} iterations, checkpoint {ckpt_path}")
+    ended = f"done: {iter_num} iterations" if iter_num >= max_iters else \
+        f"stopped at iteration {iter_num} of {max_iters} (--stop_iter)"
+    log(ctx, f"{ended}, checkpoint {ckpt_path}")
     ctx.barrier()  # ranks leave together: one gone mid-save can abort rank 0's gloo (SIGABRT, once in CI)
     ctx.close()
 

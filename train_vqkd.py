@@ -28,9 +28,9 @@ from tqdm import tqdm
 from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumulation_steps, append_jsonl,
                     apply_overrides, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line, micro_batches,
                     option_error, peak_flops, record_nonfinite, refuse_changed_targets, refuse_overwrite,
-                    resume_checkpoint, resume_from, save_checkpoint, save_on_ctrl_c, schedule_lengths,
-                    stop_if_nonfinite, stop_signals, stopped_by, trim_log, wandb_init, warmup_warning,
-                    weights_fingerprint, wrap_for_training)
+                    refuse_changed_split, resume_checkpoint, resume_from, save_checkpoint, save_on_ctrl_c,
+                    schedule_lengths, stop_if_nonfinite, stop_signals, stopped_by, train_split_summary, trim_log,
+                    wandb_init, warmup_warning, weights_fingerprint, wrap_for_training)
 from data import DataError, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from model import PRESETS, ViTConfig
 from teacher import load_teacher
@@ -78,8 +78,9 @@ compile = False               # torch.compile the tokenizer
 backend = ""
 # -----------------------------------------------------------------------------
 # settings a resumed run may change: they decide where, how fast and how often to report, not
-# what is computed (device, compile and backend change float rounding only); resume refuses others
-RESUME_MAY_CHANGE = ("out_dir", "resume", "stop_iter", "wandb_log", "wandb_project", "wandb_run_name",
+# what is computed (device, compile and backend change float rounding only; a moved data_dir is checked
+# by refuse_changed_split); resume refuses others
+RESUME_MAY_CHANGE = ("out_dir", "data_dir", "resume", "stop_iter", "wandb_log", "wandb_project", "wandb_run_name",
                      "save_interval", "log_interval", "num_workers", "device", "compile", "backend", "teacher_path",
                      "collapse_threshold")
 # the checkpoint entries --resume reads, besides config, iter_num and optimizer
@@ -117,7 +118,8 @@ def main():
     try:
         cfg = ViTConfig.beit_v2(model, img_size=img_size)
         train_transform = TrainTransform(img_size, min_crop_scale, 0.5, 0.0)
-        train_set = ImageFolder(os.path.join(resolve_data_dir(data_dir), "train"), train_transform, None, seed)
+        train_dir = os.path.join(resolve_data_dir(data_dir), "train")
+        train_set = ImageFolder(train_dir, train_transform, None, seed)
         teacher_model = load_teacher(teacher, teacher_path or None).to(ctx.device)
     except (DataError, CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
@@ -129,6 +131,7 @@ def main():
     teacher_fingerprint = weights_fingerprint(teacher_model, source_cfg.to_dict())
     if resume:
         refuse_changed_targets(ckpt, teacher_fingerprint, f"the teacher {teacher!r}")
+        refuse_changed_split(ckpt, train_set, train_dir)
     vq = VQKD(cfg, teacher_model.out_dim, codebook_size, code_dim, decoder_depth, ema_decay, dead_threshold)
     vq = vq.to(ctx.device)
     other_params = [(n, p) for n, p in vq.named_parameters() if not n.startswith("encoder.")]
@@ -155,7 +158,7 @@ def main():
         """the run after iteration iter_num, as plain data (torch.load(weights_only=True) reads it)"""
         return dict(model=vq.state_dict(), vqkd_args=vq.config, model_args=cfg.to_dict(), config=config,
                     optimizer=optimizer.state_dict(), iter_num=iter_num, counts=all_counts.cpu(),
-                    target_fingerprint=teacher_fingerprint)
+                    target_fingerprint=teacher_fingerprint, train_split=train_split_summary(train_set))
 
     log(ctx, f"VQ-KD: teacher {teacher} -> {model} encoder, {codebook_size} x {code_dim} codebook, "
              f"{len(train_set)} images, {iters_per_epoch} iters/epoch, {max_iters} iters, accumulation {accum}, "
@@ -274,7 +277,9 @@ def main():
             ctx.close()
             raise SystemExit(exit_code)
     bar.close()
-    log(ctx, f"done: {iter_num} iterations, tokenizer {path}")
+    ended = f"done: {iter_num} iterations" if iter_num >= max_iters else \
+        f"stopped at iteration {iter_num} of {max_iters} (--stop_iter)"
+    log(ctx, f"{ended}, tokenizer {path}")
     ctx.barrier()  # ranks leave together: one gone mid-save can abort rank 0's gloo (SIGABRT, once in CI)
     ctx.close()
 

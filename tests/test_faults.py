@@ -635,6 +635,31 @@ def test_second_run_on_an_out_dir_is_refused_until_the_first_dies(tmp_path):
     third.close()
 
 
+NO_POSIX_LOCKS = """
+import errno, fcntl, os, sys
+import common
+
+def lockf(f, how):  # what NFS without its lock daemon answers (ENOSYS: Lustre mounted without flock)
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+fcntl.lockf = lockf
+common.lock_out_dir(sys.argv[1])
+print(open(os.path.join(sys.argv[1], "run.lock")).read())
+"""
+
+
+def test_an_out_dir_on_a_filesystem_without_locks_is_a_warning(tmp_path):
+    """a unit test of the message (no such filesystem here): lockf's ENOLCK was a traceback; now the
+    run goes on with one warning, and run.lock still names it"""
+    result = subprocess.run([sys.executable, "-c", NO_POSIX_LOCKS, str(tmp_path / "run")], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"warning: out_dir '{tmp_path / 'run'}' cannot be locked (No locks available: its filesystem has no "
+        "POSIX locks): a second run started on it would not be refused"]
+    assert re.fullmatch(r"pid \d+ on \S+\n", result.stdout), result.stdout
+
+
 def test_a_run_leaves_no_lock_and_a_failed_start_no_folder(tiny_data, tiny_teacher, tmp_path):
     """run.lock goes when the run ends; an out_dir the run made and wrote nothing in (a start that
     failed) goes too, one that was there before stays"""
@@ -1039,7 +1064,6 @@ def test_resume_refuses_changes_of_the_run_and_allows_the_rest(tiny_data, tiny_t
     mask_ratio = 75 / 196
     refused = [  # (changes, the differences named on the line)
         (["--lr=1e-3", "--seed=1"], "lr 0.0015 -> 0.001, seed 0 -> 1"),
-        ([f"--data_dir={other_data}"], f"data_dir '{tiny_data}' -> '{other_data}'"),
         (["--model=tiny/4"], "model 'nano/4' -> 'tiny/4'"),
         (["--total_batch_size=8"], "total_batch_size 16 -> 8"),
         (["--mask_ratio=0.5", "--epochs=4"], f"epochs 3 -> 4, mask_ratio {mask_ratio!r} -> 0.5"),
@@ -1050,16 +1074,68 @@ def test_resume_refuses_changes_of_the_run_and_allows_the_rest(tiny_data, tiny_t
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0 and lines == [REFUSED.format(named)], result.stderr[-2000:]
         assert (out / "ckpt.pt").read_bytes() == saved
-    # where, how often and how fast: allowed, and the result is the uninterrupted run's
+    # where (the data moved too), how often and how fast: allowed, and the result is the uninterrupted run's
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
-    allowed = run(args, tiny_data, ["--stop_iter=2", f"--out_dir={moved}", "--resume=True",
+    allowed = run(args, other_data, ["--stop_iter=2", f"--out_dir={moved}", "--resume=True",
                                     "--eval_interval=3", "--log_interval=2", "--num_workers=1",
                                     "--device=cpu", "--wandb_run_name=resumed"])
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     straight = run(args, tiny_data, ["--stop_iter=2", f"--out_dir={tmp_path / 'straight'}"])
     assert straight.returncode == 0, straight.stderr[-2000:]
     assert_same(weights(moved / "ckpt.pt"), weights(tmp_path / "straight" / "ckpt.pt"))
+
+
+@pytest.mark.parametrize("script, change, named", [
+    ("md", "6 images added", "144 images -> 150 (the schedule would change)"),
+    ("ft", "a class folder renamed", "class folders changed (added zzz; removed circle: the labels would change)"),
+    ("ft", "a class folder added", "144 images -> 168 (the schedule would change); class folders changed "
+                                   "(added zzz: the labels would change)"),
+    ("tok", "6 images removed", "144 images -> 138 (the schedule would change)")])
+def test_resume_refuses_a_train_split_that_changed(script, change, named, tiny_data, tiny_teacher, tmp_path):
+    """images added or removed, class folders added or renamed between a stop and --resume=True:
+    one line, the checkpoint kept (before: the schedule was stretched to the new count in silence, a
+    renamed class relabelled the images in silence, an added one gave a size-mismatch traceback)"""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    args, saved_as = script_args(script, tiny_teacher, 100, [f"--out_dir={tmp_path / 'run'}"])
+    first = run(args, data, ["--stop_iter=1"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    saved = (tmp_path / "run" / saved_as).read_bytes()
+    train = data / "train"
+    circles = sorted((train / "circle").iterdir())
+    if change == "6 images added":
+        for i, image in enumerate(circles[:6]):
+            shutil.copy(image, train / "circle" / f"copy{i}{image.suffix}")
+    elif change == "6 images removed":
+        for image in circles[:6]:
+            image.unlink()
+    elif change == "a class folder renamed":
+        (train / "circle").rename(train / "zzz")
+        (data / "val" / "circle").rename(data / "val" / "zzz")  # the fine-tune's val classes are the train ones
+    else:
+        shutil.copytree(train / "circle", train / "zzz")
+        shutil.copytree(data / "val" / "circle", data / "val" / "zzz")
+    result = run(args, data, ["--stop_iter=2", "--resume=True"])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert lines == [f"error: --resume=True but the train split {train} is not the one the run started with: "
+                     f"{named}; restore it, or start a new run in another out_dir"]
+    assert (tmp_path / "run" / saved_as).read_bytes() == saved
+
+
+def test_a_path_option_with_a_tilde_is_under_home_and_stop_iter_says_it_stopped(tiny_data, tiny_teacher, tmp_path):
+    """--out_dir=~/run: the shell does not expand ~ after --key=, the script does (before: a folder
+    named '~' in the working directory); a run that --stop_iter ends early does not say 'done'"""
+    cmd = command([os.path.join(ROOT, "train_md.py"), *MD[1:], f"--teacher={tiny_teacher}", "--stop_iter=1",
+                   "--epochs=1"], tiny_data, ["--out_dir=~/run"])
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                            env=dict(os.environ, HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.listdir(tmp_path) == ["home"]  # no '~' folder
+    assert weights_at(tmp_path / "home" / "run" / "ckpt.pt")["iter_num"] == 1
+    last = result.stdout.strip().splitlines()[-1]
+    assert last == f"stopped at iteration 1 of 9 (--stop_iter), checkpoint {tmp_path / 'home' / 'run' / 'ckpt.pt'}"
 
 
 def test_resume_from_a_checkpoint_with_a_missing_or_misfit_entry_is_one_line(tiny_data, tiny_teacher, tmp_path):
@@ -1154,6 +1230,11 @@ OPTION_CASES = [  # (script, options, the one line)
     ("ft", ["--init=scrach"],  # before: the list left out scratch
      "error: unknown --init 'scrach': choose clip, dino, deit, embedded, scratch or a checkpoint path"),
     ("ft", ["--img_size=0"], "error: --img_size=0 must be >= 1"),  # before: a PIL or interpolate traceback
+    # before: accepted on a GPU, where float16 without a loss scale turned the backbone's gradients to 0
+    ("md", ["--dtype=float16"], "error: dtype 'float16' would train without loss scaling, which these scripts "
+                                "do not do (small gradients become 0): use bfloat16 (CPUs, A100 and newer GPUs) "
+                                "or float32"),
+    ("vqkd", ["--dtype=half"], "error: dtype 'half' must be bfloat16 or float32"),
     ("vqkd", ["--teacher={nan_model}"],
      "error: '{nan_model}' has non-finite (NaN/inf) weights, first in blocks.0.mlp.fc1.weight"),
     ("analyze", ["{nan_model}"],
