@@ -164,9 +164,25 @@ def freeze(vit):
                 p.requires_grad_(False)
 
 
+# settings that do not make two fine-tunes different experiments in --summarize: the swept ones, the
+# seed (its runs are repeats, averaged) and those a resume may change (where, how often, how fast)
+NOT_RECIPE = {"init", "lr", "freeze_blocks", "seed", *RESUME_MAY_CHANGE} - {"data_dir"}
+
+
+def recipe_labels(inits, recipes):
+    """each run's name in the summary: its init, then the settings in which that init's runs differ
+    (epochs, mixup, ...; not lr, frozen blocks, seed), so that other recipes are not averaged as repeats"""
+    labels = []
+    for init_, recipe in zip(inits, recipes):
+        same_init = [other for i, other in zip(inits, recipes) if i == init_]
+        differ = sorted({k for other in same_init for k in {*other, *recipe} if other.get(k) != recipe.get(k)})
+        labels.append(init_ + (f" ({', '.join(f'{k}={recipe.get(k)}' for k in differ)})" if differ else ""))
+    return labels
+
+
 def print_summary(root):
     """lr and freeze_blocks -> top-1 of every run under root (each run's result.json)."""
-    runs = []
+    runs, recipes = [], []
     for path in sorted(glob.glob(os.path.join(glob.escape(root), "**", "result.json"),
                                  recursive=True)):
         try:
@@ -180,9 +196,12 @@ def print_summary(root):
                   file=sys.stderr)
             continue
         runs.append((*scores, os.path.dirname(path) + early, bool(early)))
+        recipes.append({k: v for k, v in settings.items() if k not in NOT_RECIPE})
     if not runs:
         raise SystemExit(f"error: no result.json found under '{root}'")
-    width = max(len("init"), *(len(r[0]) for r in runs))  # whole init paths: two runs stay apart
+    labels = recipe_labels([r[0] for r in runs], recipes)
+    runs = [(label, *run[1:]) for label, run in zip(labels, runs)]
+    width = max(len("init"), *(len(r[0]) for r in runs))  # whole init paths and recipes: two runs stay apart
     print(f"{'init':<{width}} {'frozen':>6} {'lr':>9} {'top-1':>7} {'top-5':>7}  run")
     for init_, frozen, lr_, top1, top5, run, _ in sorted(runs):
         print(f"{init_:<{width}} {frozen:>6} {lr_:>9.2e} {top1:>7.2f} {top5:>7.2f}  {run}")

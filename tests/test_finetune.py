@@ -411,3 +411,24 @@ def test_every_randaugment_op_runs_at_both_ends_of_the_magnitude_range():
         for level in (0.0, 1.0):
             out = op(gradient_image(), level, np.random.default_rng(0))
             assert out.size == (64, 64) and out.mode == "RGB", name
+
+
+def test_summary_keeps_runs_of_other_recipes_apart(tmp_path):
+    """runs from one init that differ in a setting other than lr, frozen blocks and seed (the README's
+    30-epoch and 10-epoch fine-tunes from scratch) are other experiments: each named with that setting
+    (before: one init, their top-1 averaged into one point); runs differing only in seed or out_dir
+    stay one recipe"""
+    import json
+    runs = [("long", 30, 0, 97.0), ("long_seed1", 30, 1, 95.0), ("short", 10, 0, 58.0)]
+    for name, epochs, seed, top1 in runs:
+        (tmp_path / name).mkdir()
+        config = dict(init="scratch", freeze_blocks=0, lr=1e-3, seed=seed, epochs=epochs, mixup=0.8,
+                      out_dir=str(tmp_path / name))
+        result = dict(top1=top1, top5=99.0, best_top1=top1, iter_num=10, max_iters=10, config=config)
+        (tmp_path / name / "result.json").write_text(json.dumps(result))
+    summary = subprocess.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert summary.returncode == 0, summary.stderr[-2000:]
+    named = {line.split()[-1]: line.split("  ")[0].strip() for line in summary.stdout.splitlines()[1:4]}
+    assert named == {str(tmp_path / "long"): "scratch (epochs=30)", str(tmp_path / "long_seed1"): "scratch (epochs=30)",
+                     str(tmp_path / "short"): "scratch (epochs=10)"}
