@@ -781,7 +781,7 @@ def train_split_summary(dataset):
 
 
 def refuse_changed_split(ckpt, dataset, train_dir):
-    """--resume=True: the train split must have the images count and class folders it had when the run
+    """--resume=True: the train split must have the image count and class folders it had when the run
     started (the checkpoint's `train_split`; older checkpoints have none, or only a fine-tune's `classes`):
     otherwise the schedule, or the labels, would change mid-run. One line."""
     saved = ckpt.get("train_split")
