@@ -514,9 +514,15 @@ def read_checkpoint(path):
                                   "not a readable checkpoint")
         if not head:
             raise CheckpointError(f"'{path}' is empty: not a checkpoint")
+        if head[8:9] == b"{":  # a safetensors file: its header's length, then the header (JSON)
+            try:
+                return read_safetensors(path)
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise CheckpointError(f"'{path}' is a damaged safetensors file ({first_line(e) or type(e).__name__}): "
+                                      "not a readable checkpoint") from None
         if not head.startswith(b"\x80"):  # torch.save writes a zip archive, or a pickle (protocol >= 2)
             raise CheckpointError(f"'{path}' is not a checkpoint: neither a zip archive nor a pickle, as "
-                                  f"torch.save writes them (it begins {head!r})")
+                                  f"torch.save writes them, nor a safetensors file (it begins {head!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -526,6 +532,40 @@ def read_checkpoint(path):
                               f"at all), refused by torch.load(weights_only=True): {detail}") from None
     except Exception as e:
         raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {first_line(e)})") from None
+
+
+# safetensors files (Hugging Face's format, timm's weights on the hub) without the safetensors package
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """The tensors of a .safetensors file: 8 bytes, the header's length n (little-endian); n bytes of
+    JSON, {name: {"dtype", "shape", "data_offsets": [begin, end]}} and an optional "__metadata__";
+    then the tensors' little-endian bytes, each at its offsets from the end of the header.
+    Plain data by construction: nothing in the file runs. A size or offset that does not add up raises."""
+    with open(path, "rb") as f:
+        data = f.read()
+    header_length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_length])
+    body = memoryview(data)[8 + header_length:]
+    state_dict = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], [int(n) for n in entry["shape"]]
+        begin, end = (int(n) for n in entry["data_offsets"])
+        size = math.prod(shape) * dtype.itemsize
+        if not 0 <= begin <= end <= len(body) or end - begin != size:
+            raise ValueError(f"{name}: data_offsets [{begin}, {end}] do not hold a {entry['dtype']} tensor of shape "
+                             f"{shape} in the file's {len(body)} bytes of data")
+        if size == 0:  # frombuffer refuses an empty buffer
+            state_dict[name] = torch.empty(shape, dtype=dtype)
+        else:
+            state_dict[name] = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype).reshape(shape)
+    return state_dict
 
 
 # TorchScript archives without torch.jit.load

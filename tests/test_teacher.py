@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from common import read_checkpoint
 from model import PRESETS, ViT, ViTConfig
 from teacher import CheckpointError, Whitening, load_model, load_teacher
 
@@ -92,24 +93,27 @@ def dino_training_checkpoint(backbone, out_dim=512):
             "epoch": 100, "args": args, "dino_loss": {"center": torch.zeros(1, out_dim)}}
 
 
-@pytest.mark.parametrize("layout", ["dino", "deit", "dino_full"])
+@pytest.mark.parametrize("layout", ["dino", "deit", "dino_full", "safetensors"])
 def test_timm_layouts_match_timm(timm_vit, images, tmp_path, layout):
     sd = timm_vit.state_dict()
     path = str(tmp_path / f"{layout}.pth")
-    if layout == "dino":  # DINO: plain state dict, no head
+    if layout == "safetensors":  # timm's weights on the Hugging Face hub: the state dict with its head
+        path = str(tmp_path / "model.safetensors")
+        pytest.importorskip("safetensors.torch").save_file(sd, path)
+    elif layout == "dino":  # DINO: plain state dict, no head
         torch.save({k: v for k, v in sd.items() if not k.startswith("head")}, path)
     elif layout == "deit":  # DeiT: under "model", with the 1000-class head
         torch.save({"model": sd}, path)
     else:  # DINO's full training checkpoint, as facebookresearch/dino main_dino.py writes it
         torch.save(dino_training_checkpoint({k: v for k, v in sd.items() if not k.startswith("head")}), path)
-    name = "deit" if layout == "deit" else "dino"
+    name = "deit" if layout in ("deit", "safetensors") else "dino"
     t = load_teacher(name, path=path)
     with torch.no_grad():
         expected = timm_vit.forward_features((images - IMAGENET[0]) / IMAGENET[1])
         out = t(images)
     assert out.shape == (2, 197, 768)
     assert (out - expected).abs().max().item() < 1e-4
-    if layout == "deit":
+    if layout in ("deit", "safetensors"):
         vit, _ = load_model(path)
         with torch.no_grad():
             logits = vit(images)
@@ -436,6 +440,34 @@ def test_missing_file_and_not_a_checkpoint(tmp_path):
     torch.save({"foo.weight": torch.zeros(3)}, weird)
     with pytest.raises(CheckpointError, match="not a CLIP, DINO/DeiT"):
         load_teacher(str(weird))
+
+
+def test_safetensors_from_the_library_read_exactly_and_a_damaged_one_is_one_line(tmp_path):
+    """files written by the safetensors package (its own writer; every dtype it maps to torch's,
+    an empty tensor, metadata), read without that package: the same tensors; cut or with a header
+    that does not add up: one line"""
+    save_file = pytest.importorskip("safetensors.torch").save_file
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(3, 4, generator=g), "h": torch.randn(5, generator=g).half(),
+               "b": torch.randn(2, 2, generator=g).bfloat16(), "d": torch.randn(2, generator=g).double(),
+               "i": torch.arange(-3, 3), "j": torch.arange(4, dtype=torch.int32),
+               "k": torch.arange(3, dtype=torch.int16),
+               "c": torch.arange(-2, 2, dtype=torch.int8), "u": torch.arange(6, dtype=torch.uint8).view(2, 3),
+               "m": torch.tensor([True, False]), "e": torch.zeros(0, 3)}
+    path = tmp_path / "all.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    read = read_checkpoint(str(path))
+    assert sorted(read) == sorted(tensors)
+    for name, t in tensors.items():
+        assert read[name].dtype == t.dtype and torch.equal(read[name], t), name
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-1])
+    header_length = int.from_bytes(data[:8], "little")
+    (tmp_path / "header.safetensors").write_bytes(data[:8 + header_length - 1] + b"?" + data[8 + header_length:])
+    for name in ("cut", "header"):
+        with pytest.raises(CheckpointError) as e:
+            read_checkpoint(str(tmp_path / f"{name}.safetensors"))
+        assert str(e.value).startswith(f"'{tmp_path / name}.safetensors' is a damaged safetensors file (")
 
 
 def test_a_flipped_byte_in_the_zip_records_is_one_line(tmp_path):
