@@ -630,11 +630,21 @@ def summarize(metric, stats, cfg, fourier_at="blocks"):
 # ----------------------------------------------------------------------------------------
 # figures (matplotlib is optional: without it only the JSON is written)
 
+def no_figure(path):
+    """without matplotlib: an older figure at path goes, so that no figure shows other results than
+    the JSON beside it (the report would caption it with the new models) -> False"""
+    older = os.path.isfile(path)
+    if older:
+        os.remove(path)
+    print("(no figure: pip install matplotlib to get the PNG; the JSON is written"
+          + (f"; the older {path} is removed" if older else "") + ")")
+    return False
+
+
 def plot(metric, results, path, maps=None):
     plt = pyplot()
     if plt is None:
-        print("(no figure: pip install matplotlib to get the PNG; the JSON is written)")
-        return False
+        return no_figure(path)
     labels = list(results)
     if metric in CLASSIFIER + ("sharpness",):
         fig = plot_classifier(plt, metric, results)
@@ -1394,8 +1404,7 @@ def plot_curves(results, path):
     matplotlib"""
     plt = pyplot()
     if plt is None:
-        print("(no figure: pip install matplotlib to get the PNG; the JSON is written)")
-        return False
+        return no_figure(path)
     panels = [(f, title) for f, title in CURVE_PANELS if any(f in r for r in results.values())]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (field, title) in zip(axes[0], panels):

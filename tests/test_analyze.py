@@ -534,6 +534,26 @@ def test_summaries_without_a_value_print_n_a(tmp_path, capsys):
     assert json.load(open(tmp_path / "shape_bias.json"))["models"]["m"]["shape_bias"] is None
 
 
+def test_without_matplotlib_an_older_figure_goes_with_the_new_json(tmp_path, monkeypatch, capsys):
+    """a figure beside a JSON of the same name shows the JSON's results or is not there: without
+    matplotlib an older figure is removed, and said so (before: it stayed, and the report captioned
+    it with the new JSON's models)"""
+    import analyze
+    from common import append_jsonl
+    monkeypatch.setattr(analyze, "pyplot", lambda: None)
+    for name in ("nmi", "curves"):
+        (tmp_path / f"{name}.png").write_bytes(b"a figure of other models")
+    analyze.write("nmi", {"new": dict(per_layer=[0.1], per_head=[[0.1]])}, {}, str(tmp_path))
+    append_jsonl(str(tmp_path / "run" / "log.jsonl"), dict(iter=1, loss=2.0))
+    analyze.main(["--metric=curves", str(tmp_path / "run" / "log.jsonl"), f"--out={tmp_path}"])
+    assert not (tmp_path / "nmi.png").exists() and not (tmp_path / "curves.png").exists()
+    printed = capsys.readouterr().out
+    for name in ("nmi", "curves"):
+        assert f"; the older {tmp_path / name}.png is removed)" in printed
+    analyze.main(["--metric", "report", str(tmp_path)])
+    assert "![" not in open(tmp_path / "report.md").read()
+
+
 def strict_json(path):
     """a JSON file read as strict JSON parsers read it: NaN, Infinity and -Infinity are no tokens"""
     def refuse(token):
