@@ -934,6 +934,22 @@ def ood_folders(opts):
     return [(name, os.path.join(root, name)) for name in found]
 
 
+def check_humans(opts, datasets):
+    """--human before any work: some of the datasets [(name, folder)] have human trials under it
+    (<name>/*.csv), else one line; those without are named in a warning (no error consistency)"""
+    def has_trials(name):
+        folder = os.path.join(opts["human"], name)
+        return os.path.isdir(folder) and any(f.endswith(".csv") for f in os.listdir(folder))
+    without = [name for name, _ in datasets if not has_trials(name)]
+    if len(without) == len(datasets):
+        raise DataError(f"--human={opts['human']} holds no human trials of the datasets found "
+                        f"({', '.join(f'{name}/*.csv' for name in without)} are not there): give "
+                        "model-vs-human's raw-data/ folder (<dataset>/*.csv)")
+    if without:
+        print(f"warning: --human={opts['human']} holds no human trials of {', '.join(without)}: "
+              "no error consistency for them", file=sys.stderr)
+
+
 def image_folder(opts, default_split):
     """the ImageFolder to read: data/split when --split is given (an error where it is not
     there), else data/default_split if present, else data itself"""
@@ -1200,7 +1216,9 @@ def main(argv):
 
     try:  # the data before the first model (an official one is a download)
         if metric == "ood":
-            ood_folders(opts)
+            datasets = ood_folders(opts)
+            if opts["human"]:
+                check_humans(opts, datasets)
         else:
             resolve_data_dir(opts["data"])
         if metric in CLASSIFIER:  # a later model that cannot give it
