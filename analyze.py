@@ -1477,6 +1477,7 @@ def read_run(root):
     [(metric, png path relative to root, settings, labels)], fine-tuning results {run: result},
     step records [(step, seconds, command)]"""
     metrics, figures, finetunes, steps = {}, [], {}, []
+    source = {}  # (metric, label) -> the file its entry is from
     for folder, dirs, files in os.walk(root):
         dirs.sort()
         for name in sorted(files):
@@ -1516,6 +1517,12 @@ def read_run(root):
                           f"its models are not analyze.py's {{label: entry}}",
                           file=sys.stderr)
                     continue
+                for label in models:  # one label in two files: the later one read is used
+                    earlier = source.get((data["metric"], label))
+                    if earlier:
+                        print(f"warning: {label} has {data['metric']} results in {earlier} and "
+                              f"{path}: the report uses the later one read, {path}", file=sys.stderr)
+                    source[(data["metric"], label)] = path
                 metrics.setdefault(data["metric"], {}).update(models)
                 png = path[:-len(".json")] + ".png"
                 if os.path.exists(png):

@@ -212,6 +212,21 @@ def test_results_edited_by_hand_are_not_tested_instead_of_a_traceback(tmp_path, 
     assert lines[("attention distance", "clip")][1] == "holds"
 
 
+def test_a_label_in_two_files_of_one_metric_is_said(tmp_path, capsys):
+    """md_clip's nmi in two folders of the run (before: the last file walked won without a word):
+    a warning names both files and the one used, the later one read, whose numbers the claim shows"""
+    root = str(tmp_path / "run")
+    write_metric(root, "a", "nmi", dict(clip=per_layer_entry(layers(0.2, 0.05)),
+                                        md_clip=per_layer_entry(layers(0.1, 0.1))))
+    write_metric(root, "b", "nmi", dict(md_clip=per_layer_entry(layers(0.3, 0.02))))
+    analyze.main(["--metric", "report", root])
+    first, second = (os.path.join(root, "analysis", g, "nmi.json") for g in ("a", "b"))
+    assert capsys.readouterr().err == (f"warning: md_clip has nmi results in {first} and {second}: the report "
+                                       f"uses the later one read, {second}\n")
+    lines = claim_lines(open(os.path.join(root, "report.md")).read())
+    assert lines[("NMI", "clip")] == ("teacher clip 0.05, MD student md_clip 0.02", "does not hold")
+
+
 def test_captions_count_the_images_each_model_read(tmp_path):
     """a caption gives the images the entries say were read (n_images is what was asked for); a file
     written before entries said it, its n_images"""
