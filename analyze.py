@@ -580,7 +580,7 @@ def collect(model, loader, device, want, map_request=None, fourier_at="blocks"):
                 add(("attn_entropy", layer), entropy)
             if "nmi" in want:
                 add(("nmi", layer), attention_nmi(a, entropy))
-            if show and len(maps) * loader.batch_size < map_request["images"]:
+            if show and sum(len(m[0]) for m in maps) < map_request["images"]:  # the images kept
                 maps.append((images.cpu(), a[:, :, map_request["queries"]].mean(1).cpu()))
         add_spectra(keep=cfg.depth)  # all but this batch's: at most two batches are held
     add_spectra(keep=0)

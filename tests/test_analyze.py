@@ -607,6 +607,24 @@ def test_representation_metrics_record_the_images_read(tiny_teacher, tiny_data, 
                 and report["models"]["teacher"]["images"] == images), metric
 
 
+def test_attention_maps_show_the_images_asked_for_when_some_cannot_be_read(tiny_teacher, tiny_data, tmp_path):
+    """--map_images=5 in batches of 2 of which some hold an unreadable image: 5 maps (before: the
+    batches were counted at 2 images each, and fewer maps were shown)"""
+    for name in sorted(os.listdir(os.path.join(tiny_data, "val")))[:2]:
+        folder = os.path.join(tiny_data, "val", name)
+        os.makedirs(tmp_path / "some" / name)
+        for f in sorted(os.listdir(folder))[:3]:
+            shutil.copy(os.path.join(folder, f), tmp_path / "some" / name / f)
+        for i in range(2):
+            (tmp_path / "some" / name / f"junk{i}.png").write_bytes(b"not an image")
+    result = run_analyze(["--metric=attn_map", tiny_teacher, f"--data={tmp_path / 'some'}", "--n_images=10",
+                          "--batch_size=2", "--map_images=5", f"--out={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert result.stderr.count("warning: skipping unreadable image") == 4
+    shown = json.load(open(tmp_path / "attn_map.json"))["models"]["teacher"]
+    assert shown["images"] == len(shown["attention"]) == 5
+
+
 def test_options_take_the_value_after_a_space(tiny_data, tiny_teacher, tmp_path):
     result = run_analyze(["--metric", "nmi", tiny_teacher, "--data", tiny_data, "--n_images", "4",
                           "--out", str(tmp_path)])
