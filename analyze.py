@@ -969,20 +969,20 @@ def subset_of(dataset, opts):
     return order[:opts["n_images"]].tolist()
 
 
-def label_outputs(cfg, classes, dataset):
-    """data label -> the output of a classifier with config cfg. classes: the class names of its
-    outputs, where its checkpoint has them; the data's class folders must be those names, in any
-    order: each image's label is the output of its folder's name"""
+def label_outputs(metric, cfg, classes, dataset):
+    """data label -> the output of a classifier with config cfg, for metric (hessian, landscape).
+    classes: the class names of its outputs, where its checkpoint has them; the data's class
+    folders must be those names, in any order: each image's label is the output of its folder's
+    name"""
     if cfg.num_classes == 0 or (cfg.num_classes != len(dataset.classes) and not classes):
-        raise SystemExit(f"error: the Hessian needs a classifier for the data's "
-                         f"{len(dataset.classes)} classes; this model has "
-                         f"{cfg.num_classes or 'no'} outputs: fine-tune it first")
+        raise ValueError(f"{metric} needs a classifier for the data's {len(dataset.classes)} classes; "
+                         f"this model has {cfg.num_classes or 'no'} outputs: fine-tune it first")
     if not classes:
         return torch.arange(len(dataset.classes))
     if sorted(classes) != dataset.classes:  # named outputs (a count that differs included)
         only_model = sorted(set(classes) - set(dataset.classes))
         only_data = sorted(set(dataset.classes) - set(classes))
-        raise SystemExit(f"error: the model's classes are not the class folders under '{dataset.root}': "
+        raise ValueError(f"the model's classes are not the class folders under '{dataset.root}': "
                          f"{only_model} only in the model, {only_data} only in the data: give the data "
                          "the model was fine-tuned on")
     return torch.tensor([list(classes).index(c) for c in dataset.classes])
@@ -991,7 +991,7 @@ def label_outputs(cfg, classes, dataset):
 def labelled_batches(model, dataset, subset, opts, device, classes=None):
     """the subset as a list of (images, labels) on the device, for the loss of a classifier (labels:
     label_outputs)"""
-    output = label_outputs(model.config, classes, dataset)
+    output = label_outputs(opts["metric"], model.config, classes, dataset)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, subset),
                                          batch_size=opts["batch_size"], collate_fn=collate)
     batches = [(x.to(device), output[y].to(device)) for x, y, _, _ in loader if x is not None]
@@ -1027,29 +1027,32 @@ def cue_conflict_folder(opts):
 def check_head(metric, cfg):
     """shape_bias, ood: decisions need class scores"""
     if cfg.num_classes == 0:
-        raise SystemExit(f"error: {metric} needs a classifier; this model has no classification "
-                         "head: fine-tune it first, or give an ImageNet-1k classifier (deit)")
+        raise ValueError(f"{metric} needs a classifier; this model has no classification head: "
+                         "fine-tune it first, or give an ImageNet-1k classifier (deit)")
 
 
 def check_classifiers(metric, models, opts):
-    """before the first model's work: each model, (config, class names), can give a classifier
-    metric, or one error line. hessian, landscape: the data's classes are its outputs
-    (label_outputs); shape_bias, ood: it has a head and can decide among the categories of every
-    image the metric reads (decision_categories; its ValueError is one line in main)"""
+    """before the first model's work: each model, (label, argument, config, class names), can give
+    a classifier metric, or one error line that names it. hessian, landscape: the data's classes
+    are its outputs (label_outputs); shape_bias, ood: it has a head and can decide among the
+    categories of every image the metric reads (decision_categories)"""
     if metric in ("hessian", "landscape"):
         dataset = image_folder(opts, "val")
-        for cfg, classes in models:
-            label_outputs(cfg, classes, dataset)
-        return
-    if metric == "shape_bias":
+    elif metric == "shape_bias":
         paths = [p for p, _ in cue_conflict_folder(opts).samples]
         label_sets = [[label for p in paths for label in cue_conflict_labels(p)]]
     else:
         label_sets = [[c for _, _, c in ood_images(folder)] for _, folder in ood_folders(opts)]
-    for cfg, classes in models:
-        check_head(metric, cfg)
-        for labels in label_sets:
-            decision_categories(labels, cfg.num_classes, classes)
+    for label, model_arg, cfg, classes in models:
+        try:
+            if metric in ("hessian", "landscape"):
+                label_outputs(metric, cfg, classes, dataset)
+            else:
+                check_head(metric, cfg)
+                for labels in label_sets:
+                    decision_categories(labels, cfg.num_classes, classes)
+        except ValueError as e:  # which one of the models
+            raise SystemExit(f"error: {label} ('{model_arg}'): {e}") from None
 
 
 def classifier_metric(metric, model, info, opts, device):
@@ -1189,7 +1192,7 @@ def main(argv):
             raise SystemExit(f"error: no model '{model_arg}': not a file, and not one of {NAMES}")
     # a file that is no model stops the run before the first model's work (and before --out is made)
     # (so each file is read twice; a folder is refused as everywhere)
-    files = []  # (config, class names) of the models that are files
+    files = []  # (label, argument, config, class names) of the models that are files
     for model_arg, label in zip(models, labels):
         # read when its turn comes (a download); the official teachers are B/16
         if model_arg in OFFICIAL:
@@ -1201,7 +1204,7 @@ def main(argv):
             except (CheckpointError, ValueError) as e:
                 raise SystemExit(f"error: {e}")
             cfg = model.config
-            files.append((cfg, info["classes"]))
+            files.append((label, model_arg, cfg, info["classes"]))
             del model  # its weights are read again when its turn comes: one model in memory at a time
         # --layer / --queries out of a later model's range: nothing done yet
         if "attn_map" in metrics:

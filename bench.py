@@ -382,7 +382,7 @@ def embedded_batches(n):
     from data import EvalTransform
     model, _ = load_model("embedded")
     model.to(DEVICE)
-    opts = dict(DEFAULTS, n_images=n, batch_size=n)
+    opts = dict(DEFAULTS, metric="hessian", n_images=n, batch_size=n)
     dataset = image_folder(opts, "val")
     dataset.transform = EvalTransform(model.config.img_size)
     return model, labelled_batches(model, dataset, subset_of(dataset, opts), opts, DEVICE)

@@ -682,7 +682,8 @@ def test_a_later_model_that_cannot_give_the_metric_stops_before_any_work(tiny_te
                                                                          metric, later):
     """the second of two models is no classifier of the data (no head; a head for other named
     classes; 4 outputs without names for 6 categories): one line before the first model's work
-    (before: after it, which was then thrown away)"""
+    (before: after it, which was then thrown away) that names the model and the metric (before:
+    neither, and 'the Hessian' for landscape too)"""
     from model import ViT, ViTConfig
     cfg = ViTConfig.from_name("nano/4", num_classes=0 if later == "no head" else 4)
     obj = dict(model=ViT(cfg).state_dict(), model_args=cfg.to_dict())
@@ -694,6 +695,9 @@ def test_a_later_model_that_cannot_give_the_metric_stops_before_any_work(tiny_te
                           "--steps=2"])
     assert result.returncode == 1, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert last.startswith(f"error: second ('{tmp_path / 'second.pt'}'): ") and "Traceback" not in result.stderr, \
+        result.stderr[-2000:]
+    if later == "no head" or (later == "unnamed outputs" and metric != "shape_bias"):
+        assert f": {metric} needs a classifier" in last
     assert "teacher:" not in result.stdout  # the line each model's work starts with
     assert not (tmp_path / f"{metric}.json").exists()

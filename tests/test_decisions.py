@@ -183,8 +183,8 @@ def test_hessian_needs_a_classifier_for_the_data(tiny_data, tmp_path):
     torch.save(dict(model=ViT(cfg).state_dict(), model_args=cfg.to_dict(), config={}), path)
     r = run_analyze(["--metric=hessian", str(path), f"--data={tiny_data}", f"--out={tmp_path}"])
     assert r.returncode != 0
-    assert ("the Hessian needs a classifier for the data's 6 classes; "
-            "this model has 10 outputs") in r.stderr
+    assert r.stderr.strip() == (f"error: ten ('{path}'): hessian needs a classifier for the data's 6 classes; "
+                                "this model has 10 outputs: fine-tune it first")
 
 
 def save_variant(path, checkpoint, classes, order=None):
@@ -220,7 +220,7 @@ def test_hessian_and_landscape_label_the_data_by_the_checkpoints_class_names(tin
     renamed = save_variant(tmp_path / "renamed.pt", tiny_teacher, ["disc" if c == "circle" else c for c in classes])
     r = run_analyze(["--metric=hessian", renamed, f"--data={tiny_data}", f"--out={tmp_path}"])
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
-    assert r.stderr.startswith("error: the model's classes are not the class folders under "
+    assert r.stderr.startswith(f"error: renamed ('{renamed}'): the model's classes are not the class folders under "
                                f"'{os.path.join(tiny_data, 'val')}': ['disc'] only in the model, "
                                "['circle'] only in the data: give the data the model was fine-tuned on")
     # data with 3 of the classifier's 6 classes (before: 'this model has 6 outputs: fine-tune it first')
@@ -229,7 +229,8 @@ def test_hessian_and_landscape_label_the_data_by_the_checkpoints_class_names(tin
         shutil.copytree(os.path.join(tiny_data, "val", c), tmp_path / "three" / "val" / c)
     r = run_analyze(["--metric=hessian", tiny_teacher, f"--data={tmp_path / 'three'}", f"--out={tmp_path}"])
     assert r.returncode != 0 and r.stderr.strip() == (
-        f"error: the model's classes are not the class folders under '{tmp_path / 'three' / 'val'}': "
+        f"error: teacher ('{tiny_teacher}'): the model's classes are not the class folders under "
+        f"'{tmp_path / 'three' / 'val'}': "
         f"{classes[3:]} only in the model, [] only in the data: give the data the model was fine-tuned on")
 
 
