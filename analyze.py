@@ -1704,10 +1704,17 @@ def headline_table(metrics, finetunes):
     return ["model"] + [c[0] for c in columns] + ["fine-tuned top-1"], rows
 
 
+def number_or_text(value, spec):
+    """a number formatted by spec; anything else (a file edited by hand) as its text"""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return format(value, spec) if is_number else str(value)
+
+
 def report_blocks(root, metrics, figures, finetunes, steps):
     """the report as blocks (kind, content); kinds: h1, h2, h3, p, ul, table, img, pre"""
     teachers = teachers_of(metrics, finetunes)
-    depth = next((len(e["per_layer"]) for e in metrics.get("attn_distance", {}).values()), None)
+    depth = next((len(e["per_layer"]) for e in metrics.get("attn_distance", {}).values()
+                  if isinstance(e.get("per_layer"), list)), None)  # (a file edited by hand)
     high = f"blocks {depth - max(1, round(depth / 3)) + 1}-{depth} of {depth}" if depth else "n/a"
     intro = (f"Run folder `{root}`. Teachers: {', '.join(teachers) or 'none found'}. High "
              f"layers = the last third of the blocks ({high}). One run, one seed, no error bars: "
@@ -1740,7 +1747,7 @@ def report_blocks(root, metrics, figures, finetunes, steps):
                      "end of fine-tuning, on the val loss. Empty: not measured for that model."))
     doc.append(("table", (header, rows)))
     doc.append(("h2", "Fine-tuning top-1 per init"))
-    ft_rows = [[run, str(r["config"].get("init", "")), f"{r['config'].get('lr', float('nan')):.3g}",
+    ft_rows = [[run, str(r["config"].get("init", "")), number_or_text(r["config"].get("lr", float("nan")), ".3g"),
                 str(r["config"].get("epochs", "")) + stopped_early(r), f"{r['top1']:.2f}%", f"{r['top5']:.2f}%",
                 f"{r['best_top1']:.2f}%"] for run, r in sorted(finetunes.items())]
     doc.append(("table", (["run", "init", "lr", "epochs", "val top-1", "top-5", "best top-1"],

@@ -227,6 +227,28 @@ def test_a_label_in_two_files_of_one_metric_is_said(tmp_path, capsys):
     assert lines[("NMI", "clip")] == ("teacher clip 0.05, MD student md_clip 0.02", "does not hold")
 
 
+def test_intro_and_fine_tuning_table_take_fields_edited_by_hand(tmp_path):
+    """an attention-distance entry without per_layer, one whose per_layer is a number, a fine-tune
+    whose lr is text (before: KeyError, TypeError and ValueError tracebacks): the depth comes from
+    the entries that have a list, the lr is shown as written"""
+    root = str(tmp_path / "run")
+    make_run(root, ("clip", "dino"), holds=True)
+    path = os.path.join(root, "analysis", "pretrained", "attn_distance.json")
+    data = json.load(open(path))
+    del data["models"]["clip"]["per_layer"]
+    data["models"]["md_clip"]["per_layer"] = 7
+    write_json(path, data)
+    path = os.path.join(root, "ft_md_clip", "result.json")
+    data = json.load(open(path))
+    data["config"]["lr"] = "1e-3"
+    write_json(path, data)
+    analyze.main(["--metric", "report", root])
+    markdown = open(os.path.join(root, "report.md")).read()
+    assert "High layers = the last third of the blocks (blocks 5-6 of 6)." in markdown
+    assert "| ft_md_clip | out/md_clip/ckpt.pt | 1e-3 | 10 | 83.00% |" in markdown
+    assert "| ft_md_dino | out/md_dino/ckpt.pt | 0.001 | 10 | 83.00% |" in markdown
+
+
 def test_captions_count_the_images_each_model_read(tmp_path):
     """a caption gives the images the entries say were read (n_images is what was asked for); a file
     written before entries said it, its n_images"""
