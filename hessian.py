@@ -733,8 +733,9 @@ def curvature(model, batches, k=2, tol=1e-3, max_iter=100, trace_products=50, tr
     hessian = HessianOperator(model, batches, loss_fn, keep_graphs)
     eig = lanczos(hessian, k, tol, max_iter, seed)
     samples = trace_samples or max(trace_products - eig["steps"], 2)
-    trace, stderr, used = hutchinson(hessian, samples, seed + 1, eig["basis"], eig["basis_trace"],
-                                     trace_tol)
+    # the trace's own draws; a generator takes seeds below 2**64, and any seed may be given
+    trace, stderr, used = hutchinson(hessian, samples, (seed + 1) % 2 ** 64, eig["basis"],
+                                     eig["basis_trace"], trace_tol)
     return dict(eigenvalues=eig["values"], vectors=[hessian.unflat(v) for v in eig["vectors"]],
                 trace=trace, trace_stderr=stderr, trace_samples=used, lanczos_steps=eig["steps"],
                 converged=eig["converged"], residuals=eig["residuals"], products=hessian.products,

@@ -625,6 +625,16 @@ def test_attention_maps_show_the_images_asked_for_when_some_cannot_be_read(tiny_
     assert shown["images"] == len(shown["attention"]) == 5
 
 
+def test_hessian_runs_with_the_largest_seed(tiny_teacher, tiny_data, tmp_path):
+    """--seed=2**64 - 1 passes the option check, and the Hessian takes it (before: 'error: Overflow
+    when unpacking long long' after the Lanczos work)"""
+    result = run_analyze(["--metric=hessian", tiny_teacher, f"--data={tiny_data}", f"--seed={2 ** 64 - 1}",
+                          "--n_images=4", "--lanczos_steps=3", "--trace_products=6", f"--out={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-1000:]
+    entry = json.load(open(tmp_path / "hessian.json"))["models"]["teacher"]
+    assert entry["images"] == 4 and entry["trace_products"] == 6 and math.isfinite(entry["trace"])
+
+
 def test_options_take_the_value_after_a_space(tiny_data, tiny_teacher, tmp_path):
     result = run_analyze(["--metric", "nmi", tiny_teacher, "--data", tiny_data, "--n_images", "4",
                           "--out", str(tmp_path)])

@@ -440,6 +440,17 @@ def test_eigenvalues_trace_and_landscape_of_a_vit(small_vit):
     assert mean_loss(model, batches) == pytest.approx(grid[1][1], abs=1e-12)  # weights restored
 
 
+def test_the_largest_seed_gives_the_trace():
+    """seed 2**64 - 1, the largest a generator takes (before: the trace's seed + 1 overflowed after
+    the Lanczos work); an invariant Krylov space: the exact spectrum and trace whatever the draws"""
+    spectrum = [5.0, -3.0, 2.0, 1.0, 0.5, 0.25]
+    model, batches, H, loss_fn = quadratic_problem(spectrum)
+    r = curvature(model, batches, k=2, tol=1e-12, max_iter=50, trace_products=4, seed=2 ** 64 - 1,
+                  loss_fn=loss_fn)
+    assert r["eigenvalues"] == pytest.approx([5.0, -3.0], abs=1e-9)
+    assert r["trace"] == pytest.approx(sum(spectrum), abs=1e-9)
+
+
 def test_a_batch_without_second_derivative_does_not_crash():
     """only the head trains and the loss is linear in it: H = 0 (no graph to differentiate)"""
     model = nn.Linear(3, 2)
