@@ -890,6 +890,8 @@ def parse_args(argv):
                 raise SystemExit(f"error: --{key}={value}: '{key}' must be {kind}") from None
             if isinstance(opts[key], float) and not math.isfinite(opts[key]):
                 raise SystemExit(f"error: --{key}={value}: '{key}' must be a finite number")
+            if isinstance(opts[key], str) and opts[key].startswith("~"):  # the shell leaves ~ after --key=
+                opts[key] = os.path.expanduser(opts[key])
         else:
             models.append(arg)
     if opts["metric"] not in METRICS + ("all",):

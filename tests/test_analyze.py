@@ -711,3 +711,11 @@ def test_a_later_model_that_cannot_give_the_metric_stops_before_any_work(tiny_te
         assert f": {metric} needs a classifier" in last
     assert "teacher:" not in result.stdout  # the line each model's work starts with
     assert not (tmp_path / f"{metric}.json").exists()
+
+
+def test_an_option_with_a_tilde_is_under_home(tmp_path, monkeypatch):
+    """--out=~/analysis: the shell leaves ~ after --key= as it is (before: a folder named '~')"""
+    from analyze import parse_args
+    monkeypatch.setenv("HOME", str(tmp_path))
+    opts, models = parse_args(["--metric=svd", "--out=~/analysis", "--data", "~/data", "m.pt"])
+    assert (opts["out"], opts["data"], models) == (str(tmp_path / "analysis"), str(tmp_path / "data"), ["m.pt"])
