@@ -1506,12 +1506,13 @@ def read_run(root):
                 continue  # finetune.py's sharpness.json is a list (--metric sharpness draws it)
             if name == "result.json" and "top1" in data:  # finetune.py
                 scores = [data.get(k) for k in ("top1", "top5", "best_top1")]
-                if (all(isinstance(v, (int, float)) for v in scores)
+                iterations = [data.get("iter_num"), data.get("max_iters", 0)]  # (max_iters: newer files)
+                if (all(isinstance(v, (int, float)) for v in scores) and all(isinstance(v, int) for v in iterations)
                         and isinstance(data.get("config"), dict)):
                     finetunes[os.path.relpath(folder, root)] = data
                 else:
-                    print(f"warning: skipping {path}: its top1, top5, best_top1 or config is not "
-                          "finetune.py's", file=sys.stderr)
+                    print(f"warning: skipping {path}: its top1, top5, best_top1, iter_num, max_iters or config "
+                          "is not finetune.py's", file=sys.stderr)
             elif {"metric", "models"} <= set(data):  # analyze.py
                 models = data["models"]
                 # an entry is a dict; sharpness keeps each model's finetune.py log, a list

@@ -319,3 +319,25 @@ def test_no_student_no_claim(tmp_path, capsys):
     assert "No claim tested" in markdown and "tests hold" not in markdown
     assert claim_lines(markdown) == {}
     assert "no claim tested" in capsys.readouterr().out
+
+
+def test_a_result_json_without_its_iteration_counts_is_skipped_with_a_warning(tmp_path, capsys):
+    """a fine-tune's result.json whose iter_num is missing or whose max_iters is text (edited by hand,
+    or another program's file): skipped with a warning, the rest of the report is written (before: a
+    KeyError traceback from the fine-tuning table)"""
+    root = str(tmp_path / "run")
+    make_run(root, ("clip",), holds=True)
+    for run, edit in (("ft_md_clip", lambda d: d.pop("iter_num")), ("ft_clip", lambda d: d.update(max_iters="90"))):
+        path = os.path.join(root, run, "result.json")
+        data = json.load(open(path))
+        edit(data)
+        write_json(path, data)
+    analyze.main(["--metric", "report", root])
+    err = capsys.readouterr().err
+    for run in ("ft_md_clip", "ft_clip"):
+        assert (f"warning: skipping {os.path.join(root, run, 'result.json')}: its top1, top5, best_top1, "
+                "iter_num, max_iters or config is not finetune.py's") in err
+    markdown = open(os.path.join(root, "report.md")).read()
+    # the fine-tuning table's rows: run | init | lr | ...
+    assert "| ft_md_clip | out/md_clip/ckpt.pt |" not in markdown and "| ft_clip | clip |" not in markdown
+    assert "| ft_clip_fd_lr | clip |" in markdown
