@@ -346,6 +346,10 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
             cfg, sd = (convert_beit if found == "beit" else convert_timm)(sd, f"'{source}'", cfg)
     except CheckpointError as e:
         raise CheckpointError(f"'{source}' {e}") from None
+    except KeyError as e:  # a variant of the family without a part model.py's ViT has
+        raise CheckpointError(f"'{source}' has the {found} layout but no {e.args[0]!r}, which model.py's ViT needs: "
+                              "a variant it cannot hold (open_clip's CLIPA towers have no ln_pre, timm's relpos "
+                              "models no pos_embed)") from None
     if "mask_token" in extra:
         sd["mask_token"] = extra["mask_token"]
     model = build_vit(cfg, sd, f"'{source}'")

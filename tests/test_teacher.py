@@ -143,6 +143,32 @@ def test_timm_layouts_model_py_cannot_hold_are_one_line(tmp_path):
         assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and expected in r.stderr, r.stderr
 
 
+def test_family_variants_without_a_part_of_model_py_are_one_line(tmp_path):
+    """state dicts written by the libraries themselves: timm's relpos ViT (a class token, no
+    pos_embed) and open_clip's CLIPA tower (no ln_pre): one line naming the missing key (before: a
+    KeyError traceback from load_model, train_md.py --teacher, analyze.py and teacher.py export)"""
+    if timm is None or open_clip is None:
+        pytest.skip("timm or open_clip not installed (pip install -r requirements-dev.txt)")
+    from open_clip.transformer import VisionTransformer as ClipTower
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+    relpos = VisionTransformerRelPos(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2,
+                                     class_token=True, global_pool="token", num_classes=0)
+    clipa = ClipTower(image_size=32, patch_size=8, width=64, layers=1, heads=2, mlp_ratio=4.0, output_dim=32,
+                      no_ln_pre=True, pool_type="avg", final_ln_after_pool=True)
+    files = [("relpos.pth", relpos.state_dict(), "has the timm layout but no 'pos_embed'"),
+             ("clipa.pt", {"visual." + k: v for k, v in clipa.state_dict().items()},
+              "has the clip layout but no 'ln_pre.weight'")]
+    for name, state_dict, expected in files:
+        path = str(tmp_path / name)
+        torch.save(state_dict, path)
+        with pytest.raises(CheckpointError, match=expected):
+            load_model(path)
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "teacher.py"), "export", "--act=gelu" if "clip" in name
+                            else "--format=timm", path, str(tmp_path / "out.pth")], capture_output=True, text=True,
+                           cwd=ROOT, timeout=300)
+        assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and expected in r.stderr, r.stderr
+
+
 def test_clip_matches_open_clip(clip_model, images, tmp_path):
     sd = clip_model.state_dict()
     path = str(tmp_path / "clip_fp16.pt")
