@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")  # torchvision's
 # load_image refuses to decode more pixels than this (300 MB as RGB): a decompression bomb, a
 # small file whose header says 21000 x 21000, is skipped unread. The check is on the size it
 # would decode, after JPEG's reduced decoding, so PIL's own check (on the header) is off.
@@ -177,11 +177,13 @@ class EvalTransform:
 
 def image_files(folder):
     """The regular files (or links to one) with an image extension under folder, in the order
-    of sorted(os.walk(folder)); named pipes, sockets and devices are not images, and hidden
+    of sorted(os.walk(folder, followlinks=True)), as torchvision's ImageFolder lists them: links
+    to folders are followed (a dataset assembled from linked folders), each real folder once (a
+    link back to a parent is no loop). Named pipes, sockets and devices are not images, and hidden
     entries (names starting with '.': .ipynb_checkpoints, macOS's ._x.jpg) are skipped. The file
     type comes from the directory listing (a stat only for links), cheap for a million files."""
     names = {}  # directory -> its image file names
-    pending = [folder]
+    pending, seen = [folder], {os.path.realpath(folder)}
     while pending:
         directory = pending.pop()
         names[directory] = []
@@ -193,7 +195,9 @@ def image_files(folder):
             if entry.name.startswith("."):
                 continue
             if entry.is_dir():
-                if not entry.is_symlink():  # like os.walk: links to folders are not followed
+                real = os.path.realpath(entry.path)
+                if real not in seen:
+                    seen.add(real)
                     pending.append(entry.path)
             elif entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
                 names[directory].append(entry.name)

@@ -189,6 +189,27 @@ def test_image_files_keep_the_order_of_os_walk(tmp_path):
     assert image_files(str(tmp_path)) == reference and len(reference) == 12
 
 
+def test_linked_folders_and_pgm_files_are_listed_as_torchvision_lists_them(tmp_path):
+    """a class folder with a link to a folder of images (a dataset assembled from links) and a .pgm
+    file: the same samples as torchvision's ImageFolder (before: the linked images and the .pgm were
+    left out without a word); a link back to a parent folder is listed once, no loop"""
+    tv_folder = pytest.importorskip("torchvision.datasets").ImageFolder
+    root, batch = tmp_path / "root", tmp_path / "batch"
+    for folder in (root / "cat", root / "dog", batch):
+        folder.mkdir(parents=True)
+    for i in range(3):
+        save(Image.new("RGB", (8, 8), (i, i, i)), batch / f"b{i}.png")
+    save(Image.new("RGB", (8, 8)), root / "cat" / "a.png")
+    os.symlink(batch, root / "cat" / "more")
+    save(Image.new("RGB", (8, 8)), root / "dog" / "a.png")
+    save(Image.new("L", (8, 8), 7), root / "dog" / "c.pgm")
+    reference = [(path, label) for path, label in tv_folder(str(root)).samples]
+    assert ImageFolder(str(root), EvalTransform(8)).samples == reference and len(reference) == 6
+    os.symlink(root / "cat", batch / "back")  # cat/more/back is cat again: torchvision's walk would not end
+    assert ImageFolder(str(root), EvalTransform(8)).samples == reference
+    assert load_image(str(root / "dog" / "c.pgm")).getpixel((0, 0)) == (7, 7, 7)
+
+
 def bomb_png(path, side):
     """a valid 1-bit black PNG of side x side pixels, written row by row: 21000 x 21000 is a 54 kB
     file that decodes to 441 MB (1 byte per pixel in PIL) and 1.3 GB as RGB"""
