@@ -433,7 +433,7 @@ def main():
 
     trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
     log(ctx, f"fine-tune {origin}: {vit.config.embed_dim}-d x {vit.config.depth} blocks, "
-             f"{trainable / 1e6:.2f}M trainable params, {num_classes} classes, {len(train_set)} train / "
+             f"{trainable:,} trainable params, {num_classes} classes, {len(train_set)} train / "
              f"{len(val_set)} val images, {iters_per_epoch} iters/epoch, {max_iters} iters, "
              f"accumulation {accum}, {ctx.world_size} process(es) on {ctx.device}")
     warning = warmup_warning(warmup_epochs, epochs, warmup_iters, max_iters)

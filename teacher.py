@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import CACHE_DIR, CheckpointError, check_finite, download, file_sha256, read_checkpoint, save_atomic
+from common import (CACHE_DIR, CheckpointError, check_finite, download, file_sha256, print_help, read_checkpoint,
+                    save_atomic)
 from model import ViT, ViTConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -649,6 +650,8 @@ def is_training_checkpoint(path):
 
 def main(argv):
     usage = "usage: python teacher.py export [--format=mdlab|timm] [--act=quick_gelu|gelu] SRC DST"
+    if "--help" in argv or "-h" in argv:
+        print_help(f"{__doc__.strip()}\n\n{usage}")
     if argv[:1] != ["export"]:
         given = f"'{argv[0]}' is no command" if argv else "no command given"
         raise SystemExit(f"error: {given}: the command is export; {usage}")

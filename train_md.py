@@ -57,7 +57,7 @@ target = "features"           # features | vqkd (codes of `tokenizer`, cross-ent
 tokenizer = ""                # train_vqkd.py's tokenizer.pt, for target=vqkd
 teacher = "clip"              # clip | dino | deit | embedded | path to a checkpoint
 teacher_path = ""             # local copy of the official teacher file (no download)
-teacher_layer = -1            # -1: last block after the final norm; k: raw output of block k
+teacher_layer = -1            # -1: last block after the final norm; k: raw output of block k (1..depth)
 teacher_bf16 = True           # teacher forward under bf16 autocast (it is frozen and runs without grad)
 whitening = "ln"              # ln (per-token LayerNorm, no affine, as FD) | bn (per-channel running stats) | none
 # student S, head D, loss R, mask M

@@ -1,6 +1,6 @@
 # The embedded teacher: a small ViT trained supervised from scratch on the embedded dataset
 # (a DeiT-like teacher). 2 CPU cores, about 4 minutes. The shipped data/embedded_teacher.pt
-# was made by exactly:
+# was made by an earlier finetune.py with exactly (rerun today, this makes another file):
 #   python finetune.py config/embedded_teacher.py
 #   python teacher.py export out/embedded_teacher/ckpt.pt data/embedded_teacher.pt
 # (val top-1 96.8% after 30 epochs; chance is 16.7%), with the fine-tuning head and weight decay of
