@@ -890,7 +890,8 @@ def parse_args(argv):
                 raise SystemExit(f"error: --{key}={value}: '{key}' must be {kind}") from None
             if isinstance(opts[key], float) and not math.isfinite(opts[key]):
                 raise SystemExit(f"error: --{key}={value}: '{key}' must be a finite number")
-            if isinstance(opts[key], str) and opts[key].startswith("~"):  # the shell leaves ~ after --key=
+            # the shell leaves ~ after --key=
+            if isinstance(opts[key], str) and opts[key].startswith("~"):
                 opts[key] = os.path.expanduser(opts[key])
         else:
             models.append(arg)
@@ -977,8 +978,9 @@ def label_outputs(metric, cfg, classes, dataset):
     folders must be those names, in any order: each image's label is the output of its folder's
     name"""
     if cfg.num_classes == 0 or (cfg.num_classes != len(dataset.classes) and not classes):
-        raise ValueError(f"{metric} needs a classifier for the data's {len(dataset.classes)} classes; "
-                         f"this model has {cfg.num_classes or 'no'} outputs: fine-tune it first")
+        raise ValueError(f"{metric} needs a classifier for the data's {len(dataset.classes)} "
+                         f"classes; this model has {cfg.num_classes or 'no'} outputs: fine-tune it "
+                         "first")
     if not classes:
         return torch.arange(len(dataset.classes))
     if sorted(classes) != dataset.classes:  # named outputs (a count that differs included)
@@ -1207,7 +1209,8 @@ def main(argv):
                 raise SystemExit(f"error: {e}")
             cfg = model.config
             files.append((label, model_arg, cfg, info["classes"]))
-            del model  # its weights are read again when its turn comes: one model in memory at a time
+            # its weights are read again when its turn comes: one model in memory at a time
+            del model
         # --layer / --queries out of a later model's range: nothing done yet
         if "attn_map" in metrics:
             attention_request(opts, cfg, label)
@@ -1506,13 +1509,15 @@ def read_run(root):
                 continue  # finetune.py's sharpness.json is a list (--metric sharpness draws it)
             if name == "result.json" and "top1" in data:  # finetune.py
                 scores = [data.get(k) for k in ("top1", "top5", "best_top1")]
-                iterations = [data.get("iter_num"), data.get("max_iters", 0)]  # (max_iters: newer files)
-                if (all(isinstance(v, (int, float)) for v in scores) and all(isinstance(v, int) for v in iterations)
+                # (max_iters: newer files)
+                iterations = [data.get("iter_num"), data.get("max_iters", 0)]
+                if (all(isinstance(v, (int, float)) for v in scores)
+                        and all(isinstance(v, int) for v in iterations)
                         and isinstance(data.get("config"), dict)):
                     finetunes[os.path.relpath(folder, root)] = data
                 else:
-                    print(f"warning: skipping {path}: its top1, top5, best_top1, iter_num, max_iters or config "
-                          "is not finetune.py's", file=sys.stderr)
+                    print(f"warning: skipping {path}: its top1, top5, best_top1, iter_num, "
+                          "max_iters or config is not finetune.py's", file=sys.stderr)
             elif {"metric", "models"} <= set(data):  # analyze.py
                 models = data["models"]
                 # an entry is a dict; sharpness keeps each model's finetune.py log, a list
@@ -1527,7 +1532,8 @@ def read_run(root):
                     earlier = source.get((data["metric"], label))
                     if earlier:
                         print(f"warning: {label} has {data['metric']} results in {earlier} and "
-                              f"{path}: the report uses the later one read, {path}", file=sys.stderr)
+                              f"{path}: the report uses the later one read, {path}",
+                              file=sys.stderr)
                     source[(data["metric"], label)] = path
                 metrics.setdefault(data["metric"], {}).update(models)
                 png = path[:-len(".json")] + ".png"
@@ -1750,7 +1756,8 @@ def report_blocks(root, metrics, figures, finetunes, steps):
                      "end of fine-tuning, on the val loss. Empty: not measured for that model."))
     doc.append(("table", (header, rows)))
     doc.append(("h2", "Fine-tuning top-1 per init"))
-    ft_rows = [[run, str(r["config"].get("init", "")), number_or_text(r["config"].get("lr", float("nan")), ".3g"),
+    ft_rows = [[run, str(r["config"].get("init", "")),
+                number_or_text(r["config"].get("lr", float("nan")), ".3g"),
                 str(r["config"].get("epochs", "")) + stopped_early(r), f"{r['top1']:.2f}%", f"{r['top5']:.2f}%",
                 f"{r['best_top1']:.2f}%"] for run, r in sorted(finetunes.items())]
     doc.append(("table", (["run", "init", "lr", "epochs", "val top-1", "top-5", "best top-1"],

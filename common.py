@@ -70,7 +70,8 @@ def apply_overrides(config, argv):
             except (ValueError, SyntaxError):
                 kind = type(config[key]).__name__
                 raise SystemExit(f"error: {arg}: '{key}' must be {kind} like the default {config[key]!r}") from None
-            if isinstance(config[key], str) and config[key].startswith("~"):  # the shell leaves ~ after --key=
+            # the shell leaves ~ after --key=
+            if isinstance(config[key], str) and config[key].startswith("~"):
                 config[key] = os.path.expanduser(config[key])
         else:
             if not os.path.isfile(arg):
@@ -214,9 +215,9 @@ class Context:
         self.device_type = "cuda" if device.startswith("cuda") else "cpu"
         self.master = self.rank == 0
         if dtype == "float16":  # without a loss scale, float16's small gradients round to 0
-            raise SystemExit("error: dtype 'float16' would train without loss scaling, which these scripts do "
-                             "not do (small gradients become 0): use bfloat16 (CPUs, A100 and newer GPUs) or "
-                             "float32")
+            raise SystemExit("error: dtype 'float16' would train without loss scaling, which these "
+                             "scripts do not do (small gradients become 0): use bfloat16 (CPUs, "
+                             "A100 and newer GPUs) or float32")
         if dtype not in ("float32", "bfloat16"):
             raise SystemExit(f"error: dtype '{dtype}' must be bfloat16 or float32")
         self.dtype = dtype
@@ -518,11 +519,13 @@ def read_checkpoint(path):
             try:
                 return read_safetensors(path)
             except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-                raise CheckpointError(f"'{path}' is a damaged safetensors file ({first_line(e) or type(e).__name__}): "
+                raise CheckpointError(f"'{path}' is a damaged safetensors file "
+                                      f"({first_line(e) or type(e).__name__}): "
                                       "not a readable checkpoint") from None
         if not head.startswith(b"\x80"):  # torch.save writes a zip archive, or a pickle (protocol >= 2)
             raise CheckpointError(f"'{path}' is not a checkpoint: neither a zip archive nor a pickle, as "
-                                  f"torch.save writes them, nor a safetensors file (it begins {head!r})")
+                                  f"torch.save writes them, nor a safetensors file (it begins "
+                                  f"{head!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -534,11 +537,12 @@ def read_checkpoint(path):
         raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {first_line(e)})") from None
 
 
-# safetensors files (Hugging Face's format, timm's weights on the hub) without the safetensors package
+# safetensors files (Hugging Face's format, timm's weights on the hub) without the safetensors
+# package
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def read_safetensors(path):
@@ -559,12 +563,14 @@ def read_safetensors(path):
         begin, end = (int(n) for n in entry["data_offsets"])
         size = math.prod(shape) * dtype.itemsize
         if not 0 <= begin <= end <= len(body) or end - begin != size:
-            raise ValueError(f"{name}: data_offsets [{begin}, {end}] do not hold a {entry['dtype']} tensor of shape "
-                             f"{shape} in the file's {len(body)} bytes of data")
+            raise ValueError(f"{name}: data_offsets [{begin}, {end}] do not hold a "
+                             f"{entry['dtype']} tensor of shape {shape} in the file's {len(body)} "
+                             "bytes of data")
         if size == 0:  # frombuffer refuses an empty buffer
             state_dict[name] = torch.empty(shape, dtype=dtype)
         else:
-            state_dict[name] = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype).reshape(shape)
+            state_dict[name] = torch.frombuffer(bytearray(body[begin:end]),
+                                                dtype=dtype).reshape(shape)
     return state_dict
 
 
@@ -834,12 +840,13 @@ def refuse_changed_split(ckpt, dataset, train_dir):
     if "classes" in saved and saved["classes"] != now["classes"]:
         added = sorted(set(now["classes"]) - set(saved["classes"]))
         removed = sorted(set(saved["classes"]) - set(now["classes"]))
-        change = "; ".join(f"{what} {', '.join(names)}" for what, names in (("added", added), ("removed", removed))
-                           if names)
+        change = "; ".join(f"{what} {', '.join(names)}"
+                           for what, names in (("added", added), ("removed", removed)) if names)
         changed.append(f"class folders changed ({change or 'renamed'}: the labels would change)")
     if changed:
-        raise SystemExit(f"error: --resume=True but the train split {train_dir} is not the one the run started "
-                         f"with: {'; '.join(changed)}; restore it, or start a new run in another out_dir")
+        raise SystemExit(f"error: --resume=True but the train split {train_dir} is not the one the "
+                         f"run started with: {'; '.join(changed)}; restore it, or start a new run "
+                         "in another out_dir")
 
 
 # what train_md.py / finetune.py and train_vqkd.py save in out_dir
@@ -1169,8 +1176,9 @@ def lock_out_dir(out_dir):
             if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise SystemExit(write_error(path, e)) from None
             # NFS without its lock daemon, Lustre without flock: the run goes on, unguarded
-            print(f"warning: out_dir '{out_dir}' cannot be locked ({e.strerror}: its filesystem has no POSIX "
-                  "locks): a second run started on it would not be refused", file=sys.stderr)
+            print(f"warning: out_dir '{out_dir}' cannot be locked ({e.strerror}: its filesystem "
+                  "has no POSIX locks): a second run started on it would not be refused",
+                  file=sys.stderr)
         try:
             still_there = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
         except FileNotFoundError:

@@ -28,10 +28,11 @@ from tqdm import tqdm
 
 from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumulation_steps, append_jsonl,
                     apply_overrides, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line,
-                    micro_batches, option_error, peak_flops, pyplot, record_nonfinite, refuse_changed_split,
-                    refuse_overwrite, resume_checkpoint, resume_from, save_checkpoint, save_figure, save_on_ctrl_c,
-                    schedule_lengths, stop_if_nonfinite, stop_signals, stopped_by, stopped_early,
-                    train_split_summary, trim_log, wandb_init, warmup_warning, wrap_for_training, write_atomic)
+                    micro_batches, option_error, peak_flops, pyplot, record_nonfinite,
+                    refuse_changed_split, refuse_overwrite, resume_checkpoint, resume_from,
+                    save_checkpoint, save_figure, save_on_ctrl_c, schedule_lengths,
+                    stop_if_nonfinite, stop_signals, stopped_by, stopped_early, train_split_summary,
+                    trim_log, wandb_init, warmup_warning, wrap_for_training, write_atomic)
 from data import (DataError, EvalTransform, ImageFolder, TrainTransform, check_same_classes, make_loader,
                   resolve_data_dir)
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
@@ -98,11 +99,12 @@ compile = True                # torch.compile the model
 backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 # -----------------------------------------------------------------------------
 # settings a resumed run may change: they decide where, how fast and how often to report, not
-# what is computed (device, compile and backend change float rounding only; a moved data_dir is checked
-# by refuse_changed_split); resume refuses others
-RESUME_MAY_CHANGE = ("out_dir", "data_dir", "resume", "stop_iter", "wandb_log", "wandb_project", "wandb_run_name",
-                     "eval_interval", "log_interval", "num_workers", "device", "compile", "backend", "init_path",
-                     "hessian_every", "hessian_samples", "summarize")
+# what is computed (device, compile and backend change float rounding only; a moved data_dir is
+# checked by refuse_changed_split); resume refuses others
+RESUME_MAY_CHANGE = ("out_dir", "data_dir", "resume", "stop_iter", "wandb_log", "wandb_project",
+                     "wandb_run_name", "eval_interval", "log_interval", "num_workers", "device",
+                     "compile", "backend", "init_path", "hessian_every", "hessian_samples",
+                     "summarize")
 # the checkpoint entries --resume reads, besides config, iter_num and optimizer
 RESUME_ENTRIES = ("model", "model_args", "best_top1")
 
@@ -175,8 +177,10 @@ def recipe_labels(inits, recipes):
     labels = []
     for init_, recipe in zip(inits, recipes):
         same_init = [other for i, other in zip(inits, recipes) if i == init_]
-        differ = sorted({k for other in same_init for k in {*other, *recipe} if other.get(k) != recipe.get(k)})
-        labels.append(init_ + (f" ({', '.join(f'{k}={recipe.get(k)}' for k in differ)})" if differ else ""))
+        differ = sorted({k for other in same_init for k in {*other, *recipe}
+                         if other.get(k) != recipe.get(k)})
+        labels.append(init_ + (f" ({', '.join(f'{k}={recipe.get(k)}' for k in differ)})"
+                               if differ else ""))
     return labels
 
 
@@ -201,7 +205,8 @@ def print_summary(root):
         raise SystemExit(f"error: no result.json found under '{root}'")
     labels = recipe_labels([r[0] for r in runs], recipes)
     runs = [(label, *run[1:]) for label, run in zip(labels, runs)]
-    width = max(len("init"), *(len(r[0]) for r in runs))  # whole init paths and recipes: two runs stay apart
+    # whole init paths and recipes: two runs stay apart
+    width = max(len("init"), *(len(r[0]) for r in runs))
     print(f"{'init':<{width}} {'frozen':>6} {'lr':>9} {'top-1':>7} {'top-5':>7}  run")
     for init_, frozen, lr_, top1, top5, run, _ in sorted(runs):
         print(f"{init_:<{width}} {frozen:>6} {lr_:>9.2e} {top1:>7.2f} {top5:>7.2f}  {run}")
@@ -429,7 +434,8 @@ def main():
         data (torch.load(weights_only=True) reads it)"""
         return dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config=config,
                     optimizer=optimizer.state_dict(), iter_num=iter_num, best_top1=best_top1,
-                    classes=train_set.classes, top1=top1, top5=top5, train_split=train_split_summary(train_set))
+                    classes=train_set.classes, top1=top1, top5=top5,
+                    train_split=train_split_summary(train_set))
 
     trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
     log(ctx, f"fine-tune {origin}: {vit.config.embed_dim}-d x {vit.config.depth} blocks, "

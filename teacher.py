@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (CACHE_DIR, CheckpointError, check_finite, download, file_sha256, print_help, read_checkpoint,
-                    save_atomic)
+from common import (CACHE_DIR, CheckpointError, check_finite, download, file_sha256, print_help,
+                    read_checkpoint, save_atomic)
 from model import ViT, ViTConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -348,9 +348,9 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
     except CheckpointError as e:
         raise CheckpointError(f"'{source}' {e}") from None
     except KeyError as e:  # a variant of the family without a part model.py's ViT has
-        raise CheckpointError(f"'{source}' has the {found} layout but no {e.args[0]!r}, which model.py's ViT needs: "
-                              "a variant it cannot hold (open_clip's CLIPA towers have no ln_pre, timm's relpos "
-                              "models no pos_embed)") from None
+        raise CheckpointError(f"'{source}' has the {found} layout but no {e.args[0]!r}, which "
+                              "model.py's ViT needs: a variant it cannot hold (open_clip's CLIPA "
+                              "towers have no ln_pre, timm's relpos models no pos_embed)") from None
     if "mask_token" in extra:
         sd["mask_token"] = extra["mask_token"]
     model = build_vit(cfg, sd, f"'{source}'")

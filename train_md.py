@@ -28,9 +28,10 @@ from tqdm import tqdm
 from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumulation_steps, append_jsonl,
                     apply_overrides, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line, micro_batches,
                     option_error, peak_flops, record_nonfinite, refuse_changed_targets, refuse_overwrite,
-                    refuse_changed_split, resume_checkpoint, resume_from, save_checkpoint, save_on_ctrl_c,
-                    schedule_lengths, stop_if_nonfinite, stop_signals, stopped_by, train_split_summary, trim_log,
-                    wandb_init, warmup_warning, weights_fingerprint, wrap_for_training)
+                    refuse_changed_split, resume_checkpoint, resume_from, save_checkpoint,
+                    save_on_ctrl_c, schedule_lengths, stop_if_nonfinite, stop_signals, stopped_by,
+                    train_split_summary, trim_log, wandb_init, warmup_warning, weights_fingerprint,
+                    wrap_for_training)
 from data import DataError, EvalTransform, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from data.masks import BEIT_RATIO, MaskGenerator
 from model import DECODER_HEADS, PRESETS, DecoderHead, MDStudent, ViT, ViTConfig
@@ -99,10 +100,11 @@ backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 
 LOSSES = ("smooth_l1", "mse", "cosine")
 # settings a resumed run may change: they decide where, how fast and how often to report, not
-# what is computed (device, compile and backend change float rounding only; a moved data_dir is checked
-# by refuse_changed_split); resume refuses others
-RESUME_MAY_CHANGE = ("out_dir", "data_dir", "resume", "stop_iter", "wandb_log", "wandb_project", "wandb_run_name",
-                     "eval_interval", "log_interval", "num_workers", "device", "compile", "backend", "teacher_path")
+# what is computed (device, compile and backend change float rounding only; a moved data_dir is
+# checked by refuse_changed_split); resume refuses others
+RESUME_MAY_CHANGE = ("out_dir", "data_dir", "resume", "stop_iter", "wandb_log", "wandb_project",
+                     "wandb_run_name", "eval_interval", "log_interval", "num_workers", "device",
+                     "compile", "backend", "teacher_path")
 # settings that a target does not read: a resumed run may change them (a tokenizer run has no teacher)
 UNREAD_BY_TARGET = dict(features=("tokenizer",),
                         vqkd=("teacher", "teacher_layer", "teacher_bf16", "whitening", "loss", "smooth_l1_beta"))

@@ -28,9 +28,10 @@ from tqdm import tqdm
 from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumulation_steps, append_jsonl,
                     apply_overrides, cosine_lr, derived_seed, lock_out_dir, log, lost_worker_line, micro_batches,
                     option_error, peak_flops, record_nonfinite, refuse_changed_targets, refuse_overwrite,
-                    refuse_changed_split, resume_checkpoint, resume_from, save_checkpoint, save_on_ctrl_c,
-                    schedule_lengths, stop_if_nonfinite, stop_signals, stopped_by, train_split_summary, trim_log,
-                    wandb_init, warmup_warning, weights_fingerprint, wrap_for_training)
+                    refuse_changed_split, resume_checkpoint, resume_from, save_checkpoint,
+                    save_on_ctrl_c, schedule_lengths, stop_if_nonfinite, stop_signals, stopped_by,
+                    train_split_summary, trim_log, wandb_init, warmup_warning, weights_fingerprint,
+                    wrap_for_training)
 from data import DataError, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from model import PRESETS, ViTConfig
 from teacher import load_teacher
@@ -78,11 +79,11 @@ compile = False               # torch.compile the tokenizer
 backend = ""
 # -----------------------------------------------------------------------------
 # settings a resumed run may change: they decide where, how fast and how often to report, not
-# what is computed (device, compile and backend change float rounding only; a moved data_dir is checked
-# by refuse_changed_split); resume refuses others
-RESUME_MAY_CHANGE = ("out_dir", "data_dir", "resume", "stop_iter", "wandb_log", "wandb_project", "wandb_run_name",
-                     "save_interval", "log_interval", "num_workers", "device", "compile", "backend", "teacher_path",
-                     "collapse_threshold")
+# what is computed (device, compile and backend change float rounding only; a moved data_dir is
+# checked by refuse_changed_split); resume refuses others
+RESUME_MAY_CHANGE = ("out_dir", "data_dir", "resume", "stop_iter", "wandb_log", "wandb_project",
+                     "wandb_run_name", "save_interval", "log_interval", "num_workers", "device",
+                     "compile", "backend", "teacher_path", "collapse_threshold")
 # the checkpoint entries --resume reads, besides config, iter_num and optimizer
 RESUME_ENTRIES = ("model", "counts")
 
@@ -158,7 +159,8 @@ def main():
         """the run after iteration iter_num, as plain data (torch.load(weights_only=True) reads it)"""
         return dict(model=vq.state_dict(), vqkd_args=vq.config, model_args=cfg.to_dict(), config=config,
                     optimizer=optimizer.state_dict(), iter_num=iter_num, counts=all_counts.cpu(),
-                    target_fingerprint=teacher_fingerprint, train_split=train_split_summary(train_set))
+                    target_fingerprint=teacher_fingerprint,
+                    train_split=train_split_summary(train_set))
 
     log(ctx, f"VQ-KD: teacher {teacher} -> {model} encoder, {codebook_size} x {code_dim} codebook, "
              f"{len(train_set)} images, {iters_per_epoch} iters/epoch, {max_iters} iters, accumulation {accum}, "

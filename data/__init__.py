@@ -19,7 +19,8 @@ import torch
 from PIL import Image, ImageEnhance
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")  # torchvision's
+# torchvision's
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 # load_image refuses to decode more pixels than this (300 MB as RGB): a decompression bomb, a
 # small file whose header says 21000 x 21000, is skipped unread. The check is on the size it
 # would decode, after JPEG's reduced decoding, so PIL's own check (on the header) is off.

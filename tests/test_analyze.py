@@ -607,7 +607,8 @@ def test_representation_metrics_record_the_images_read(tiny_teacher, tiny_data, 
                 and report["models"]["teacher"]["images"] == images), metric
 
 
-def test_attention_maps_show_the_images_asked_for_when_some_cannot_be_read(tiny_teacher, tiny_data, tmp_path):
+def test_attention_maps_show_the_images_asked_for_when_some_cannot_be_read(tiny_teacher, tiny_data,
+                                                                           tmp_path):
     """--map_images=5 in batches of 2 of which some hold an unreadable image: 5 maps (before: the
     batches were counted at 2 images each, and fewer maps were shown)"""
     for name in sorted(os.listdir(os.path.join(tiny_data, "val")))[:2]:
@@ -617,8 +618,8 @@ def test_attention_maps_show_the_images_asked_for_when_some_cannot_be_read(tiny_
             shutil.copy(os.path.join(folder, f), tmp_path / "some" / name / f)
         for i in range(2):
             (tmp_path / "some" / name / f"junk{i}.png").write_bytes(b"not an image")
-    result = run_analyze(["--metric=attn_map", tiny_teacher, f"--data={tmp_path / 'some'}", "--n_images=10",
-                          "--batch_size=2", "--map_images=5", f"--out={tmp_path}"])
+    result = run_analyze(["--metric=attn_map", tiny_teacher, f"--data={tmp_path / 'some'}",
+                          "--n_images=10", "--batch_size=2", "--map_images=5", f"--out={tmp_path}"])
     assert result.returncode == 0, result.stderr[-1000:]
     assert result.stderr.count("warning: skipping unreadable image") == 4
     shown = json.load(open(tmp_path / "attn_map.json"))["models"]["teacher"]
@@ -628,8 +629,9 @@ def test_attention_maps_show_the_images_asked_for_when_some_cannot_be_read(tiny_
 def test_hessian_runs_with_the_largest_seed(tiny_teacher, tiny_data, tmp_path):
     """--seed=2**64 - 1 passes the option check, and the Hessian takes it (before: 'error: Overflow
     when unpacking long long' after the Lanczos work)"""
-    result = run_analyze(["--metric=hessian", tiny_teacher, f"--data={tiny_data}", f"--seed={2 ** 64 - 1}",
-                          "--n_images=4", "--lanczos_steps=3", "--trace_products=6", f"--out={tmp_path}"])
+    result = run_analyze(["--metric=hessian", tiny_teacher, f"--data={tiny_data}",
+                          f"--seed={2 ** 64 - 1}", "--n_images=4", "--lanczos_steps=3",
+                          "--trace_products=6", f"--out={tmp_path}"])
     assert result.returncode == 0, result.stderr[-1000:]
     entry = json.load(open(tmp_path / "hessian.json"))["models"]["teacher"]
     assert entry["images"] == 4 and entry["trace_products"] == 6 and math.isfinite(entry["trace"])
@@ -705,8 +707,8 @@ def test_a_later_model_that_cannot_give_the_metric_stops_before_any_work(tiny_te
                           "--steps=2"])
     assert result.returncode == 1, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: second ('{tmp_path / 'second.pt'}'): ") and "Traceback" not in result.stderr, \
-        result.stderr[-2000:]
+    assert (last.startswith(f"error: second ('{tmp_path / 'second.pt'}'): ")
+            and "Traceback" not in result.stderr), result.stderr[-2000:]
     if later == "no head" or (later == "unnamed outputs" and metric != "shape_bias"):
         assert f": {metric} needs a classifier" in last
     assert "teacher:" not in result.stdout  # the line each model's work starts with
@@ -718,4 +720,5 @@ def test_an_option_with_a_tilde_is_under_home(tmp_path, monkeypatch):
     from analyze import parse_args
     monkeypatch.setenv("HOME", str(tmp_path))
     opts, models = parse_args(["--metric=svd", "--out=~/analysis", "--data", "~/data", "m.pt"])
-    assert (opts["out"], opts["data"], models) == (str(tmp_path / "analysis"), str(tmp_path / "data"), ["m.pt"])
+    assert (opts["out"], opts["data"], models) == (str(tmp_path / "analysis"),
+                                                   str(tmp_path / "data"), ["m.pt"])

@@ -205,7 +205,8 @@ def test_linked_folders_and_pgm_files_are_listed_as_torchvision_lists_them(tmp_p
     save(Image.new("L", (8, 8), 7), root / "dog" / "c.pgm")
     reference = [(path, label) for path, label in tv_folder(str(root)).samples]
     assert ImageFolder(str(root), EvalTransform(8)).samples == reference and len(reference) == 6
-    os.symlink(root / "cat", batch / "back")  # cat/more/back is cat again: torchvision's walk would not end
+    # cat/more/back is cat again: torchvision's walk would not end
+    os.symlink(root / "cat", batch / "back")
     assert ImageFolder(str(root), EvalTransform(8)).samples == reference
     assert load_image(str(root / "dog" / "c.pgm")).getpixel((0, 0)) == (7, 7, 7)
 

@@ -183,8 +183,8 @@ def test_hessian_needs_a_classifier_for_the_data(tiny_data, tmp_path):
     torch.save(dict(model=ViT(cfg).state_dict(), model_args=cfg.to_dict(), config={}), path)
     r = run_analyze(["--metric=hessian", str(path), f"--data={tiny_data}", f"--out={tmp_path}"])
     assert r.returncode != 0
-    assert r.stderr.strip() == (f"error: ten ('{path}'): hessian needs a classifier for the data's 6 classes; "
-                                "this model has 10 outputs: fine-tune it first")
+    assert r.stderr.strip() == (f"error: ten ('{path}'): hessian needs a classifier for the data's "
+                                "6 classes; this model has 10 outputs: fine-tune it first")
 
 
 def save_variant(path, checkpoint, classes, order=None):
@@ -220,9 +220,10 @@ def test_hessian_and_landscape_label_the_data_by_the_checkpoints_class_names(tin
     renamed = save_variant(tmp_path / "renamed.pt", tiny_teacher, ["disc" if c == "circle" else c for c in classes])
     r = run_analyze(["--metric=hessian", renamed, f"--data={tiny_data}", f"--out={tmp_path}"])
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
-    assert r.stderr.startswith(f"error: renamed ('{renamed}'): the model's classes are not the class folders under "
-                               f"'{os.path.join(tiny_data, 'val')}': ['disc'] only in the model, "
-                               "['circle'] only in the data: give the data the model was fine-tuned on")
+    assert r.stderr.startswith(f"error: renamed ('{renamed}'): the model's classes are not the "
+                               f"class folders under '{os.path.join(tiny_data, 'val')}': ['disc'] "
+                               "only in the model, ['circle'] only in the data: give the data the "
+                               "model was fine-tuned on")
     # data with 3 of the classifier's 6 classes (before: 'this model has 6 outputs: fine-tune it first')
     import shutil
     for c in classes[:3]:

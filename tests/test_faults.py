@@ -651,12 +651,12 @@ print(open(os.path.join(sys.argv[1], "run.lock")).read())
 def test_an_out_dir_on_a_filesystem_without_locks_is_a_warning(tmp_path):
     """a unit test of the message (no such filesystem here): lockf's ENOLCK was a traceback; now the
     run goes on with one warning, and run.lock still names it"""
-    result = subprocess.run([sys.executable, "-c", NO_POSIX_LOCKS, str(tmp_path / "run")], capture_output=True,
-                            text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run([sys.executable, "-c", NO_POSIX_LOCKS, str(tmp_path / "run")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == [
-        f"warning: out_dir '{tmp_path / 'run'}' cannot be locked (No locks available: its filesystem has no "
-        "POSIX locks): a second run started on it would not be refused"]
+        f"warning: out_dir '{tmp_path / 'run'}' cannot be locked (No locks available: its "
+        "filesystem has no POSIX locks): a second run started on it would not be refused"]
     assert re.fullmatch(r"pid \d+ on \S+\n", result.stdout), result.stdout
 
 
@@ -774,10 +774,11 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("script, during", [("md", "make_loader"), ("ft", "make_loader"), ("md", "save_checkpoint"),
-                                            ("ft", "save_checkpoint"), ("tok", "save_checkpoint")])
-def test_a_signal_during_the_evaluation_or_the_save_stops_at_that_step(script, during, tiny_data, tiny_teacher,
-                                                                       tmp_path):
+@pytest.mark.parametrize("script, during", [("md", "make_loader"), ("ft", "make_loader"),
+                                            ("md", "save_checkpoint"), ("ft", "save_checkpoint"),
+                                            ("tok", "save_checkpoint")])
+def test_a_signal_during_the_evaluation_or_the_save_stops_at_that_step(script, during, tiny_data,
+                                                                       tiny_teacher, tmp_path):
     """SIGTERM while the run evaluates or saves at iteration 2: the run stops there, with that step
     saved (before: it trained iteration 3, saved again and said it stopped after iteration 3)"""
     args, saved = script_args(script, tiny_teacher, 2, ["--epochs=50", f"--out_dir={tmp_path}"])
@@ -787,7 +788,8 @@ def test_a_signal_during_the_evaluation_or_the_save_stops_at_that_step(script, d
     assert result.returncode == 143, result.stderr[-2000:]
     assert stopped_at(result.stdout) == 2
     assert weights_at(tmp_path / saved)["iter_num"] == 2
-    trained = [json.loads(line)["iter"] for line in open(tmp_path / "log.jsonl") if '"loss"' in line]
+    trained = [json.loads(line)["iter"] for line in open(tmp_path / "log.jsonl")
+               if '"loss"' in line]
     assert trained == [1, 2]
     assert "Traceback" not in result.stderr
 
@@ -1074,7 +1076,8 @@ def test_resume_refuses_changes_of_the_run_and_allows_the_rest(tiny_data, tiny_t
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0 and lines == [REFUSED.format(named)], result.stderr[-2000:]
         assert (out / "ckpt.pt").read_bytes() == saved
-    # where (the data moved too), how often and how fast: allowed, and the result is the uninterrupted run's
+    # where (the data moved too), how often and how fast: allowed, and the result is the
+    # uninterrupted run's
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
     allowed = run(args, other_data, ["--stop_iter=2", f"--out_dir={moved}", "--resume=True",
@@ -1088,11 +1091,13 @@ def test_resume_refuses_changes_of_the_run_and_allows_the_rest(tiny_data, tiny_t
 
 @pytest.mark.parametrize("script, change, named", [
     ("md", "6 images added", "144 images -> 150 (the schedule would change)"),
-    ("ft", "a class folder renamed", "class folders changed (added zzz; removed circle: the labels would change)"),
-    ("ft", "a class folder added", "144 images -> 168 (the schedule would change); class folders changed "
-                                   "(added zzz: the labels would change)"),
+    ("ft", "a class folder renamed",
+     "class folders changed (added zzz; removed circle: the labels would change)"),
+    ("ft", "a class folder added", "144 images -> 168 (the schedule would change); class folders "
+                                   "changed (added zzz: the labels would change)"),
     ("tok", "6 images removed", "144 images -> 138 (the schedule would change)")])
-def test_resume_refuses_a_train_split_that_changed(script, change, named, tiny_data, tiny_teacher, tmp_path):
+def test_resume_refuses_a_train_split_that_changed(script, change, named, tiny_data, tiny_teacher,
+                                                   tmp_path):
     """images added or removed, class folders added or renamed between a stop and --resume=True:
     one line, the checkpoint kept (before: the schedule was stretched to the new count in silence, a
     renamed class relabelled the images in silence, an added one gave a size-mismatch traceback)"""
@@ -1112,30 +1117,33 @@ def test_resume_refuses_a_train_split_that_changed(script, change, named, tiny_d
             image.unlink()
     elif change == "a class folder renamed":
         (train / "circle").rename(train / "zzz")
-        (data / "val" / "circle").rename(data / "val" / "zzz")  # the fine-tune's val classes are the train ones
+        # the fine-tune's val classes are the train ones
+        (data / "val" / "circle").rename(data / "val" / "zzz")
     else:
         shutil.copytree(train / "circle", train / "zzz")
         shutil.copytree(data / "val" / "circle", data / "val" / "zzz")
     result = run(args, data, ["--stop_iter=2", "--resume=True"])
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1, result.stderr[-2000:]
-    assert lines == [f"error: --resume=True but the train split {train} is not the one the run started with: "
-                     f"{named}; restore it, or start a new run in another out_dir"]
+    assert lines == [f"error: --resume=True but the train split {train} is not the one the run "
+                     f"started with: {named}; restore it, or start a new run in another out_dir"]
     assert (tmp_path / "run" / saved_as).read_bytes() == saved
 
 
-def test_a_path_option_with_a_tilde_is_under_home_and_stop_iter_says_it_stopped(tiny_data, tiny_teacher, tmp_path):
+def test_a_path_option_with_a_tilde_is_under_home_and_stop_iter_says_it_stopped(
+        tiny_data, tiny_teacher, tmp_path):
     """--out_dir=~/run: the shell does not expand ~ after --key=, the script does (before: a folder
     named '~' in the working directory); a run that --stop_iter ends early does not say 'done'"""
-    cmd = command([os.path.join(ROOT, "train_md.py"), *MD[1:], f"--teacher={tiny_teacher}", "--stop_iter=1",
-                   "--epochs=1"], tiny_data, ["--out_dir=~/run"])
+    cmd = command([os.path.join(ROOT, "train_md.py"), *MD[1:], f"--teacher={tiny_teacher}",
+                   "--stop_iter=1", "--epochs=1"], tiny_data, ["--out_dir=~/run"])
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600,
                             env=dict(os.environ, HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert os.listdir(tmp_path) == ["home"]  # no '~' folder
     assert weights_at(tmp_path / "home" / "run" / "ckpt.pt")["iter_num"] == 1
     last = result.stdout.strip().splitlines()[-1]
-    assert last == f"stopped at iteration 1 of 9 (--stop_iter), checkpoint {tmp_path / 'home' / 'run' / 'ckpt.pt'}"
+    assert last == (f"stopped at iteration 1 of 9 (--stop_iter), checkpoint "
+                    f"{tmp_path / 'home' / 'run' / 'ckpt.pt'}")
 
 
 def test_resume_from_a_checkpoint_with_a_missing_or_misfit_entry_is_one_line(tiny_data, tiny_teacher, tmp_path):
@@ -1230,10 +1238,11 @@ OPTION_CASES = [  # (script, options, the one line)
     ("ft", ["--init=scrach"],  # before: the list left out scratch
      "error: unknown --init 'scrach': choose clip, dino, deit, embedded, scratch or a checkpoint path"),
     ("ft", ["--img_size=0"], "error: --img_size=0 must be >= 1"),  # before: a PIL or interpolate traceback
-    # before: accepted on a GPU, where float16 without a loss scale turned the backbone's gradients to 0
-    ("md", ["--dtype=float16"], "error: dtype 'float16' would train without loss scaling, which these scripts "
-                                "do not do (small gradients become 0): use bfloat16 (CPUs, A100 and newer GPUs) "
-                                "or float32"),
+    # before: accepted on a GPU, where float16 without a loss scale turned the backbone's gradients
+    # to 0
+    ("md", ["--dtype=float16"], "error: dtype 'float16' would train without loss scaling, which "
+                                "these scripts do not do (small gradients become 0): use bfloat16 "
+                                "(CPUs, A100 and newer GPUs) or float32"),
     ("vqkd", ["--dtype=half"], "error: dtype 'half' must be bfloat16 or float32"),
     ("vqkd", ["--teacher={nan_model}"],
      "error: '{nan_model}' has non-finite (NaN/inf) weights, first in blocks.0.mlp.fc1.weight"),

@@ -424,11 +424,14 @@ def test_summary_keeps_runs_of_other_recipes_apart(tmp_path):
         (tmp_path / name).mkdir()
         config = dict(init="scratch", freeze_blocks=0, lr=1e-3, seed=seed, epochs=epochs, mixup=0.8,
                       out_dir=str(tmp_path / name))
-        result = dict(top1=top1, top5=99.0, best_top1=top1, iter_num=10, max_iters=10, config=config)
+        result = dict(top1=top1, top5=99.0, best_top1=top1, iter_num=10, max_iters=10,
+                      config=config)
         (tmp_path / name / "result.json").write_text(json.dumps(result))
     summary = subprocess.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert summary.returncode == 0, summary.stderr[-2000:]
-    named = {line.split()[-1]: line.split("  ")[0].strip() for line in summary.stdout.splitlines()[1:4]}
-    assert named == {str(tmp_path / "long"): "scratch (epochs=30)", str(tmp_path / "long_seed1"): "scratch (epochs=30)",
+    named = {line.split()[-1]: line.split("  ")[0].strip()
+             for line in summary.stdout.splitlines()[1:4]}
+    assert named == {str(tmp_path / "long"): "scratch (epochs=30)",
+                     str(tmp_path / "long_seed1"): "scratch (epochs=30)",
                      str(tmp_path / "short"): "scratch (epochs=10)"}

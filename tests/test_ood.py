@@ -212,16 +212,19 @@ def test_a_human_folder_without_the_datasets_found(stub, tmp_path):
     draw_cue_conflict(datasets)
     for category in CATEGORIES[:2]:
         draw(category, str(datasets / "edge" / category / f"{category}1.png"))
-    shutil.copytree(os.path.join(FIXTURE, "raw-data", "colour"), raw / "colour")  # not found in datasets
-    args = ["--metric=ood", stub, f"--data={datasets}", f"--human={raw}", f"--out={tmp_path / 'out'}"]
+    # not found in datasets
+    shutil.copytree(os.path.join(FIXTURE, "raw-data", "colour"), raw / "colour")
+    args = ["--metric=ood", stub, f"--data={datasets}", f"--human={raw}",
+            f"--out={tmp_path / 'out'}"]
     r = run_analyze(args)
     assert r.returncode == 1 and r.stdout == "", r.stdout + r.stderr
-    assert r.stderr.strip() == (f"error: --human={raw} holds no human trials of the datasets found (edge/*.csv, "
-                                "cue-conflict/*.csv are not there): give model-vs-human's raw-data/ folder "
-                                "(<dataset>/*.csv)")
+    assert r.stderr.strip() == (f"error: --human={raw} holds no human trials of the datasets found "
+                                "(edge/*.csv, cue-conflict/*.csv are not there): give "
+                                "model-vs-human's raw-data/ folder (<dataset>/*.csv)")
     assert not (tmp_path / "out").exists()
     # a subject wrong on the images named 1 and 3 of each shape, where the stub is wrong on 3 only
-    # (draw_cue_conflict): right 2 of 4 and 3 of 4, agreeing on 3 of 4 -> kappa (3/4 - 1/2) / (1 - 1/2)
+    # (draw_cue_conflict): right 2 of 4 and 3 of 4, agreeing on 3 of 4 -> kappa
+    # (3/4 - 1/2) / (1 - 1/2)
     rows = []
     for i, shape in enumerate(CATEGORIES):
         texture = CATEGORIES[(i + 1) % 16]
@@ -231,12 +234,15 @@ def test_a_human_folder_without_the_datasets_found(stub, tmp_path):
                          shape if right else texture])
     (raw / "cue-conflict").mkdir()
     with open(raw / "cue-conflict" / "cue-conflict_subject-01_session_1.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["subj", "imagename", "condition", "category", "object_response"], *rows])
+        csv.writer(f).writerows([["subj", "imagename", "condition", "category", "object_response"],
+                                 *rows])
     r = run_analyze(args)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stderr.strip() == f"warning: --human={raw} holds no human trials of edge: no error consistency for them"
+    assert r.stderr.strip() == (f"warning: --human={raw} holds no human trials of edge: no error "
+                                "consistency for them")
     result = json.load(open(tmp_path / "out" / "ood.json"))["models"]["stub"]
-    assert result["datasets_with_humans"] == 1 and "error_consistency" not in result["datasets"]["edge"]
+    assert (result["datasets_with_humans"] == 1
+            and "error_consistency" not in result["datasets"]["edge"])
     assert result["datasets"]["cue-conflict"]["error_consistency"] == pytest.approx(0.5)
 
 

@@ -221,8 +221,8 @@ def test_a_label_in_two_files_of_one_metric_is_said(tmp_path, capsys):
     write_metric(root, "b", "nmi", dict(md_clip=per_layer_entry(layers(0.3, 0.02))))
     analyze.main(["--metric", "report", root])
     first, second = (os.path.join(root, "analysis", g, "nmi.json") for g in ("a", "b"))
-    assert capsys.readouterr().err == (f"warning: md_clip has nmi results in {first} and {second}: the report "
-                                       f"uses the later one read, {second}\n")
+    assert capsys.readouterr().err == (f"warning: md_clip has nmi results in {first} and {second}: "
+                                       f"the report uses the later one read, {second}\n")
     lines = claim_lines(open(os.path.join(root, "report.md")).read())
     assert lines[("NMI", "clip")] == ("teacher clip 0.05, MD student md_clip 0.02", "does not hold")
 
@@ -327,7 +327,8 @@ def test_a_result_json_without_its_iteration_counts_is_skipped_with_a_warning(tm
     KeyError traceback from the fine-tuning table)"""
     root = str(tmp_path / "run")
     make_run(root, ("clip",), holds=True)
-    for run, edit in (("ft_md_clip", lambda d: d.pop("iter_num")), ("ft_clip", lambda d: d.update(max_iters="90"))):
+    for run, edit in (("ft_md_clip", lambda d: d.pop("iter_num")),
+                      ("ft_clip", lambda d: d.update(max_iters="90"))):
         path = os.path.join(root, run, "result.json")
         data = json.load(open(path))
         edit(data)
@@ -335,9 +336,10 @@ def test_a_result_json_without_its_iteration_counts_is_skipped_with_a_warning(tm
     analyze.main(["--metric", "report", root])
     err = capsys.readouterr().err
     for run in ("ft_md_clip", "ft_clip"):
-        assert (f"warning: skipping {os.path.join(root, run, 'result.json')}: its top1, top5, best_top1, "
-                "iter_num, max_iters or config is not finetune.py's") in err
+        assert (f"warning: skipping {os.path.join(root, run, 'result.json')}: its top1, top5, "
+                "best_top1, iter_num, max_iters or config is not finetune.py's") in err
     markdown = open(os.path.join(root, "report.md")).read()
     # the fine-tuning table's rows: run | init | lr | ...
-    assert "| ft_md_clip | out/md_clip/ckpt.pt |" not in markdown and "| ft_clip | clip |" not in markdown
+    assert ("| ft_md_clip | out/md_clip/ckpt.pt |" not in markdown
+            and "| ft_clip | clip |" not in markdown)
     assert "| ft_clip_fd_lr | clip |" in markdown

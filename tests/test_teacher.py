@@ -97,7 +97,8 @@ def dino_training_checkpoint(backbone, out_dim=512):
 def test_timm_layouts_match_timm(timm_vit, images, tmp_path, layout):
     sd = timm_vit.state_dict()
     path = str(tmp_path / f"{layout}.pth")
-    if layout == "safetensors":  # timm's weights on the Hugging Face hub: the state dict with its head
+    # timm's weights on the Hugging Face hub: the state dict with its head
+    if layout == "safetensors":
         path = str(tmp_path / "model.safetensors")
         pytest.importorskip("safetensors.torch").save_file(sd, path)
     elif layout == "dino":  # DINO: plain state dict, no head
@@ -153,8 +154,8 @@ def test_family_variants_without_a_part_of_model_py_are_one_line(tmp_path):
     from timm.models.vision_transformer_relpos import VisionTransformerRelPos
     relpos = VisionTransformerRelPos(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2,
                                      class_token=True, global_pool="token", num_classes=0)
-    clipa = ClipTower(image_size=32, patch_size=8, width=64, layers=1, heads=2, mlp_ratio=4.0, output_dim=32,
-                      no_ln_pre=True, pool_type="avg", final_ln_after_pool=True)
+    clipa = ClipTower(image_size=32, patch_size=8, width=64, layers=1, heads=2, mlp_ratio=4.0,
+                      output_dim=32, no_ln_pre=True, pool_type="avg", final_ln_after_pool=True)
     files = [("relpos.pth", relpos.state_dict(), "has the timm layout but no 'pos_embed'"),
              ("clipa.pt", {"visual." + k: v for k, v in clipa.state_dict().items()},
               "has the clip layout but no 'ln_pre.weight'")]
@@ -163,10 +164,12 @@ def test_family_variants_without_a_part_of_model_py_are_one_line(tmp_path):
         torch.save(state_dict, path)
         with pytest.raises(CheckpointError, match=expected):
             load_model(path)
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "teacher.py"), "export", "--act=gelu" if "clip" in name
-                            else "--format=timm", path, str(tmp_path / "out.pth")], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "teacher.py"), "export",
+                            "--act=gelu" if "clip" in name else "--format=timm", path,
+                            str(tmp_path / "out.pth")], capture_output=True, text=True,
                            cwd=ROOT, timeout=300)
-        assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and expected in r.stderr, r.stderr
+        assert (r.returncode != 0 and r.stderr.strip().count("\n") == 0
+                and expected in r.stderr), r.stderr
 
 
 def test_clip_matches_open_clip(clip_model, images, tmp_path):
@@ -475,10 +478,12 @@ def test_safetensors_from_the_library_read_exactly_and_a_damaged_one_is_one_line
     save_file = pytest.importorskip("safetensors.torch").save_file
     g = torch.Generator().manual_seed(0)
     tensors = {"w": torch.randn(3, 4, generator=g), "h": torch.randn(5, generator=g).half(),
-               "b": torch.randn(2, 2, generator=g).bfloat16(), "d": torch.randn(2, generator=g).double(),
+               "b": torch.randn(2, 2, generator=g).bfloat16(),
+               "d": torch.randn(2, generator=g).double(),
                "i": torch.arange(-3, 3), "j": torch.arange(4, dtype=torch.int32),
                "k": torch.arange(3, dtype=torch.int16),
-               "c": torch.arange(-2, 2, dtype=torch.int8), "u": torch.arange(6, dtype=torch.uint8).view(2, 3),
+               "c": torch.arange(-2, 2, dtype=torch.int8),
+               "u": torch.arange(6, dtype=torch.uint8).view(2, 3),
                "m": torch.tensor([True, False]), "e": torch.zeros(0, 3)}
     path = tmp_path / "all.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt"})
@@ -489,11 +494,13 @@ def test_safetensors_from_the_library_read_exactly_and_a_damaged_one_is_one_line
     data = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-1])
     header_length = int.from_bytes(data[:8], "little")
-    (tmp_path / "header.safetensors").write_bytes(data[:8 + header_length - 1] + b"?" + data[8 + header_length:])
+    (tmp_path / "header.safetensors").write_bytes(data[:8 + header_length - 1] + b"?"
+                                                  + data[8 + header_length:])
     for name in ("cut", "header"):
         with pytest.raises(CheckpointError) as e:
             read_checkpoint(str(tmp_path / f"{name}.safetensors"))
-        assert str(e.value).startswith(f"'{tmp_path / name}.safetensors' is a damaged safetensors file (")
+        assert str(e.value).startswith(f"'{tmp_path / name}.safetensors' is a damaged "
+                                       "safetensors file (")
 
 
 def test_a_flipped_byte_in_the_zip_records_is_one_line(tmp_path):

@@ -469,12 +469,13 @@ def test_help_lists_every_option_with_its_commented_default(script):
 def test_teacher_export_help_is_its_usage(flag):
     """python teacher.py --help (before: "'--help' is no command", exit 1): the docstring and the
     export command's usage line, exit 0"""
-    result = subprocess.run([sys.executable, "teacher.py", flag], capture_output=True, text=True, cwd=ROOT,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "teacher.py", flag], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
     assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]
     assert result.stdout.startswith("Frozen teachers for masked distillation")
-    assert result.stdout.splitlines()[-1] == ("usage: python teacher.py export [--format=mdlab|timm] "
-                                              "[--act=quick_gelu|gelu] SRC DST")
+    assert result.stdout.splitlines()[-1] == ("usage: python teacher.py export "
+                                              "[--format=mdlab|timm] [--act=quick_gelu|gelu] "
+                                              "SRC DST")
 
 
 def test_transformer_head_with_zero_blocks_works():
