@@ -181,6 +181,12 @@ def option_error(config, extra=()):
         gpus = torch.cuda.device_count() if kind == "cuda" else 0
         if kind == "cuda" and index is not None and index >= gpus:
             return f"--device={device}: there are {gpus} GPUs (cuda:0 ...): pick one of them"
+    backend = config.get("backend", "")
+    if backend not in ("", "gloo", "nccl"):  # checked here, not first under torchrun
+        return f"--backend={backend} must be gloo or nccl (empty: nccl on GPUs, gloo on CPU)"
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if backend == "nccl" and not on_gpu:
+        return "--backend=nccl needs GPUs; this run is on the CPU: use --backend=gloo (or leave it empty)"
     for ok, message in extra:
         if not ok:
             return message
@@ -240,21 +246,21 @@ class Context:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
         return bool(t.item())
 
-    def log_values(self, loss, skipped):
+    def log_values(self, loss, skipped, images):
         """At a log line (every rank calls it): the mean over the ranks of each one's last
-        micro-batch loss (a rank that has read no image yet holds NaN and is left out) and the
-        ranks' unreadable images in all.
-        -> (float, int)"""
+        micro-batch loss (a rank that has read no image yet holds NaN and is left out), and the
+        ranks' unreadable and read images in all (each rank reads its own share: a rank that skips
+        images reads fewer). -> (float, int, int)"""
         value = loss.item()
         if not self.ddp:
-            return value, skipped
+            return value, skipped, images
         has_loss = not math.isnan(value)  # a real NaN has stopped the run before the log line
-        t = torch.tensor([value if has_loss else 0.0, float(has_loss), float(skipped)],
-                         dtype=torch.float64)
+        counts = [value if has_loss else 0.0, float(has_loss), float(skipped), float(images)]
+        t = torch.tensor(counts, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.cpu_group)
-        loss_sum, ranks_with_loss, all_skipped = t.tolist()
+        loss_sum, ranks_with_loss, all_skipped, all_images = t.tolist()
         mean_loss = loss_sum / ranks_with_loss if ranks_with_loss else float("nan")
-        return mean_loss, int(all_skipped)
+        return mean_loss, int(all_skipped), int(all_images)
 
     def barrier(self):
         if self.ddp:
@@ -941,38 +947,41 @@ def peak_flops(device):
 
 
 class Meter:
-    """Throughput and MFU over the last logging interval, of all processes together: update() counts
-    the images of every process, so MFU divides by the peak of one device times the processes."""
+    """Throughput and MFU over the last logging interval, of all processes together: read() gets the
+    images every process read (summed over the ranks by Context.log_values), so MFU divides by the
+    peak of one device times the processes."""
 
     def __init__(self, flops_per_image, peak, iter_num=0, processes=1):
         """peak: FLOP/s of one device (None: unknown); iter_num: the iteration the run starts from (a
         resumed run's checkpoint); processes: the world size, one device each"""
         self.flops_per_image, self.peak = flops_per_image, peak * processes if peak else None
-        self.t0, self.images, self.iter_num = time.time(), 0, iter_num
+        self.t0, self.iter_num = time.time(), iter_num
 
-    def update(self, images):
-        self.images += images
-
-    def read(self, iter_num):
-        """-> (text, numbers) since the last read, iter_num the iteration now: numbers = {ms_per_iter,
+    def read(self, iter_num, images):
+        """-> (text, numbers) since the last read, iter_num the iteration now and images those
+        all the processes read since the last read: numbers = {ms_per_iter,
         img_per_s, and mfu in % where the peak is known}; the text shows the same numbers. The
         iterations are counted from the last read's iter_num, as the first interval after a resume is
         shorter than log_interval where the checkpoint's iteration is not a multiple of it."""
         dt = max(time.time() - self.t0, 1e-9)
         iters = iter_num - self.iter_num
-        numbers = dict(ms_per_iter=1000 * dt / max(iters, 1), img_per_s=self.images / dt)
+        numbers = dict(ms_per_iter=1000 * dt / max(iters, 1), img_per_s=images / dt)
         text = f"{numbers['ms_per_iter']:.0f} ms/iter, {numbers['img_per_s']:.1f} img/s"
         if self.peak:
             numbers["mfu"] = 100 * numbers["img_per_s"] * self.flops_per_image / self.peak
             text += f", MFU {numbers['mfu']:.1f}%"
-        self.t0, self.images, self.iter_num = time.time(), 0, iter_num
+        self.t0, self.iter_num = time.time(), iter_num
         return text, numbers
 
 
 def lost_worker_line(error):
     """The one line for torch's DataLoader error when a loader worker died (the kernel's OOM killer,
-    a signal) or None for any other error"""
+    a signal), or for a collective whose peer process is gone (under torchrun: another rank stopped
+    on an error it printed), or None for any other error"""
     text = f"{error}"
+    peer_gone = "Connection closed by peer" in text or "Connection reset by peer" in text  # gloo's words
+    if isinstance(error, getattr(dist, "DistBackendError", ())) or peer_gone:
+        return "error: another process of this torchrun job stopped (its error is above); this one stops too"
     if not (isinstance(error, RuntimeError) and text.startswith("DataLoader worker")):
         return None
     return (f"error: {text.splitlines()[0]} (out of memory? lower --num_workers or --micro_batch_size); "

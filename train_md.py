@@ -296,7 +296,7 @@ def main():
     batches = micro_batches(train_loader, train_sampler, iter_num, accum, iters_per_epoch)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     nonfinite = torch.full((3,), -1.0, dtype=torch.float64, device=ctx.device)  # checked at log lines only
-    skipped = 0  # unreadable training images since the last log line
+    skipped = images_read = 0  # this process's unreadable, read training images since the log line
     step_loss = torch.tensor(float("nan"))  # the last micro-batch's loss, shown at log lines (none read yet)
     # under DDP a rank that read no image of a micro-batch runs this batch of zeros with a loss that counts 0:
     # the other ranks' gradient all-reduce waits for its gradients
@@ -333,7 +333,7 @@ def main():
             step_loss = md_loss(pred, targets, masks)  # R, mean over masked patches
             nonfinite = record_nonfinite(nonfinite, step_loss, iter_num, 0)
             (step_loss / accum).backward()
-            meter.update(len(images) * ctx.world_size)
+            images_read += len(images)
         if not ctx.any_rank(readable > 0):  # no rank read an image in a whole step: the train split is unreadable
             stop_if_nonfinite(nonfinite, ckpt_path)  # a non-finite step is never saved
             if ctx.master and iter_num > 0:  # the finished steps are kept; this one is read again at resume
@@ -355,10 +355,10 @@ def main():
         if iter_num % log_interval == 0:
             stop_if_nonfinite(nonfinite, ckpt_path)
             # over the ranks: mean loss, all skipped
-            loss_value, skipped = ctx.log_values(step_loss, skipped)
+            loss_value, skipped, images_read = ctx.log_values(step_loss, skipped, images_read)
             if ctx.master:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-                speed_text, speed = meter.read(iter_num)
+                speed_text, speed = meter.read(iter_num, images_read)
                 line = f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {speed_text}"
                 if skipped:
                     line += f", {skipped} unreadable images skipped"
@@ -366,7 +366,7 @@ def main():
                 record = dict(iter=iter_num, epoch=iter_num / iters_per_epoch, loss=loss_value,
                               lr=lr_now, grad_norm=grad_norm.item(), skipped=skipped, **speed)
                 append_jsonl(log_path, record, wandb_run)
-            skipped = 0
+            skipped = images_read = 0
         # a stop signal seen by any rank: all ranks save this finished step together, then stop
         stop = ctx.any_rank(bool(stop_signal)) and iter_num < end_iter
         at_eval = iter_num % eval_interval == 0 or iter_num == end_iter

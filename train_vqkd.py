@@ -181,7 +181,7 @@ def main():
     counts = torch.zeros(codebook_size, device=ctx.device)
     if resume and ctx.master:
         counts = ckpt["counts"].to(ctx.device)
-    skipped = 0  # unreadable training images since the last log line
+    skipped = images_read = 0  # this process's unreadable, read training images since the log line
     loss = torch.tensor(float("nan"))  # the last micro-batch's loss, shown at log lines (none read yet)
     # under DDP a rank that read no image of a micro-batch runs this batch of zeros (images, teacher features)
     # with a loss that counts 0 and no part in the codebook: the other ranks' all-reduces wait for it
@@ -219,7 +219,7 @@ def main():
             counts.add_(torch.bincount(codes.flatten(), minlength=codebook_size))
             nonfinite = record_nonfinite(nonfinite, loss, iter_num, 0)
             (loss / accum).backward()
-            meter.update(len(images) * ctx.world_size)
+            images_read += len(images)
         if not ctx.any_rank(readable > 0):  # no rank read an image in a whole step: the train split is unreadable
             stop_if_nonfinite(nonfinite, path)  # a non-finite step is never saved
             all_counts = ctx.all_reduce_sum(counts.clone())
@@ -241,10 +241,10 @@ def main():
             stop_if_nonfinite(nonfinite, path)
             all_counts = ctx.all_reduce_sum(counts.clone())
             # over the ranks: mean loss, all skipped
-            loss_value, skipped = ctx.log_values(loss, skipped)
+            loss_value, skipped, images_read = ctx.log_values(loss, skipped, images_read)
             if ctx.master:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-                speed_text, speed = meter.read(iter_num)
+                speed_text, speed = meter.read(iter_num, images_read)
                 line = f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_now:.2e}, {speed_text}"
                 if skipped:
                     line += f", {skipped} unreadable images skipped"
@@ -260,7 +260,7 @@ def main():
                               codebook_usage=used, perplexity=perplexity)
                 append_jsonl(log_path, record, wandb_run)
             counts.zero_()
-            skipped = 0
+            skipped = images_read = 0
         # a stop signal seen by any rank: all ranks save this finished step together, then stop
         stop = ctx.any_rank(bool(stop_signal)) and iter_num < end_iter
         if iter_num % save_interval == 0 or iter_num == end_iter or stop:

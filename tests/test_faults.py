@@ -1146,6 +1146,35 @@ def test_a_path_option_with_a_tilde_is_under_home_and_stop_iter_says_it_stopped(
                     f"{tmp_path / 'home' / 'run' / 'ckpt.pt'}")
 
 
+def test_an_error_of_rank_0_alone_is_one_line_on_every_rank(tiny_data, tiny_teacher, tmp_path):
+    """under torchrun, rank 0 stops on an error only it meets (log.jsonl is a folder: only rank 0
+    writes the log); the other rank's next collective finds its peer gone: one line, not gloo's
+    traceback (before: '[rank1]: Traceback ... Connection closed by peer')"""
+    (tmp_path / "log.jsonl").mkdir()
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                f"--master_port={free_port()}")
+    result = run([*MD, f"--teacher={tiny_teacher}", "--micro_batch_size=4"], tiny_data,
+                 [f"--out_dir={tmp_path}"], launcher)
+    assert result.returncode != 0
+    assert f"error: could not read {tmp_path / 'log.jsonl'} (Is a directory)" in result.stderr, result.stderr[-3000:]
+    assert ("error: another process of this torchrun job stopped (its error is above); this one stops too"
+            in result.stderr), result.stderr[-3000:]
+    assert "[rank1]: Traceback" not in result.stderr and "Connection closed by peer" not in result.stderr
+
+
+@pytest.mark.parametrize("backend, says", [("foo", "--backend=foo must be gloo or nccl (empty: nccl on GPUs, "
+                                                    "gloo on CPU)"),
+                                           ("nccl", "--backend=nccl needs GPUs; this run is on the CPU: use "
+                                                    "--backend=gloo (or leave it empty)")])
+def test_a_backend_that_cannot_work_is_one_line_before_any_work(backend, says, tiny_data, tiny_teacher, tmp_path):
+    """a single-process run took any --backend without a word; the typo showed up under torchrun as a
+    traceback on every rank"""
+    result = run([*MD, f"--teacher={tiny_teacher}", f"--backend={backend}"], tiny_data,
+                 [f"--out_dir={tmp_path / 'out'}"])
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"error: {says}"], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_from_a_checkpoint_with_a_missing_or_misfit_entry_is_one_line(tiny_data, tiny_teacher, tmp_path):
     """ckpt.pt files edited by hand or written by another version: an entry missing, a weight of
     another shape, an optimizer with other parameter groups. Before, a KeyError or load_state_dict

@@ -67,26 +67,55 @@ def test_trim_log_keeps_records_up_to_the_checkpoint_and_drops_a_cut_line(tmp_pa
 
 def test_meter_numbers_are_the_numbers_of_its_text():
     meter = Meter(flops_per_image=2e9, peak=1e12)
-    meter.update(64)
-    text, numbers = meter.read(4)
+    text, numbers = meter.read(4, 64)
     assert numbers["mfu"] == pytest.approx(100 * numbers["img_per_s"] * 2e9 / 1e12)
     expected = (f"{numbers['ms_per_iter']:.0f} ms/iter, {numbers['img_per_s']:.1f} img/s, "
                 f"MFU {numbers['mfu']:.1f}%")
     assert text == expected
-    text, numbers = Meter(2e9, None).read(4)  # unknown peak: no MFU in text or numbers
+    text, numbers = Meter(2e9, None).read(4, 64)  # unknown peak: no MFU in text or numbers
     assert "mfu" not in numbers and "MFU" not in text
 
 
 def test_meter_mfu_is_per_device_under_ddp():
     """8 processes, each 10 images per second on its own device of 1e12 FLOP/s at 2e9 FLOP per image:
-    2% MFU (each device does 2e10 of its 1e12 FLOP/s), though update() counts the 80 images of all;
+    2% MFU (each device does 2e10 of its 1e12 FLOP/s), though read() gets the 80 images of all;
     before: 16%, the sum of the processes' work over one device's peak"""
     meter = Meter(flops_per_image=2e9, peak=1e12, processes=8)
-    meter.update(80)
     meter.t0 -= 1.0  # the 80 images took one second
-    _, numbers = meter.read(1)
+    _, numbers = meter.read(1, 80)
     assert numbers["img_per_s"] == pytest.approx(80, rel=1e-2)
     assert numbers["mfu"] == pytest.approx(2.0, rel=1e-2)
+
+
+LOG_VALUES_OF_TWO_RANKS = """
+import os, sys
+import torch
+sys.path.insert(0, os.getcwd())
+from common import Context
+ctx = Context("cpu", "float32")
+rank = ctx.rank
+# rank 0 read no image since the last log line (its loss still NaN) and skipped 4; rank 1 read 3, skipped 1
+loss = torch.tensor(float("nan") if rank == 0 else 0.5)
+values = ctx.log_values(loss, 4 if rank == 0 else 1, 0 if rank == 0 else 3)
+with open(os.path.join(sys.argv[1], f"rank{rank}.txt"), "w") as f:  # (the ranks' stdout lines interleave)
+    f.write(" ".join(map(str, values)))
+ctx.close()
+"""
+
+
+def test_log_values_sums_the_images_each_rank_read(tmp_path):
+    """two real gloo processes: the images read are those of both ranks (before: the log line took
+    rank 0's count times the world size, 0 img/s here while rank 1 trained), the unreadable too,
+    and the loss is the mean of the ranks that have one"""
+    from tests.test_train_md import free_port
+    script = tmp_path / "two_ranks.py"
+    script.write_text(LOG_VALUES_OF_TWO_RANKS)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master_port={free_port()}", str(script), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["0.5 5 3", "0.5 5 3"]
 
 
 def test_a_warmup_as_long_as_the_run_is_said():
@@ -104,11 +133,8 @@ def test_meter_counts_the_iterations_since_its_last_read():
     4. ms_per_iter and img_per_s must describe the same elapsed time in each."""
     meter = Meter(2e9, None, iter_num=6)
     for start, end in [(6, 8), (8, 12)]:
-        for _ in range(end - start):
-            for _ in range(2):  # two micro-batches of 8 images per iteration
-                meter.update(8)
-        _, numbers = meter.read(end)
-        images = 16 * (end - start)
+        images = 16 * (end - start)  # two micro-batches of 8 images per iteration
+        _, numbers = meter.read(end, images)
         assert numbers["ms_per_iter"] * (end - start) == pytest.approx(1000 * images / numbers["img_per_s"])
 
 
