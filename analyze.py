@@ -1174,7 +1174,7 @@ def main(argv):
     if metric == "curves":  # the log.jsonl of training runs, not models
         return curves(models, opts["labels"], opts["out"])
     labels = opts["labels"].split(",") if opts["labels"] else default_labels(models)
-    if len(labels) != len(models) or len(set(labels)) != len(labels) or not all(l.strip() for l in labels):
+    if not labels_fit(labels, len(models)):
         given = f"got '{opts['labels']}'" if opts["labels"] else f"the default ones are {labels}"
         raise SystemExit(f"error: --labels needs {len(models)} distinct comma-separated names: "
                          f"{given}")
@@ -1266,6 +1266,11 @@ def main(argv):
         raise SystemExit(f"error: {e}")
     for m in metrics:
         write(m, results[m], settings, opts["out"], maps)
+
+
+def labels_fit(labels, count):
+    """--labels names each of the `count` inputs: as many names, distinct, none blank"""
+    return len(labels) == count and len(set(labels)) == count and all(l.strip() for l in labels)
 
 
 def attention_request(opts, cfg, label):
@@ -1394,7 +1399,7 @@ def curves(paths, labels, out):
         labels = labels.split(",")
     else:  # each log's run folder
         labels = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
-    if len(labels) != len(paths) or len(set(labels)) != len(labels) or not all(l.strip() for l in labels):
+    if not labels_fit(labels, len(paths)):
         raise SystemExit(f"error: --labels needs {len(paths)} distinct comma-separated names, "
                          f"got {','.join(labels)!r}")
     results = {}

@@ -980,7 +980,7 @@ def lost_worker_line(error):
     on an error it printed), or None for any other error"""
     text = f"{error}"
     peer_gone = "Connection closed by peer" in text or "Connection reset by peer" in text  # gloo's words
-    if isinstance(error, getattr(dist, "DistBackendError", ())) or peer_gone:
+    if isinstance(error, dist.DistBackendError) or peer_gone:
         return "error: another process of this torchrun job stopped (its error is above); this one stops too"
     if not (isinstance(error, RuntimeError) and text.startswith("DataLoader worker")):
         return None

@@ -401,8 +401,8 @@ def main():
             ctx.close()
             raise SystemExit(exit_code)
     bar.close()
-    ended = f"done: {iter_num} iterations" if iter_num >= max_iters else \
-        f"stopped at iteration {iter_num} of {max_iters} (--stop_iter)"
+    ended = (f"done: {iter_num} iterations" if iter_num >= max_iters else
+             f"stopped at iteration {iter_num} of {max_iters} (--stop_iter)")
     log(ctx, f"{ended}, checkpoint {ckpt_path}")
     ctx.barrier()  # ranks leave together: one gone mid-save can abort rank 0's gloo (SIGABRT, once in CI)
     ctx.close()
