@@ -220,14 +220,10 @@ class Context:
         self.device = device
         self.device_type = "cuda" if device.startswith("cuda") else "cpu"
         self.master = self.rank == 0
-        if dtype == "float16":  # without a loss scale, float16's small gradients round to 0
-            raise SystemExit("error: dtype 'float16' would train without loss scaling, which these "
-                             "scripts do not do (small gradients become 0): use bfloat16 (CPUs, "
-                             "A100 and newer GPUs) or float32")
-        if dtype not in ("float32", "bfloat16"):
-            raise SystemExit(f"error: dtype '{dtype}' must be bfloat16 or float32")
-        self.dtype = dtype
-        self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16}[dtype]
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise SystemExit(f"error: dtype '{dtype}' must be bfloat16, float16 or float32")
+        self.dtype = dtype  # float16: the scripts scale the loss (torch.amp.GradScaler)
+        self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
     def autocast(self):
         enabled = self.autocast_dtype is not None
@@ -353,14 +349,20 @@ def record_nonfinite(record, value, iter_num, what):
     return torch.where(first, found, record)
 
 
-def stop_if_nonfinite(record, ckpt_path):
+def stop_if_nonfinite(record, ckpt_path, scaler):
     """Read the record to the CPU (one sync: at log lines and before each checkpoint, never per step)
-    and stop with one line if a step was not finite; its weights are then never saved."""
+    and stop with one line if a step was not finite; its weights are then never saved. float16
+    (`scaler` enabled): a step whose gradients overflow is skipped and the loss scale halved, so
+    gradients that are not finite even at a scale below 1 (17 skips in a row from 2^16) stop too."""
     iteration, what, value = record.tolist()
     if iteration >= 0:
         name = "loss" if what == 0 else "gradient norm"
         kept = kept_checkpoint(ckpt_path)
         raise SystemExit(f"error: iteration {int(iteration)}: {name} is {value}; stopping, {kept}")
+    if scaler.is_enabled() and scaler.get_scale() < 1:
+        raise SystemExit(f"error: the float16 gradients are not finite even at loss scale {scaler.get_scale():.3g} "
+                         f"(their steps were skipped); stopping, {kept_checkpoint(ckpt_path)}: "
+                         f"try --dtype=bfloat16 or float32")
 
 
 def kept_checkpoint(path):

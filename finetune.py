@@ -94,7 +94,7 @@ crop_pct = 0.875              # eval: resize to img_size / crop_pct, center crop
 # system
 seed = 0                      # init, data order, augmentations
 device = "auto"               # auto | cpu | cuda | cuda:1 ...
-dtype = "bfloat16"            # autocast dtype: bfloat16 | float32 (float16: no loss scaling)
+dtype = "bfloat16"            # autocast: bfloat16 | float32 | float16 (loss scaled; V100, T4)
 compile = True                # torch.compile the model
 backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 # -----------------------------------------------------------------------------
@@ -321,6 +321,9 @@ def main():
     freeze(vit)
     vit.to(ctx.device)
     optimizer = vit.configure_optimizers(weight_decay, lr, (beta1, beta2), layer_decay if layer_decay < 1 else None)
+    # float16: the loss is scaled up before backward so that small gradients do not round to 0, and a
+    # step whose gradients overflow is skipped with the scale halved; bfloat16, float32: a pass-through
+    scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == "float16")
 
     train_loader, train_sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed,
                                               num_workers)
@@ -338,7 +341,8 @@ def main():
 
     iter_num, best_top1 = 0, 0.0
     if resume:
-        resume_from(ckpt, ckpt_path, optimizer, model=vit)
+        scaled = dict(scaler=scaler) if scaler.is_enabled() else {}  # float16: the loss scale goes on
+        resume_from(ckpt, ckpt_path, optimizer, model=vit, **scaled)
         iter_num, best_top1 = ckpt["iter_num"], ckpt["best_top1"]
         log(ctx, f"resumed from {ckpt_path} at iteration {iter_num}")
         if iter_num >= end_iter and ckpt.get("top1") is not None:  # None: its last evaluation read no image
@@ -433,7 +437,8 @@ def main():
         """the run after iteration iter_num and that iteration's evaluation, if any (else None), as plain
         data (torch.load(weights_only=True) reads it)"""
         return dict(model=vit.state_dict(), model_args=vit.config.to_dict(), config=config,
-                    optimizer=optimizer.state_dict(), iter_num=iter_num, best_top1=best_top1,
+                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+                    best_top1=best_top1,
                     classes=train_set.classes, top1=top1, top5=top5,
                     train_split=train_split_summary(train_set))
 
@@ -491,10 +496,10 @@ def main():
                 logits = train_model(images)  # (B, classes)
             loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()  # soft-target CE
             nonfinite = record_nonfinite(nonfinite, loss, iter_num, 0)
-            (loss / accum).backward()
+            scaler.scale(loss / accum).backward()
             images_read += len(images)
         if not ctx.any_rank(readable > 0):  # no rank read an image in a whole step: the train split is unreadable
-            stop_if_nonfinite(nonfinite, ckpt_path)  # a non-finite step is never saved
+            stop_if_nonfinite(nonfinite, ckpt_path, scaler)  # a non-finite step is never saved
             if ctx.master and iter_num > 0:  # the finished steps are kept; this one is read again at resume
                 save_checkpoint(checkpoint(None, None), ckpt_path)
             ctx.barrier()
@@ -502,15 +507,18 @@ def main():
             raise SystemExit(f"error: iteration {iter_num}: none of the {accum * micro_batch_size * ctx.world_size} "
                              f"images of the step could be read (see the warnings): "
                              f"fix the train split under {root}{then}")
+        scaler.unscale_(optimizer)  # float16: the true gradients before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
-        optimizer.step()
+        if not scaler.is_enabled():  # float16: an overflow skips the step (stop_if_nonfinite watches the scale)
+            nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         bar.update(1)
 
         if iter_num % log_interval == 0:
-            stop_if_nonfinite(nonfinite, ckpt_path)
+            stop_if_nonfinite(nonfinite, ckpt_path, scaler)
             # over the ranks: mean loss, all skipped
             loss_value, skipped, images_read = ctx.log_values(loss, skipped, images_read)
             if ctx.master:
@@ -522,6 +530,8 @@ def main():
                 bar.write(line)
                 record = dict(iter=iter_num, epoch=iter_num / iters_per_epoch, loss=loss_value,
                               lr=lr_now, grad_norm=grad_norm.item(), skipped=skipped, **speed)
+                if scaler.is_enabled():
+                    record["loss_scale"] = scaler.get_scale()
                 append_jsonl(log_path, record, wandb_run)
             skipped = images_read = 0
         if hessian_every and iter_num % hessian_every == 0 and ctx.master:
@@ -530,7 +540,7 @@ def main():
         stop = ctx.any_rank(bool(stop_signal)) and iter_num < end_iter
         at_eval = iter_num % eval_every == 0 or iter_num == end_iter
         if at_eval or stop:
-            stop_if_nonfinite(nonfinite, ckpt_path)  # a non-finite step is never saved
+            stop_if_nonfinite(nonfinite, ckpt_path, scaler)  # a non-finite step is never saved
             top1, top5 = evaluate() if at_eval else (None, None)
             if top1 is not None:
                 best_top1 = max(best_top1, top1)

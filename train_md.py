@@ -83,7 +83,7 @@ micro_batch_size = 128        # images per GPU per forward
 lr = 1.5e-3                   # peak learning rate
 min_lr = 1e-5                 # end of the cosine
 weight_decay = 0.05           # AdamW; none on biases, norms, tokens, absolute position tables
-beta1 = 0.98                  # AdamW betas as printed in Table 1
+beta1 = 0.98                  # AdamW betas as printed in Table 1 (BEiT v2, 300 epochs: 0.9, 0.98)
 beta2 = 0.999
 grad_clip = 3.0               # max global grad norm; 0 = off
 # augmentation
@@ -93,7 +93,7 @@ flip = 0.5                    # horizontal flip probability
 # system
 seed = 0                      # model init, data order, augmentations, masks
 device = "auto"               # auto | cpu | cuda | cuda:1 ...
-dtype = "bfloat16"            # autocast dtype of the student: bfloat16 | float32 (float16: no loss scaling)
+dtype = "bfloat16"            # student autocast: bfloat16 | float32 | float16 (loss scaled; V100, T4)
 compile = True                # torch.compile the student + head, and the teacher's forward
 backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 # -----------------------------------------------------------------------------
@@ -225,10 +225,14 @@ def main():
     whitener = Whitening(whitening if target == "features" else "none", out_dim).to(ctx.device)  # codes: none
     decoder_params = [("decoder." + n, p) for n, p in decoder.named_parameters()]
     optimizer = student.configure_optimizers(weight_decay, lr, (beta1, beta2), extra=decoder_params)
+    # float16: the loss is scaled up before backward so that small gradients do not round to 0, and a
+    # step whose gradients overflow is skipped with the scale halved; bfloat16, float32: a pass-through
+    scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == "float16")
     iter_num, best_val_loss = 0, float("inf")
     if resume:
         whitened = dict(whitening=whitener) if target == "features" else {}  # codes: no whitening to restore
-        resume_from(ckpt, ckpt_path, optimizer, model=student, decoder=decoder, **whitened)
+        scaled = dict(scaler=scaler) if scaler.is_enabled() else {}  # float16: the loss scale goes on
+        resume_from(ckpt, ckpt_path, optimizer, model=student, decoder=decoder, **whitened, **scaled)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         log(ctx, f"resumed from {ckpt_path} at iteration {iter_num}")
         if iter_num >= end_iter:
@@ -276,9 +280,9 @@ def main():
     def checkpoint():
         """the run after iteration iter_num, as plain data (torch.load(weights_only=True) reads it)"""
         return dict(model=student.state_dict(), decoder=decoder.state_dict(), whitening=whitener.state_dict(),
-                    model_args=cfg.to_dict(), config=config, optimizer=optimizer.state_dict(), iter_num=iter_num,
-                    best_val_loss=best_val_loss, target_fingerprint=source_fingerprint,
-                    train_split=train_split_summary(train_set))
+                    model_args=cfg.to_dict(), config=config, optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict(), iter_num=iter_num, best_val_loss=best_val_loss,
+                    target_fingerprint=source_fingerprint, train_split=train_split_summary(train_set))
 
     n_params = sum(p.numel() for p in student.parameters()) / 1e6
     source = f"tokenizer {tokenizer}" if target == "vqkd" else f"teacher {teacher}"
@@ -332,10 +336,10 @@ def main():
                 pred = train_model(images, masks)  # D(S(M(I))): (B, N, D_t)
             step_loss = md_loss(pred, targets, masks)  # R, mean over masked patches
             nonfinite = record_nonfinite(nonfinite, step_loss, iter_num, 0)
-            (step_loss / accum).backward()
+            scaler.scale(step_loss / accum).backward()
             images_read += len(images)
         if not ctx.any_rank(readable > 0):  # no rank read an image in a whole step: the train split is unreadable
-            stop_if_nonfinite(nonfinite, ckpt_path)  # a non-finite step is never saved
+            stop_if_nonfinite(nonfinite, ckpt_path, scaler)  # a non-finite step is never saved
             if ctx.master and iter_num > 0:  # the finished steps are kept; this one is read again at resume
                 save_checkpoint(checkpoint(), ckpt_path)
             ctx.barrier()
@@ -343,9 +347,12 @@ def main():
             raise SystemExit(f"error: iteration {iter_num}: none of the {accum * micro_batch_size * ctx.world_size} "
                              f"images of the step could be read (see the warnings): "
                              f"fix the train split under {root}{then}")
+        scaler.unscale_(optimizer)  # float16: the true gradients before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
-        optimizer.step()
+        if not scaler.is_enabled():  # float16: an overflow skips the step (stop_if_nonfinite watches the scale)
+            nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         for stats in whitener.buffers():  # 'bn': running statistics of each rank's batches -> the ranks' mean
             ctx.all_reduce_sum(stats).div_(ctx.world_size)
@@ -353,7 +360,7 @@ def main():
         bar.update(1)
 
         if iter_num % log_interval == 0:
-            stop_if_nonfinite(nonfinite, ckpt_path)
+            stop_if_nonfinite(nonfinite, ckpt_path, scaler)
             # over the ranks: mean loss, all skipped
             loss_value, skipped, images_read = ctx.log_values(step_loss, skipped, images_read)
             if ctx.master:
@@ -365,13 +372,15 @@ def main():
                 bar.write(line)
                 record = dict(iter=iter_num, epoch=iter_num / iters_per_epoch, loss=loss_value,
                               lr=lr_now, grad_norm=grad_norm.item(), skipped=skipped, **speed)
+                if scaler.is_enabled():
+                    record["loss_scale"] = scaler.get_scale()
                 append_jsonl(log_path, record, wandb_run)
             skipped = images_read = 0
         # a stop signal seen by any rank: all ranks save this finished step together, then stop
         stop = ctx.any_rank(bool(stop_signal)) and iter_num < end_iter
         at_eval = iter_num % eval_interval == 0 or iter_num == end_iter
         if at_eval or stop:
-            stop_if_nonfinite(nonfinite, ckpt_path)  # a non-finite step is never saved
+            stop_if_nonfinite(nonfinite, ckpt_path, scaler)  # a non-finite step is never saved
             evaluating = at_eval and val_set is not None
             val_loss = evaluate() if evaluating else None
             if val_loss is not None:

@@ -74,7 +74,7 @@ grad_clip = 0.0               # none in Table 1
 min_crop_scale = 0.08         # RandomResizedCrop scale; no color jitter (Table 1)
 seed = 0
 device = "auto"
-dtype = "bfloat16"            # autocast dtype: bfloat16 | float32 (float16: no loss scaling)
+dtype = "bfloat16"            # autocast: bfloat16 | float32 | float16 (loss scaled; V100, T4)
 compile = False               # torch.compile the tokenizer
 backend = ""
 # -----------------------------------------------------------------------------
@@ -137,12 +137,16 @@ def main():
     vq = vq.to(ctx.device)
     other_params = [(n, p) for n, p in vq.named_parameters() if not n.startswith("encoder.")]
     optimizer = vq.encoder.configure_optimizers(weight_decay, lr, (beta1, beta2), extra=other_params)
+    # float16: the loss is scaled up before backward so that small gradients do not round to 0, and a
+    # step whose gradients overflow is skipped with the scale halved; bfloat16, float32: a pass-through
+    scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == "float16")
     loader, sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed, num_workers)
     iters_per_epoch, max_iters, warmup_iters, end_iter = schedule_lengths(
         sampler, micro_batch_size, accum, epochs, warmup_epochs, stop_iter)
     iter_num = 0
     if resume:
-        resume_from(ckpt, path, optimizer, model=vq)
+        scaled = dict(scaler=scaler) if scaler.is_enabled() else {}  # float16: the loss scale goes on
+        resume_from(ckpt, path, optimizer, model=vq, **scaled)
         iter_num = ckpt["iter_num"]
         log(ctx, f"resumed from {path} at iteration {iter_num}")
         if iter_num >= end_iter:
@@ -158,7 +162,8 @@ def main():
     def checkpoint(all_counts):
         """the run after iteration iter_num, as plain data (torch.load(weights_only=True) reads it)"""
         return dict(model=vq.state_dict(), vqkd_args=vq.config, model_args=cfg.to_dict(), config=config,
-                    optimizer=optimizer.state_dict(), iter_num=iter_num, counts=all_counts.cpu(),
+                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+                    counts=all_counts.cpu(),
                     target_fingerprint=teacher_fingerprint,
                     train_split=train_split_summary(train_set))
 
@@ -218,10 +223,10 @@ def main():
                 loss, codes = train_model(images, targets, commitment)  # reconstruction + commitment
             counts.add_(torch.bincount(codes.flatten(), minlength=codebook_size))
             nonfinite = record_nonfinite(nonfinite, loss, iter_num, 0)
-            (loss / accum).backward()
+            scaler.scale(loss / accum).backward()
             images_read += len(images)
         if not ctx.any_rank(readable > 0):  # no rank read an image in a whole step: the train split is unreadable
-            stop_if_nonfinite(nonfinite, path)  # a non-finite step is never saved
+            stop_if_nonfinite(nonfinite, path, scaler)  # a non-finite step is never saved
             all_counts = ctx.all_reduce_sum(counts.clone())
             if ctx.master and iter_num > 0:  # the finished steps are kept; this one is read again at resume
                 save_checkpoint(checkpoint(all_counts), path)
@@ -230,15 +235,18 @@ def main():
             raise SystemExit(f"error: iteration {iter_num}: none of the {accum * micro_batch_size * ctx.world_size} "
                              f"images of the step could be read (see the warnings): "
                              f"fix the train split under {data_dir}{then}")
+        scaler.unscale_(optimizer)  # float16: the true gradients before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
-        optimizer.step()
+        if not scaler.is_enabled():  # float16: an overflow skips the step (stop_if_nonfinite watches the scale)
+            nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         bar.update(1)
 
         if iter_num % log_interval == 0:
-            stop_if_nonfinite(nonfinite, path)
+            stop_if_nonfinite(nonfinite, path, scaler)
             all_counts = ctx.all_reduce_sum(counts.clone())
             # over the ranks: mean loss, all skipped
             loss_value, skipped, images_read = ctx.log_values(loss, skipped, images_read)
@@ -258,13 +266,15 @@ def main():
                 record = dict(iter=iter_num, epoch=iter_num / iters_per_epoch, loss=loss_value,
                               lr=lr_now, grad_norm=grad_norm.item(), skipped=skipped, **speed,
                               codebook_usage=used, perplexity=perplexity)
+                if scaler.is_enabled():
+                    record["loss_scale"] = scaler.get_scale()
                 append_jsonl(log_path, record, wandb_run)
             counts.zero_()
             skipped = images_read = 0
         # a stop signal seen by any rank: all ranks save this finished step together, then stop
         stop = ctx.any_rank(bool(stop_signal)) and iter_num < end_iter
         if iter_num % save_interval == 0 or iter_num == end_iter or stop:
-            stop_if_nonfinite(nonfinite, path)  # a non-finite step is never saved
+            stop_if_nonfinite(nonfinite, path, scaler)  # a non-finite step is never saved
             all_counts = ctx.all_reduce_sum(counts.clone())
             if ctx.master:
                 save_checkpoint(checkpoint(all_counts), path)

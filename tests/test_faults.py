@@ -270,6 +270,33 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_data, t
     assert not (ft / "ckpt.pt").exists()
 
 
+def test_float16_gradients_that_overflow_at_every_scale_stop_with_one_line(tmp_path):
+    """float16 skips a step whose gradients overflow and halves the loss scale: at a scale below 1 the
+    gradients are not finite unscaled either (17 skips in a row from 2^16), and the run stops like a
+    non-finite step. (A unit test of the rule and its message: no real run overflows 17 times.)"""
+    from common import stop_if_nonfinite
+    nothing = torch.full((3,), -1.0, dtype=torch.float64)  # no non-finite loss recorded
+    scaler = torch.amp.GradScaler("cpu")
+    stop_if_nonfinite(nothing, str(tmp_path / "ckpt.pt"), scaler)  # 2^16: goes on
+    state = scaler.state_dict()
+    scaler.load_state_dict(state | dict(scale=2.0 ** -1))
+    with pytest.raises(SystemExit, match=r"^error: the float16 gradients are not finite even at loss scale 0\.5 "
+                                         r"\(their steps were skipped\); stopping, no checkpoint was saved before"):
+        stop_if_nonfinite(nothing, str(tmp_path / "ckpt.pt"), scaler)
+    stop_if_nonfinite(nothing, str(tmp_path / "ckpt.pt"), torch.amp.GradScaler("cpu", enabled=False))
+
+
+def test_nan_loss_in_float16_stops_with_one_line(tiny_data, tiny_teacher, tmp_path):
+    """lr 1e6 in float16: the first step that is not skipped blows the weights up, the next forward
+    overflows float16, and its loss stops the run (a loss scale cannot help a forward)"""
+    out = tmp_path / "run"
+    bad = run(MD + [f"--teacher={tiny_teacher}"], tiny_data,
+              ["--stop_iter=30", f"--out_dir={out}", "--lr=1e6", "--warmup_epochs=0", "--dtype=float16"])
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    last = bad.stderr.strip().splitlines()[-1]
+    assert re.match(r"error: iteration \d+: loss is (nan|inf|-inf); stopping, ", last), last
+
+
 def test_huge_image_is_decoded(tmp_path):
     path = tmp_path / "huge.jpg"
     Image.new("RGB", (10000, 10000), (200, 10, 10)).save(path, quality=30)
@@ -1267,12 +1294,8 @@ OPTION_CASES = [  # (script, options, the one line)
     ("ft", ["--init=scrach"],  # before: the list left out scratch
      "error: unknown --init 'scrach': choose clip, dino, deit, embedded, scratch or a checkpoint path"),
     ("ft", ["--img_size=0"], "error: --img_size=0 must be >= 1"),  # before: a PIL or interpolate traceback
-    # before: accepted on a GPU, where float16 without a loss scale turned the backbone's gradients
-    # to 0
-    ("md", ["--dtype=float16"], "error: dtype 'float16' would train without loss scaling, which "
-                                "these scripts do not do (small gradients become 0): use bfloat16 "
-                                "(CPUs, A100 and newer GPUs) or float32"),
-    ("vqkd", ["--dtype=half"], "error: dtype 'half' must be bfloat16 or float32"),
+    ("md", ["--dtype=fp16"], "error: dtype 'fp16' must be bfloat16, float16 or float32"),
+    ("vqkd", ["--dtype=half"], "error: dtype 'half' must be bfloat16, float16 or float32"),
     ("vqkd", ["--teacher={nan_model}"],
      "error: '{nan_model}' has non-finite (NaN/inf) weights, first in blocks.0.mlp.fc1.weight"),
     ("analyze", ["{nan_model}"],

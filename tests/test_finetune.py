@@ -1,4 +1,5 @@
 """Fine-tuning: augmentations against their definitions, freezing, the recipe end to end."""
+import json
 import os
 import subprocess
 import sys
@@ -253,6 +254,46 @@ def test_linear_probe_trains_only_the_head(tiny_data, tiny_teacher, tmp_path, sh
     changed = {k for k in init if k in tuned and not torch.equal(init[k], tuned[k])}
     assert changed <= {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
     assert "head.weight" in changed
+
+
+def test_float16_scales_the_loss_and_follows_float32(tiny_data, tiny_teacher, tmp_path):
+    """--dtype=float16 (GPUs without bfloat16: V100, T4) with loss scaling: three fine-tuning steps move
+    every block's weights in the direction float32 moves them (cosine 0.99999 measured; bfloat16
+    0.9997). Without the loss scale, the gradients reaching the blocks through the head (initialized
+    at 0.001x) round to 0 in float16 and AdamW moves them by weight decay alone: cosine 0.49 for the
+    worst tensor, 0.81 on average (measured with the scaler turned off)."""
+    init = load(tiny_teacher)["model"]
+    moved = {}
+    for dtype in ("float32", "float16"):
+        out = tmp_path / dtype
+        result = run_ft([f"--init={tiny_teacher}", "--stop_iter=3", f"--out_dir={out}", f"--dtype={dtype}"],
+                        tiny_data)
+        assert result.returncode == 0, result.stderr[-2000:]
+        tuned = load(out / "ckpt.pt")["model"]
+        moved[dtype] = {k: (tuned[k] - init[k]).double().flatten() for k in init if k.startswith("blocks.")}
+    for k, reference in moved["float32"].items():
+        cosine = F.cosine_similarity(moved["float16"][k], reference, dim=0).item()
+        assert cosine > 0.99, f"{k}: cosine {cosine:.4f}"
+
+
+def test_float16_loss_scale_is_saved_and_resumed(tiny_data, tiny_teacher, tmp_path):
+    """The loss scale's state is in the checkpoint and a resumed run goes on with it: the scaler
+    counts the steps since its last overflow (none here: the scale stays 2^16, as the log says), 2
+    after a run stopped at iteration 2 and 4 after its resume to 4 (a new scaler would count 2).
+    The resumed weights are the uninterrupted run's."""
+    args = [f"--init={tiny_teacher}", "--dtype=float16"]
+    run_ft([*args, "--stop_iter=2", f"--out_dir={tmp_path / 'a'}"], tiny_data).check_returncode()
+    assert load(tmp_path / "a" / "ckpt.pt")["scaler"]["_growth_tracker"] == 2
+    resumed = run_ft([*args, "--stop_iter=4", f"--out_dir={tmp_path / 'a'}", "--resume=True"], tiny_data)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ckpt = load(tmp_path / "a" / "ckpt.pt")
+    assert ckpt["iter_num"] == 4 and ckpt["scaler"]["_growth_tracker"] == 4
+    assert ckpt["scaler"]["scale"] == 2.0 ** 16
+    records = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    assert [r["loss_scale"] for r in records if "loss" in r] == [2.0 ** 16] * 4
+    run_ft([*args, "--stop_iter=4", f"--out_dir={tmp_path / 'b'}"], tiny_data).check_returncode()
+    uninterrupted = load(tmp_path / "b" / "ckpt.pt")["model"]
+    assert all(torch.equal(v, uninterrupted[k]) for k, v in ckpt["model"].items())
 
 
 def test_md_checkpoint_finetunes_and_reports_top1(tiny_data, tiny_teacher, tmp_path):
