@@ -1,14 +1,15 @@
 """On a CUDA GPU: the MD step compiled in bf16 against eager fp32, the paper's commands under
-torchrun with NCCL (train_md.py, finetune.py: 30 iterations, then resumed), analyze.py on the
-GPU, and tools/eigen_probe.py's batched eigensolver against LAPACK. Every test is skipped without
+torchrun with NCCL (train_md.py, finetune.py: 30 iterations, then resumed), a float16 fine-tune
+against float32, analyze.py on the GPU, and tools/eigen_probe.py's batched eigensolver against
+LAPACK. Every test is skipped without
 CUDA.
 
     python -m pytest -q tests/test_cuda.py      # or bash tools/gpu_check.sh (benchmark + these)
 
 torch.compile is on only where it is the point: the MD step comparison and train_md.py (the
 paper's command runs compiled); finetune.py and analyze.py run eager, so that the file takes a
-few minutes on one H100 (3 min 35 s on 2026-11-28, most of it compilation). Teacher and fine-tuned model
-are ViT-B/16 in DeiT's file layout; the MD student is ViT-S/16 (its blocks have the shapes of
+few minutes on one GPU (4 min 26 s on an H200 on 2026-11-30, most of it compilation). Teacher and
+fine-tuned model are ViT-B/16 in DeiT's file layout; the MD student is ViT-S/16 (its blocks have the shapes of
 the first test's, so inductor's on-disk cache may already hold their kernels).
 """
 import json
