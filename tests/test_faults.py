@@ -128,6 +128,22 @@ def test_ddp_resume_matches_uninterrupted_ddp(tiny_data, tiny_teacher, tmp_path,
     assert a["best_val_loss"] == last_val_loss(tmp_path / "b" / "log.jsonl")
 
 
+def test_ddp_bn_running_mean_is_the_mean_of_the_global_batch(tiny_data, tiny_teacher, tmp_path):
+    """'bn' whitening under DDP: the running mean is linear in the batch means (m <- 0.9 m + 0.1 mean),
+    so the ranks' average after each step equals what one process reading the whole batch of 16 at
+    once keeps (the teacher is frozen: its features do not depend on the student). A sum over the
+    ranks instead of their mean would double it."""
+    args = MD + [f"--teacher={tiny_teacher}", "--eval_interval=100", "--whitening=bn", "--stop_iter=3"]
+    one = run(args, tiny_data, ["--micro_batch_size=16", f"--out_dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}")
+    two = run(args, tiny_data, [f"--out_dir={tmp_path / 'two'}"], launcher)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = weights_at(tmp_path / "one" / "ckpt.pt"), weights_at(tmp_path / "two" / "ckpt.pt")
+    assert a["whitening"]["running_mean"].abs().max() > 0
+    assert torch.allclose(a["whitening"]["running_mean"], b["whitening"]["running_mean"], rtol=1e-4, atol=1e-6)
+
+
 def test_ddp_tokenizer_counts_every_rank_codes(tiny_data, tiny_teacher, tmp_path):
     """train_vqkd.py under torchrun --nproc_per_node=2: the code assignments it logs (codebook usage,
     collapse) and saves are those of all ranks: 2 steps of 16 images of 64 patches = 2048, also when the
