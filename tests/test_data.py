@@ -531,3 +531,79 @@ def test_imagenette_bad_options_are_one_line_before_any_download(tmp_path, tiny_
         assert r.stderr.startswith("error:") and expected in r.stderr, r.stderr
     assert sorted(os.listdir(tmp_path)) == ["imagenette2-320.tgz", "mine", "rootfile"]
     assert root_file.read_text() == "not a folder" and os.listdir(tmp_path / "mine") == ["notes.txt"]
+
+
+def test_each_epoch_draws_new_augmentations_and_masks(tmp_path):
+    """Per-sample randomness is keyed by (seed, epoch, index): the same index in epoch 0 and
+    epoch 1 gets another crop and another mask, and the same (index, epoch) asked twice gets
+    the identical sample; a plain index is epoch 0, and the sampler hands the epoch over."""
+    rng = np.random.default_rng(4)
+    (tmp_path / "a").mkdir()
+    for i in range(3):
+        pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "a" / f"{i}.png")
+    ds = ImageFolder(str(tmp_path), TrainTransform(16, 0.2), MaskGenerator("block", 8, 0.4), seed=3)
+    for index in range(3):
+        image0, _, mask0 = ds[(index, 0)]
+        image1, _, mask1 = ds[(index, 1)]
+        assert not torch.equal(image0, image1) and not torch.equal(mask0, mask1)
+        again0, _, again_mask0 = ds[index]  # a plain index is epoch 0
+        assert torch.equal(image0, again0) and torch.equal(mask0, again_mask0)
+        again1, _, again_mask1 = ds[(index, 1)]
+        assert torch.equal(image1, again1) and torch.equal(mask1, again_mask1)
+    sampler = EpochSampler(3, shuffle=False)
+    sampler.set_epoch(1)
+    assert list(sampler) == [(0, 1), (1, 1), (2, 1)]
+
+
+def test_block_masks_reach_the_last_row_and_column_as_often_as_the_first():
+    """BEiT's block masking places each block uniformly among all positions where it fits, so
+    it is mirror-symmetric: the last row (column) is masked as often as the first, within
+    sampling error (2000 masks of 14 x 14: a row's frequency ~0.15 has a standard error
+    below 0.01; the tolerance 0.04 is several of them), and every row and column is masked
+    sometimes."""
+    rng = np.random.default_rng(5)
+    freq = np.mean([block_mask(14, 14, BEIT_RATIO, rng) for _ in range(2000)], axis=0)
+    rows, cols = freq.mean(axis=1), freq.mean(axis=0)
+    assert abs(rows[-1] - rows[0]) < 0.04 and abs(cols[-1] - cols[0]) < 0.04
+    assert np.abs(rows - rows[::-1]).max() < 0.04 and np.abs(cols - cols[::-1]).max() < 0.04
+    assert rows.min() > 0.05 and cols.min() > 0.05
+
+
+def test_flip_probability_zero_never_flips_and_one_always_flips():
+    """min crop scale 1 on a square image: the crop is the whole image, so without jitter the
+    output is the input itself (flip=0) or PIL's own left-right mirror of it (flip=1), for every
+    seed; the input is asymmetric, so the two differ"""
+    pixels = np.random.default_rng(6).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    img = Image.fromarray(pixels)
+    plain = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255
+    mirrored = torch.from_numpy(np.asarray(img.transpose(Image.FLIP_LEFT_RIGHT)).copy())
+    mirrored = mirrored.permute(2, 0, 1).float() / 255
+    assert not torch.equal(plain, mirrored)
+    for seed in range(20):
+        never = TrainTransform(16, min_scale=1.0, flip=0.0, jitter=0.0)
+        always = TrainTransform(16, min_scale=1.0, flip=1.0, jitter=0.0)
+        assert torch.allclose(never(img, np.random.default_rng(seed)), plain, atol=1e-6)
+        assert torch.allclose(always(img, np.random.default_rng(seed)), mirrored, atol=1e-6)
+
+
+def test_train_transform_crops_at_least_its_min_scale(monkeypatch):
+    """TrainTransform(min_scale=0.9) crops boxes of area fraction ~U(0.9, 1): every box it
+    asks for (observed by wrapping random_resized_crop_box) covers >= 0.9 of the image, up to
+    the rounding of its sides to whole pixels (100 x 100 image: under 2%); a box that does not
+    fit falls back to the whole (square) image"""
+    import data
+    boxes = []
+
+    def recording(*args, **kwargs):
+        boxes.append(random_resized_crop_box(*args, **kwargs))
+        return boxes[-1]
+
+    monkeypatch.setattr(data, "random_resized_crop_box", recording)
+    img = Image.fromarray(np.zeros((100, 100, 3), dtype=np.uint8))
+    tf = TrainTransform(8, min_scale=0.9, jitter=0.0)
+    for seed in range(200):
+        tf(img, np.random.default_rng(seed))
+    assert len(boxes) == 200
+    fractions = [(r - l) * (b - t) / 10000 for l, t, r, b in boxes]
+    assert min(fractions) >= 0.9 * 0.98 and max(fractions) <= 1.0

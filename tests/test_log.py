@@ -411,3 +411,56 @@ def test_curves_without_matplotlib_writes_the_json_and_says_so(tmp_path):
     assert not (tmp_path / "an" / "curves.png").exists()
     written = json.load(open(tmp_path / "an" / "curves.json"))
     assert written["models"]["ft"]["val_top1"] == series(ft, "val_top1")
+
+
+def test_cosine_lr_is_linear_warmup_then_cosine_over_the_remaining_iterations():
+    """Written out here: warmup lr (it + 1) / w for it < w (the convention the warning test above
+    relies on: the last warmup step reaches lr), then with k = it - w iterations after warmup,
+    min_lr + 0.5 (lr - min_lr) (1 + cos(pi k / (M - w))), so the cosine starts at lr right after
+    warmup and ends at min_lr at M, and stays there after"""
+    M, w, lr, min_lr = 100, 10, 1e-3, 1e-5
+    for it in range(w):
+        assert cosine_lr(it, M, w, lr, min_lr) == pytest.approx(lr * (it + 1) / w, rel=1e-12)
+    for k in (0, 1, 15, 30, 45, 60, 89, 90):
+        expected = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * k / (M - w)))
+        assert cosine_lr(w + k, M, w, lr, min_lr) == pytest.approx(expected, rel=1e-12)
+    assert cosine_lr(w, M, w, lr, min_lr) == pytest.approx(lr, rel=1e-12)
+    assert cosine_lr(w + 45, M, w, lr, min_lr) == pytest.approx((lr + min_lr) / 2, rel=1e-12)
+    assert cosine_lr(M + 5, M, w, lr, min_lr) == pytest.approx(min_lr, rel=1e-12)
+
+
+class ListLoader:
+    """A DataLoader's contract for micro_batches: batch_size, and batches of the sampler's
+    items read when iterated (so after set_epoch), the last partial batch dropped"""
+
+    def __init__(self, sampler, batch_size):
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def __iter__(self):
+        items = list(self.sampler)
+        for j in range(0, len(items) - self.batch_size + 1, self.batch_size):
+            yield tuple(items[j:j + self.batch_size])
+
+
+def test_micro_batches_are_each_epochs_first_iterations_in_order_and_resume_exactly():
+    """14 samples in order, micro-batches of 2: 7 per epoch, of which 3 iterations x 2
+    accumulation steps = 6 are used (the 7th, a partial iteration, never). The stream over epochs
+    is epoch 0's 6 micro-batches, then epoch 1's, ...; resuming at iteration 1 (or 4: epoch 1,
+    step 1) gives the same stream less its first 2 (or 8) micro-batches."""
+    from itertools import islice
+
+    from common import micro_batches
+    from data import EpochSampler
+
+    def expected(epoch):
+        return [((2 * j, epoch), (2 * j + 1, epoch)) for j in range(6)]
+
+    stream = expected(0) + expected(1) + expected(2) + expected(3)
+
+    def run(start_iter, n):
+        sampler = EpochSampler(14, shuffle=False)
+        return list(islice(micro_batches(ListLoader(sampler, 2), sampler, start_iter, 2, 3), n))
+
+    assert run(0, 18) == stream[:18]
+    assert run(1, 16) == stream[2:18]
+    assert run(4, 10) == stream[8:18]

@@ -262,3 +262,48 @@ def test_adapt_state_dict_copies_shared_table_to_every_layer():
         assert torch.equal(block.attn.rel_pos.relative_position_bias_table, shared_table)
     x = torch.rand(2, 3, 32, 32)
     assert torch.allclose(dst.eval().forward_features(x), src.eval().forward_features(x), atol=1e-5)
+
+
+def test_drop_path_drops_a_fraction_p_of_the_samples():
+    """DropPath(0.1) in training: each sample is zeroed with probability p = 0.1 (an asymmetric
+    p, unlike 0.5), so over 40000 samples the zeroed fraction is 0.1 within 5 standard errors
+    (sqrt(0.1 * 0.9 / 40000) = 0.0015); kept samples are x / (1 - p) = 1 / 0.9 exactly (up to
+    float32), and the mean stays 1"""
+    from model import DropPath
+    drop = DropPath(0.1).train()
+    x = torch.ones(40000, 1, 1)
+    torch.manual_seed(0)
+    y = drop(x).flatten()
+    zeroed = (y == 0).float().mean().item()
+    assert abs(zeroed - 0.1) < 5 * math.sqrt(0.1 * 0.9 / 40000)
+    kept = y[y != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / 0.9), rtol=1e-6, atol=0)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)
+
+
+def test_md_student_does_not_see_its_masked_patches():
+    """MD: the student sees the masked image, i.e. each masked patch's embedding is replaced by
+    the mask token before any block. So its whole output is unchanged when only the pixels of
+    masked patches change, and changes when the pixels of an unmasked patch change."""
+    from model import MDStudent
+    cfg = beit_student()
+    torch.manual_seed(0)
+    md = MDStudent(randomize(ViT(cfg)), DecoderHead("linear", cfg.embed_dim, 5)).eval()
+    x = torch.rand(2, 3, 32, 32)
+    masks = torch.zeros(2, 64, dtype=torch.bool)
+    masks[:, [0, 9, 27, 63]] = True  # patch n is rows 4 (n // 8) .. +4, columns 4 (n % 8) .. +4
+
+    def repaint(images, patch):
+        images = images.clone()
+        r, c = divmod(patch, 8)
+        images[:, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = torch.rand(2, 3, 4, 4)
+        return images
+
+    with torch.no_grad():
+        out = md(x, masks)
+        assert out.shape == (2, 64, 5)
+        hidden = x
+        for patch in (0, 9, 27, 63):
+            hidden = repaint(hidden, patch)
+        assert torch.allclose(md(hidden, masks), out, atol=1e-6)
+        assert (md(repaint(x, 10), masks) - out).abs().max() > 1e-3
