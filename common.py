@@ -309,8 +309,8 @@ def warmup_warning(warmup_epochs, epochs, warmup_iters, max_iters):
 
 
 def cosine_lr(it, max_iters, warmup_iters, lr, min_lr):
-    """linear warmup, lr (it + 1) / warmup_iters (step 0 at lr / warmup_iters, the last warmup step at lr:
-    nanoGPT's; BEiT's linspace starts at 0), then cosine from lr to min_lr at max_iters"""
+    """linear warmup, lr (it + 1) / warmup_iters (step 0 at lr / warmup_iters, the last warmup step at lr;
+    BEiT's linspace starts at 0), then cosine from lr to min_lr at max_iters"""
     if it < warmup_iters:
         return lr * (it + 1) / warmup_iters
     progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
