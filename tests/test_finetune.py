@@ -476,3 +476,98 @@ def test_summary_keeps_runs_of_other_recipes_apart(tmp_path):
     assert named == {str(tmp_path / "long"): "scratch (epochs=30)",
                      str(tmp_path / "long_seed1"): "scratch (epochs=30)",
                      str(tmp_path / "short"): "scratch (epochs=10)"}
+
+
+def test_layer_decay_scales_each_groups_lr_by_its_depth(tiny_data, tiny_teacher, tmp_path):
+    """After one step with --layer_decay=0.5 the saved AdamW groups hold the lr of iteration 0
+    (warmup of 1 epoch = 144 / 16 = 9 iterations: lr * 1 / 9) times 0.5 ** (depth + 1 - id),
+    with BEiT's layer ids worked out here from the parameter names: patch embedding, CLS and
+    positions 0, block i -> i + 1, the rest (fc_norm, head) depth + 1. The groups are matched to
+    names through ViT.param_groups' order, checked against the shapes of AdamW's saved moments."""
+    from model import ViT, ViTConfig
+    lr = 1e-2
+    args = [f"--init={tiny_teacher}", "--layer_decay=0.5", f"--lr={lr}", "--stop_iter=1",
+            f"--out_dir={tmp_path}"]
+    result = run_ft(args, tiny_data)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = load(tmp_path / "ckpt.pt")
+    vit = ViT(ViTConfig.from_dict(ckpt["model_args"]))
+    vit.patch_embed.requires_grad_(False)  # --freeze_patch_embed=True: not in the optimizer
+    depth = vit.config.depth
+    shapes = {n: p.shape for n, p in vit.named_parameters()}
+
+    def layer_id(name):
+        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return depth + 1
+
+    lr_now = lr * 1 / 9  # warmup: lr * (it + 1) / warmup_iters at it = 0
+    saved, state = ckpt["optimizer"]["param_groups"], ckpt["optimizer"]["state"]
+    groups = vit.param_groups(0.05, 0.5)
+    assert len(saved) == len(groups)
+    seen = set()
+    for group, names in zip(saved, (g["names"] for g in groups)):
+        assert len(group["params"]) == len(names)
+        for i, name in zip(group["params"], names):
+            assert state[i]["exp_avg"].shape == shapes[name], name
+        ids = {layer_id(name) for name in names}
+        assert len(ids) == 1, names
+        lid = ids.pop()
+        seen.add(lid)
+        assert group["lr"] == pytest.approx(lr_now * 0.5 ** (depth + 1 - lid), rel=1e-9), names
+    assert seen == set(range(depth + 2))
+
+
+def test_accumulation_gives_the_gradient_of_the_whole_step(tiny_data, tiny_teacher, tmp_path):
+    """Micro-batches of 8 with 2 accumulation steps against one micro-batch of 16: the same 16
+    images per step (the order and every augmentation draw depend on the seed and the image, not
+    the micro-batch size), so the same mean loss, whose gradient norm each step logs (before
+    clipping). Summing the two halves' losses without dividing by 2 would double it; AdamW's
+    update, invariant to a constant gradient scale, would hide that in the weights."""
+    records = {}
+    for micro in (8, 16):
+        out = tmp_path / str(micro)
+        args = [f"--init={tiny_teacher}", "--lr=1e-2", "--stop_iter=2",
+                f"--micro_batch_size={micro}", f"--out_dir={out}"]
+        result = run_ft(args, tiny_data)
+        assert result.returncode == 0, result.stderr[-2000:]
+        records[micro] = [r for r in map(json.loads, open(out / "log.jsonl")) if "grad_norm" in r]
+        records[micro].append(load(out / "ckpt.pt")["model"])
+    *accumulated, tuned_accumulated = records[8]
+    *whole, tuned_whole = records[16]
+    assert len(accumulated) == len(whole) == 2
+    for a, b in zip(accumulated, whole):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    for k, v in tuned_whole.items():
+        assert torch.allclose(tuned_accumulated[k], v, rtol=0, atol=1e-4), k
+
+
+def test_top1_counts_the_images_of_a_short_last_batch(tiny_data, tiny_teacher, tmp_path):
+    """result.json's top-1 and top-5 against the saved model's, computed here over the 48 val
+    images (EvalTransform, argmax / top 5 of the logits): with batches of 32 the last holds 16
+    images, which must count as 16, not 32."""
+    from data import EvalTransform, ImageFolder
+    from model import ViT, ViTConfig
+    args = [f"--init={tiny_teacher}", "--lr=1e-2", "--stop_iter=1", "--total_batch_size=32",
+            "--micro_batch_size=32", f"--out_dir={tmp_path}"]
+    result = run_ft(args, tiny_data)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = load(tmp_path / "ckpt.pt")
+    reported = json.load(open(tmp_path / "result.json"))
+    vit = ViT(ViTConfig.from_dict(ckpt["model_args"]))
+    vit.load_state_dict(ckpt["model"])
+    vit.eval()
+    val_set = ImageFolder(os.path.join(tiny_data, "val"), EvalTransform(32, 0.875))
+    items = [val_set[i] for i in range(len(val_set))]
+    assert len(items) == 48
+    images = torch.stack([item[0] for item in items])
+    labels = torch.tensor([item[1] for item in items])
+    with torch.no_grad():
+        logits = vit(images)
+    top1 = (logits.argmax(-1) == labels).sum().item()
+    top5 = (logits.topk(5, -1).indices == labels[:, None]).any(-1).sum().item()
+    assert top1 > 0 and top5 > 0
+    assert reported["top1"] == pytest.approx(100 * top1 / 48, abs=1e-6)
+    assert reported["top5"] == pytest.approx(100 * top5 / 48, abs=1e-6)

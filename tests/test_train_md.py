@@ -1,4 +1,5 @@
 """MD pretraining: the loss, one step, exact resume, DDP, and the command line."""
+import json
 import math
 import os
 import shutil
@@ -508,3 +509,75 @@ def test_a_config_file_may_import_what_it_computes_with(tmp_path):
     path.write_text("import math\nlr_typo = math.pi\n")
     with pytest.raises(SystemExit, match="unknown option 'lr_typo' in"):
         apply_overrides(config, [str(path)])
+
+
+def test_val_loss_is_recomputed_from_the_checkpoint_and_an_independent_teacher(
+        tiny_data, tiny_teacher, tmp_path):
+    """The logged val loss against the same quantity computed here by hand: the teacher ViT
+    loaded from its file (final norm, CLS token 0 dropped, patch j's target is token j + 1),
+    LayerNorm without affine, the saved student + linear head on the eval subset's images and
+    masks, smooth L1 (beta 2) averaged over the masked patches of each batch, batches weighted
+    by their images. A target shifted by one token (CLS as patch 0's) changes the loss."""
+    from data import EvalTransform, ImageFolder, make_loader
+    from data.masks import BEIT_RATIO, MaskGenerator
+    args = [f"--out_dir={tmp_path}", "--stop_iter=1", "--lr=1e-2"]
+    result = run_md(args, tiny_data, tiny_teacher)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = load(tmp_path / "ckpt.pt")
+    records = map(json.loads, open(tmp_path / "log.jsonl"))
+    logged = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(logged) == 1
+    saved = load(tiny_teacher)
+    teacher = ViT(ViTConfig.from_dict(saved["model_args"]))
+    teacher.load_state_dict(saved["model"])
+    cfg = ViTConfig.from_dict(ckpt["model_args"])
+    student = ViT(cfg)
+    student.load_state_dict(ckpt["model"])
+    head = DecoderHead("linear", cfg.embed_dim, teacher.config.embed_dim, cfg.num_patches + 1)
+    head.load_state_dict(ckpt["decoder"])
+    md_student = MDStudent(student, head).eval()
+    teacher.eval()
+    val_set = ImageFolder(os.path.join(tiny_data, "val"), EvalTransform(32),
+                          MaskGenerator("block", cfg.grid, BEIT_RATIO), 1)  # the script's seed + 1
+    loader, _ = make_loader(val_set, 8, False, seed=0, num_workers=0, num_samples=24)
+    total = images_read = 0.0
+    with torch.no_grad():
+        for images, _, masks, _ in loader:
+            tokens = teacher.forward_features(images)  # (B, 1 + N, D): CLS first
+            targets = torch.nn.functional.layer_norm(tokens[:, 1:], tokens.shape[-1:], eps=1e-6)
+            d = (md_student(images, masks) - targets).abs()
+            per_patch = torch.where(d < 2.0, 0.5 * d ** 2 / 2.0, d - 1.0).mean(-1)  # (B, N)
+            batch_loss = per_patch[masks].mean()
+            total += batch_loss.item() * len(images)
+            images_read += len(images)
+    assert images_read == 24
+    assert logged[0] == pytest.approx(total / images_read, rel=1e-6)
+    assert ckpt["best_val_loss"] == pytest.approx(total / images_read, rel=1e-6)
+
+
+def test_a_tiny_grad_clip_leaves_only_weight_decay(tiny_data, tiny_teacher, tmp_path):
+    """--grad_clip=1e-14 scales the gradients far below AdamW's eps (1e-8): the first step's
+    update lr * g / (|g| + eps) is below 1e-7, so each weight moves by decoupled weight decay
+    alone, to w * (1 - lr * wd) for matrices and w for the no-decay tensors (biases, norms,
+    tokens, absolute position tables); without clipping most weights would move by about lr.
+    The initial weights come from the same run at --lr=0 (no step, no decay)."""
+    lr, wd = 0.1, 0.05
+    common = ["--stop_iter=1", "--warmup_epochs=0", f"--weight_decay={wd}", "--grad_clip=1e-14"]
+    start = run_md([*common, f"--out_dir={tmp_path / 'start'}", "--lr=0"], tiny_data, tiny_teacher)
+    assert start.returncode == 0, start.stderr[-2000:]
+    args = [*common, f"--out_dir={tmp_path / 'step'}", f"--lr={lr}"]
+    step = run_md(args, tiny_data, tiny_teacher)
+    assert step.returncode == 0, step.stderr[-2000:]
+    a, b = load(tmp_path / "start" / "ckpt.pt"), load(tmp_path / "step" / "ckpt.pt")
+    no_decay_names = ("cls_token", "mask_token", "pos_embed", "decoder_pos")
+    checked = decayed = 0
+    for part in ("model", "decoder"):
+        for k, w0 in a[part].items():
+            if not w0.is_floating_point() or "relative_position_index" in k:
+                continue
+            decays = w0.ndim >= 2 and k.split(".")[-1] not in no_decay_names
+            expected = w0 * (1 - lr * wd) if decays else w0
+            assert torch.allclose(b[part][k], expected, rtol=0, atol=1e-6), k
+            checked += 1
+            decayed += decays
+    assert checked > 10 and decayed > 5
