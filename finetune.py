@@ -185,8 +185,10 @@ def recipe_labels(inits, recipes):
 
 
 def print_summary(root):
-    """lr and freeze_blocks -> top-1 of every run under root (each run's result.json)."""
-    runs, recipes = [], []
+    """lr and freeze_blocks -> top-1 of every run under root (each run's result.json): the last
+    evaluation's top-1 and top-5 (the figure's), and the best top-1 over the run's evaluations (BEiT and
+    FD log it as "max accuracy"; '-' in a result.json without it)."""
+    runs, recipes, best = [], [], {}
     for path in sorted(glob.glob(os.path.join(glob.escape(root), "**", "result.json"),
                                  recursive=True)):
         try:
@@ -200,6 +202,7 @@ def print_summary(root):
                   file=sys.stderr)
             continue
         runs.append((*scores, os.path.dirname(path) + early, bool(early)))
+        best[runs[-1][-2]] = r.get("best_top1")
         recipes.append({k: v for k, v in settings.items() if k not in NOT_RECIPE})
     if not runs:
         raise SystemExit(f"error: no result.json found under '{root}'")
@@ -207,9 +210,10 @@ def print_summary(root):
     runs = [(label, *run[1:]) for label, run in zip(labels, runs)]
     # whole init paths and recipes: two runs stay apart
     width = max(len("init"), *(len(r[0]) for r in runs))
-    print(f"{'init':<{width}} {'frozen':>6} {'lr':>9} {'top-1':>7} {'top-5':>7}  run")
+    print(f"{'init':<{width}} {'frozen':>6} {'lr':>9} {'top-1':>7} {'top-5':>7} {'best':>7}  run")
     for init_, frozen, lr_, top1, top5, run, _ in sorted(runs):
-        print(f"{init_:<{width}} {frozen:>6} {lr_:>9.2e} {top1:>7.2f} {top5:>7.2f}  {run}")
+        best_top1 = f"{best[run]:>7.2f}" if isinstance(best[run], (int, float)) else f"{'-':>7}"
+        print(f"{init_:<{width}} {frozen:>6} {lr_:>9.2e} {top1:>7.2f} {top5:>7.2f} {best_top1}  {run}")
     plt = pyplot()
     if plt is None:
         print("(pip install matplotlib for the figure)")

@@ -346,6 +346,25 @@ def test_summary_skips_a_result_with_a_value_edited_to_null(tmp_path):
     assert "71.50" in row and row.endswith(str(tmp_path / "good"))
 
 
+def test_summary_lists_the_best_top1_beside_the_last(tmp_path):
+    """--summarize: top-1 and top-5 are the last evaluation's; `best` is result.json's best top-1
+    over the run's evaluations (BEiT's and FD's "max accuracy"), '-' where a result.json has none"""
+    for name, top1, best in (("a", 80.25, 82.5), ("b", 70.0, None)):
+        (tmp_path / name).mkdir()
+        result = dict(top1=top1, top5=95.0, iter_num=10, max_iters=10,
+                      config=dict(init="clip", freeze_blocks=0, lr=1e-4 if name == "a" else 1e-3))
+        if best is not None:
+            result["best_top1"] = best
+        (tmp_path / name / "result.json").write_text(json.dumps(result))
+    summary = subprocess.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert summary.returncode == 0, summary.stderr[-2000:]
+    header, *rows = [line.split() for line in summary.stdout.splitlines()[:3]]
+    assert header == ["init", "frozen", "lr", "top-1", "top-5", "best", "run"]
+    assert rows == [["clip", "0", "1.00e-04", "80.25", "95.00", "82.50", str(tmp_path / "a")],
+                    ["clip", "0", "1.00e-03", "70.00", "95.00", "-", str(tmp_path / "b")]]
+
+
 def test_summary_figure_points():
     """Fig. 8b/8c points of --summarize: runs at the same lr are averaged (each is still drawn as a dot; before,
     a vertical segment joined them), a run stopped early (a smoke test) is left out, an 8c point is
@@ -380,7 +399,7 @@ def test_summary_names_each_init_whole(tmp_path):
     assert summary.returncode == 0, summary.stderr[-2000:]
     rows = summary.stdout.splitlines()[1:3]
     for i, init_ in enumerate(inits):
-        assert rows[i].split() == [init_, "0", "5.00e-05", f"{80 + i}.00", "95.00",
+        assert rows[i].split() == [init_, "0", "5.00e-05", f"{80 + i}.00", "95.00", f"{80 + i}.00",
                                    str(root / f"run{i}")]
 
 
