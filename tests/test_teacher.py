@@ -424,6 +424,24 @@ def test_batch_whitening_standardizes_each_channel_and_tracks_running_statistics
         Whitening("zca", 8)
 
 
+def test_batch_whitening_running_statistics_are_torchs_batch_norm_at_its_default_momentum():
+    """'bn' at momentum 0.1 (0.5 cannot tell m from 1 - m): three training batches and an eval
+    one give what torch.nn.BatchNorm1d(affine=False, eps=1e-6, momentum=0.1) gives on the
+    (images x tokens, channels) rows: outputs and running mean / variance"""
+    g = torch.Generator().manual_seed(4)
+    bn = Whitening("bn", 8)
+    truth = torch.nn.BatchNorm1d(8, eps=1e-6, momentum=0.1, affine=False)
+    scale, shift = torch.linspace(0.5, 5, 8), torch.linspace(-3, 3, 8)
+    for _ in range(3):
+        x = torch.randn(4, 50, 8, generator=g) * scale + shift
+        assert torch.allclose(bn(x), truth(x.reshape(-1, 8)).view(4, 50, 8), atol=1e-5)
+    assert torch.allclose(bn.running_mean, truth.running_mean, atol=1e-6)
+    assert torch.allclose(bn.running_var, truth.running_var, atol=1e-5)
+    bn.eval(), truth.eval()
+    y = torch.randn(2, 3, 8, generator=g)
+    assert torch.allclose(bn(y), truth(y.reshape(-1, 8)).view(2, 3, 8), atol=1e-5)
+
+
 # ---- bad input: one clear line each -------------------------------------------------------
 
 def test_unknown_teacher_name():

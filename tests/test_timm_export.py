@@ -82,6 +82,24 @@ def test_export_loads_into_timm_and_computes_the_same(case, tmp_path):
         assert ours.shape == theirs.shape and max_diff(ours, theirs) <= 1e-5
 
 
+def test_quick_gelu_vit_without_pre_norm_exports_to_timms_quick_gelu(tmp_path):
+    """A QuickGELU ViT without CLIP's pre-norm goes to timm's vision_transformer with
+    act_layer='quick_gelu': timm's own QuickGELU computes our logits and features (exact GELU
+    would not: checked on the same weights)"""
+    cfg = ViTConfig.from_name("nano/4", act="quick_gelu", num_classes=5, global_pool="cls")
+    src, out = str(tmp_path / "ckpt.pt"), str(tmp_path / "out.pth")
+    vit = project_checkpoint(cfg, src, seed=5)
+    arch, kwargs, _ = export_timm(src, out)
+    ref = timm.create_model(arch, pretrained=False, checkpoint_path=out, **kwargs).eval()
+    gelu = timm.create_model(arch, pretrained=False, checkpoint_path=out,
+                             **dict(kwargs, act_layer="gelu")).eval()
+    x = normalized(IMAGES, cfg)
+    with torch.no_grad():
+        assert max_diff(vit.forward_features(IMAGES), ref.forward_features(x)) <= 1e-5
+        assert max_diff(vit(IMAGES), ref(x)) <= 1e-5
+        assert max_diff(vit(IMAGES), gelu(x)) > 1e-4
+
+
 @pytest.mark.parametrize("case", ["md_student", "finetuned_avg", "deit", "clip"])
 def test_round_trip_ours_timm_ours_is_bit_identical(case, tmp_path):
     cfg = ViTConfig.from_name("nano/4", **CASES[case][0])

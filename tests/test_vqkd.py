@@ -293,3 +293,63 @@ def test_tokenizer_then_md_on_codes_from_the_command_line(tiny_data, tiny_teache
     ckpt = torch.load(tmp_path / "md" / "ckpt.pt", weights_only=True)
     assert ckpt["decoder"]["out.weight"].shape[0] == 4096  # logits over the 4096 codes
     assert 0 < ckpt["best_val_loss"] < 2 * math.log(4096)
+
+
+def test_ema_step_keeps_decay_times_the_old_state_at_an_asymmetric_decay():
+    """One EMA step at decay 0.9 against its closed form (decay 0.5 cannot tell d from 1 - d):
+    sum_k = 0.9 old sum_k + 0.1 (sum of the vectors assigned to k), code_k = sum_k / |sum_k|,
+    count_k = 0.9 / K + 0.1 share_k (shares 6, 4, 2, 0 of 12; code 3 gets no vector)"""
+    K, d = 4, 0.9
+    vq = tokenizer(K=K, decay=d, dead_threshold=0.0)
+    g = torch.Generator().manual_seed(1)
+    z = torch.nn.functional.normalize(torch.randn(1, 12, 4, generator=g), dim=-1)
+    codes = torch.tensor([[0] * 6 + [1] * 4 + [2] * 2])
+    old_sum = vq.ema_sum.clone()
+    vq.ema_update(z, codes)
+    for k in range(K):
+        expected = d * old_sum[k] + (1 - d) * z[0, codes[0] == k].sum(0)
+        assert torch.allclose(vq.ema_sum[k], expected, atol=1e-6), k
+        assert torch.allclose(vq.codebook[k], expected / expected.norm(), atol=1e-6), k
+    share = torch.tensor([6, 4, 2, 0]) / 12
+    assert torch.allclose(vq.ema_count, d / K + (1 - d) * share, atol=1e-6)
+
+
+def test_commitment_gradient_reaches_the_encoder_not_the_codebook():
+    """BEiT v2's beta x mse(z, sg(q)): the gradient of the commitment term pulls the encoder's
+    vectors toward their fixed codes. Truth: the encoder's gradient at commitment 3 minus that at
+    commitment 1 is 2 x the gradient of mean((z - q)^2) taken by hand, with q the codebook rows of
+    the largest cosine (a constant)"""
+    vq = tokenizer()
+    vq.eval()  # no EMA update: the codebook stays fixed
+    g = torch.Generator().manual_seed(2)
+    images, targets = torch.rand(2, 3, 32, 32, generator=g), torch.randn(2, 64, 12, generator=g)
+    weight = vq.to_code[2].weight
+
+    def grad_of(loss):
+        vq.zero_grad()
+        loss.backward()
+        return weight.grad.clone()
+
+    difference = grad_of(vq(images, targets, commitment=3.0)[0]) - grad_of(vq(images, targets)[0])
+    z = vq.code_vectors(images)
+    q = vq.codebook[(z.detach() @ vq.codebook.T).argmax(-1)].clone()
+    by_hand = grad_of(((z - q) ** 2).mean())
+    assert by_hand.abs().max() > 1e-4
+    assert torch.allclose(difference, 2 * by_hand, atol=1e-6, rtol=1e-4)
+
+
+def test_reconstruction_loss_is_one_minus_the_mean_cosine_per_patch():
+    """commitment 0: the loss is 1 - the mean over patches of the cosine between a decoded patch
+    and the teacher's patch, over the teacher's channels, computed by hand from dot products and
+    norms (teacher patches of very different norms: the cosine ignores them)"""
+    vq = tokenizer()
+    vq.eval()
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 3, 32, 32, generator=g)
+    norms = torch.rand(2, 64, 1, generator=g) * 10 + 0.1
+    targets = torch.randn(2, 64, 12, generator=g) * norms
+    loss, codes = vq(images, targets, commitment=0.0)
+    with torch.no_grad():
+        rebuilt = vq.decode(vq.codebook[codes])
+    cosine = (rebuilt * targets).sum(-1) / (rebuilt.norm(dim=-1) * targets.norm(dim=-1))
+    assert loss.item() == pytest.approx(1 - cosine.mean().item(), abs=1e-6)
