@@ -223,7 +223,8 @@ class Context:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise SystemExit(f"error: dtype '{dtype}' must be bfloat16, float16 or float32")
         self.dtype = dtype  # float16: the scripts scale the loss (torch.amp.GradScaler)
-        self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16,
+                               "float16": torch.float16}[dtype]
 
     def autocast(self):
         enabled = self.autocast_dtype is not None
@@ -309,8 +310,8 @@ def warmup_warning(warmup_epochs, epochs, warmup_iters, max_iters):
 
 
 def cosine_lr(it, max_iters, warmup_iters, lr, min_lr):
-    """linear warmup, lr (it + 1) / warmup_iters (step 0 at lr / warmup_iters, the last warmup step at lr;
-    BEiT's linspace starts at 0), then cosine from lr to min_lr at max_iters"""
+    """linear warmup, lr (it + 1) / warmup_iters (step 0 at lr / warmup_iters, the last warmup
+    step at lr; BEiT's linspace starts at 0), then cosine from lr to min_lr at max_iters"""
     if it < warmup_iters:
         return lr * (it + 1) / warmup_iters
     progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
@@ -361,7 +362,8 @@ def stop_if_nonfinite(record, ckpt_path, scaler):
         kept = kept_checkpoint(ckpt_path)
         raise SystemExit(f"error: iteration {int(iteration)}: {name} is {value}; stopping, {kept}")
     if scaler.is_enabled() and scaler.get_scale() < 1:
-        raise SystemExit(f"error: the float16 gradients are not finite even at loss scale {scaler.get_scale():.3g} "
+        raise SystemExit("error: the float16 gradients are not finite "
+                         f"even at loss scale {scaler.get_scale():.3g} "
                          f"(their steps were skipped); stopping, {kept_checkpoint(ckpt_path)}: "
                          f"try --dtype=bfloat16 or float32")
 

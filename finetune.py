@@ -186,8 +186,8 @@ def recipe_labels(inits, recipes):
 
 def print_summary(root):
     """lr and freeze_blocks -> top-1 of every run under root (each run's result.json): the last
-    evaluation's top-1 and top-5 (the figure's), and the best top-1 over the run's evaluations (BEiT and
-    FD log it as "max accuracy"; '-' in a result.json without it)."""
+    evaluation's top-1 and top-5 (the figure's), and the best top-1 over the run's evaluations
+    (BEiT and FD log it as "max accuracy"; '-' in a result.json without it)."""
     runs, recipes, best = [], [], {}
     for path in sorted(glob.glob(os.path.join(glob.escape(root), "**", "result.json"),
                                  recursive=True)):
@@ -213,7 +213,8 @@ def print_summary(root):
     print(f"{'init':<{width}} {'frozen':>6} {'lr':>9} {'top-1':>7} {'top-5':>7} {'best':>7}  run")
     for init_, frozen, lr_, top1, top5, run, _ in sorted(runs):
         best_top1 = f"{best[run]:>7.2f}" if isinstance(best[run], (int, float)) else f"{'-':>7}"
-        print(f"{init_:<{width}} {frozen:>6} {lr_:>9.2e} {top1:>7.2f} {top5:>7.2f} {best_top1}  {run}")
+        print(f"{init_:<{width}} {frozen:>6} {lr_:>9.2e} {top1:>7.2f} {top5:>7.2f} "
+              f"{best_top1}  {run}")
     plt = pyplot()
     if plt is None:
         print("(pip install matplotlib for the figure)")
@@ -325,8 +326,9 @@ def main():
     freeze(vit)
     vit.to(ctx.device)
     optimizer = vit.configure_optimizers(weight_decay, lr, (beta1, beta2), layer_decay if layer_decay < 1 else None)
-    # float16: the loss is scaled up before backward so that small gradients do not round to 0, and a
-    # step whose gradients overflow is skipped with the scale halved; bfloat16, float32: a pass-through
+    # float16: the loss is scaled up before backward so that small gradients do not round to 0,
+    # and a step whose gradients overflow is skipped with the scale halved; bfloat16, float32:
+    # a pass-through
     scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == "float16")
 
     train_loader, train_sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed,
@@ -345,7 +347,8 @@ def main():
 
     iter_num, best_top1 = 0, 0.0
     if resume:
-        scaled = dict(scaler=scaler) if scaler.is_enabled() else {}  # float16: the loss scale goes on
+        # float16: the loss scale goes on
+        scaled = dict(scaler=scaler) if scaler.is_enabled() else {}
         resume_from(ckpt, ckpt_path, optimizer, model=vit, **scaled)
         iter_num, best_top1 = ckpt["iter_num"], ckpt["best_top1"]
         log(ctx, f"resumed from {ckpt_path} at iteration {iter_num}")
@@ -513,7 +516,8 @@ def main():
                              f"fix the train split under {root}{then}")
         scaler.unscale_(optimizer)  # float16: the true gradients before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        if not scaler.is_enabled():  # float16: an overflow skips the step (stop_if_nonfinite watches the scale)
+        # float16: an overflow skips the step (stop_if_nonfinite watches the scale)
+        if not scaler.is_enabled():
             nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
         scaler.step(optimizer)
         scaler.update()

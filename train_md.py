@@ -93,7 +93,7 @@ flip = 0.5                    # horizontal flip probability
 # system
 seed = 0                      # model init, data order, augmentations, masks
 device = "auto"               # auto | cpu | cuda | cuda:1 ...
-dtype = "bfloat16"            # student autocast: bfloat16 | float32 | float16 (loss scaled; V100, T4)
+dtype = "bfloat16"            # student autocast bfloat16 | float32 | float16 (loss scaled; V100/T4)
 compile = True                # torch.compile the student + head, and the teacher's forward
 backend = ""                  # DDP backend; default nccl on GPU, gloo on CPU
 # -----------------------------------------------------------------------------
@@ -225,14 +225,17 @@ def main():
     whitener = Whitening(whitening if target == "features" else "none", out_dim).to(ctx.device)  # codes: none
     decoder_params = [("decoder." + n, p) for n, p in decoder.named_parameters()]
     optimizer = student.configure_optimizers(weight_decay, lr, (beta1, beta2), extra=decoder_params)
-    # float16: the loss is scaled up before backward so that small gradients do not round to 0, and a
-    # step whose gradients overflow is skipped with the scale halved; bfloat16, float32: a pass-through
+    # float16: the loss is scaled up before backward so that small gradients do not round to 0,
+    # and a step whose gradients overflow is skipped with the scale halved; bfloat16, float32:
+    # a pass-through
     scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == "float16")
     iter_num, best_val_loss = 0, float("inf")
     if resume:
         whitened = dict(whitening=whitener) if target == "features" else {}  # codes: no whitening to restore
-        scaled = dict(scaler=scaler) if scaler.is_enabled() else {}  # float16: the loss scale goes on
-        resume_from(ckpt, ckpt_path, optimizer, model=student, decoder=decoder, **whitened, **scaled)
+        # float16: the loss scale goes on
+        scaled = dict(scaler=scaler) if scaler.is_enabled() else {}
+        resume_from(ckpt, ckpt_path, optimizer, model=student, decoder=decoder, **whitened,
+                    **scaled)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         log(ctx, f"resumed from {ckpt_path} at iteration {iter_num}")
         if iter_num >= end_iter:
@@ -282,7 +285,8 @@ def main():
         return dict(model=student.state_dict(), decoder=decoder.state_dict(), whitening=whitener.state_dict(),
                     model_args=cfg.to_dict(), config=config, optimizer=optimizer.state_dict(),
                     scaler=scaler.state_dict(), iter_num=iter_num, best_val_loss=best_val_loss,
-                    target_fingerprint=source_fingerprint, train_split=train_split_summary(train_set))
+                    target_fingerprint=source_fingerprint,
+                    train_split=train_split_summary(train_set))
 
     n_params = sum(p.numel() for p in student.parameters()) / 1e6
     source = f"tokenizer {tokenizer}" if target == "vqkd" else f"teacher {teacher}"
@@ -349,7 +353,8 @@ def main():
                              f"fix the train split under {root}{then}")
         scaler.unscale_(optimizer)  # float16: the true gradients before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        if not scaler.is_enabled():  # float16: an overflow skips the step (stop_if_nonfinite watches the scale)
+        # float16: an overflow skips the step (stop_if_nonfinite watches the scale)
+        if not scaler.is_enabled():
             nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
         scaler.step(optimizer)
         scaler.update()

@@ -137,15 +137,17 @@ def main():
     vq = vq.to(ctx.device)
     other_params = [(n, p) for n, p in vq.named_parameters() if not n.startswith("encoder.")]
     optimizer = vq.encoder.configure_optimizers(weight_decay, lr, (beta1, beta2), extra=other_params)
-    # float16: the loss is scaled up before backward so that small gradients do not round to 0, and a
-    # step whose gradients overflow is skipped with the scale halved; bfloat16, float32: a pass-through
+    # float16: the loss is scaled up before backward so that small gradients do not round to 0,
+    # and a step whose gradients overflow is skipped with the scale halved; bfloat16, float32:
+    # a pass-through
     scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == "float16")
     loader, sampler = make_loader(train_set, micro_batch_size, True, ctx.rank, ctx.world_size, seed, num_workers)
     iters_per_epoch, max_iters, warmup_iters, end_iter = schedule_lengths(
         sampler, micro_batch_size, accum, epochs, warmup_epochs, stop_iter)
     iter_num = 0
     if resume:
-        scaled = dict(scaler=scaler) if scaler.is_enabled() else {}  # float16: the loss scale goes on
+        # float16: the loss scale goes on
+        scaled = dict(scaler=scaler) if scaler.is_enabled() else {}
         resume_from(ckpt, path, optimizer, model=vq, **scaled)
         iter_num = ckpt["iter_num"]
         log(ctx, f"resumed from {path} at iteration {iter_num}")
@@ -237,7 +239,8 @@ def main():
                              f"fix the train split under {data_dir}{then}")
         scaler.unscale_(optimizer)  # float16: the true gradients before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        if not scaler.is_enabled():  # float16: an overflow skips the step (stop_if_nonfinite watches the scale)
+        # float16: an overflow skips the step (stop_if_nonfinite watches the scale)
+        if not scaler.is_enabled():
             nonfinite = record_nonfinite(nonfinite, grad_norm, iter_num, 1)
         scaler.step(optimizer)
         scaler.update()

@@ -9,8 +9,8 @@ CUDA.
 torch.compile is on only where it is the point: the MD step comparison and train_md.py (the
 paper's command runs compiled); finetune.py and analyze.py run eager, so that the file takes a
 few minutes on one GPU (4 min 26 s on an H200 on 2026-11-30, most of it compilation). Teacher and
-fine-tuned model are ViT-B/16 in DeiT's file layout; the MD student is ViT-S/16 (its blocks have the shapes of
-the first test's, so inductor's on-disk cache may already hold their kernels).
+fine-tuned model are ViT-B/16 in DeiT's file layout; the MD student is ViT-S/16 (its blocks have
+the shapes of the first test's, so inductor's on-disk cache may already hold their kernels).
 """
 import json
 import math
@@ -216,20 +216,22 @@ def test_finetune_torchrun_bf16_resumes(image_folder, deit_file, tmp_path):
 
 
 def test_finetune_float16_on_cuda_follows_float32(image_folder, deit_file, tmp_path):
-    """--dtype=float16 on the GPU (fused AdamW with the loss scaler): three fine-tuning steps from the
-    DeiT file move every block's weights in the direction that float32 moves them, cosine
-    above 0.9 for each tensor (on the CPU, nano/4: 0.99999; without the loss scale 0.49), and the log
-    records the loss scale."""
+    """--dtype=float16 on the GPU (fused AdamW with the loss scaler): three fine-tuning steps from
+    the DeiT file move every block's weights in the direction that float32 moves them, cosine
+    above 0.9 for each tensor (on the CPU, nano/4: 0.99999; without the loss scale 0.49), and the
+    log records the loss scale."""
     init = load(deit_file)["model"]
     moved = {}
     for dtype in ("float32", "float16"):
         out = tmp_path / dtype
-        code, log = run([sys.executable, os.path.join(ROOT, "finetune.py"), *common_args(out, image_folder),
-                         "--init=deit", f"--init_path={deit_file}", "--compile=False", f"--dtype={dtype}",
+        code, log = run([sys.executable, os.path.join(ROOT, "finetune.py"),
+                         *common_args(out, image_folder), "--init=deit", f"--init_path={deit_file}",
+                         "--compile=False", f"--dtype={dtype}",
                          "--stop_iter=3", "--log_interval=1"])
         assert code == 0, log[-3000:]
         tuned = load(out / "ckpt.pt")["model"]
-        moved[dtype] = {k: (tuned[k] - init[k]).double().flatten() for k in init if k.startswith("blocks.")}
+        moved[dtype] = {k: (tuned[k] - init[k]).double().flatten()
+                        for k in init if k.startswith("blocks.")}
     cosines = {k: F.cosine_similarity(moved["float16"][k], reference, dim=0).item()
                for k, reference in moved["float32"].items() if reference.norm() > 0}
     worst = min(cosines, key=cosines.get)
@@ -237,7 +239,8 @@ def test_finetune_float16_on_cuda_follows_float32(image_folder, deit_file, tmp_p
           f"mean {sum(cosines.values()) / len(cosines):.5f} over {len(cosines)} tensors")
     assert cosines[worst] > 0.9, f"{worst}: cosine {cosines[worst]:.4f}"
     records = [json.loads(line) for line in open(tmp_path / "float16" / "log.jsonl")]
-    assert all(math.isfinite(r["loss_scale"]) and r["loss_scale"] >= 1 for r in records if "loss" in r)
+    assert all(math.isfinite(r["loss_scale"]) and r["loss_scale"] >= 1
+               for r in records if "loss" in r)
 
 
 def test_analyze_all_on_cuda_matches_cpu(image_folder, deit_file, tmp_path):

@@ -129,19 +129,22 @@ def test_ddp_resume_matches_uninterrupted_ddp(tiny_data, tiny_teacher, tmp_path,
 
 
 def test_ddp_bn_running_mean_is_the_mean_of_the_global_batch(tiny_data, tiny_teacher, tmp_path):
-    """'bn' whitening under DDP: the running mean is linear in the batch means (m <- 0.9 m + 0.1 mean),
-    so the ranks' average after each step equals what one process reading the whole batch of 16 at
-    once keeps (the teacher is frozen: its features do not depend on the student). A sum over the
-    ranks instead of their mean would double it."""
-    args = MD + [f"--teacher={tiny_teacher}", "--eval_interval=100", "--whitening=bn", "--stop_iter=3"]
+    """'bn' whitening under DDP: the running mean is linear in the batch means
+    (m <- 0.9 m + 0.1 mean), so the ranks' average after each step equals what one process reading
+    the whole batch of 16 at once keeps (the teacher is frozen: its features do not depend on the
+    student). A sum over the ranks instead of their mean would double it."""
+    args = MD + [f"--teacher={tiny_teacher}", "--eval_interval=100", "--whitening=bn",
+                 "--stop_iter=3"]
     one = run(args, tiny_data, ["--micro_batch_size=16", f"--out_dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr[-2000:]
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}")
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                f"--master_port={free_port()}")
     two = run(args, tiny_data, [f"--out_dir={tmp_path / 'two'}"], launcher)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = weights_at(tmp_path / "one" / "ckpt.pt"), weights_at(tmp_path / "two" / "ckpt.pt")
     assert a["whitening"]["running_mean"].abs().max() > 0
-    assert torch.allclose(a["whitening"]["running_mean"], b["whitening"]["running_mean"], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(a["whitening"]["running_mean"], b["whitening"]["running_mean"],
+                          rtol=1e-4, atol=1e-6)
 
 
 def test_ddp_tokenizer_counts_every_rank_codes(tiny_data, tiny_teacher, tmp_path):
@@ -287,19 +290,22 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_data, t
 
 
 def test_float16_gradients_that_overflow_at_every_scale_stop_with_one_line(tmp_path):
-    """float16 skips a step whose gradients overflow and halves the loss scale: at a scale below 1 the
-    gradients are not finite unscaled either (17 skips in a row from 2^16), and the run stops like a
-    non-finite step. (A unit test of the rule and its message: no real run overflows 17 times.)"""
+    """float16 skips a step whose gradients overflow and halves the loss scale: at a scale below 1
+    the gradients are not finite unscaled either (17 skips in a row from 2^16), and the run stops
+    like a non-finite step. (A unit test of the rule and its message: no real run overflows
+    17 times.)"""
     from common import stop_if_nonfinite
     nothing = torch.full((3,), -1.0, dtype=torch.float64)  # no non-finite loss recorded
     scaler = torch.amp.GradScaler("cpu")
     stop_if_nonfinite(nothing, str(tmp_path / "ckpt.pt"), scaler)  # 2^16: goes on
     state = scaler.state_dict()
     scaler.load_state_dict(state | dict(scale=2.0 ** -1))
-    with pytest.raises(SystemExit, match=r"^error: the float16 gradients are not finite even at loss scale 0\.5 "
-                                         r"\(their steps were skipped\); stopping, no checkpoint was saved before"):
+    with pytest.raises(SystemExit, match=r"^error: the float16 gradients are not finite even at "
+                                         r"loss scale 0\.5 \(their steps were skipped\); stopping, "
+                                         r"no checkpoint was saved before"):
         stop_if_nonfinite(nothing, str(tmp_path / "ckpt.pt"), scaler)
-    stop_if_nonfinite(nothing, str(tmp_path / "ckpt.pt"), torch.amp.GradScaler("cpu", enabled=False))
+    stop_if_nonfinite(nothing, str(tmp_path / "ckpt.pt"),
+                      torch.amp.GradScaler("cpu", enabled=False))
 
 
 def test_nan_loss_in_float16_stops_with_one_line(tiny_data, tiny_teacher, tmp_path):
@@ -307,7 +313,8 @@ def test_nan_loss_in_float16_stops_with_one_line(tiny_data, tiny_teacher, tmp_pa
     overflows float16, and its loss stops the run (a loss scale cannot help a forward)"""
     out = tmp_path / "run"
     bad = run(MD + [f"--teacher={tiny_teacher}"], tiny_data,
-              ["--stop_iter=30", f"--out_dir={out}", "--lr=1e6", "--warmup_epochs=0", "--dtype=float16"])
+              ["--stop_iter=30", f"--out_dir={out}", "--lr=1e6", "--warmup_epochs=0",
+               "--dtype=float16"])
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     last = bad.stderr.strip().splitlines()[-1]
     assert re.match(r"error: iteration \d+: loss is (nan|inf|-inf); stopping, ", last), last

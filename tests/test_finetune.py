@@ -137,9 +137,10 @@ def test_random_erasing_pixel_mode():
 
 
 def test_random_erasing_count_is_uniform_from_one_to_count():
-    """timm's RandomErasing draws the number of rectangles with random.randint(min_count, max_count):
-    uniform over 1..count, both ends included. With count 3 each of 1, 2, 3 comes a third of the time
-    (600 draws: 5 standard errors are 0.1); each rectangle is one fill of noise, counted here."""
+    """timm's RandomErasing draws the number of rectangles with
+    random.randint(min_count, max_count): uniform over 1..count, both ends included. With count 3
+    each of 1, 2, 3 comes a third of the time (600 draws: 5 standard errors are 0.1); each rectangle
+    is one fill of noise, counted here."""
     class CountingRng:  # numpy's generator, counting the noise fills
         def __init__(self, seed):
             self.rng, self.fills = np.random.default_rng(seed), 0
@@ -283,20 +284,21 @@ def test_linear_probe_trains_only_the_head(tiny_data, tiny_teacher, tmp_path, sh
 
 
 def test_float16_scales_the_loss_and_follows_float32(tiny_data, tiny_teacher, tmp_path):
-    """--dtype=float16 (GPUs without bfloat16: V100, T4) with loss scaling: three fine-tuning steps move
-    every block's weights in the direction float32 moves them (cosine 0.99999 measured; bfloat16
-    0.9997). Without the loss scale, the gradients reaching the blocks through the head (initialized
-    at 0.001x) round to 0 in float16 and AdamW moves them by weight decay alone: cosine 0.49 for the
-    worst tensor, 0.81 on average (measured with the scaler turned off)."""
+    """--dtype=float16 (GPUs without bfloat16: V100, T4) with loss scaling: three fine-tuning steps
+    move every block's weights in the direction float32 moves them (cosine 0.99999 measured;
+    bfloat16 0.9997). Without the loss scale, the gradients reaching the blocks through the head
+    (initialized at 0.001x) round to 0 in float16 and AdamW moves them by weight decay alone: cosine
+    0.49 for the worst tensor, 0.81 on average (measured with the scaler turned off)."""
     init = load(tiny_teacher)["model"]
     moved = {}
     for dtype in ("float32", "float16"):
         out = tmp_path / dtype
-        result = run_ft([f"--init={tiny_teacher}", "--stop_iter=3", f"--out_dir={out}", f"--dtype={dtype}"],
-                        tiny_data)
+        result = run_ft([f"--init={tiny_teacher}", "--stop_iter=3", f"--out_dir={out}",
+                         f"--dtype={dtype}"], tiny_data)
         assert result.returncode == 0, result.stderr[-2000:]
         tuned = load(out / "ckpt.pt")["model"]
-        moved[dtype] = {k: (tuned[k] - init[k]).double().flatten() for k in init if k.startswith("blocks.")}
+        moved[dtype] = {k: (tuned[k] - init[k]).double().flatten()
+                        for k in init if k.startswith("blocks.")}
     for k, reference in moved["float32"].items():
         cosine = F.cosine_similarity(moved["float16"][k], reference, dim=0).item()
         assert cosine > 0.99, f"{k}: cosine {cosine:.4f}"
@@ -310,7 +312,8 @@ def test_float16_loss_scale_is_saved_and_resumed(tiny_data, tiny_teacher, tmp_pa
     args = [f"--init={tiny_teacher}", "--dtype=float16"]
     run_ft([*args, "--stop_iter=2", f"--out_dir={tmp_path / 'a'}"], tiny_data).check_returncode()
     assert load(tmp_path / "a" / "ckpt.pt")["scaler"]["_growth_tracker"] == 2
-    resumed = run_ft([*args, "--stop_iter=4", f"--out_dir={tmp_path / 'a'}", "--resume=True"], tiny_data)
+    resumed = run_ft([*args, "--stop_iter=4", f"--out_dir={tmp_path / 'a'}", "--resume=True"],
+                     tiny_data)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     ckpt = load(tmp_path / "a" / "ckpt.pt")
     assert ckpt["iter_num"] == 4 and ckpt["scaler"]["_growth_tracker"] == 4
