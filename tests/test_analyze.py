@@ -722,3 +722,18 @@ def test_an_option_with_a_tilde_is_under_home(tmp_path, monkeypatch):
     opts, models = parse_args(["--metric=svd", "--out=~/analysis", "--data", "~/data", "m.pt"])
     assert (opts["out"], opts["data"], models) == (str(tmp_path / "analysis"),
                                                    str(tmp_path / "data"), ["m.pt"])
+
+
+def test_fourier_summary_takes_the_highest_frequency_after_each_block():
+    """summarize('fourier') on hand-made stats: a 32 px, patch 4 model (grid 8: K = 4 diagonal
+    frequencies, 0 to 3/8 cycles per patch = 0 to 0.75 pi), depth 2; point p's spectrum is
+    [0, -1, -2, -10 - p]. The headline per block is the last entry (the highest frequency) of
+    the spectrum after block l (point 2 l): -12 and -14; the embedding's is -10"""
+    from analyze import summarize
+    from model import ViTConfig
+    cfg = ViTConfig(img_size=32, patch_size=4, embed_dim=8, depth=2, num_heads=2)
+    stats = {("fourier", p): torch.tensor([0.0, -1.0, -2.0, -10.0 - p]) for p in range(5)}
+    s = summarize("fourier", stats, cfg)
+    assert s["per_layer"] == [-12.0, -14.0] and s["embedding"] == -10.0
+    assert s["frequencies_pi"] == pytest.approx([0.0, 0.25, 0.5, 0.75])
+    assert s["points"] == ["embedding", "block 1", "block 2"] and s["depth"] == [0, 1, 2]

@@ -1,6 +1,7 @@
 """analyze.py part 2: shape bias, error consistency, the 16-category mapping, Hessian and
 landscape CLI."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -283,3 +284,36 @@ def test_sharpness_figure_shows_a_one_point_trace_and_names_it():
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ft_md: top eigenvalue",
                                                                     "ft_md: trace"]
     plt.close(fig)
+
+
+def test_imagenet_decisions_average_probabilities_not_logits():
+    """model-vs-human's 16-class mapping averages the softmax probabilities of a category's
+    ImageNet classes, by hand: every logit -10 but bear's 4 classes [10, -10, -10, -10] and
+    knife's one class 4. Mean probability: bear (e^10 + 3 e^-10) / 4 / Z ~ 5507 / Z against
+    knife e^4 / Z ~ 55 / Z: bear. The mean logit would give knife (4 against (10 - 30) / 4 = -5)"""
+    logits = torch.full((1, 1000), -10.0)
+    logits[0, IMAGENET_16["bear"][0]] = 10.0
+    logits[0, IMAGENET_16["knife"][0]] = 4.0
+    cats = sorted(IMAGENET_16)
+    assert (math.exp(10) + 3 * math.exp(-10)) / 4 > math.exp(4)  # the hand computation
+    assert cats[category_decisions(logits, cats).item()] == "bear"
+
+
+def test_landscape_axes_are_the_top_eigenvectors(tiny_data, tiny_teacher, tmp_path, monkeypatch):
+    """--metric landscape spans the grid along the top-2 Hessian eigenvectors (unit norm): along a
+    unit eigenvector v, (L(h v) + L(-h v) - 2 L(0)) / h^2 = lambda + O(h) (a Taylor expansion),
+    so each axis's second difference at h = 0.01 is its eigenvalue within 2% (a Krylov or random
+    direction's curvature is far smaller here: the top two are about -26 and -25)"""
+    import analyze
+    monkeypatch.setattr(analyze, "pyplot", lambda: None)  # the numbers only: no figure
+    analyze.main(["--metric=landscape", tiny_teacher, f"--data={tiny_data}", "--n_images=8",
+                  "--lanczos_steps=25", "--span=0.01", "--steps=3", "--device=cpu",
+                  f"--out={tmp_path}"])
+    (entry,) = json.load(open(tmp_path / "landscape.json"))["models"].values()
+    grid, h = entry["loss"], entry["coords"][2]
+    assert entry["coords"] == pytest.approx([-0.01, 0.0, 0.01])
+    along_a = (grid[2][1] + grid[0][1] - 2 * grid[1][1]) / h ** 2
+    along_b = (grid[1][2] + grid[1][0] - 2 * grid[1][1]) / h ** 2
+    assert along_a == pytest.approx(entry["eigenvalues"][0], rel=2e-2)
+    assert along_b == pytest.approx(entry["eigenvalues"][1], rel=2e-2)
+    assert grid[1][1] == pytest.approx(entry["center_loss"], rel=1e-6)

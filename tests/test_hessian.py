@@ -487,3 +487,20 @@ def test_landscape_directions_of_a_quadratic():
     mixed = (grid[2][2] - grid[2][0] - grid[0][2] + grid[0][0]) / (4 * h ** 2)
     assert mixed == pytest.approx(0.0, abs=1e-9)
     assert mean_loss(model, batches, loss_fn) == pytest.approx(loss0.item(), abs=1e-12)  # restored
+
+
+def test_rademacher_samples_give_the_exact_trace_of_a_diagonal_hessian():
+    """L = 1/2 sum_i d_i theta_i^2: H = diag(d), and for a Rademacher v (v_i^2 = 1) every sample
+    v^T H v = sum_i d_i v_i^2 = sum_i d_i = tr H exactly, so the estimate is the trace and its
+    standard error 0 (a Gaussian v would scatter the samples around it)"""
+    d = torch.tensor([4.0, -1.5, 2.0, 0.25, 3.0, 1.0], dtype=torch.float64)
+
+    def diagonal_loss(model, inputs, targets):
+        theta = torch.cat([model.a, model.b])
+        return 0.5 * (d * theta * theta).sum()
+
+    hessian = HessianOperator(Quadratic(len(d)), [(0, torch.zeros(5))], diagonal_loss)
+    mean, stderr, used = hutchinson(hessian, samples=8, seed=0)
+    assert used == 8
+    assert mean == pytest.approx(d.sum().item(), abs=1e-12)
+    assert stderr == pytest.approx(0, abs=1e-12)

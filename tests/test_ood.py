@@ -439,3 +439,17 @@ def test_a_cut_or_damaged_human_csv_is_one_line(tmp_path):
     (folder / "notes.csv").write_text(lines[0] + "x" * 200_000 + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"notes.csv, after line 1: not a CSV of trials \(field larger than"):
         human_trials(str(folder))
+
+
+def test_ood_summary_is_the_mean_over_datasets():
+    """the benchmark's aggregates are plain means over the datasets (plot.py,
+    get_mean_over_datasets), by hand: accuracies 0.5, 0.7, 0.9 -> 0.7; error consistencies 0.1,
+    0.2, 0.6 -> 0.3 (their median would be 0.2); a dataset without humans adds no kappa"""
+    datasets = {"colour": dict(accuracy=0.5, error_consistency=0.1),
+                "contrast": dict(accuracy=0.7, error_consistency=0.2),
+                "edge": dict(accuracy=0.9, error_consistency=0.6),
+                "sketch": dict(accuracy=None)}
+    summary = ood_summary(datasets)
+    assert summary["mean_accuracy"] == pytest.approx(0.7, abs=1e-12)
+    assert summary["mean_error_consistency"] == pytest.approx(0.3, abs=1e-12)
+    assert summary["datasets_found"] == 4 and summary["datasets_with_humans"] == 3

@@ -1,6 +1,7 @@
 """analyze.py --metric report: the paper's claims tested on small fixed JSON files, in the formats
 analyze.py and finetune.py write, whose verdicts are known by construction."""
 import json
+import math
 import os
 import re
 
@@ -343,3 +344,35 @@ def test_a_result_json_without_its_iteration_counts_is_skipped_with_a_warning(tm
     assert ("| ft_md_clip | out/md_clip/ckpt.pt |" not in markdown
             and "| ft_clip | clip |" not in markdown)
     assert "| ft_clip_fd_lr | clip |" in markdown
+
+
+def test_headline_table_shows_the_high_layers_head_spread_and_top_eigenvalue():
+    """headline_table on hand-built entries, each number worked out by hand: 5 blocks, whose
+    last third is round(5 / 3) = 2 blocks; the attention distance is 20 in blocks 1-3 and 8 in
+    blocks 4-5 (headline 8, not the low layers' 20); the entropy spread is the population
+    standard deviation over the heads, sqrt(((1-3)^2 + 0 + (5-3)^2) / 3) = sqrt(8/3) = 1.633
+    (the variance would be 2.667); λ1 is the eigenvalue of largest magnitude, -100 here, though
+    the list gives 50 first"""
+    metrics = dict(
+        attn_distance={"md_x": per_layer_entry([20.0, 20.0, 20.0, 8.0, 8.0])},
+        attn_entropy={"md_x": dict(per_layer=[3.0] * 5, per_head=[[3.0, 3.0, 3.0]] * 3
+                                   + [[1.0, 3.0, 5.0]] * 2)},
+        hessian={"ft_md_x": dict(eigenvalues=[50.0, -100.0], trace=400.0)})
+    header, rows = analyze.headline_table(metrics, {})
+    table = {row[0]: dict(zip(header, row)) for row in rows}
+    assert table["md_x"]["attention distance (px)"] == "8"
+    assert table["md_x"]["entropy spread over heads"] == f"{math.sqrt(8 / 3):.4g}" == "1.633"
+    assert table["ft_md_x"]["Hessian λ1"] == "-100"
+    assert table["ft_md_x"]["Hessian trace"] == "400"
+
+
+@pytest.mark.parametrize("values, last, expected", [
+    ([1, 2, 3, 4, 5, 6, 7, 8], True, 7.0),  # round(8 / 3) = 3 blocks: (6 + 7 + 8) / 3
+    ([1, 2, 3, 4, 5, 6, 7, 8], False, 2.0),  # the first 3: (1 + 2 + 3) / 3
+    ([1, 2, 3, 4, 5], True, 4.5),  # round(5 / 3) = 2 blocks: (4 + 5) / 2
+    ([1, 2], True, 2.0),  # round(2 / 3) = 1: at least one block
+])
+def test_third_is_the_rounded_third_of_the_blocks(values, last, expected):
+    """the 'high' ('low') layers of every rule: the last (first) round(depth / 3) blocks, at
+    least one, as the docstring says; means worked out by hand"""
+    assert analyze.third(values, last) == pytest.approx(expected)
