@@ -607,3 +607,39 @@ def test_train_transform_crops_at_least_its_min_scale(monkeypatch):
     assert len(boxes) == 200
     fractions = [(r - l) * (b - t) / 10000 for l, t, r, b in boxes]
     assert min(fractions) >= 0.9 * 0.98 and max(fractions) <= 1.0
+
+
+def test_palette_transparency_is_composited_on_white_like_alpha(tmp_path):
+    """hand-written: a palette image whose index 0 is transparent (PNG tRNS, GIF's transparency)
+    shows white there, as an RGBA pixel of alpha 0 does; its opaque index keeps its colour"""
+    pal = Image.new("P", (4, 2), 0)
+    pal.putpalette([10, 20, 30, 200, 0, 0] + [0, 0, 0] * 254)
+    for x in range(2):
+        pal.putpixel((x, 0), 1)
+    for ext in ("png", "gif"):
+        out = np.asarray(load_image(save(pal, tmp_path / f"t.{ext}", transparency=0)))
+        assert out[0, 0].tolist() == [200, 0, 0], ext
+        assert out[1, 3].tolist() == [255, 255, 255], ext
+
+
+def test_eval_transform_passes_a_32_px_image_unchanged_at_32_as_beit_does():
+    """BEiT's build_transform leaves input_size <= 32 unresized: a random 32 x 32 image at size 32
+    is its own pixels / 255; at 33 (> 32) it is resized as torchvision's Resize + CenterCrop"""
+    img = Image.fromarray(np.random.default_rng(7).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    expected = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
+    assert torch.equal(EvalTransform(32)(img), expected)
+    T = pytest.importorskip("torchvision.transforms")
+    img = Image.fromarray(np.random.default_rng(8).integers(0, 256, (33, 33, 3), dtype=np.uint8))
+    reference = T.Compose([T.Resize(int(33 / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+                           T.CenterCrop(33), T.ToTensor()])
+    assert torch.equal(EvalTransform(33)(img), reference(img))
+
+
+def test_an_image_just_over_max_pixels_is_refused_unread(tmp_path):
+    """closed form: MAX_PIXELS is 10000 x 10000 (300 MB as RGB); a 1-bit PNG of 10001 x 10001,
+    just over it (a small file), is refused by its header, one line with its size"""
+    from data import MAX_PIXELS
+    assert MAX_PIXELS == 10_000 * 10_000
+    path = bomb_png(tmp_path / "over.png", 10_001)
+    with pytest.raises(DataError, match=r"is 10001 x 10001 pixels, more than MAX_PIXELS = 100000000"):
+        load_image(path)
