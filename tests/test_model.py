@@ -307,3 +307,127 @@ def test_md_student_does_not_see_its_masked_patches():
             hidden = repaint(hidden, patch)
         assert torch.allclose(md(hidden, masks), out, atol=1e-6)
         assert (md(repaint(x, 10), masks) - out).abs().max() > 1e-3
+
+
+def test_qkv_bias_none_gives_zero_queries_keys_values_for_a_zero_input():
+    """qkv_bias="none": q, k, v = x W with no bias, so a zero input attends uniformly over zero
+    values and the attention's output is the output projection's bias alone"""
+    cfg = ViTConfig.from_name("nano/4", qkv_bias="none")
+    attn = randomize(ViT(cfg)).blocks[0].attn
+    y, _ = attn(torch.zeros(2, 65, cfg.embed_dim))
+    assert torch.allclose(y, attn.proj.bias.expand(2, 65, -1), atol=1e-6)
+
+
+def test_drop_path_rates_rise_linearly_from_zero_as_in_timm():
+    """the stochastic depth decay rule of BEiT and timm: block i drops its branches with
+    torch.linspace(0, rate, depth)[i]; the first block (rate 0) has no DropPath at all"""
+    model = ViT(ViTConfig.from_name("tiny/4", drop_path=0.3))
+    rates = [getattr(block.drop_path, "p", 0.0) for block in model.blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.3, 6).tolist(), abs=1e-7)
+    assert isinstance(model.blocks[0].drop_path, torch.nn.Identity)
+
+
+def test_init_is_beits():
+    """BEiT's init (timm's beit.py): linear and patch weights truncated normal with std 0.02, zero
+    biases, tokens std 0.02, layer scales at their init value, and block i's attn.proj and mlp.fc2
+    weights divided by sqrt(2 (i + 1)) (fix_init_weight); checked on sample standard deviations"""
+    torch.manual_seed(0)
+    cfg = ViTConfig.from_name("Ti/16", depth=3, mask_token=True, layer_scale=0.1, num_classes=100)
+    model = ViT(cfg)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+    std = 0.02
+    for name in ("patch_embed.proj.weight", "head.weight", "pos_embed"):
+        assert model.get_parameter(name).std().item() == pytest.approx(std, rel=0.03), name
+    for name in ("cls_token", "mask_token"):  # 192 values each
+        assert model.get_parameter(name).std().item() == pytest.approx(std, rel=0.25), name
+    for i, block in enumerate(model.blocks):
+        for w in (block.attn.qkv.weight, block.mlp.fc1.weight):
+            assert w.std().item() == pytest.approx(std, rel=0.03)
+        for w in (block.attn.proj.weight, block.mlp.fc2.weight):
+            assert w.std().item() == pytest.approx(std / math.sqrt(2 * (i + 1)), rel=0.03)
+        for gamma in (block.gamma_1, block.gamma_2):
+            assert torch.equal(gamma, torch.full((cfg.embed_dim,), 0.1))
+
+
+def test_beit_v2_preset_is_the_papers_base_student():
+    """unilm beit2/PRETRAINING.md (base): shared relative position bias and no absolute positions
+    (beit_base_patch16_224_8k_vocab_cls_pt), q and v biases, --layer_scale_init_value 0.1"""
+    cfg = ViTConfig.beit_v2("B/16")
+    assert (cfg.abs_pos, cfg.rel_pos, cfg.qkv_bias) == (False, "shared", "qv")
+    assert cfg.layer_scale == 0.1
+
+
+def test_flops_estimate_equals_counted_matmuls_exactly_on_a_tiny_grid():
+    """on a 4 x 4 grid the CLS token is 1/17 of the tokens (1/197 at S/16, inside the 1% above):
+    FlopCounterMode's count of every matmul and the patch convolution equals the formula exactly"""
+    cfg = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=3.0)
+    model = ViT(cfg).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.forward_all(torch.rand(1, 3, 32, 32))
+    assert model.flops_per_image() == counter.get_total_flops()
+
+
+def test_mean_pooling_is_final_norm_then_mean_of_patches_then_fc_norm():
+    """global_pool="mean" as the config defines it, written out with F.layer_norm on the last
+    block's tokens: final norm on every token, mean over the patch tokens (CLS left out), fc_norm,
+    then the head"""
+    cfg = ViTConfig.from_name("nano/4", num_classes=5, global_pool="mean")
+    model = randomize(ViT(cfg)).eval()
+    x = torch.rand(2, 3, 32, 32)
+    D, eps = cfg.embed_dim, cfg.norm_eps
+    with torch.no_grad():
+        last = model.forward_all(x)["hidden"][-1]
+        tokens = F.layer_norm(last, (D,), model.norm.weight, model.norm.bias, eps)
+        fc_norm = model.fc_norm
+        pooled = F.layer_norm(tokens[:, 1:].mean(1), (D,), fc_norm.weight, fc_norm.bias, eps)
+        expected = pooled @ model.head.weight.T + model.head.bias
+        assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_clip_pre_norm_gets_the_stem_layer_id():
+    """CLIP's ln_pre acts on the embeddings before block 0, so under layer decay it is scaled
+    as the patch embedding is: layer_decay ** (depth + 1)"""
+    model = ViT(ViTConfig.from_name("nano/4", pre_norm=True, num_classes=3))
+    groups = model.param_groups(0.05, layer_decay=0.5)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    for name in ("norm_pre.weight", "norm_pre.bias", "patch_embed.proj.weight"):
+        assert scale[name] == pytest.approx(0.5 ** 3), name
+
+
+def test_configure_optimizers_starts_each_group_at_its_layer_decayed_lr():
+    """AdamW's groups start at lr * layer_decay ** (depth + 1 - layer id), with BEiT's layer ids
+    worked out from the parameter names (expected_beit_layer_id above)"""
+    model = ViT(ViTConfig.from_name("nano/4", num_classes=3))
+    opt = model.configure_optimizers(0.05, 1e-3, (0.9, 0.999), layer_decay=0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            lid = expected_beit_layer_id(names[id(p)], 2)
+            assert group["lr"] == pytest.approx(1e-3 * 0.5 ** (3 - lid)), names[id(p)]
+
+
+def test_adapt_state_dict_keeps_a_shared_table_for_a_shared_config():
+    """MD student weights into an MD student configuration: strict loading, the same outputs"""
+    cfg = beit_student()
+    src = randomize(ViT(cfg)).eval()
+    dst = ViT(cfg)
+    dst.load_state_dict(adapt_state_dict(src.state_dict(), cfg))
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(dst.eval().forward_features(x), src.forward_features(x))
+
+
+@pytest.mark.parametrize("kind, depth", [("linear", 1), ("mlp", 1), ("transformer", 0)])
+def test_decoder_prediction_for_patch_k_reads_token_k_plus_one(kind, depth):
+    """token 0 is CLS, so patch k is token k + 1: with a per-token head (linear, mlp, transformer
+    of zero blocks) changing token k + 1 changes the prediction for patch k and no other"""
+    torch.manual_seed(0)
+    head = DecoderHead(kind, 8, 4, num_tokens=6, width=16, depth=depth, heads=2).eval()
+    tokens = torch.randn(2, 6, 8)
+    changed = tokens.clone()
+    changed[:, 3] += 1.0
+    with torch.no_grad():
+        diff = (head(changed) - head(tokens)).abs().amax(dim=(0, 2))  # (5,) one per patch
+    assert diff[2] > 1e-3
+    assert diff[torch.arange(5) != 2].max() < 1e-6
