@@ -619,3 +619,116 @@ def test_top1_counts_the_images_of_a_short_last_batch(tiny_data, tiny_teacher, t
     assert top1 > 0 and top5 > 0
     assert reported["top1"] == pytest.approx(100 * top1 / 48, abs=1e-6)
     assert reported["top5"] == pytest.approx(100 * top5 / 48, abs=1e-6)
+
+
+# ---- freezing, heads and the summary, in process (mutation-driven) ---------------------------
+
+def test_freeze_blocks_freezes_the_stem_the_first_k_blocks_and_at_depth_the_norm(monkeypatch):
+    """requires_grad of every weight for k = 0..depth (2), from a checkpoint and from scratch,
+    against the definition with the names parsed here: the patch projection always from a
+    checkpoint, never from scratch before k > 0; for k > 0 the stem (CLS, positions, ln_pre), the
+    shared relative table and blocks 0..k-1, and the final norm only at k = depth (the probe).
+    AdamW holds exactly the trainable weights."""
+    import finetune
+    from model import ViT, ViTConfig
+    cfg = ViTConfig.from_name("nano/4", num_classes=6, pre_norm=True, rel_pos="shared")
+    stem = ("patch_embed", "cls_token", "pos_embed", "norm_pre", "rel_pos_bias")
+    for init in ("ckpt.pt", "scratch"):
+        for k in range(3):
+            monkeypatch.setattr(finetune, "init", init)
+            monkeypatch.setattr(finetune, "freeze_blocks", k)
+            vit = ViT(cfg)
+            finetune.freeze(vit)
+            expected = set()
+            for name, _ in vit.named_parameters():
+                top, *rest = name.split(".")
+                if (top == "patch_embed" and init != "scratch"
+                        or k > 0 and (top in stem or top == "blocks" and int(rest[0]) < k)
+                        or k == 2 and top == "norm"):
+                    expected.add(name)
+            frozen = {name for name, p in vit.named_parameters() if not p.requires_grad}
+            assert frozen == expected, (init, k)
+            optimizer = vit.configure_optimizers(0.05, 1e-3, (0.9, 0.95), 0.6)
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            assert held == {id(p) for p in vit.parameters() if p.requires_grad}, (init, k)
+
+
+def test_keep_head_computes_the_source_network_and_a_new_head_starts_at_a_thousandth(
+        tiny_teacher, monkeypatch):
+    """--keep_head: the built model is the checkpoint's network itself (its pooling, final norm and
+    head unscaled; the added per-layer relative tables start at 0), so its logits equal those of
+    the plain source ViT loaded here. A new head is BEiT's 0.001 x the init's trunc normal of std
+    0.02: weights of std 2e-5 (288 of them: the estimate is within 10%), biases 0"""
+    import finetune
+    from model import ViT, ViTConfig
+    ckpt = load(tiny_teacher)
+    source = ViT(ViTConfig.from_dict(ckpt["model_args"]))
+    source.load_state_dict(ckpt["model"])
+    for name, value in dict(init=tiny_teacher, init_path="", img_size=32, rel_pos=True,
+                            drop_path=0.0, keep_head=True).items():
+        monkeypatch.setattr(finetune, name, value)
+    kept, _ = finetune.build_model(ckpt["classes"])
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(kept.eval()(images), source.eval()(images), atol=1e-6)
+    monkeypatch.setattr(finetune, "keep_head", False)
+    torch.manual_seed(0)
+    new, _ = finetune.build_model(ckpt["classes"])
+    assert new.head.weight.shape == (6, 48)
+    assert new.head.weight.std().item() == pytest.approx(2e-5, rel=0.1)
+    assert torch.equal(new.head.bias, torch.zeros(6))
+
+
+def test_summary_names_runs_by_the_settings_that_differ_within_their_own_init(tmp_path, capsys,
+                                                                               monkeypatch):
+    """three clip runs, two on one data_dir at two lrs and one on another, and two scratch runs
+    of 30 and 10 epochs: by hand, clip's runs differ in data_dir only (another data set is
+    another experiment, not a repeat) and scratch's in epochs only, so clip's labels name no
+    epochs"""
+    import finetune
+    monkeypatch.setattr(finetune, "pyplot", lambda: None)
+    runs = [("c1", "clip", "data/a", 50, 1e-4), ("c2", "clip", "data/a", 50, 1e-3),
+            ("c3", "clip", "data/b", 50, 1e-4), ("s1", "scratch", "data/a", 30, 1e-3),
+            ("s2", "scratch", "data/a", 10, 1e-3)]
+    for name, init, data, epochs, lr in runs:
+        (tmp_path / name).mkdir()
+        config = dict(init=init, freeze_blocks=0, lr=lr, seed=0, epochs=epochs, data_dir=data,
+                      out_dir=str(tmp_path / name))
+        result = dict(top1=80.0, top5=95.0, best_top1=80.0, iter_num=9, max_iters=9,
+                      config=config)
+        (tmp_path / name / "result.json").write_text(json.dumps(result))
+    finetune.print_summary(str(tmp_path))
+    rows = capsys.readouterr().out.splitlines()[1:6]
+    named = {row.split()[-1]: row.split("  ")[0].strip() for row in rows}
+    assert named == {str(tmp_path / "c1"): "clip (data_dir=data/a)",
+                     str(tmp_path / "c2"): "clip (data_dir=data/a)",
+                     str(tmp_path / "c3"): "clip (data_dir=data/b)",
+                     str(tmp_path / "s1"): "scratch (epochs=30)",
+                     str(tmp_path / "s2"): "scratch (epochs=10)"}
+
+
+def test_summary_frozen_point_is_at_the_lr_of_the_best_mean():
+    """Fig. 8c takes each number of frozen blocks at the lr whose runs have the best mean top-1,
+    worked out by hand: 0 blocks, means 50 (two runs) and 80 -> [80] (their sum would pick 100);
+    2 blocks, means 75 (60, 90) and 80 -> [80] (the best single run would pick 90)"""
+    from finetune import summary_curves
+    runs = [("md", 0, 1e-3, 50.0, 0.0, "a", False), ("md", 0, 1e-3, 50.0, 0.0, "b", False),
+            ("md", 0, 1e-4, 80.0, 0.0, "c", False), ("md", 2, 1e-3, 60.0, 0.0, "d", False),
+            ("md", 2, 1e-3, 90.0, 0.0, "e", False), ("md", 2, 1e-4, 80.0, 0.0, "f", False)]
+    assert summary_curves(runs)["md"]["frozen"] == {0: [80.0], 2: [80.0]}
+
+
+def test_best_top1_is_the_maximum_over_every_evaluation_across_a_resume(tiny_data, tiny_teacher,
+                                                                       tmp_path):
+    """result.json's best_top1 against the maximum of log.jsonl's val_top1 records, an evaluation
+    each iteration, in a run stopped at 2 and resumed to 4: here the top-1 is highest before the
+    resume, so neither the last top-1 nor the best since the resume is that maximum"""
+    args = [f"--init={tiny_teacher}", "--lr=1e-2", "--eval_interval=1", f"--out_dir={tmp_path}"]
+    run_ft([*args, "--stop_iter=2"], tiny_data).check_returncode()
+    resumed = run_ft([*args, "--stop_iter=4", "--resume=True"], tiny_data)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    top1s = [r["val_top1"] for r in map(json.loads, open(tmp_path / "log.jsonl"))
+             if "val_top1" in r]
+    assert len(top1s) == 4 and max(top1s[:2]) > max(top1s[2:])
+    result = json.load(open(tmp_path / "result.json"))
+    assert result["top1"] == top1s[-1] and result["best_top1"] == max(top1s)

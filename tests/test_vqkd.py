@@ -353,3 +353,44 @@ def test_reconstruction_loss_is_one_minus_the_mean_cosine_per_patch():
         rebuilt = vq.decode(vq.codebook[codes])
     cosine = (rebuilt * targets).sum(-1) / (rebuilt.norm(dim=-1) * targets.norm(dim=-1))
     assert loss.item() == pytest.approx(1 - cosine.mean().item(), abs=1e-6)
+
+
+def test_a_codebook_as_large_as_the_first_batch_takes_each_of_its_vectors_once():
+    """K = 128 codes initialized from a batch of 128 vectors: the codebook is those 128 vectors,
+    each exactly once (a permutation; 128 draws with replacement repeat one with probability
+    1 - 128! / 128^128, about 1)"""
+    vq = tokenizer(K=128, initialized=False)
+    g = torch.Generator().manual_seed(4)
+    z = torch.nn.functional.normalize(torch.randn(2, 64, 4, generator=g), dim=-1)
+    vq.initialize(z)
+    same = (vq.codebook[:, None, :] == z.reshape(1, 128, 4)).all(-1)  # (codes, vectors)
+    assert torch.equal(same.sum(0), torch.ones(128, dtype=torch.long))
+    assert torch.equal(same.sum(1), torch.ones(128, dtype=torch.long))
+
+
+def test_tokenizer_run_logs_the_warmup_lr_and_saves_the_codes_since_the_last_log_line(
+        tiny_data, tiny_teacher, tmp_path):
+    """train_vqkd.py on 144 images in steps of 16: 9 iterations an epoch, a warmup of 1 epoch, so
+    step i runs at lr (i + 1) / 9: the log line at iteration 2 (step 1) says 2/9 of --lr, and the
+    saved AdamW groups hold step 2's 3/9. Logging every 2 iterations and stopped at 3, the saved
+    counts are iteration 3's codes alone: one per patch of its 16 images, 16 x 64 = 1024"""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [f"--data_dir={tiny_data}", f"--teacher={tiny_teacher}", "--model=nano/4",
+            "--img_size=32", "--epochs=3", "--warmup_epochs=1", "--total_batch_size=16",
+            "--micro_batch_size=8", "--codebook_size=64", "--lr=1e-3", "--log_interval=2",
+            "--stop_iter=3", "--num_workers=0", "--device=cpu", "--dtype=float32",
+            f"--out_dir={tmp_path}"]
+    r = subprocess.run([sys.executable, "train_vqkd.py", *args], capture_output=True, text=True,
+                       cwd=root, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    (record,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert record["iter"] == 2 and record["lr"] == pytest.approx(1e-3 * 2 / 9, rel=1e-12)
+    ckpt = torch.load(tmp_path / "tokenizer.pt", weights_only=True)
+    assert ckpt["iter_num"] == 3
+    groups = ckpt["optimizer"]["param_groups"]
+    assert groups and all(g["lr"] == pytest.approx(1e-3 * 3 / 9, rel=1e-12) for g in groups)
+    assert ckpt["counts"].shape == (64,) and ckpt["counts"].sum().item() == 16 * 64
