@@ -74,6 +74,11 @@ def apply_overrides(config, argv):
             if isinstance(config[key], str) and config[key].startswith("~"):
                 config[key] = os.path.expanduser(config[key])
         else:
+            if os.path.isdir(arg):
+                files = sorted(name for name in os.listdir(arg) if name.endswith(".py"))
+                example = f", like {os.path.join(arg, files[0])}" if files else ""
+                raise SystemExit(f"error: config file '{arg}' is a folder: give a file in it{example} "
+                                 "(options are --key=value)")
             if not os.path.isfile(arg):
                 raise SystemExit(f"error: config file '{arg}' not found (options are --key=value)")
             file_globals = {}
@@ -790,8 +795,7 @@ def resume_checkpoint(path, config, may_change, entries=()):
         ckpt = read_checkpoint(path)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
-    needed = ("config", "iter_num", "optimizer", *entries)
-    missing = [key for key in needed if not isinstance(ckpt, dict) or key not in ckpt]
+    missing = missing_entries(ckpt, entries)
     if missing:
         raise SystemExit(f"error: {path} is not this script's training checkpoint (no {', '.join(missing)}): "
                          f"start without --resume or in another out_dir")
@@ -864,11 +868,27 @@ def refuse_changed_split(ckpt, dataset, train_dir):
 RUN_CHECKPOINTS = ("ckpt.pt", "tokenizer.pt")
 
 
-def refuse_overwrite(path):
+def missing_entries(ckpt, entries=()):
+    """the entries a script's training checkpoint holds (config, iter_num, optimizer and the
+    script's own `entries`) that `ckpt` lacks"""
+    needed = ("config", "iter_num", "optimizer", *entries)
+    return [key for key in needed if not isinstance(ckpt, dict) or key not in ckpt]
+
+
+def refuse_overwrite(path, entries=()):
     """A new run (no --resume) saves its checkpoint at `path`: where a file is there already, from
     an earlier run, it would be replaced and that run lost; where another script's run is in the
-    folder, its log.jsonl would be. One line, before any work."""
+    folder, its log.jsonl would be. One line, before any work: --resume=True is advised only where
+    the file is this script's training checkpoint (it holds the script's resume `entries`)."""
     if os.path.exists(path):
+        try:
+            missing = missing_entries(read_checkpoint(path), entries)
+        except CheckpointError as e:
+            raise SystemExit(f"error: {path} exists and a new run would replace it, but it cannot be "
+                             f"resumed ({e}): move it, or choose another out_dir") from None
+        if missing:  # another script's checkpoint (finetune.py's ckpt.pt in train_md.py's out_dir)
+            raise SystemExit(f"error: {path} exists and is not this script's training checkpoint (no "
+                             f"{', '.join(missing)}): a new run would replace it: choose another out_dir")
         raise SystemExit(f"error: {path} exists (an earlier run's checkpoint) and a new run would replace it: "
                          f"continue that run with --resume=True, or choose another out_dir")
     for name in RUN_CHECKPOINTS:

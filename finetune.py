@@ -205,7 +205,8 @@ def print_summary(root):
         best[runs[-1][-2]] = r.get("best_top1")
         recipes.append({k: v for k, v in settings.items() if k not in NOT_RECIPE})
     if not runs:
-        raise SystemExit(f"error: no result.json found under '{root}'")
+        found = "no result.json found under" if os.path.isdir(root) else "no folder"
+        raise SystemExit(f"error: --summarize: {found} '{root}'")
     labels = recipe_labels([r[0] for r in runs], recipes)
     runs = [(label, *run[1:]) for label, run in zip(labels, runs)]
     # whole init paths and recipes: two runs stay apart
@@ -295,7 +296,7 @@ def main():
     if problem:
         raise SystemExit(f"error: {problem}")
     if not resume:  # a new run must not replace an earlier run's checkpoint
-        refuse_overwrite(ckpt_path)
+        refuse_overwrite(ckpt_path, RESUME_ENTRIES)
     ckpt = resume_checkpoint(ckpt_path, config, RESUME_MAY_CHANGE, RESUME_ENTRIES) if resume else None
     stop_signal = stop_signals()  # from here a SIGTERM only sets this flag; the loop saves and stops
     ctx = Context(device, dtype, backend)

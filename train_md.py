@@ -74,7 +74,7 @@ loss = "smooth_l1"            # smooth_l1 | mse | cosine
 smooth_l1_beta = 2.0          # FD's beta
 loss_on = "masked"            # masked (MD) | all (every patch; the input is still masked, unlike FD)
 mask = "block"                # block (BEiT) | random
-mask_ratio = BEIT_RATIO       # fraction of patches masked: 75/196
+mask_ratio = BEIT_RATIO       # fraction of patches masked: 75/196 = 0.383 (BEiT's 75 of 196)
 # optimization (paper Table 1, BEiT v2 base column)
 epochs = 300                  # schedule length
 warmup_epochs = 10            # linear warmup
@@ -143,6 +143,8 @@ def main():
     problem = option_error(config, [
         (target != "vqkd" or tokenizer, "--target=vqkd needs --tokenizer=PATH: the tokenizer.pt that "
                                         "train_vqkd.py writes in its out_dir"),
+        (target == "vqkd" or not tokenizer, "--tokenizer is read only with --target=vqkd (the codes as "
+                                            "targets): add --target=vqkd, or leave --tokenizer out"),
         (smooth_l1_beta >= 0, f"--smooth_l1_beta={smooth_l1_beta} must be >= 0 (0 = the L1 loss)"),
         (decoder_width >= 1, f"--decoder_width={decoder_width} must be >= 1"),
         (decoder_depth >= 0, f"--decoder_depth={decoder_depth} must be >= 0 (0 = no blocks: projection, "
@@ -162,7 +164,7 @@ def main():
         raise SystemExit(f"error: {problem}")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if not resume:  # a new run must not replace an earlier run's checkpoint
-        refuse_overwrite(ckpt_path)
+        refuse_overwrite(ckpt_path, RESUME_ENTRIES)
     may_change = RESUME_MAY_CHANGE + UNREAD_BY_TARGET[target]
     ckpt = resume_checkpoint(ckpt_path, config, may_change, RESUME_ENTRIES) if resume else None
     stop_signal = stop_signals()  # from here a SIGTERM only sets this flag; the loop saves and stops

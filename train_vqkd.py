@@ -106,7 +106,7 @@ def main():
         raise SystemExit(f"error: {problem}")
     path = os.path.join(out_dir, "tokenizer.pt")
     if not resume:  # a new run must not replace an earlier run's checkpoint
-        refuse_overwrite(path)
+        refuse_overwrite(path, RESUME_ENTRIES)
     ckpt = resume_checkpoint(path, config, RESUME_MAY_CHANGE, RESUME_ENTRIES) if resume else None
     stop_signal = stop_signals()  # from here a SIGTERM only sets this flag; the loop saves and stops
     ctx = Context(device, dtype, backend)

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, UnidentifiedImageError
 
 
 # torchvision's
@@ -235,8 +235,10 @@ class ImageFolder(torch.utils.data.Dataset):
         try:
             img = load_image(path)
         except Exception as e:  # corrupt, truncated, empty, not an image: skip it, never crash
-            print(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e})",
-                  file=sys.stderr)
+            # PIL names the open file object, not the path: "cannot identify image file <_io...>"
+            unknown = isinstance(e, UnidentifiedImageError)
+            reason = "not an image format PIL can read" if unknown else f"{type(e).__name__}: {e}"
+            print(f"warning: skipping unreadable image {path} ({reason})", file=sys.stderr)
             return None
         image = self.transform(img, rng)
         mask = torch.from_numpy(self.mask_fn(rng)).flatten() if self.mask_fn is not None else None

@@ -43,6 +43,17 @@ def test_a_config_file_int_becomes_the_float_default_and_a_tilde_is_home(tmp_pat
         apply_overrides(dict(out_dir="out"), [str(cfg)])
 
 
+def test_a_folder_given_as_config_file_is_named_as_a_folder(tmp_path):
+    """a real folder where a config file is expected: said to be a folder, with a .py file of it
+    as the example (before: 'not found', though the path exists)"""
+    (tmp_path / "b.py").write_text("lr = 2.0\n")
+    (tmp_path / "a.txt").write_text("")
+    with pytest.raises(SystemExit) as e:
+        apply_overrides(dict(lr=1.0), [str(tmp_path)])
+    assert str(e.value) == (f"error: config file '{tmp_path}' is a folder: give a file in it, like "
+                            f"{tmp_path / 'b.py'} (options are --key=value)")
+
+
 def test_resume_refuses_exactly_the_changed_settings_outside_may_change(tmp_path):
     """hand-written: a change of a setting in may_change, or of one the checkpoint does not hold, is
     allowed; a change of any other setting is refused and named old -> new"""

@@ -141,6 +141,9 @@ def test_corrupt_files_are_skipped_with_their_path(tmp_path, capsys):
     err = capsys.readouterr().err
     for name in ("truncated.jpg", "empty.jpg", "text.png"):
         assert f"skipping unreadable image {root / 'a' / name}" in err
+    # PIL's own words name a file object ("<_io.BufferedReader name=12>"), which tells nothing
+    assert f"{root / 'a' / 'text.png'} (not an image format PIL can read)" in err
+    assert "_io." not in err
     images, labels, masks, skipped = collate(items)
     assert images.shape == (1, 3, 16, 16) and skipped == 3 and masks is None
 

@@ -1285,6 +1285,8 @@ OPTION_CASES = [  # (script, options, the one line)
     ("md", ["--min_crop_scale=0.0"], "error: --min_crop_scale=0.0 must be in (0, 1]"),
     ("md", ["--device=gpu"], "error: --device=gpu is not a device: use auto, cpu, cuda or cuda:N"),
     ("md", ["--epochs=0"], "error: --epochs=0 must be >= 1"),
+    ("md", ["--tokenizer={teacher}"],  # before: trained on the teacher's features, without a word
+     "error: --tokenizer is read only with --target=vqkd (the codes as targets): add --target=vqkd, or"),
     ("md", ["--total_batch_size=-16"], "error: --total_batch_size=-16 must be >= 1"),
     ("md", ["--img_size=30"], NOT_TILED),
     ("md", ["--mask_ratio=0.005"],  # before: a loss of 0 and no gradient at every step
@@ -1472,6 +1474,29 @@ def test_a_new_run_in_another_scripts_run_folder_is_refused_and_its_log_kept(
         "would replace its "
         "log.jsonl: choose another out_dir"]
     assert (out / "log.jsonl").read_bytes() == log and not (out / "tokenizer.pt").exists()
+
+
+def test_a_new_run_where_another_script_saved_its_ckpt_pt_is_not_told_to_resume_it(
+        tiny_data, tiny_teacher, tmp_path):
+    """finetune.py and train_md.py both save ckpt.pt: a fine-tune started in an MD run's out_dir
+    (and an MD run in a fine-tune's) was told to continue "that run" with --resume=True, which
+    then refused the file as not its own. The MD checkpoint has no best_top1, the fine-tune's no
+    decoder (their RESUME_ENTRIES): the first line says so, and both files stay as they were."""
+    md_out, ft_out = tmp_path / "md", tmp_path / "ft"
+    md = run(MD + [f"--teacher={tiny_teacher}"], tiny_data, ["--stop_iter=1", f"--out_dir={md_out}"])
+    assert md.returncode == 0, md.stderr[-2000:]
+    ft = run(FT + [f"--init={tiny_teacher}"], tiny_data, ["--stop_iter=1", f"--out_dir={ft_out}"])
+    assert ft.returncode == 0, ft.stderr[-2000:]
+    saved = {out: (out / "ckpt.pt").read_bytes() for out in (md_out, ft_out)}
+    for script, out, missing in ((FT + [f"--init={tiny_teacher}"], md_out, "best_top1"),
+                                 (MD + [f"--teacher={tiny_teacher}"], ft_out,
+                                  "decoder, whitening, best_val_loss")):
+        refused = run(script, tiny_data, ["--stop_iter=1", f"--out_dir={out}"])
+        assert refused.returncode != 0
+        assert refused.stderr.strip().splitlines() == [
+            f"error: {out / 'ckpt.pt'} exists and is not this script's training checkpoint (no "
+            f"{missing}): a new run would replace it: choose another out_dir"]
+        assert (out / "ckpt.pt").read_bytes() == saved[out]
 
 
 def sigint_state(pid):

@@ -411,6 +411,16 @@ def test_summary_figure_points():
         "scratch": dict(lr={1e-3: [40.0]}, frozen={})}
 
 
+def test_summary_of_a_missing_or_empty_folder_says_which(tmp_path):
+    """--summarize of a path that does not exist is said to be no folder (before: 'no result.json
+    found', as for a real folder without runs)"""
+    from finetune import print_summary
+    with pytest.raises(SystemExit, match=f"^error: --summarize: no folder '{tmp_path / 'gone'}'$"):
+        print_summary(str(tmp_path / "gone"))
+    with pytest.raises(SystemExit, match=f"^error: --summarize: no result.json found under '{tmp_path}'$"):
+        print_summary(str(tmp_path))
+
+
 def test_summary_names_each_init_whole(tmp_path):
     """two MD students whose checkpoint paths differ only near the start: each row shows its whole
     path (before: the last 28 characters, the same for both). The root's name has glob's special
