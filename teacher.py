@@ -278,6 +278,9 @@ def load_model(name_or_path, path=None, cache_dir=CACHE_DIR, act=None):
         source = path or download(url, sha, cache_dir)
     elif name == "embedded":
         source, layout = path or EMBEDDED_TEACHER, None
+    elif is_path(name) and path:  # two files for one model: the second would be ignored
+        raise CheckpointError(f"'{name}' is a file itself; a local copy ('{path}') is given for "
+                              f"{NAMES} only: leave it out")
     elif is_path(name):
         source, layout = name, None
     else:

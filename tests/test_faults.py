@@ -1285,6 +1285,12 @@ OPTION_CASES = [  # (script, options, the one line)
     ("md", ["--min_crop_scale=0.0"], "error: --min_crop_scale=0.0 must be in (0, 1]"),
     ("md", ["--device=gpu"], "error: --device=gpu is not a device: use auto, cpu, cuda or cuda:N"),
     ("md", ["--epochs=0"], "error: --epochs=0 must be >= 1"),
+    ("md", ["--teacher_path={a_file}"],  # before: the teacher file read, the second file ignored
+     "error: '{teacher}' is a file itself; a local copy ('{a_file}') is given for clip, dino, deit, "
+     "embedded only: leave it out"),
+    ("ft", ["--init_path={a_file}"],
+     "error: '{teacher}' is a file itself; a local copy ('{a_file}') is given for clip, dino, deit, "
+     "embedded only: leave it out"),
     ("md", ["--tokenizer={teacher}"],  # before: trained on the teacher's features, without a word
      "error: --tokenizer is read only with --target=vqkd (the codes as targets): add --target=vqkd, or"),
     ("md", ["--total_batch_size=-16"], "error: --total_batch_size=-16 must be >= 1"),
