@@ -895,6 +895,9 @@ def parse_args(argv):
                 opts[key] = os.path.expanduser(opts[key])
         else:
             models.append(arg)
+    if not opts["metric"]:
+        raise SystemExit(f"error: give --metric=NAME (one of {', '.join(METRICS)} or all): "
+                         "python analyze.py --metric NAME CKPT [CKPT ...]")
     if opts["metric"] not in METRICS + ("all",):
         raise SystemExit(f"error: unknown metric '{opts['metric']}': "
                          f"choose one of {', '.join(METRICS)} or all")
@@ -1069,15 +1072,25 @@ def classifier_metric(metric, model, info, opts, device):
                                    info.get("classes"))
         if metric == "landscape":  # the axes: the top-2 eigenvectors by magnitude
             hessian = HessianOperator(model, batches, keep_graphs=bool(opts["keep_graphs"]))
-            eig = lanczos(hessian, 2, opts["tol"], opts["lanczos_steps"], opts["seed"])
+            with tqdm(total=opts["lanczos_steps"], desc="  Lanczos steps", leave=False,
+                      disable=None) as bar:
+                eig = lanczos(hessian, 2, opts["tol"], opts["lanczos_steps"], opts["seed"], bar)
             directions = [hessian.unflat(v) for v in eig["vectors"]]
-            coords, grid = loss_landscape(model, batches, directions, opts["span"], opts["steps"])
+            with tqdm(total=opts["steps"] ** 2, desc="  grid points", leave=False,
+                      disable=None) as bar:
+                coords, grid = loss_landscape(model, batches, directions, opts["span"],
+                                              opts["steps"], progress=bar)
             return dict(eigenvalues=eig["values"], eigenvalue_order="largest magnitude first",
                         coords=coords, loss=grid, center_loss=mean_loss(model, batches),
                         images=sum(len(t) for _, t in batches))
-        r = curvature(model, batches, opts["top_k"], opts["tol"], opts["lanczos_steps"],
-                      opts["trace_products"], opts["trace_tol"], opts["seed"],
-                      bool(opts["keep_graphs"]))
+        # Lanczos steps, then trace samples: the total is the most there can be until Lanczos
+        # stops (curvature sets it then)
+        most = max(opts["trace_products"], opts["lanczos_steps"] + 2)
+        with tqdm(total=most, desc="  Lanczos steps + trace samples", leave=False,
+                  disable=None) as bar:
+            r = curvature(model, batches, opts["top_k"], opts["tol"], opts["lanczos_steps"],
+                          opts["trace_products"], opts["trace_tol"], opts["seed"],
+                          bool(opts["keep_graphs"]), progress=bar)
         return dict(eigenvalues=r["eigenvalues"], eigenvalue_order="largest magnitude first",
                     trace=r["trace"], trace_stderr=r["trace_stderr"],
                     trace_samples=r["trace_samples"],
@@ -1367,6 +1380,10 @@ def read_log(path):
     """The records of a log.jsonl as common.append_jsonl writes them: one JSON object per line,
     each with 'iter'. A last line cut short (the run was killed while writing it) is left out and
     said once."""
+    if os.path.isdir(path):
+        log = os.path.join(path, "log.jsonl")
+        hint = f"give {log}" if os.path.isfile(log) else "give the out_dir/log.jsonl of a run"
+        raise SystemExit(f"error: log '{path}' is a folder: {hint}")
     if not os.path.isfile(path):
         raise SystemExit(f"error: log '{path}' not found: give the out_dir/log.jsonl of a run")
     with open(path, errors="replace") as f:
@@ -1376,7 +1393,9 @@ def read_log(path):
         try:
             record = json.loads(line)
         except ValueError:
-            if number < len(lines):
+            # cut short: the last line, after a record or begun as one
+            cut_short = number == len(lines) and (records or line.lstrip().startswith("{"))
+            if not cut_short:
                 raise SystemExit(f"error: {path}, line {number} is not JSON: give the log.jsonl "
                                  f"of train_md.py, finetune.py or train_vqkd.py") from None
             print(f"warning: {path}: the last line is cut short (the run stopped while writing "
@@ -1645,13 +1664,35 @@ CLAIMS = [
 ]
 
 
+def students_of(metrics, finetunes):
+    """[(label, T)] of every label md_T or ft_md_T among the analysed models and the fine-tuning
+    runs, in order of appearance"""
+    labels = [l for entries in metrics.values() for l in entries] + list(finetunes)
+    return [(l, l[len(prefix):]) for l in labels for prefix in ("md_", "ft_md_")
+            if l.startswith(prefix) and len(l) > len(prefix)]
+
+
 def teachers_of(metrics, finetunes):
     """the teachers T of the run, in order of appearance: every T of an MD student md_T or of its
-    fine-tune ft_md_T among the analysed models and the fine-tuning runs (a claim whose other model
-    is missing is then counted as not tested, not dropped)"""
-    labels = [l for entries in metrics.values() for l in entries] + list(finetunes)
-    found = [l[len(prefix):] for l in labels for prefix in ("md_", "ft_md_") if l.startswith(prefix)]
-    return list(dict.fromkeys(t for t in found if t))
+    fine-tune ft_md_T where T is a teacher of experiments/paper.sh (clip, dino, deit, embedded) or
+    the label of a model of the run (T or ft_T); a claim whose other model is missing is then
+    counted as not tested, not dropped. md_student (--labels=teacher,md_student) names none."""
+    labels = {l for entries in metrics.values() for l in entries} | set(finetunes)
+    known = set(OFFICIAL) | {"embedded"} | labels
+    known |= {l[len("ft_"):] for l in labels if l.startswith("ft_")}
+    return list(dict.fromkeys(t for _, t in students_of(metrics, finetunes) if t in known))
+
+
+def unnamed_students(metrics, finetunes):
+    """one line on the labels md_X or ft_md_X whose X is no teacher ('' if none)"""
+    teachers = teachers_of(metrics, finetunes)
+    unnamed = list(dict.fromkeys(l for l, t in students_of(metrics, finetunes)
+                                 if t not in teachers))
+    if not unnamed:
+        return ""
+    return (f"the labels {', '.join(unnamed)} name no teacher and are left out of the claims: "
+            "the claims compare a teacher T (clip, dino, deit, embedded, or a model labelled T) "
+            "with its MD student md_T, and ft_T with ft_md_T (e.g. --labels=embedded,md_embedded)")
 
 
 # what a field of another type or an empty list raises in a rule
@@ -1748,6 +1789,9 @@ def report_blocks(root, metrics, figures, finetunes, steps):
         doc.append(("p", "No claim tested: the claims compare a teacher T with its MD student md_T "
                          "(or their fine-tunes ft_T and ft_md_T), and no model here is labelled "
                          "md_T or ft_md_T (analyze.py --labels, finetune.py --out_dir)."))
+    unnamed = unnamed_students(metrics, finetunes)
+    if unnamed:
+        doc.append(("p", unnamed[0].upper() + unnamed[1:] + "."))
     summary = [[title] + [next((v for s, _, v in rows if s == t), "") for t in teachers]
                for title, _, _, rows in verdicts]
     doc.append(("table", (["claim"] + teachers, summary)))
@@ -1871,6 +1915,9 @@ def report(args):
         write_atomic(os.path.join(root, name), text)
     print(f"report: {os.path.join(root, 'report.md')} and report.html")
     teachers = teachers_of(metrics, finetunes)
+    unnamed = unnamed_students(metrics, finetunes)
+    if unnamed:
+        print(f"warning: {unnamed}", file=sys.stderr)
     if not teachers:
         print("  no claim tested: no model is labelled md_T or ft_md_T (see report.md)")
     for title, _, _, rows in claim_verdicts(metrics, finetunes, teachers):

@@ -619,7 +619,7 @@ def orthogonalize(w, basis):
     return w
 
 
-def lanczos(hessian, k=2, tol=1e-3, max_iter=100, seed=0):
+def lanczos(hessian, k=2, tol=1e-3, max_iter=100, seed=0, progress=None):
     """the k eigenvalues of largest magnitude and their unit eigenvectors, from one Krylov run:
     q_{j+1} beta_j = H q_j - alpha_j q_j - beta_{j-1} q_{j-1}, alpha_j = q_j^T H q_j, with every
     new q orthogonalized against all the previous ones (full reorthogonalization). A Ritz pair
@@ -632,7 +632,7 @@ def lanczos(hessian, k=2, tol=1e-3, max_iter=100, seed=0):
     (top eigenvalues 10 and 9.8: it stopped on 9.82 for 33 of 40 random starts at tol 1e-3).
     -> dict(values (by magnitude, largest first), vectors (k, P), basis [q_1..q_m], steps,
     residuals, converged, basis_trace = sum of alpha = tr(Q^T H Q), history: the values after
-    every step)"""
+    every step). progress: a tqdm bar (or None), advanced by one per step"""
     g = torch.Generator(device="cpu").manual_seed(seed)
     q = hessian.random(g)[0]
     q = q / q.norm()
@@ -640,6 +640,8 @@ def lanczos(hessian, k=2, tol=1e-3, max_iter=100, seed=0):
     for _ in range(max_iter):
         basis.append(q)
         w = hessian(q)[0]
+        if progress is not None:
+            progress.update(1)
         alphas.append((q @ w).item())
         w = orthogonalize(w, basis)
         beta = w.norm().item()
@@ -692,7 +694,8 @@ def power_iteration(hessian, k=2, tol=1e-3, max_iter=100, seed=0):
     return values, torch.stack(vectors), histories
 
 
-def hutchinson(hessian, samples=50, seed=0, basis=(), basis_trace=0.0, tol=0.0, chunk=None):
+def hutchinson(hessian, samples=50, seed=0, basis=(), basis_trace=0.0, tol=0.0, chunk=None,
+               progress=None):
     """tr H = tr(Q^T H Q) + E[r^T H r], r = v - Q Q^T v, v Rademacher (plain Hutchinson when the
     orthonormal basis Q is empty); basis_trace = tr(Q^T H Q) (Lanczos: the sum of its alphas).
     The samples r^T H r are quadratic forms (`HessianOperator.quadratic`: Taylor mode).
@@ -700,7 +703,7 @@ def hutchinson(hessian, samples=50, seed=0, basis=(), basis_trace=0.0, tol=0.0, 
     samples go in chunks and stop once the standard error is <= tol |estimate| (PyHessian
     stops on the relative change of the running mean instead, which a lucky pair can end).
     Vectors go `chunk` at a time through each batch's graph (default: 10 with tol, else as many
-    as fit in 1 GiB of float32)."""
+    as fit in 1 GiB of float32). progress: a tqdm bar (or None), advanced by one per sample."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     chunk = chunk or (10 if tol > 0 else max(1, 2 ** 28 // hessian.size))
     Q = torch.stack(list(basis)) if len(basis) else None  # (m, P)
@@ -710,6 +713,8 @@ def hutchinson(hessian, samples=50, seed=0, basis=(), basis_trace=0.0, tol=0.0, 
         if Q is not None:  # r = v - Q Q^T v (the basis is orthonormal)
             v -= (v @ Q.T) @ Q
         estimates += hessian.quadratic(v).tolist()
+        if progress is not None:
+            progress.update(len(v))
         t = torch.tensor(estimates, dtype=torch.float64)
         stderr = t.std().item() / math.sqrt(len(t)) if len(t) > 1 else float("nan")
         mean = basis_trace + t.mean().item()
@@ -719,7 +724,8 @@ def hutchinson(hessian, samples=50, seed=0, basis=(), basis_trace=0.0, tol=0.0, 
 
 
 def curvature(model, batches, k=2, tol=1e-3, max_iter=100, trace_products=50, trace_tol=0.0,
-              seed=0, keep_graphs=False, loss_fn=cross_entropy, trace_samples=None):
+              seed=0, keep_graphs=False, loss_fn=cross_entropy, trace_samples=None,
+              progress=None):
     """top-k eigenvalues by Lanczos, then the trace by Hutchinson deflated with the same Krylov
     basis. trace_products counts every product the trace rests on: the m Lanczos steps (shared
     with the eigenvalues, no extra cost) and trace_products - m Rademacher samples (at least 2,
@@ -729,13 +735,18 @@ def curvature(model, batches, k=2, tol=1e-3, max_iter=100, trace_products=50, tr
     -> dict(eigenvalues, vectors (per-parameter tensors, one list per eigenvalue), trace,
     trace_stderr, trace_samples, lanczos_steps, converged, residuals ||H y - lambda y||, products
     (Hessian-vector products), forms (quadratic forms by Taylor mode; 0 where the model has an
-    op without a rule: the samples were products then), passes)"""
+    op without a rule: the samples were products then), passes). progress: a tqdm bar (or None)
+    that counts the Lanczos steps and the trace samples; its total is set to their number once
+    the Lanczos run has stopped"""
     hessian = HessianOperator(model, batches, loss_fn, keep_graphs)
-    eig = lanczos(hessian, k, tol, max_iter, seed)
+    eig = lanczos(hessian, k, tol, max_iter, seed, progress)
     samples = trace_samples or max(trace_products - eig["steps"], 2)
+    if progress is not None:
+        progress.total = eig["steps"] + samples
+        progress.refresh()
     # the trace's own draws; a generator takes seeds below 2**64, and any seed may be given
     trace, stderr, used = hutchinson(hessian, samples, (seed + 1) % 2 ** 64, eig["basis"],
-                                     eig["basis_trace"], trace_tol)
+                                     eig["basis_trace"], trace_tol, progress=progress)
     return dict(eigenvalues=eig["values"], vectors=[hessian.unflat(v) for v in eig["vectors"]],
                 trace=trace, trace_stderr=stderr, trace_samples=used, lanczos_steps=eig["steps"],
                 converged=eig["converged"], residuals=eig["residuals"], products=hessian.products,
@@ -749,9 +760,10 @@ def mean_loss(model, batches, loss_fn=cross_entropy):
 
 
 @torch.no_grad()
-def loss_landscape(model, batches, directions, span=0.5, steps=21, loss_fn=cross_entropy):
+def loss_landscape(model, batches, directions, span=0.5, steps=21, loss_fn=cross_entropy,
+                   progress=None):
     """loss at theta + a d1 + b d2 on a steps x steps grid of a, b in [-span, span]
-    -> (coords, grid[a][b])"""
+    -> (coords, grid[a][b]); progress: a tqdm bar (or None), advanced by one per grid point"""
     params = list(trainable(model).values())
     theta = [p.detach().clone() for p in params]
     coords = torch.linspace(-span, span, steps).tolist()
@@ -763,6 +775,8 @@ def loss_landscape(model, batches, directions, span=0.5, steps=21, loss_fn=cross
                 for p, t, d1, d2 in zip(params, theta, *directions):
                     p.copy_(t + a * d1 + b * d2)
                 row.append(mean_loss(model, batches, loss_fn))
+                if progress is not None:
+                    progress.update(1)
             grid.append(row)
     finally:
         for p, t in zip(params, theta):

@@ -737,3 +737,67 @@ def test_fourier_summary_takes_the_highest_frequency_after_each_block():
     assert s["per_layer"] == [-12.0, -14.0] and s["embedding"] == -10.0
     assert s["frequencies_pi"] == pytest.approx([0.0, 0.25, 0.5, 0.75])
     assert s["points"] == ["embedding", "block 1", "block 2"] and s["depth"] == [0, 1, 2]
+
+
+def test_a_first_line_that_is_not_json_is_said_as_such(tmp_path):
+    """a text file holding 'hi' (before: 'the last line is cut short ... read the 0 records', then
+    'holds no records yet'); a cut-short last line is only one after a record or begun as one"""
+    import analyze
+    text = tmp_path / "notes.txt"
+    text.write_text("hi\n")
+    with pytest.raises(SystemExit) as e:
+        analyze.main(["--metric=curves", str(text), f"--out={tmp_path / 'out'}"])
+    assert str(e.value) == (f"error: {text}, line 1 is not JSON: give the log.jsonl of "
+                            "train_md.py, finetune.py or train_vqkd.py")
+    begun = tmp_path / "begun.jsonl"  # a run killed while writing its first record
+    begun.write_text('{"iter": 1, "lo')
+    with pytest.raises(SystemExit, match="holds no records yet"):
+        analyze.main(["--metric=curves", str(begun), f"--out={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_folder_given_for_its_log_is_said_to_be_a_folder(tmp_path):
+    """before: "log 'out/run' not found" for a folder that exists"""
+    import analyze
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(SystemExit) as e:
+        analyze.main(["--metric=curves", str(run)])
+    assert str(e.value) == (f"error: log '{run}' is a folder: give the out_dir/log.jsonl of a run")
+    (run / "log.jsonl").write_text('{"iter": 1, "loss": 1.0}\n')
+    with pytest.raises(SystemExit) as e:
+        analyze.main(["--metric=curves", str(run)])
+    assert str(e.value) == f"error: log '{run}' is a folder: give {run / 'log.jsonl'}"
+
+
+def test_no_metric_asks_for_one():
+    """before: "error: unknown metric ''" """
+    import analyze
+    with pytest.raises(SystemExit) as e:
+        analyze.parse_args(["embedded"])
+    assert str(e.value).startswith("error: give --metric=NAME (one of attn_map, attn_distance,")
+
+
+def test_report_leaves_out_labels_that_name_no_teacher(tmp_path, capsys):
+    """the README's --labels=teacher,md_student and md_finetuned (before: teachers 'student' and
+    'finetuned', every claim 'not tested'): no teacher, said once; md_T of a teacher analyze.py
+    knows, or of one labelled T or ft_T in the run, still names T"""
+    import analyze
+    entry = dict(per_layer=[10.0, 8.0, 6.0], per_head=[[10.0]] * 3)
+    figures = tmp_path / "out" / "figures"
+    figures.mkdir(parents=True)
+    models = dict(teacher=entry, md_student=entry)
+    (figures / "attn_distance.json").write_text(
+        json.dumps(dict(metric="attn_distance", settings={}, models=models)))
+    hessian = dict(md_finetuned=dict(eigenvalues=[5.0], trace=9.0))
+    (figures / "hessian.json").write_text(
+        json.dumps(dict(metric="hessian", settings={}, models=hessian)))
+    analyze.main(["--metric", "report", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert "(student)" not in captured.out and "(finetuned)" not in captured.out
+    assert "no claim tested" in captured.out
+    assert captured.err.count("md_student, md_finetuned name no teacher") == 1
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "Teachers: none found" in markdown and "md_finetuned name no teacher" in markdown
+    metrics = dict(attn_distance=dict.fromkeys(["md_embedded", "x", "md_x", "md_y"], entry))
+    assert analyze.teachers_of(metrics, {"ft_y": {}, "ft_md_z": {}}) == ["embedded", "x", "y"]

@@ -317,3 +317,31 @@ def test_landscape_axes_are_the_top_eigenvectors(tiny_data, tiny_teacher, tmp_pa
     assert along_a == pytest.approx(entry["eigenvalues"][0], rel=2e-2)
     assert along_b == pytest.approx(entry["eigenvalues"][1], rel=2e-2)
     assert grid[1][1] == pytest.approx(entry["center_loss"], rel=1e-6)
+
+
+def test_progress_bars_count_the_products_and_the_grid_points():
+    """the bars of --metric hessian and landscape (before: minutes with nothing shown): the
+    Lanczos steps and trace samples, counted apart on the operator as products and quadratic
+    forms, and the grid's steps x steps points"""
+    import io
+
+    from tqdm import tqdm
+
+    from hessian import curvature, loss_landscape
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 3))
+    batches = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(2)]
+    shown = io.StringIO()
+    bar = tqdm(total=100, file=shown)  # curvature sets the total once Lanczos has stopped
+    r = curvature(model, batches, k=2, max_iter=6, trace_products=15, progress=bar)
+    steps, samples = r["lanczos_steps"], r["trace_samples"]
+    assert steps >= 2 and samples >= 2 and steps + samples == 15
+    assert bar.n == bar.total == r["products"] + r["forms"] == steps + samples
+    bar.close()
+    assert "15/15" in shown.getvalue()
+    shown = io.StringIO()
+    bar = tqdm(total=4 * 4, file=shown)
+    coords, grid = loss_landscape(model, batches, r["vectors"], span=0.1, steps=4, progress=bar)
+    assert bar.n == 4 * 4 == len(coords) * len(grid[0])
+    bar.close()
+    assert "16/16" in shown.getvalue()
