@@ -54,7 +54,8 @@ DEFAULTS = dict(
     batch_size=16,      # images per forward
     out="out/analysis",  # where NAME.json and NAME.png go
     labels="",          # comma-separated legend labels, one per CKPT (default: file or
-                        # teacher names; folder names where two files share a name)
+                        # teacher names; the folder's name for a run's ckpt.pt, and
+                        # where two files share a name)
     layer=-1,           # attn_map: block whose attention is shown (-1 = last)
     queries="",         # attn_map: comma-separated query patch indices (default: 3 spread
                         # over the grid)
@@ -1303,13 +1304,20 @@ def attention_request(opts, cfg, label):
     return dict(layer=opts["layer"] % cfg.depth, queries=queries, images=opts["map_images"])
 
 
+# the names the training scripts give their files in out_dir: a run is known by its folder
+RUN_FILE_NAMES = ("ckpt", "tokenizer", "log", "sharpness")
+
+
 def default_labels(models):
-    """a checkpoint file's name without its extension, a teacher's name as given; the files'
-    folder names where two files have the same name (out/md/ckpt.pt, out/ft/ckpt.pt)"""
+    """a checkpoint file's name without its extension, a teacher's name as given; the folder's
+    name for a run's own file (out/md_embedded/ckpt.pt: md_embedded), and for all files where two
+    have the same name (out/md/a.pt, out/ft/a.pt)"""
     names = [os.path.splitext(os.path.basename(m))[0] if os.path.isfile(m) else m for m in models]
     folders = [os.path.basename(os.path.dirname(os.path.abspath(m))) if os.path.isfile(m) else m
                for m in models]
-    return folders if len(set(names)) < len(names) and len(set(folders)) == len(folders) else names
+    if len(set(names)) < len(names) and len(set(folders)) == len(folders):
+        return folders
+    return [folder if name in RUN_FILE_NAMES else name for name, folder in zip(names, folders)]
 
 
 def read_sharpness(path):

@@ -486,6 +486,18 @@ def test_images_that_cannot_be_read_stop_with_one_line(tiny_teacher, tiny_data, 
         "error: the image-level spectrum needs at least 2 images; only 1 of the 7 chosen could be read")
 
 
+def test_default_label_of_a_runs_own_file_is_its_folder(tmp_path):
+    """real files: a run's ckpt.pt or sharpness.json is known by its folder (before: 'ckpt'),
+    another file by its own name, a teacher by the name given"""
+    from analyze import default_labels
+    for path in ("md_embedded/ckpt.pt", "ft_md/sharpness.json", "models/vitb.pt"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(b"")
+    models = [str(tmp_path / "md_embedded" / "ckpt.pt"), "embedded", str(tmp_path / "models/vitb.pt")]
+    assert default_labels(models) == ["md_embedded", "embedded", "vitb"]
+    assert default_labels([str(tmp_path / "ft_md" / "sharpness.json")]) == ["ft_md"]
+
+
 def test_default_labels_of_files_with_one_name_are_their_folders(tiny_teacher, tiny_data, tmp_path):
     """out/md/ckpt.pt and out/ft/ckpt.pt; finetune.py's sharpness.json of two runs (the README's
     command); a JSON that is not such a log; --out that is a file, for curves as well"""
@@ -576,7 +588,7 @@ def test_written_json_is_strict_json(tmp_path):
     assert strict_json(tmp_path / "curves.json")["models"]["run"]["loss"]["value"] == [2.3, None]
     result = run_analyze(["--metric=sharpness", str(tmp_path / "run" / "sharpness.json"), f"--out={tmp_path}"])
     assert result.returncode == 0, result.stderr[-1000:]
-    last = strict_json(tmp_path / "sharpness.json")["models"]["sharpness"][1]
+    last = strict_json(tmp_path / "sharpness.json")["models"]["run"][1]  # the run's folder
     assert last == dict(iter=10, eigenvalue=None, trace=None, trace_stderr=None)
     # --out the fine-tune's own folder: the figure's sharpness.json would replace the log it reads
     logged = (tmp_path / "run" / "sharpness.json").read_bytes()
