@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from analyze import (IMAGENET_16, condition_key, human_trials, ood_scores, ood_summary,
-                     short_image_name)
+from analyze import (IMAGENET_16, OOD_CONDITIONS, OOD_DATASETS, OOD_EXCLUDED, condition_key,
+                     human_trials, ood_scores, ood_summary, short_image_name)
 from data import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -453,3 +453,123 @@ def test_ood_summary_is_the_mean_over_datasets():
     assert summary["mean_accuracy"] == pytest.approx(0.7, abs=1e-12)
     assert summary["mean_error_consistency"] == pytest.approx(0.3, abs=1e-12)
     assert summary["datasets_found"] == 4 and summary["datasets_with_humans"] == 3
+
+
+# ----------------------------------------------------------------------------------------
+# model-vs-human's conditions, exclusions and CSV columns, against its own code
+
+# modelvshuman/datasets/experiments.py: data_conditions of the 12 parametric datasets, in order
+MVH_DATA_CONDITIONS = {
+    "colour": ["cr", "bw"],
+    "contrast": ["c100", "c50", "c30", "c15", "c10", "c05", "c03", "c01"],
+    "high-pass": ["inf", "3.0", "1.5", "1.0", "0.7", "0.55", "0.45", "0.4"],
+    "low-pass": ["0", "1", "3", "5", "7", "10", "15", "40"],
+    "phase-scrambling": ["0", "30", "60", "90", "120", "150", "180"],
+    "power-equalisation": ["0", "pow"],
+    "false-colour": ["True", "False"],
+    "rotation": ["0", "90", "180", "270"],
+    "eidolonI": ["1-10-10", "2-10-10", "4-10-10", "8-10-10", "16-10-10", "32-10-10",
+                 "64-10-10", "128-10-10"],
+    "eidolonII": ["1-3-10", "2-3-10", "4-3-10", "8-3-10", "16-3-10", "32-3-10", "64-3-10",
+                  "128-3-10"],
+    "eidolonIII": ["1-0-10", "2-0-10", "4-0-10", "8-0-10", "16-0-10", "32-0-10", "64-0-10",
+                   "128-0-10"],
+    "uniform-noise": ["0.0", "0.03", "0.05", "0.1", "0.2", "0.35", "0.6", "0.9"],
+}
+# modelvshuman/plotting/plot.py: EXCLUDE_CONDITIONS
+MVH_EXCLUDE_CONDITIONS = {
+    "colour": ["cr"], "contrast": ["c100", "c03", "c01"],
+    "high-pass": ["inf", "0.55", "0.45", "0.4"], "low-pass": ["0", "15", "40"],
+    "phase-scrambling": ["0", "150", "180"], "power-equalisation": ["0"],
+    "false-colour": ["True"], "rotation": ["0"],
+    "eidolonI": ["1-10-10", "64-10-10", "128-10-10"],
+    "eidolonII": ["1-3-10", "32-3-10", "64-3-10", "128-3-10"],
+    "eidolonIII": ["1-0-10", "16-0-10", "32-0-10", "64-0-10", "128-0-10"],
+    "uniform-noise": ["0.0", "0.6", "0.9"],
+}
+
+
+def test_conditions_and_exclusions_are_model_vs_humans():
+    """experiments.py's data_conditions and plot.py's EXCLUDE_CONDITIONS, reproduced from
+    model-vs-human; each excluded condition is one of its dataset's (plot.py's own assert)"""
+    assert {d: c for d, (_, c) in OOD_CONDITIONS.items()} == MVH_DATA_CONDITIONS
+    assert OOD_EXCLUDED == MVH_EXCLUDE_CONDITIONS
+    for dataset, excluded in OOD_EXCLUDED.items():
+        assert set(excluded) < set(OOD_CONDITIONS[dataset][1]), dataset
+    assert set(OOD_CONDITIONS) < set(OOD_DATASETS) and len(OOD_DATASETS) == 17
+
+
+def test_numeric_conditions_are_excluded_as_pandas_reads_them():
+    """uniform-noise by hand: plot.py leaves out 0.0, 0.6, 0.9, compared as pandas reads numbers
+    ('0' = '0.0'). The model is right on 4/4 trials at 0.0, 2/4 at 0.1, 0/4 at 0.6 and at 0.9:
+    accuracy 2/4, 6/16 over all trials. The human is right on 4/4, 3/4 (the model's 2 and one
+    more), 0/4, 0/4: at 0.1 p1 = 1/2, p2 = 3/4, c_obs = 3/4, c_exp = 1/2, kappa = 1/2; the
+    others (kappa 1 each) are out"""
+    right = {"0.0": [1, 1, 1, 1], "0.1": [1, 1, 0, 0], "0.6": [0, 0, 0, 0], "0.9": [0, 0, 0, 0]}
+    human = {"0": [1, 1, 1, 1], "0.10": [1, 1, 1, 0], "0.6": [0, 0, 0, 0], "0.90": [0, 0, 0, 0]}
+    model_trials, human_rows = [], []
+    for (condition, hits), (written, human_hits) in zip(right.items(), human.items()):
+        for k, (hit, human_hit) in enumerate(zip(hits, human_hits)):
+            image = f"n02123045_{len(model_trials)}.png"
+            name = f"{len(model_trials):04d}_nse_dnn_{condition}_cat_00_{image}"
+            model_trials.append((name, condition, "cat", "cat" if hit else "dog"))
+            human_rows.append((f"{len(human_rows):04d}_nse_s01_{written}_cat_00_{image}",
+                               written, "cat", "cat" if human_hit else "dog"))
+    humans = {"subject-01": ("uniform-noise_subject-01_session_1.csv", human_rows)}
+    r = ood_scores("uniform-noise", model_trials, humans)
+    assert r["accuracy"] == pytest.approx(2 / 4, abs=1e-12)
+    assert r["accuracy_all_trials"] == pytest.approx(6 / 16, abs=1e-12)
+    assert r["error_consistency"] == pytest.approx(1 / 2, abs=1e-12)
+    assert r["excluded_conditions"] == ["0.0", "0.6", "0.9"]
+
+
+def test_conditions_are_named_and_ordered_as_experiments_py():
+    """trials in any order, with conditions written as a human CSV has them ('3' for high-pass's
+    '3.0'), are reported per condition in experiments.py's order and under its names; accuracy per
+    condition by hand: condition i of 8 has i + 1 trials, the first of them right"""
+    for dataset, written in (("low-pass", ["0", "1", "3", "5", "7", "10", "15", "40"]),
+                             ("high-pass", ["inf", "3", "1.5", "1", "0.7", "0.55", "0.45", ".4"])):
+        trials = []
+        for i, condition in enumerate(written):  # condition i in the benchmark's order
+            for k in range(i + 1):
+                trials.append((f"{len(trials):04d}_x_dnn_{condition}_cat_00_n0_{k}-{i}.png",
+                               condition, "cat", "cat" if k == 0 else "dog"))
+        r = ood_scores(dataset, trials[::-1])
+        expected = {c: 1 / (i + 1) for i, c in enumerate(MVH_DATA_CONDITIONS[dataset])}
+        assert list(r["accuracy_per_condition"]) == list(expected)
+        assert r["accuracy_per_condition"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_human_csv_column_names_in_any_case(tmp_path):
+    """model-vs-human lowers every column name as it reads a CSV (plotting_helper.py,
+    read_all_csv_files_from_directory): a header 'Subj,ImageName,...' reads as the lower-case
+    one; the trials are those written here by hand"""
+    rows = [("subject-01", "0001_cl_s01_bw_cat_40_n02123045_1.png", "bw", "cat", "dog"),
+            ("subject-01", "0002_cl_s01_cr_oven_40_n04111531_2.png", "cr", "oven", "oven")]
+    folder = tmp_path / "colour"
+    folder.mkdir()
+    path = folder / "colour_subject-01_session_1.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Subj", "ImageName", "Condition", "Category", "Object_Response"])
+        writer.writerows(rows)
+    assert human_trials(str(folder)) == {"subject-01": (str(path), [r[1:] for r in rows])}
+
+
+def test_a_subjects_sessions_are_one_observer(tmp_path):
+    """model-vs-human concatenates every CSV of a dataset folder and selects a subject by its subj
+    column (plotting_helper.py, read_all_csv_files_from_directory; analyses.py): a subject's two
+    session files give all its trials, here written by hand, the first file's first"""
+    folder = tmp_path / "sketch"
+    folder.mkdir()
+    header = ["subj", "imagename", "condition", "category", "object_response"]
+    sessions = [[("0001_ske_s01_0_dog_00_dog-1-sketch-1.png", "0", "dog", "dog"),
+                 ("0002_ske_s01_0_cat_00_cat-2-sketch-3.png", "0", "cat", "bear")],
+                [("0001_ske_s01_0_car_00_car-5-sketch-2.png", "0", "car", "car")]]
+    for n, rows in enumerate(sessions, 1):
+        with open(folder / f"sketch_subject-01_session_{n}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([header, *[("subject-01", *r) for r in rows]])
+    first = str(folder / "sketch_subject-01_session_1.csv")
+    assert human_trials(str(folder)) == {"subject-01": (first, sessions[0] + sessions[1])}
+    # get_short_imagename keeps the field before the last only for an ImageNet synset ('n0...')
+    assert short_image_name("0001_sty_s01_0_cat_00_night_cat1-dog2.png") == "cat1-dog2.png"
