@@ -277,8 +277,12 @@ def accumulation_steps(total_batch_size, micro_batch_size, world_size):
     """Gradient accumulation from the total batch: total = micro x world x accum, exactly."""
     per_step = micro_batch_size * world_size
     if total_batch_size % per_step:
+        # the same recipe with a smaller micro-batch: the largest one that divides exactly
+        fits = [m for m in range(micro_batch_size, 0, -1) if total_batch_size % (m * world_size) == 0]
+        keep = f", or keep it with --micro_batch_size={fits[0]}" if fits else ""
         raise SystemExit(f"error: total_batch_size {total_batch_size} is not divisible by micro_batch_size x "
-                         f"world size = {micro_batch_size} x {world_size}: choose a multiple of {per_step}")
+                         f"world size = {micro_batch_size} x {world_size}: choose a multiple of {per_step}"
+                         f"{keep}")
     return total_batch_size // per_step
 
 
@@ -997,6 +1001,11 @@ class Meter:
             text += f", MFU {numbers['mfu']:.1f}%"
         self.t0, self.iter_num = time.time(), iter_num
         return text, numbers
+
+    def leave_out(self, seconds):
+        """time spent between steps on other work (evaluation, the sharpness, a checkpoint) is not
+        counted in the interval's ms/iter and img/s"""
+        self.t0 += seconds
 
 
 def lost_worker_line(error):

@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import sys
+import time
 from dataclasses import replace
 
 import torch
@@ -543,6 +544,7 @@ def main():
                     record["loss_scale"] = scaler.get_scale()
                 append_jsonl(log_path, record, wandb_run)
             skipped = images_read = 0
+        between_steps = time.time()  # evaluation, sharpness, checkpoint: not in ms/iter
         if hessian_every and iter_num % hessian_every == 0 and ctx.master:
             bar.write(log_sharpness())
         # a stop signal seen by any rank: all ranks save this finished step together, then stop
@@ -566,6 +568,7 @@ def main():
                 raise SystemExit(no_val_image())
             # a signal during the evaluation or the save: this step is saved, the run stops here
             stop = stop or (ctx.any_rank(bool(stop_signal)) and iter_num < end_iter)
+        meter.leave_out(time.time() - between_steps)
         if stop:
             bar.close()
             signal_name, exit_code = stopped_by(stop_signal, ctx)

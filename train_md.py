@@ -20,6 +20,7 @@ if SIGINT_AT_START is signal.default_int_handler:  # Ctrl-C while torch loads en
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -383,6 +384,7 @@ def main():
                     record["loss_scale"] = scaler.get_scale()
                 append_jsonl(log_path, record, wandb_run)
             skipped = images_read = 0
+        between_steps = time.time()  # evaluation and checkpoint: not in ms/iter
         # a stop signal seen by any rank: all ranks save this finished step together, then stop
         stop = ctx.any_rank(bool(stop_signal)) and iter_num < end_iter
         at_eval = iter_num % eval_interval == 0 or iter_num == end_iter
@@ -408,6 +410,7 @@ def main():
                                  f"{then} (checkpoint {ckpt_path})")
             # a signal during the evaluation or the save: this step is saved, the run stops here
             stop = stop or (ctx.any_rank(bool(stop_signal)) and iter_num < end_iter)
+        meter.leave_out(time.time() - between_steps)
         if stop:
             bar.close()
             signal_name, exit_code = stopped_by(stop_signal, ctx)

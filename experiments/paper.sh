@@ -26,7 +26,8 @@ cd "$(dirname "$0")/.."
 
 SCALE=${1:-}
 if [ -z "$SCALE" ] || [ ! -f "experiments/scales/$SCALE.sh" ]; then
-  echo "error: usage: experiments/paper.sh SCALE, with SCALE one of:" \
+  unknown=${SCALE:+"unknown scale '$SCALE'; "}
+  echo "error: ${unknown}usage: experiments/paper.sh SCALE, with SCALE one of:" \
        $(ls experiments/scales | sed 's/\.sh$//') >&2
   exit 1
 fi

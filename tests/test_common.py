@@ -109,6 +109,22 @@ def test_accumulation_steps_is_total_over_micro_times_world():
     assert accumulation_steps(96, 8, 3) == 4
     with pytest.raises(SystemExit, match="not divisible by micro_batch_size x world size = 64 x 3"):
         accumulation_steps(512, 64, 3)
+    # the largest micro-batch m <= 128 with 128 % (2 m) == 0 is 64 (a config's batch on 2 processes)
+    with pytest.raises(SystemExit, match=r"multiple of 256, or keep it with --micro_batch_size=64$"):
+        accumulation_steps(128, 128, 2)
+    # 512 = 2^9 is no multiple of 3 m for any m: no micro-batch keeps it
+    with pytest.raises(SystemExit, match=r"choose a multiple of 192$"):
+        accumulation_steps(512, 64, 3)
+
+
+def test_meter_leaves_out_the_time_of_other_work():
+    """an interval of 10 s of which 9.5 s went to an evaluation: 0.5 s over 5 iterations is 100
+    ms/iter and 64 images / 0.5 s = 128 img/s (the calls between add milliseconds, not seconds)"""
+    meter = Meter(flops_per_image=1.0, peak=None)
+    meter.t0 -= 10.0
+    meter.leave_out(9.5)
+    _, numbers = meter.read(5, 64)
+    assert 100 <= numbers["ms_per_iter"] < 150 and 85 < numbers["img_per_s"] <= 128
 
 
 def test_schedule_lengths_closed_form_and_stop_iter_past_the_end():

@@ -195,3 +195,14 @@ def test_a_stop_signal_reaches_the_step_and_ends_the_script(tmp_path, stop):
     if trained_again:  # the .done time counts both tries (before: the last one only)
         assert int(finished.read_text().split("\t")[0]) >= 1000
         assert not finished.with_suffix(".spent").exists()
+
+
+def test_an_unknown_scale_is_named_beside_the_usage_line():
+    """the scales are the files of experiments/scales/ (listed here by the test itself): a name
+    that is none of them is said to be unknown (before: the usage line alone)"""
+    scales = sorted(name[:-3] for name in os.listdir(os.path.join(ROOT, "experiments", "scales")))
+    r = subprocess.run(["bash", "experiments/paper.sh", "bogus"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.splitlines() == [f"error: unknown scale 'bogus'; usage: experiments/paper.sh "
+                                     f"SCALE, with SCALE one of: {' '.join(scales)}"]

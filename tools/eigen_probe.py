@@ -7,6 +7,7 @@ about 2 minutes on an H200:
     PYTHONPATH=. python tools/eigen_probe.py
 """
 import math
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -140,6 +141,9 @@ def probe(size, M, C, depth, B=64):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] or not torch.cuda.is_available():
+        raise SystemExit("error: usage: PYTHONPATH=. python tools/eigen_probe.py (no arguments) on a "
+                         "machine with a CUDA GPU")
     print("torch", torch.__version__, "on", torch.cuda.get_device_name(), "with", CORES, "host cores")
     probe("tiny/4", 64, 96, 6)
     probe("B/16", 196, 768, 12)

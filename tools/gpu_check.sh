@@ -16,6 +16,11 @@
 # --gpu (e.g. "--batch=128 --steps=10"). Logs go to $OUT (env.txt, analysis.txt, tests.txt,
 # bench.txt); the rows and the test results are printed again at the end. No network.
 set -u
+if [ $# -gt 0 ] || ! nvidia-smi -L > /dev/null 2>&1; then  # it takes no arguments; a GPU is needed
+  echo "error: usage: OUT=DIR bash tools/gpu_check.sh (no arguments) on a machine with a CUDA GPU" \
+       "(nvidia-smi -L lists it); settings are environment variables, see the comment above" >&2
+  exit 1
+fi
 OUT=${OUT:-out/gpu_check}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
