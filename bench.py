@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import peak_flops, print_help
+from common import option_error, peak_flops, print_help
 from data import TrainTransform, load_image
 from data.masks import BEIT_RATIO, MaskGenerator
 from hessian import (HessianOperator, cross_entropy, curvature, hutchinson, keep_freed_memory, lanczos,
                      power_iteration)
-from model import DecoderHead, MDStudent, ViT, ViTConfig
+from model import PRESETS, DecoderHead, MDStudent, ViT, ViTConfig
 from teacher import Teacher, Whitening
 from train_md import md_loss
 
@@ -38,7 +38,7 @@ if "sizes" in args:
     SIZES = args["sizes"].split(",")
 else:
     SIZES = ["tiny/4"] if QUICK else ["tiny/4", "Ti/16", "S/16", "B/16"]
-STEPS = int(args.get("steps", 3))
+STEPS = int(args["steps"]) if args.get("steps", "").isdigit() else 3  # checked in bench_option_error
 rows = []
 
 
@@ -742,8 +742,8 @@ def gib(x):
 def gpu_main():
     """python bench.py --gpu [--sizes=B/16] [--batch=64,128] [--steps=20] [--device=cuda]"""
     if not DEVICE.startswith("cuda") and "device" not in args:
-        print(f"bench.py --gpu: no CUDA device (torch {torch.__version__}), nothing measured")
-        return
+        raise SystemExit(f"error: bench.py --gpu: no CUDA device (torch {torch.__version__}), "
+                         "nothing measured")
     size = args.get("sizes", "B/16")
     batches = sorted({int(b) for b in args.get("batch", "64,128").split(",")}, reverse=True)
     steps = int(args.get("steps", 20))
@@ -831,12 +831,32 @@ def gpu_main():
 
 OPTIONS = ("quick", "analysis", "gpu", "sizes", "device", "steps", "batch", "counts")
 
+
+def bench_option_error():
+    """the first option value that cannot work, as one line, or None"""
+    def counts(raw):  # "4" or "64,128"
+        return all(b.isdigit() and int(b) >= 1 for b in raw.split(","))
+
+    unknown_sizes = [size for size in args.get("sizes", "").split(",") if size and size not in PRESETS]
+    return option_error(dict(device=args.get("device", "auto")), [
+        (counts(args.get("steps", "1")) and "," not in args.get("steps", ""),
+         f"--steps={args.get('steps')} must be an integer >= 1"),
+        (counts(args.get("batch", "1")),
+         f"--batch={args.get('batch')} must be integers >= 1, comma-separated"),
+        (not unknown_sizes, f"unknown model size '{unknown_sizes and unknown_sizes[0]}': choose "
+                            f"one or more of {', '.join(PRESETS)}, comma-separated"),
+    ])
+
+
 if __name__ == "__main__":
     unknown = [a for a in sys.argv[1:] if not a.startswith("--") or a[2:].split("=")[0] not in OPTIONS]
     if unknown and unknown[0] in ("-h", "--help"):
         print_help(__doc__.strip())
     if unknown:
         raise SystemExit(f"error: unknown option '{unknown[0]}': python bench.py --help lists them")
+    problem = bench_option_error()
+    if problem:
+        raise SystemExit(f"error: {problem}")
     if "gpu" in args:
         gpu_main()
     elif "analysis" in args:

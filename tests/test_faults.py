@@ -533,6 +533,21 @@ def test_bench_help_and_an_unknown_option_start_no_benchmark():
     assert typo.stderr == "error: unknown option '--qick': python bench.py --help lists them\n"
 
 
+@pytest.mark.parametrize("option, line", [
+    ("--steps=abc", "error: --steps=abc must be an integer >= 1"),  # before: a traceback on import
+    ("--steps=0", "error: --steps=0 must be an integer >= 1"),  # before: nan rows, then a traceback
+    ("--batch=64,x", "error: --batch=64,x must be integers >= 1, comma-separated"),
+    ("--sizes=tiny/4,huge/99", "error: unknown model size 'huge/99': choose one or more of"),
+    ("--device=tpu", "error: --device=tpu is not a device: use auto, cpu, cuda or cuda:N"),
+])
+def test_bench_option_values_are_checked_before_any_benchmark(option, line):
+    """a value bench.py cannot use is one line on stderr, exit 1, nothing measured"""
+    r = subprocess.run([sys.executable, "bench.py", "--quick", option], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(line), r.stderr
+
+
 def test_analyze_out_on_a_read_only_filesystem_says_so(tmp_path, tiny_teacher):
     """a real read-only mount as --out's parent: the reason is the filesystem's (before: "Permission
     denied", fixed in the message)"""
