@@ -1629,6 +1629,8 @@ def better_baseline(metrics, finetunes, t):
                f"{fd} (lr {high['config']['lr']:.3g}) {high['top1']:.2f}%{stopped_early(high)}")
     if t != "clip":
         numbers += f" (stand-in: {t} for CLIP)"
+    if stopped_early(direct) or stopped_early(high):  # as finetune.py --summarize's figures
+        return f"{numbers}: a run stopped before the end of its schedule is not judged"
     return numbers, direct["top1"] > high["top1"]
 
 
@@ -1668,7 +1670,8 @@ CLAIMS = [
      "against 82.9% at the higher learning rate of feature distillation (FD) (Sec. 4, Fig. 8b)",
      "val top-1 at the end of fine-tuning; holds if the teacher fine-tuned with the recipe's lr "
      "(ft_T) beats the same fine-tune at FD's higher lr (ft_T_fd_lr); tested on CLIP, or on the "
-     "first teacher standing in for it", better_baseline),
+     "first teacher standing in for it; runs stopped before the end of their schedule "
+     "(--stop_iter) are not judged", better_baseline),
 ]
 
 

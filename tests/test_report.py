@@ -112,6 +112,22 @@ CLAIM_TITLES = ("attention distance", "head diversity", "NMI", "Fourier", "token
                 "flatness", "shape bias", "better baseline")
 
 
+def test_better_baseline_of_a_run_stopped_early_is_not_judged(tmp_path):
+    """finetune.py --summarize leaves runs stopped by --stop_iter out of its figures; the report
+    does not judge the better baseline on one either (before: paper.sh smoke's runs, stopped at
+    iteration 2 of 750, gave 'does not hold' on a tie)"""
+    root = str(tmp_path / "run")
+    make_run(root, ("clip",), True)
+    path = os.path.join(root, "ft_clip_fd_lr", "result.json")
+    result = json.load(open(path))
+    write_json(path, result | dict(iter_num=2))
+    analyze.main(["--metric", "report", root])
+    lines = claim_lines(open(os.path.join(root, "report.md")).read())
+    assert lines[("better baseline", "clip")] == (
+        "ft_clip (lr 0.001) 97.00%, ft_clip_fd_lr (lr 0.001) 80.00% (stopped at iteration 2 of "
+        "180): a run stopped before the end of its schedule is not judged", "not tested")
+
+
 @pytest.mark.parametrize("holds, teachers", [(True, ("clip", "dino")), (False, ("embedded",))])
 def test_every_claim_holds_or_fails_as_built(tmp_path, holds, teachers):
     root = str(tmp_path / "run")
