@@ -232,10 +232,12 @@ def print_summary(root):
     axes[0].set(xscale="log", xlabel="learning rate", ylabel="top-1 (%)", title="top-1 vs learning rate (Fig. 8b)")
     axes[1].set(xlabel="frozen blocks (depth = linear probe)", ylabel="top-1 (%)",
                 title="top-1 vs frozen blocks (Fig. 8c), each at its best lr")
+    early = sum(run[-1] for run in runs)  # runs --stop_iter ended: in the table only
+    left_out = f"\n({early} run(s) stopped early left out)" if early else ""
     for ax, option in zip(axes, ("--lr", "--freeze_blocks")):
         if not ax.lines:
-            ax.text(0.5, 0.5, f"no runs to compare:\nfine-tune with several {option}", ha="center", va="center",
-                    transform=ax.transAxes, color="gray")
+            ax.text(0.5, 0.5, f"no runs to compare:\nfine-tune with several {option}{left_out}", ha="center",
+                    va="center", transform=ax.transAxes, color="gray")
         ax.grid(alpha=0.3)
     legend = {}  # one entry per init, below both panels (inside one, it hid points)
     for ax in axes:

@@ -421,6 +421,24 @@ def test_summary_of_a_missing_or_empty_folder_says_which(tmp_path):
         print_summary(str(tmp_path))
 
 
+def test_summary_figure_says_why_a_panel_is_empty_when_runs_stopped_early(tmp_path):
+    """two lrs, both runs stopped by --stop_iter: the figure leaves them out (table only), and the
+    empty panel says so (before: 'fine-tune with several --lr', though there were two)"""
+    import json
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from finetune import print_summary
+    for lr_ in (1e-3, 3e-3):
+        (tmp_path / f"lr{lr_}").mkdir()
+        result = dict(top1=50.0, top5=90.0, best_top1=50.0, iter_num=2, max_iters=750,
+                      config=dict(init="embedded", freeze_blocks=0, lr=lr_))
+        (tmp_path / f"lr{lr_}" / "result.json").write_text(json.dumps(result))
+    print_summary(str(tmp_path))
+    texts = [t.get_text() for ax in plt.gcf().axes for t in ax.texts]
+    plt.close("all")
+    assert texts == [f"no runs to compare:\nfine-tune with several {option}\n(2 run(s) stopped "
+                     "early left out)" for option in ("--lr", "--freeze_blocks")]
+
+
 def test_summary_names_each_init_whole(tmp_path):
     """two MD students whose checkpoint paths differ only near the start: each row shows its whole
     path (before: the last 28 characters, the same for both). The root's name has glob's special
