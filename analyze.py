@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import option_error, print_help, pyplot, save_figure, stopped_early, write_atomic
+from common import (RUN_CHECKPOINTS, option_error, print_help, pyplot, save_figure, stopped_early,
+                    write_atomic)
 from data import (IMAGE_EXTENSIONS, DataError, EvalTransform, ImageFolder, collate, load_image,
                   resolve_data_dir)
 from hessian import HessianOperator, curvature, keep_freed_memory, lanczos, loss_landscape, mean_loss
@@ -1305,7 +1306,7 @@ def attention_request(opts, cfg, label):
 
 
 # the names the training scripts give their files in out_dir: a run is known by its folder
-RUN_FILE_NAMES = ("ckpt", "tokenizer", "log", "sharpness")
+RUN_FILE_NAMES = (*(os.path.splitext(name)[0] for name in RUN_CHECKPOINTS), "log", "sharpness")
 
 
 def default_labels(models):
@@ -1675,10 +1676,15 @@ CLAIMS = [
 ]
 
 
+def run_labels(metrics, finetunes):
+    """the labels of the analysed models and the fine-tuning runs, in order of appearance"""
+    return list(dict.fromkeys([l for entries in metrics.values() for l in entries] + list(finetunes)))
+
+
 def students_of(metrics, finetunes):
     """[(label, T)] of every label md_T or ft_md_T among the analysed models and the fine-tuning
     runs, in order of appearance"""
-    labels = [l for entries in metrics.values() for l in entries] + list(finetunes)
+    labels = run_labels(metrics, finetunes)
     return [(l, l[len(prefix):]) for l in labels for prefix in ("md_", "ft_md_")
             if l.startswith(prefix) and len(l) > len(prefix)]
 
@@ -1688,7 +1694,7 @@ def teachers_of(metrics, finetunes):
     fine-tune ft_md_T where T is a teacher of experiments/paper.sh (clip, dino, deit, embedded) or
     the label of a model of the run (T or ft_T); a claim whose other model is missing is then
     counted as not tested, not dropped. md_student (--labels=teacher,md_student) names none."""
-    labels = {l for entries in metrics.values() for l in entries} | set(finetunes)
+    labels = set(run_labels(metrics, finetunes))
     known = set(OFFICIAL) | {"embedded"} | labels
     known |= {l[len("ft_"):] for l in labels if l.startswith("ft_")}
     return list(dict.fromkeys(t for _, t in students_of(metrics, finetunes) if t in known))
@@ -1702,7 +1708,7 @@ def unnamed_students(metrics, finetunes):
     if not unnamed:
         return ""
     return (f"the labels {', '.join(unnamed)} name no teacher and are left out of the claims: "
-            "the claims compare a teacher T (clip, dino, deit, embedded, or a model labelled T) "
+            f"the claims compare a teacher T ({NAMES}, or a model labelled T) "
             "with its MD student md_T, and ft_T with ft_md_T (e.g. --labels=embedded,md_embedded)")
 
 

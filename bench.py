@@ -834,14 +834,13 @@ OPTIONS = ("quick", "analysis", "gpu", "sizes", "device", "steps", "batch", "cou
 
 def bench_option_error():
     """the first option value that cannot work, as one line, or None"""
-    def counts(raw):  # "4" or "64,128"
-        return all(b.isdigit() and int(b) >= 1 for b in raw.split(","))
+    def positive(raw):
+        return raw.isdigit() and int(raw) >= 1
 
     unknown_sizes = [size for size in args.get("sizes", "").split(",") if size and size not in PRESETS]
     return option_error(dict(device=args.get("device", "auto")), [
-        (counts(args.get("steps", "1")) and "," not in args.get("steps", ""),
-         f"--steps={args.get('steps')} must be an integer >= 1"),
-        (counts(args.get("batch", "1")),
+        (positive(args.get("steps", "1")), f"--steps={args.get('steps')} must be an integer >= 1"),
+        (all(positive(b) for b in args.get("batch", "1").split(",")),
          f"--batch={args.get('batch')} must be integers >= 1, comma-separated"),
         (not unknown_sizes, f"unknown model size '{unknown_sizes and unknown_sizes[0]}': choose "
                             f"one or more of {', '.join(PRESETS)}, comma-separated"),
