@@ -791,8 +791,8 @@ def test_no_metric_asks_for_one():
 
 
 def test_report_leaves_out_labels_that_name_no_teacher(tmp_path, capsys):
-    """the README's --labels=teacher,md_student and md_finetuned (before: teachers 'student' and
-    'finetuned', every claim 'not tested'): no teacher, said once; md_T of a teacher analyze.py
+    """--labels=teacher,md_student and md_finetuned, the README's examples until stop 41 (before: teachers
+    'student' and 'finetuned', every claim 'not tested'): no teacher, said once; md_T of a teacher analyze.py
     knows, or of one labelled T or ft_T in the run, still names T"""
     import analyze
     entry = dict(per_layer=[10.0, 8.0, 6.0], per_head=[[10.0]] * 3)
@@ -813,3 +813,17 @@ def test_report_leaves_out_labels_that_name_no_teacher(tmp_path, capsys):
     assert "Teachers: none found" in markdown and "md_finetuned name no teacher" in markdown
     metrics = dict(attn_distance=dict.fromkeys(["md_embedded", "x", "md_x", "md_y"], entry))
     assert analyze.teachers_of(metrics, {"ft_y": {}, "ft_md_z": {}}) == ["embedded", "x", "y"]
+
+
+def test_the_readmes_analysis_labels_name_their_teachers():
+    """every --labels= of the README's analysis commands (its section "Analysis: every metric of the paper")
+    gives the report a teacher for each md_ label (before: teacher,md_student, left out with a warning)"""
+    import analyze
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme.split("## Analysis: every metric of the paper")[1].split("\n## ")[0]
+    commands = [line for line in section.splitlines() if line.startswith("python analyze.py") and "--labels=" in line]
+    assert len(commands) == 4
+    for command in commands:
+        labels = command.split("--labels=")[1].split()[0].split(",")
+        metrics = dict(attn_distance=dict.fromkeys(labels, {}))
+        assert analyze.unnamed_students(metrics, {}) == "", command
