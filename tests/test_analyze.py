@@ -4,7 +4,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +13,8 @@ import torch
 from analyze import (attention_distance, attention_entropy, attention_nmi, patch_log_attention,
                      relative_log_amplitude, relative_log_singular_values,
                      token_singular_spectrum)
+
+from tests import forkserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -208,7 +209,7 @@ def test_singular_spectrum_of_known_covariance():
 
 def run_analyze(args):
     command = [sys.executable, os.path.join(ROOT, "analyze.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+    return forkserver.run(command, capture_output=True, text=True, cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=600)
 
 
@@ -678,7 +679,7 @@ def test_figures_draw_a_single_point_and_name_only_what_they_show(tmp_path, monk
 def test_help_prints_the_docstring_and_every_option_with_its_comment():
     """--help (before: "unknown option '--help'", exit 1) prints the usage and each option's line
     of DEFAULTS as the file writes it"""
-    result = subprocess.run([sys.executable, "analyze.py", "--help"], capture_output=True, text=True, cwd=ROOT,
+    result = forkserver.run([sys.executable, "analyze.py", "--help"], capture_output=True, text=True, cwd=ROOT,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     source = open(os.path.join(ROOT, "analyze.py")).read()

@@ -16,6 +16,8 @@ from data import (DataError, EpochSampler, EvalTransform, ImageFolder, TrainTran
 from data.embedded import CLASSES, generate
 from data.masks import BEIT_RATIO, MaskGenerator, block_mask, random_mask
 
+from tests import forkserver
+
 
 def masked_neighbours(mask):
     """mean number of masked 4-neighbours of a masked patch"""
@@ -418,7 +420,7 @@ def test_two_processes_that_start_together_generate_the_dataset_once(tmp_path):
               "ensure_embedded(sys.argv[3])\n")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(gate), str(i), str(root)], env=env,
+    procs = [forkserver.Popen([sys.executable, "-c", script, str(gate), str(i), str(root)], env=env,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
@@ -508,7 +510,6 @@ def test_imagenette_extract_never_deletes_a_users_files(tmp_path):
 def test_imagenette_bad_options_are_one_line_before_any_download(tmp_path, tiny_data):
     """a misspelled or unknown option, or one without '=', is refused by name (not dropped, which would start
     the download); --root an existing file is refused before anything is extracted"""
-    import subprocess
     import sys
     import tarfile
     good = tmp_path / "imagenette2-320.tgz"
@@ -528,7 +529,7 @@ def test_imagenette_bad_options_are_one_line_before_any_download(tmp_path, tiny_
                            ([f"--archive={good}", f"--root={root_file}"], f"--root={root_file} is a file"),
                            ([f"--archive={good}", f"--root={tmp_path / 'mine'}"], not_empty),
                            ([f"--root={tmp_path / 'mine'}"], not_empty)):  # refused before the download
-        r = subprocess.run([sys.executable, "-m", "data.prepare_imagenette", *args], capture_output=True,
+        r = forkserver.run([sys.executable, "-m", "data.prepare_imagenette", *args], capture_output=True,
                            text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
         assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
         assert r.stderr.startswith("error:") and expected in r.stderr, r.stderr

@@ -3,7 +3,6 @@ landscape CLI."""
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -12,6 +11,8 @@ import torch
 
 from analyze import (IMAGENET_16, category_decisions, cue_conflict_labels, decision_categories,
                      error_consistency, shape_bias)
+
+from tests import forkserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,7 +103,7 @@ def test_other_classifiers_decide_among_all_their_classes():
 def run_analyze(args):
     cmd = [sys.executable, os.path.join(ROOT, "analyze.py"), *args]
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return forkserver.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
 def test_shape_bias_and_hessian_from_the_command_line(tiny_data, tiny_teacher, tmp_path):
@@ -146,7 +147,7 @@ def test_sharpness_logged_during_finetuning_and_plotted(tiny_data, tiny_teacher,
            "--num_workers=0", "--device=cpu", "--dtype=float32", "--compile=False",
            "--stop_iter=4", "--hessian_every=2", "--hessian_samples=5", "--freeze_blocks=2",
            f"--out_dir={tmp_path / 'ft'}"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    r = forkserver.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     # 144 train images, batches of 16: an epoch is 9 iterations, of which --stop_iter ran 4
     assert "stopped at iteration 4 of 9 (--stop_iter): top-1" in r.stdout
@@ -155,7 +156,7 @@ def test_sharpness_logged_during_finetuning_and_plotted(tiny_data, tiny_teacher,
     assert (result["iter_num"], result["max_iters"]) == (4, 9)
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "result.json").write_text('{"top1": 1.0, "top5"')  # a run killed mid-write
-    summary = subprocess.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"], capture_output=True,
+    summary = forkserver.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"], capture_output=True,
                              text=True, cwd=ROOT, timeout=600)
     assert "(stopped at iteration 4 of 9)" in summary.stdout, summary.stdout + summary.stderr
     assert f"warning: skipping {tmp_path / 'cut' / 'result.json'}: not a result.json" in summary.stderr

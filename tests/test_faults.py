@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from data import EvalTransform, load_image
+from tests import forkserver
 from tests.test_train_md import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +55,7 @@ def run(script_args, data, extra, launcher=()):
     if launcher:
         cmd = [*launcher, *cmd[1:]]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return forkserver.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
 def weights(path):
@@ -95,7 +96,7 @@ def test_kill_minus_9_then_resume_is_bit_identical(tiny_data, tiny_teacher, tmp_
     straight = run(args, tiny_data, [stop, f"--out_dir={tmp_path / 'straight'}"])
     assert straight.returncode == 0, straight.stderr[-2000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(command(args, tiny_data, [stop, f"--out_dir={out}"]), cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = forkserver.Popen(command(args, tiny_data, [stop, f"--out_dir={out}"]), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
     wait_for_checkpoint(out / "ckpt.pt", random.Random(script).randint(1, 5), proc)
     proc.send_signal(signal.SIGKILL)
@@ -184,7 +185,7 @@ def test_ddp_rank_that_reads_no_image_keeps_step(tiny_data, tiny_teacher, tmp_pa
     one = ["--micro_batch_size=1", "--total_batch_size=2", "--stop_iter=2"]
     args, saved = script_args(script, tiny_teacher, 100, one)
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}")
-    double = subprocess.run([*launcher, *command(args, data, [f"--out_dir={tmp_path / 'two'}"])[1:]],
+    double = forkserver.run([*launcher, *command(args, data, [f"--out_dir={tmp_path / 'two'}"])[1:]],
                             capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]
@@ -229,7 +230,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     save_checkpoint({"model": {"w": torch.arange(5.0)}, "iter_num": 7}, path)
     code = KILL_DURING_SAVE.format(root=ROOT, path=path)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    proc = forkserver.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
     deadline = time.time() + 60
     while not (os.path.exists(path + ".tmp") and os.path.getsize(path + ".tmp") > 1_000_000) and time.time() < deadline:
@@ -456,7 +457,7 @@ def test_torchscript_setstate_never_runs(tmp_path, tiny_data):
     md = run(MD + [f"--teacher={path}"], tiny_data, [f"--out_dir={tmp_path / 'md'}"])
     analyze = [sys.executable, "analyze.py", "--metric=attn_distance", path, f"--data={tiny_data}",
                f"--out={tmp_path / 'an'}"]
-    an = subprocess.run(analyze, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    an = forkserver.run(analyze, capture_output=True, text=True, cwd=ROOT, timeout=600)
     for result in (ft, md, an):
         last = result.stderr.strip().splitlines()[-1]
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
@@ -497,7 +498,7 @@ def mount_tmpfs(path, options):
     if shutil.which("mount") is None:
         pytest.skip("no mount command here")
     mount = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]
-    result = subprocess.run(mount, capture_output=True, text=True)
+    result = forkserver.run(mount, capture_output=True, text=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
 
@@ -518,16 +519,16 @@ def test_real_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
         ckpt = torch.load(path, weights_only=True)
         assert ckpt["iter_num"] == 7 and torch.equal(ckpt["model"]["w"], torch.arange(5.0))
     finally:
-        subprocess.run(["umount", str(disk)])
+        forkserver.run(["umount", str(disk)])
 
 
 def test_bench_help_and_an_unknown_option_start_no_benchmark():
     """before: every --word was taken as an option and unknown ones ignored, so --help or a typo ran
     the whole benchmark (minutes)"""
-    shown = subprocess.run([sys.executable, "bench.py", "--help"], capture_output=True, text=True,
+    shown = forkserver.run([sys.executable, "bench.py", "--help"], capture_output=True, text=True,
                            cwd=ROOT, timeout=300)
     assert shown.returncode == 0 and shown.stdout.startswith("How close the MD training step is")
-    typo = subprocess.run([sys.executable, "bench.py", "--qick"], capture_output=True, text=True,
+    typo = forkserver.run([sys.executable, "bench.py", "--qick"], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
     assert typo.returncode == 1 and typo.stdout == ""
     assert typo.stderr == "error: unknown option '--qick': python bench.py --help lists them\n"
@@ -542,7 +543,7 @@ def test_bench_help_and_an_unknown_option_start_no_benchmark():
 ])
 def test_bench_option_values_are_checked_before_any_benchmark(option, line):
     """a value bench.py cannot use is one line on stderr, exit 1, nothing measured"""
-    r = subprocess.run([sys.executable, "bench.py", "--quick", option], capture_output=True,
+    r = forkserver.run([sys.executable, "bench.py", "--quick", option], capture_output=True,
                        text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(line), r.stderr
@@ -554,11 +555,11 @@ def test_analyze_out_on_a_read_only_filesystem_says_so(tmp_path, tiny_teacher):
     disk = tmp_path / "ro"
     mount_tmpfs(disk, "ro,size=1m")
     try:
-        result = subprocess.run([sys.executable, "analyze.py", "--metric=attn_entropy", tiny_teacher,
+        result = forkserver.run([sys.executable, "analyze.py", "--metric=attn_entropy", tiny_teacher,
                                  f"--out={disk / 'an'}"], capture_output=True, text=True, cwd=ROOT,
                                 timeout=300)
     finally:
-        subprocess.run(["umount", str(disk)])
+        forkserver.run(["umount", str(disk)])
     assert result.returncode != 0
     assert result.stderr.strip() == (f"error: --out={disk / 'an'} cannot be a directory (Read-only "
                                       "file system): give a directory for NAME.json and NAME.png")
@@ -576,7 +577,7 @@ def test_a_failed_write_with_loader_workers_ends_the_process(tiny_data, tiny_tea
     workers SIGTERM, which they ignore (data.init_worker), then waits for them."""
     args = [*MD, f"--teacher={tiny_teacher}", "--num_workers=1", "--eval_interval=2", "--stop_iter=4"]
     cmd = command(args, tiny_data, [f"--out_dir={tmp_path / 'run'}"])
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+    r = forkserver.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS="1"), preexec_fn=file_size_limit(300_000))
     assert r.returncode == 1, r.stderr[-2000:]
     assert r.stderr.strip().startswith(f"error: could not write {tmp_path / 'run' / 'ckpt.pt'} (File too large)")
@@ -602,7 +603,7 @@ def test_log_and_lock_write_failures_are_one_line(tiny_data, tiny_teacher, tmp_p
         assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
         assert "No space left on device" in r.stderr and r.stderr.startswith("error: could not write")
     finally:
-        subprocess.run(["umount", str(disk)])
+        forkserver.run(["umount", str(disk)])
 
 
 def test_a_figure_that_cannot_be_written_is_one_line_and_keeps_the_older_one(tmp_path):
@@ -615,13 +616,13 @@ def test_a_figure_that_cannot_be_written_is_one_line_and_keeps_the_older_one(tmp
     log.write_text("".join(json.dumps(dict(iter=i, loss=1 / i, lr=1e-3)) + "\n" for i in range(1, 50)))
     cmd = [sys.executable, "analyze.py", "--metric=curves", str(log), f"--out={tmp_path / 'figs'}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    first = forkserver.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     png = (tmp_path / "figs" / "curves.png").read_bytes()
     json_size = os.path.getsize(tmp_path / "figs" / "curves.json")
     assert png.startswith(b"\x89PNG") and len(png) > 4 * json_size
     limit = 2 * json_size  # the JSON fits, the figure does not
-    again = subprocess.run([*cmd, "--labels=again"], capture_output=True, text=True, cwd=ROOT, env=env,
+    again = forkserver.run([*cmd, "--labels=again"], capture_output=True, text=True, cwd=ROOT, env=env,
                            timeout=300, preexec_fn=file_size_limit(limit))
     assert again.returncode == 1, again.stderr[-2000:]
     png_path = tmp_path / "figs" / "curves.png"
@@ -665,7 +666,7 @@ def test_out_dir_that_is_a_file_or_read_only_stops_before_any_work(tmp_path):
         assert str(e.value) == (f"error: cannot write to out_dir '{read_only}' "
                                 "(Read-only file system): choose a writable out_dir")
     finally:
-        subprocess.run(["umount", str(read_only)])
+        forkserver.run(["umount", str(read_only)])
 
 
 HOLD_LOCK = """
@@ -683,7 +684,7 @@ def test_second_run_on_an_out_dir_is_refused_until_the_first_dies(tmp_path):
     from common import lock_out_dir
     out = str(tmp_path)
     hold = [sys.executable, "-c", HOLD_LOCK.format(root=ROOT, out=out)]
-    first = subprocess.Popen(hold, stdout=subprocess.PIPE, text=True)
+    first = forkserver.Popen(hold, stdout=subprocess.PIPE, text=True)
     try:
         assert first.stdout.readline().strip() == "locked"  # waits until the first holds the lock
         with pytest.raises(SystemExit) as e:
@@ -716,7 +717,7 @@ print(open(os.path.join(sys.argv[1], "run.lock")).read())
 def test_an_out_dir_on_a_filesystem_without_locks_is_a_warning(tmp_path):
     """a unit test of the message (no such filesystem here): lockf's ENOLCK was a traceback; now the
     run goes on with one warning, and run.lock still names it"""
-    result = subprocess.run([sys.executable, "-c", NO_POSIX_LOCKS, str(tmp_path / "run")],
+    result = forkserver.run([sys.executable, "-c", NO_POSIX_LOCKS, str(tmp_path / "run")],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == [
@@ -752,7 +753,7 @@ def start(cmd, tmp_path):
     line by line; stderr to a file -> (process, stderr path)"""
     err = tmp_path / f"stderr{len(list(tmp_path.glob('stderr*')))}.txt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=open(err, "w"), text=True,
+    proc = forkserver.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=open(err, "w"), text=True,
                             env=env, start_new_session=True, preexec_fn=default_sigint)
     return proc, err
 
@@ -848,7 +849,7 @@ def test_a_signal_during_the_evaluation_or_the_save_stops_at_that_step(script, d
     saved (before: it trained iteration 3, saved again and said it stopped after iteration 3)"""
     args, saved = script_args(script, tiny_teacher, 2, ["--epochs=50", f"--out_dir={tmp_path}"])
     cmd = [sys.executable, "-c", SIGTERM_WHEN_CALLED, during, *args, f"--data_dir={tiny_data}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+    result = forkserver.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 143, result.stderr[-2000:]
     assert stopped_at(result.stdout) == 2
@@ -887,7 +888,7 @@ def test_a_closed_stdout_does_not_end_the_run(tiny_data, tiny_teacher, tmp_path)
     out = tmp_path / "run"
     cmd = command([*MD, f"--teacher={tiny_teacher}", "--stop_iter=6"], tiny_data, [f"--out_dir={out}"])
     reader, writer = os.pipe()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=writer, stderr=subprocess.PIPE, text=True,
+    proc = forkserver.Popen(cmd, cwd=ROOT, stdout=writer, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     os.close(writer)
     os.close(reader)  # closed before the run writes its first line: every write finds no reader
@@ -901,7 +902,7 @@ def test_a_closed_stdout_does_not_end_the_run(tiny_data, tiny_teacher, tmp_path)
 def test_a_worker_whose_main_process_left_prints_no_broken_pipe(tmp_path):
     """Ctrl-C on a busy machine: a worker's thread can still be handing the main process a
     batch's memory when it exits; the real broken pipe prints nothing, other faults still do"""
-    result = subprocess.run([sys.executable, "-c", BROKEN_PIPE_IN_A_WORKER], capture_output=True,
+    result = forkserver.run([sys.executable, "-c", BROKEN_PIPE_IN_A_WORKER], capture_output=True,
                             text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "BrokenPipeError" not in result.stderr and "ValueError: a real fault" in result.stderr
@@ -947,7 +948,7 @@ def test_ctrl_c_during_start_up_and_twice_stops_at_once(tmp_path):
     """a Ctrl-C before the training loop stops at once (no step, no checkpoint); in the loop the first
     only asks for a stop at the step's end, the second raises KeyboardInterrupt (the scripts' one line
     'stopped by Ctrl-C: the last checkpoint ... is kept', exit 130)"""
-    result = subprocess.run([sys.executable, "-c", CTRL_C_IN_EACH_PHASE.format(root=ROOT)], capture_output=True,
+    result = forkserver.run([sys.executable, "-c", CTRL_C_IN_EACH_PHASE.format(root=ROOT)], capture_output=True,
                             text=True, timeout=120, preexec_fn=default_sigint)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["start-up: interrupted", "first: not interrupted True ('Ctrl-C', 130)",
@@ -1201,7 +1202,7 @@ def test_a_path_option_with_a_tilde_is_under_home_and_stop_iter_says_it_stopped(
     named '~' in the working directory); a run that --stop_iter ends early does not say 'done'"""
     cmd = command([os.path.join(ROOT, "train_md.py"), *MD[1:], f"--teacher={tiny_teacher}",
                    "--stop_iter=1", "--epochs=1"], tiny_data, ["--out_dir=~/run"])
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    result = forkserver.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600,
                             env=dict(os.environ, HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert os.listdir(tmp_path) == ["home"]  # no '~' folder
@@ -1369,7 +1370,7 @@ def test_bad_option_is_one_line_before_any_work(tiny_data, tiny_teacher, tmp_pat
                 "vqkd": VQKD + [f"--teacher={tiny_teacher}"]}[script]
         cmd = command(base, tiny_data, [f"--out_dir={out}", *options])
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    result = forkserver.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith(message.format(**names)), lines[0]
@@ -1452,7 +1453,7 @@ def test_train_split_unreadable_mid_run_keeps_the_finished_steps(tiny_data, tiny
     args, saved = script_args(script, tiny_teacher, 1000, long)
     out = tmp_path / "out"
     with open(tmp_path / "stderr", "w") as err:
-        proc = subprocess.Popen(command(args, data, [f"--out_dir={out}"]), cwd=ROOT, stdout=subprocess.DEVNULL,
+        proc = forkserver.Popen(command(args, data, [f"--out_dir={out}"]), cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=err, env=dict(os.environ, OMP_NUM_THREADS="1"))
         deadline = time.time() + 300
         while not [i for i in log_iterations(out / "log.jsonl") if i >= 2]:
@@ -1533,7 +1534,7 @@ def test_ctrl_c_while_torch_loads_ends_without_a_traceback(script):
     ends at once, without the KeyboardInterrupt traceback that it printed before. The signal is sent
     when Python's own SIGINT handler, installed as the interpreter starts, has been taken off again
     (the script's first lines), read from /proc: no guess at the time the imports take"""
-    proc = subprocess.Popen([sys.executable, script, "--no_such_option=1"], cwd=ROOT, stdout=subprocess.PIPE,
+    proc = forkserver.Popen([sys.executable, script, "--no_such_option=1"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     handled_once = sent = False
     while proc.poll() is None and not sent:

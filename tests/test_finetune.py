@@ -1,7 +1,6 @@
 """Fine-tuning: augmentations against their definitions, freezing, the recipe end to end."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -11,6 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data.augment import RAND_OPS, RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
+
+from tests import forkserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -232,7 +233,7 @@ def run_ft(args, tiny_data, launcher=()):
             "--num_workers=0", "--device=cpu", "--dtype=float32", "--compile=False",
             "--log_interval=1", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return forkserver.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
 def load(path):
@@ -331,7 +332,7 @@ def test_md_checkpoint_finetunes_and_reports_top1(tiny_data, tiny_teacher, tmp_p
               "--micro_batch_size=16", "--num_workers=0", "--device=cpu", "--dtype=float32",
               "--compile=False", "--teacher_bf16=False", "--stop_iter=2",
               f"--out_dir={tmp_path / 'md'}"]
-    md = subprocess.run(md_cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    md = forkserver.run(md_cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert md.returncode == 0, md.stderr[-2000:]
     args = [f"--init={tmp_path / 'md' / 'ckpt.pt'}", "--img_size=48", "--stop_iter=2",
             f"--out_dir={tmp_path / 'ft'}"]
@@ -343,7 +344,7 @@ def test_md_checkpoint_finetunes_and_reports_top1(tiny_data, tiny_teacher, tmp_p
     table = ckpt["model"]["blocks.0.attn.rel_pos.relative_position_bias_table"]
     assert table.shape[0] == (2 * 12 - 1) ** 2 + 3
     assert os.path.exists(tmp_path / "ft" / "result.json")
-    summary = subprocess.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"],
+    summary = forkserver.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"],
                              capture_output=True, text=True, cwd=ROOT)
     assert summary.returncode == 0 and "top-1" in summary.stdout
     # the MD checkpoint fine-tuned into its own out_dir, and a new run over a finished one: refused, nothing replaced
@@ -367,7 +368,7 @@ def test_summary_skips_a_result_with_a_value_edited_to_null(tmp_path):
         result = dict(top1=top1, top5=90.0, best_top1=top1, iter_num=10, max_iters=10,
                       config=dict(init="clip", freeze_blocks=0, lr=5e-5))
         (tmp_path / name / "result.json").write_text(json.dumps(result))
-    summary = subprocess.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"],
+    summary = forkserver.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert summary.returncode == 0, summary.stderr[-2000:]
     assert f"warning: skipping {tmp_path / 'edited' / 'result.json'}" in summary.stderr
@@ -385,7 +386,7 @@ def test_summary_lists_the_best_top1_beside_the_last(tmp_path):
         if best is not None:
             result["best_top1"] = best
         (tmp_path / name / "result.json").write_text(json.dumps(result))
-    summary = subprocess.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"],
+    summary = forkserver.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert summary.returncode == 0, summary.stderr[-2000:]
     header, *rows = [line.split() for line in summary.stdout.splitlines()[:3]]
@@ -451,7 +452,7 @@ def test_summary_names_each_init_whole(tmp_path):
         result = dict(top1=80.0 + i, top5=95.0, best_top1=80.0 + i, iter_num=10, max_iters=10,
                       config=dict(init=init_, freeze_blocks=0, lr=5e-5))
         (root / f"run{i}" / "result.json").write_text(json.dumps(result))
-    summary = subprocess.run([sys.executable, "finetune.py", f"--summarize={root}"],
+    summary = forkserver.run([sys.executable, "finetune.py", f"--summarize={root}"],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert summary.returncode == 0, summary.stderr[-2000:]
     rows = summary.stdout.splitlines()[1:3]
@@ -544,7 +545,7 @@ def test_summary_keeps_runs_of_other_recipes_apart(tmp_path):
         result = dict(top1=top1, top5=99.0, best_top1=top1, iter_num=10, max_iters=10,
                       config=config)
         (tmp_path / name / "result.json").write_text(json.dumps(result))
-    summary = subprocess.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"],
+    summary = forkserver.run([sys.executable, "finetune.py", f"--summarize={tmp_path}"],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert summary.returncode == 0, summary.stderr[-2000:]
     named = {line.split()[-1]: line.split("  ")[0].strip()

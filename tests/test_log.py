@@ -12,6 +12,8 @@ import pytest
 import analyze
 from common import Meter, append_jsonl, cosine_lr, trim_log, warmup_warning
 
+from tests import forkserver
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("ms_per_iter", "img_per_s", "mfu")  # measured, so they differ between two runs
 COMMON = ["--img_size=32", "--micro_batch_size=8", "--num_workers=0", "--device=cpu",
@@ -27,7 +29,7 @@ VQKD = ["train_vqkd.py", "--model=nano/4", "--epochs=1", "--total_batch_size=16"
 def run(args, data, env=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     cmd = [sys.executable, *args, f"--data_dir={data}"]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return forkserver.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
 def records(path):
@@ -112,7 +114,7 @@ def test_log_values_sums_the_images_each_rank_read(tmp_path):
     script.write_text(LOG_VALUES_OF_TWO_RANKS)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                f"--master_port={free_port()}", str(script), str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
+    result = forkserver.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["0.5 5 3", "0.5 5 3"]
@@ -241,7 +243,7 @@ def wandb_env(tmp_path):
 def test_wandb_offline_run_holds_the_logged_numbers(tiny_data, tiny_teacher, tmp_path):
     pytest.importorskip("wandb")
     reader = [sys.executable, "-m", "wandb", "leet", "inspect", "--json"]
-    if subprocess.run([*reader[:-1], "--help"], capture_output=True).returncode != 0:
+    if forkserver.run([*reader[:-1], "--help"], capture_output=True).returncode != 0:
         pytest.skip("reading the offline run needs wandb >= 0.31 (wandb leet inspect)")
     env = wandb_env(tmp_path)
     out = tmp_path / "ft"
@@ -249,7 +251,7 @@ def test_wandb_offline_run_holds_the_logged_numbers(tiny_data, tiny_teacher, tmp
                   "--wandb_run_name=tiny"], tiny_data, env)
     assert result.returncode == 0, result.stderr[-2000:]
     (run_file,) = glob.glob(os.path.join(env["WANDB_DIR"], "wandb", "offline-run-*", "*.wandb"))
-    dump = subprocess.run([*reader, run_file], capture_output=True, text=True,
+    dump = forkserver.run([*reader, run_file], capture_output=True, text=True,
                           env=dict(os.environ, **env))
     assert dump.returncode == 0, dump.stderr[-2000:]
     kinds = [json.loads(line) for line in dump.stdout.splitlines()]
@@ -282,7 +284,7 @@ def run_scripts_with_wandb(tmp_path, env):
             "        runpy.run_path(script, run_name='__main__')\n"
             "    except SystemExit as e:\n"
             "        print(script, e)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+    result = forkserver.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                             env=dict(env, OMP_NUM_THREADS="1"), stdin=subprocess.DEVNULL, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -320,7 +322,7 @@ def test_a_refused_start_makes_no_wandb_run(tmp_path):
     pytest.importorskip("wandb")
     (tmp_path / "afile").write_text("x")
     env = dict(os.environ, **wandb_env(tmp_path))
-    result = subprocess.run([sys.executable, "train_md.py", "--wandb_log=True", "--device=cpu",
+    result = forkserver.run([sys.executable, "train_md.py", "--wandb_log=True", "--device=cpu",
                              f"--out_dir={tmp_path / 'afile'}"], capture_output=True, text=True, cwd=ROOT,
                             env=env, timeout=600)
     assert result.returncode == 1
@@ -405,7 +407,7 @@ def test_curves_without_matplotlib_writes_the_json_and_says_so(tmp_path):
     env = dict(os.environ, **shadow(tmp_path, "matplotlib"))
     cmd = [sys.executable, "analyze.py", "--metric=curves", paths[1], "--labels=ft",
            f"--out={tmp_path / 'an'}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    result = forkserver.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("pip install matplotlib") == 1
     assert not (tmp_path / "an" / "curves.png").exists()

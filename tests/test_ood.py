@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -18,6 +17,8 @@ from PIL import Image
 from analyze import (IMAGENET_16, OOD_CONDITIONS, OOD_DATASETS, OOD_EXCLUDED, condition_key,
                      human_trials, ood_scores, ood_summary, short_image_name)
 from data import DataError
+
+from tests import forkserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "model-vs-human")
@@ -43,7 +44,7 @@ def human_rows(dataset):
 def run_analyze(args):
     command = [sys.executable, os.path.join(ROOT, "analyze.py"), *args]
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return forkserver.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
 def test_short_image_name_and_condition_as_model_vs_human():

@@ -15,6 +15,8 @@ from common import read_checkpoint
 from model import PRESETS, ViT, ViTConfig
 from teacher import CheckpointError, Whitening, load_model, load_teacher
 
+from tests import forkserver
+
 try:
     import timm
 except ImportError:
@@ -139,7 +141,7 @@ def test_timm_layouts_model_py_cannot_hold_are_one_line(tmp_path):
         torch.save(files[name], path)
         with pytest.raises(CheckpointError, match=expected):
             load_model(path)
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "teacher.py"), "export", "--format=timm", path,
+        r = forkserver.run([sys.executable, os.path.join(ROOT, "teacher.py"), "export", "--format=timm", path,
                             str(tmp_path / "out.pth")], capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and expected in r.stderr, r.stderr
 
@@ -164,7 +166,7 @@ def test_family_variants_without_a_part_of_model_py_are_one_line(tmp_path):
         torch.save(state_dict, path)
         with pytest.raises(CheckpointError, match=expected):
             load_model(path)
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "teacher.py"), "export",
+        r = forkserver.run([sys.executable, os.path.join(ROOT, "teacher.py"), "export",
                             "--act=gelu" if "clip" in name else "--format=timm", path,
                             str(tmp_path / "out.pth")], capture_output=True, text=True,
                            cwd=ROOT, timeout=300)
@@ -600,7 +602,7 @@ def test_model_args_of_the_wrong_type_is_one_line(tmp_path, tiny_teacher, tiny_d
     scripts = [["train_md.py", "--model=nano/4", f"--teacher={path}", f"--out_dir={tmp_path / 'md'}"],
                ["finetune.py", f"--init={path}", f"--out_dir={tmp_path / 'ft'}"]]
     for args in scripts:
-        result = subprocess.run([sys.executable, *args, *common], capture_output=True, text=True, cwd=ROOT,
+        result = forkserver.run([sys.executable, *args, *common], capture_output=True, text=True, cwd=ROOT,
                                 env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
         last = result.stderr.strip().splitlines()[-1]
@@ -729,7 +731,7 @@ def test_processes_that_start_together_download_once(tmp_path):
               "while len(os.listdir(sys.argv[2])) < 4: time.sleep(0.01)\n"
               "print(common.download(sys.argv[1], cache_dir=sys.argv[4]))\n")
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", script, url, str(gate), str(i), str(cache)], env=env,
+    procs = [forkserver.Popen([sys.executable, "-c", script, url, str(gate), str(i), str(cache)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
     outputs = [p.communicate(timeout=300) for p in procs]
     server.shutdown()
@@ -843,7 +845,7 @@ def test_export_that_cannot_be_written_keeps_the_older_file_and_is_one_line(tmp_
     assert len(before) > 100_000
 
     def export(dst, limit=False):
-        return subprocess.run([sys.executable, os.path.join(ROOT, "teacher.py"), "export", src, dst],
+        return forkserver.run([sys.executable, os.path.join(ROOT, "teacher.py"), "export", src, dst],
                               capture_output=True, text=True, cwd=ROOT, timeout=300,
                               preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)))
                               if limit else None)

@@ -3,7 +3,6 @@ models with no missing or unexpected keys and computes what our ViT computes; ti
 (as timm stores them, and microsoft/unilm's pretraining files) load here exactly. timm is the
 independent truth: its own classes, its own strict loading."""
 import os
-import subprocess
 import sys
 
 import pytest
@@ -11,6 +10,8 @@ import torch
 
 from model import RelativePositionBias, ViT, ViTConfig
 from teacher import export_timm, load_model, load_teacher, main
+
+from tests import forkserver
 
 timm = pytest.importorskip("timm", reason="pip install -r requirements-dev.txt")
 
@@ -264,7 +265,7 @@ def test_command_line_prints_a_create_model_call_that_loads(tmp_path):
     out = str(tmp_path / "md.pth")
     cmd = [sys.executable, os.path.join(ROOT, "teacher.py"), "export", "--format=timm",
            str(tmp_path / "ckpt.pt"), out]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = forkserver.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     call = next(line.strip() for line in result.stdout.splitlines() if "timm.create_model(" in line)
     ref = eval(call, {"timm": timm}).eval()  # the printed command, as printed
@@ -283,7 +284,7 @@ def test_finetune_init_from_timms_beit_file(tiny_data, tmp_path):
            "--epochs=2", "--warmup_epochs=1",
            "--total_batch_size=8", "--micro_batch_size=8", "--num_workers=0", "--device=cpu",
            "--dtype=float32", "--compile=False", f"--out_dir={tmp_path / 'ft'}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+    result = forkserver.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-2000:]
     tuned = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)

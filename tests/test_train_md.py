@@ -13,6 +13,8 @@ import torch
 import train_md
 from model import DecoderHead, MDStudent, ViT, ViTConfig
 
+from tests import forkserver
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -127,7 +129,7 @@ def run_md(args, tiny_data, tiny_teacher, launcher=()):
             "--micro_batch_size=8", "--num_workers=0", "--device=cpu", "--dtype=float32", "--compile=False",
             "--teacher_bf16=False", "--eval_images=24", "--log_interval=1", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    result = forkserver.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     return result
 
 
@@ -141,7 +143,7 @@ def run_vqkd(out, tiny_data, teacher, iters, resume):
            f"--teacher={teacher}", "--model=nano/4", "--img_size=32", "--epochs=1", "--total_batch_size=16",
            "--micro_batch_size=8", "--codebook_size=16", "--num_workers=0", "--device=cpu", "--dtype=float32",
            "--compile=False", f"--stop_iter={iters}", f"--resume={resume}", f"--out_dir={out}"]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+    return forkserver.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
@@ -443,7 +445,7 @@ def test_option_that_cannot_work_is_one_line_before_training(tiny_data, tiny_tea
            f"--out_dir={tmp_path / 'out'}", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     try:
-        result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+        result = forkserver.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{args} was not refused before training")
     assert result.returncode != 0
@@ -456,7 +458,7 @@ def test_option_that_cannot_work_is_one_line_before_training(tiny_data, tiny_tea
 def test_help_lists_every_option_with_its_commented_default(script):
     """--help (before: "option '--help' needs a value") prints the docstring and each setting's
     line of the config block, as the file writes it"""
-    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT,
+    result = forkserver.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     source = open(os.path.join(ROOT, script)).read()
@@ -470,7 +472,7 @@ def test_help_lists_every_option_with_its_commented_default(script):
 def test_teacher_export_help_is_its_usage(flag):
     """python teacher.py --help (before: "'--help' is no command", exit 1): the docstring and the
     export command's usage line, exit 0"""
-    result = subprocess.run([sys.executable, "teacher.py", flag], capture_output=True, text=True,
+    result = forkserver.run([sys.executable, "teacher.py", flag], capture_output=True, text=True,
                             cwd=ROOT, timeout=120)
     assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]
     assert result.stdout.startswith("Frozen teachers for masked distillation")
@@ -490,7 +492,7 @@ def test_help_into_a_pipe_closed_early_is_no_error(script):
     """python SCRIPT --help | head: the reader is gone before the text is written (here: closed at
     once, so the
     write fails every time); before, a BrokenPipeError traceback"""
-    proc = subprocess.Popen([sys.executable, script, "--help"], stdout=subprocess.PIPE,
+    proc = forkserver.Popen([sys.executable, script, "--help"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE,
                             cwd=ROOT, text=True)
     proc.stdout.close()

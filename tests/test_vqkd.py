@@ -8,6 +8,8 @@ from common import CheckpointError
 from model import ViTConfig
 from vqkd import VQKD, codebook_usage, load_tokenizer
 
+from tests import forkserver
+
 
 def tokenizer(K=16, initialized=True, **kw):
     torch.manual_seed(0)
@@ -269,7 +271,6 @@ def test_tokenizer_training_lowers_its_loss():
 
 def test_tokenizer_then_md_on_codes_from_the_command_line(tiny_data, tiny_teacher, tmp_path):
     import os
-    import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     common = [f"--data_dir={tiny_data}", "--img_size=32", "--total_batch_size=16", "--micro_batch_size=8",
@@ -277,7 +278,7 @@ def test_tokenizer_then_md_on_codes_from_the_command_line(tiny_data, tiny_teache
     tokenizer_args = [f"--teacher={tiny_teacher}", "--model=nano/4", "--codebook_size=4096",
                       "--stop_iter=4",
                       "--collapse_threshold=0.99", f"--out_dir={tmp_path / 'tok'}"]
-    r = subprocess.run([sys.executable, "train_vqkd.py", *common, *tokenizer_args],
+    r = forkserver.run([sys.executable, "train_vqkd.py", *common, *tokenizer_args],
                        capture_output=True, text=True, cwd=root, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout + r.stderr
@@ -287,7 +288,7 @@ def test_tokenizer_then_md_on_codes_from_the_command_line(tiny_data, tiny_teache
     assert "codebook usage" in out and "perplexity" in out and "COLLAPSE" in out
     md_args = ["--target=vqkd", f"--tokenizer={tmp_path / 'tok' / 'tokenizer.pt'}", "--model=nano/4",
                "--compile=False", "--stop_iter=2", f"--out_dir={tmp_path / 'md'}"]
-    r = subprocess.run([sys.executable, "train_md.py", *common, *md_args],
+    r = forkserver.run([sys.executable, "train_md.py", *common, *md_args],
                        capture_output=True, text=True, cwd=root, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(tmp_path / "md" / "ckpt.pt", weights_only=True)
@@ -376,7 +377,6 @@ def test_tokenizer_run_logs_the_warmup_lr_and_saves_the_codes_since_the_last_log
     counts are iteration 3's codes alone: one per patch of its 16 images, 16 x 64 = 1024"""
     import json
     import os
-    import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = [f"--data_dir={tiny_data}", f"--teacher={tiny_teacher}", "--model=nano/4",
@@ -384,7 +384,7 @@ def test_tokenizer_run_logs_the_warmup_lr_and_saves_the_codes_since_the_last_log
             "--micro_batch_size=8", "--codebook_size=64", "--lr=1e-3", "--log_interval=2",
             "--stop_iter=3", "--num_workers=0", "--device=cpu", "--dtype=float32",
             f"--out_dir={tmp_path}"]
-    r = subprocess.run([sys.executable, "train_vqkd.py", *args], capture_output=True, text=True,
+    r = forkserver.run([sys.executable, "train_vqkd.py", *args], capture_output=True, text=True,
                        cwd=root, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     (record,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
