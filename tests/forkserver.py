@@ -157,15 +157,43 @@ def exit_code(error):
 
 
 def standard_streams(env):
-    """new sys.stdin/stdout/stderr on fds 0-2, buffered as a fresh interpreter would buffer them"""
+    """new sys.stdin/stdout/stderr on fds 0-2, named and buffered as a fresh interpreter makes them"""
     unbuffered = bool(env.get("PYTHONUNBUFFERED"))
-    sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)))
-    for fd, name in ((1, "stdout"), (2, "stderr")):
-        raw = io.FileIO(fd, "w", closefd=False)
-        binary = raw if unbuffered else io.BufferedWriter(raw)
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        raw = io.FileIO(fd, mode, closefd=False)
+        raw.name = f"<{name}>"
+        if mode == "r":
+            binary = io.BufferedReader(raw)
+        else:
+            binary = raw if unbuffered else io.BufferedWriter(raw)
         line_buffered = not unbuffered and (name == "stderr" or raw.isatty())
-        setattr(sys, name, io.TextIOWrapper(binary, line_buffering=line_buffered, write_through=unbuffered,
-                                            errors="backslashreplace" if name == "stderr" else "strict"))
+        original = getattr(sys, f"__{name}__")
+        stream = io.TextIOWrapper(binary, encoding=original.encoding, errors=original.errors,
+                                  line_buffering=line_buffered, write_through=unbuffered and mode == "w")
+        stream.mode = mode
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+
+
+def finalize(code):
+    """what the interpreter does after the main module: join non-daemon threads, run atexit
+    functions, flush stdout and stderr (a failed flush: a message and status 120)"""
+    import atexit
+    import threading
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception as error:
+            try:
+                sys.__stderr__.write(f"Exception ignored in: {stream!r}\n")
+                sys.__stderr__.write("".join(traceback.format_exception_only(type(error), error)))
+                sys.__stderr__.flush()
+            except Exception:
+                pass
+            code = 120
+    return code
 
 
 def child(request, fds):
@@ -187,6 +215,7 @@ def child(request, fds):
     if threads:
         torch.set_num_threads(int(threads))
     standard_streams(os.environ)
+    sys.orig_argv = request["argv"]
     argv = request["argv"][1:]
     main = types.ModuleType("__main__")
     if argv[0] == "-c":
@@ -204,21 +233,11 @@ def child(request, fds):
         exec(compile(source, file_name, "exec"), main.__dict__)
     except SystemExit as error:
         code = exit_code(error)
-    except KeyboardInterrupt as error:
-        traceback.print_exception(type(error), error, error.__traceback__.tb_next)
-        code = -signal.SIGINT
-    except BaseException as error:
-        traceback.print_exception(type(error), error, error.__traceback__.tb_next)
-        code = 1
-    try:
-        import threading
-        threading._shutdown()  # wait for non-daemon threads, as the interpreter does at exit
-        import atexit
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException:
-        pass
+    except BaseException as error:  # reported by sys.excepthook without this function's frame
+        error.__traceback__ = error.__traceback__.tb_next
+        sys.excepthook(type(error), error, error.__traceback__)
+        code = -signal.SIGINT if isinstance(error, KeyboardInterrupt) else 1
+    code = finalize(code)
     if code == -signal.SIGINT:  # Python dies by the signal after an uncaught KeyboardInterrupt
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)

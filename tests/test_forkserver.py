@@ -88,3 +88,20 @@ def test_other_commands_are_started_by_subprocess():
     assert not forkserver.forkable([sys.executable, "x.py"], dict(env=dict(PYTHONPATH="/elsewhere")))
     result = forkserver.run(["bash", "-c", "echo $$; exit 4"], capture_output=True, text=True)
     assert result.returncode == 4 and result.stdout.strip().isdigit()
+
+
+def test_a_failed_flush_at_exit_is_the_interpreters_message_and_status_120():
+    """stdout's reader gone before the buffered text is flushed: CPython's finalization reports it.
+    The script waits for its stdin to close, which the test does after closing stdout."""
+    command = [sys.executable, "-c", "import sys\nsys.stdin.read()\nprint('x' * 100)"]
+    results = []
+    for start in (subprocess.Popen, forkserver.Popen):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # flushed at exit
+        process = start(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        env=env)
+        process.stdout.close()
+        process.stdin.close()
+        results.append((process.wait(timeout=120), process.stderr.read()))
+        process.stderr.close()
+    assert results[0] == results[1]
+    assert results[1][0] == 120 and "BrokenPipeError" in results[1][1]
