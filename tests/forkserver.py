@@ -78,6 +78,7 @@ class Popen(subprocess.Popen):
 
     def _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
                        creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite, *rest):
+        self._forked = self._forked and os.path.isdir(cwd or ".")  # subprocess raises for a missing cwd
         if not self._forked:
             return super()._execute_child(args, executable, preexec_fn, close_fds, pass_fds, cwd, env,
                                           startupinfo, creationflags, shell, p2cread, p2cwrite, c2pread,
@@ -222,13 +223,19 @@ def child(request, fds):
         sys.argv, source, file_name, first_path = ["-c", *argv[2:]], argv[1], "<string>", ""
     else:
         sys.argv, file_name = argv, argv[0]
-        source = open(file_name, "rb").read()
+        try:
+            source = open(file_name, "rb").read()
+        except OSError as error:  # python's own message and status
+            print(f"{sys.executable}: can't open file {os.path.abspath(file_name)!r}: [Errno {error.errno}] "
+                  f"{error.strerror}", file=sys.stderr)
+            finalize(2)
+            os._exit(2)
         first_path = os.path.dirname(os.path.realpath(file_name))
         main.__file__ = file_name = os.path.abspath(file_name)  # as Python 3.9+ sets it
     python_path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:] = [first_path, *python_path, *[p for p in sys.path[1:] if p not in python_path]]
     sys.modules["__main__"] = main
-    code = 0
+    code, interrupted = 0, False
     try:
         exec(compile(source, file_name, "exec"), main.__dict__)
     except SystemExit as error:
@@ -236,12 +243,11 @@ def child(request, fds):
     except BaseException as error:  # reported by sys.excepthook without this function's frame
         error.__traceback__ = error.__traceback__.tb_next
         sys.excepthook(type(error), error, error.__traceback__)
-        code = -signal.SIGINT if isinstance(error, KeyboardInterrupt) else 1
+        code, interrupted = 1, isinstance(error, KeyboardInterrupt)
     code = finalize(code)
-    if code == -signal.SIGINT:  # Python dies by the signal after an uncaught KeyboardInterrupt
+    if interrupted:  # Python dies by the signal after an uncaught KeyboardInterrupt
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
-        code = 1
     os._exit(code & 0xFF)
 
 
@@ -253,7 +259,7 @@ def serve(path, client_pid):
     listener.listen(64)
     os.rename(path + ".tmp", path)  # the client waits for `path`: it exists once we listen
     children = {}  # pid -> connection to the client that asked for it
-    while True:
+    while os.getppid() == client_pid:
         ready = select.select([listener], [], [], 0.01)[0]
         if ready:
             connection, _ = listener.accept()
@@ -264,9 +270,13 @@ def serve(path, client_pid):
             sys.stdout.flush()
             pid = os.fork()
             if pid == 0:
-                listener.close()
-                connection.close()
-                child(request, fds)
+                try:
+                    listener.close()
+                    connection.close()
+                    child(request, fds)
+                finally:  # child() never returns; this is for a failure of the server's own code
+                    traceback.print_exc()
+                    os._exit(1)
             for fd in fds:
                 os.close(fd)
             connection.sendall(f"{pid}\n".encode())
@@ -282,8 +292,8 @@ def serve(path, client_pid):
                 except OSError:
                     pass
                 connection.close()
-        if os.getppid() != client_pid:
-            return
+    os.unlink(path)
+    os.rmdir(os.path.dirname(path))
 
 
 if __name__ == "__main__":

@@ -81,6 +81,16 @@ def test_a_signal_to_the_pid_reaches_the_script(number):
     assert statuses[1][0] == -number
 
 
+def test_a_missing_script_is_the_interpreters_message_and_status(tmp_path):
+    command = [sys.executable, "missing.py", "--x=1"]
+    real = subprocess.run(command, capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    forked = forkserver.run(command, capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (real.returncode, real.stdout, real.stderr)
+    assert real.returncode == 2
+    with pytest.raises(FileNotFoundError):
+        forkserver.run(command, cwd=str(tmp_path / "no_such_folder"))
+
+
 def test_other_commands_are_started_by_subprocess():
     assert not forkserver.forkable(["bash", "-c", "true"], {})
     assert not forkserver.forkable([sys.executable, "-m", "torch.distributed.run", "x.py"], {})
