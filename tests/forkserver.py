@@ -9,13 +9,14 @@ SystemExit, 1 and a traceback on an exception, death by SIGINT on an uncaught Ke
 Signals sent to `proc.pid` reach the script itself.
 
 `Popen` and `run` take subprocess's arguments. A command that is not `[sys.executable, FILE.py |
--c CODE, ...]`, or that uses preexec_fn, pass_fds, another executable, a shell or a PYTHONPATH that
+-c CODE | -m MODULE, ...]`, or that uses preexec_fn, pass_fds, another executable, a shell or a PYTHONPATH that
 could hide a preloaded module, is started by subprocess as usual; so is every command when
 MDLAB_TEST_FORK=0 (to check that the suite does not depend on the server).
 """
 import io
 import json
 import os
+import runpy
 import select
 import signal
 import socket
@@ -39,7 +40,7 @@ def forkable(args, kwargs):
     if os.environ.get("MDLAB_TEST_FORK", "1") == "0" or isinstance(args, (str, bytes)):
         return False
     args = [os.fspath(a) for a in args]
-    if len(args) < 2 or args[0] != sys.executable or not (args[1].endswith(".py") or args[1] == "-c"):
+    if len(args) < 2 or args[0] != sys.executable or not (args[1].endswith(".py") or args[1] in ("-c", "-m")):
         return False
     plain = ("preexec_fn", "pass_fds", "executable", "shell", "user", "group", "extra_groups", "umask")
     if any(kwargs.get(name) for name in plain):
@@ -218,6 +219,10 @@ def child(request, fds):
     standard_streams(os.environ)
     sys.orig_argv = request["argv"]
     argv = request["argv"][1:]
+    if argv[0] == "-m":  # python -m: the working directory first on the path, then runpy as python calls it
+        sys.argv = ["-m", *argv[2:]]
+        set_path(os.getcwd())
+        run_main(lambda: runpy._run_module_as_main(argv[1], alter_argv=True))
     main = types.ModuleType("__main__")
     if argv[0] == "-c":
         sys.argv, source, file_name, first_path = ["-c", *argv[2:]], argv[1], "<string>", ""
@@ -232,16 +237,26 @@ def child(request, fds):
             os._exit(2)
         first_path = os.path.dirname(os.path.realpath(file_name))
         main.__file__ = file_name = os.path.abspath(file_name)  # as Python 3.9+ sets it
-    python_path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    sys.path[:] = [first_path, *python_path, *[p for p in sys.path[1:] if p not in python_path]]
+    set_path(first_path)
     sys.modules["__main__"] = main
+    run_main(lambda: exec(compile(source, file_name, "exec"), main.__dict__))
+
+
+def set_path(first):
+    """sys.path as python builds it: `first`, PYTHONPATH, then the installation's folders"""
+    python_path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:] = [first, *python_path, *[p for p in sys.path[1:] if p not in python_path]]
+
+
+def run_main(main):
+    """call `main`, then exit as the interpreter does after its main module"""
     code, interrupted = 0, False
     try:
-        exec(compile(source, file_name, "exec"), main.__dict__)
+        main()
     except SystemExit as error:
         code = exit_code(error)
-    except BaseException as error:  # reported by sys.excepthook without this function's frame
-        error.__traceback__ = error.__traceback__.tb_next
+    except BaseException as error:  # reported by sys.excepthook without this function's frames
+        error.__traceback__ = error.__traceback__.tb_next.tb_next
         sys.excepthook(type(error), error, error.__traceback__)
         code, interrupted = 1, isinstance(error, KeyboardInterrupt)
     code = finalize(code)

@@ -34,20 +34,22 @@ sys.exit(int(how))
 '''
 
 
-def both(tmp_path, how, **kwargs):
-    """(subprocess.run's result, the fork server's) for the probe script run with `how`"""
+def both(tmp_path, how, start=("probe.py",), **kwargs):
+    """(subprocess.run's result, the fork server's) for the probe run with `how`: as a script
+    (`start`: probe.py) or as a module (-m probe)"""
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     kwargs = dict(capture_output=True, text=True, cwd=str(tmp_path), timeout=120, **kwargs)
-    command = [sys.executable, "probe.py", how]
+    command = [sys.executable, *start, how]
     assert forkserver.forkable(command, kwargs)
     return subprocess.run(command, **kwargs), forkserver.run(command, **kwargs)
 
 
+@pytest.mark.parametrize("start", [("probe.py",), ("-m", "probe")])
 @pytest.mark.parametrize("how", ["0", "3", "raise", "interrupt", "message"])
-def test_output_and_status_are_the_interpreters(tmp_path, how):
+def test_output_and_status_are_the_interpreters(tmp_path, how, start):
     env = dict(os.environ, PROBE_VALUE="seen", OMP_NUM_THREADS="1")
-    real, forked = both(tmp_path, how, env=env)
+    real, forked = both(tmp_path, how, start, env=env)
     assert forked.returncode == real.returncode
     assert forked.stdout == real.stdout
     assert forked.stderr == real.stderr
@@ -81,19 +83,20 @@ def test_a_signal_to_the_pid_reaches_the_script(number):
     assert statuses[1][0] == -number
 
 
-def test_a_missing_script_is_the_interpreters_message_and_status(tmp_path):
-    command = [sys.executable, "missing.py", "--x=1"]
+@pytest.mark.parametrize("start, status", [(("missing.py",), 2), (("-m", "missing"), 1)])
+def test_a_missing_script_or_module_is_the_interpreters_message_and_status(tmp_path, start, status):
+    command = [sys.executable, *start, "--x=1"]
     real = subprocess.run(command, capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
     forked = forkserver.run(command, capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
     assert (forked.returncode, forked.stdout, forked.stderr) == (real.returncode, real.stdout, real.stderr)
-    assert real.returncode == 2
+    assert real.returncode == status
+    command = [sys.executable, "missing.py"]
     with pytest.raises(FileNotFoundError):
         forkserver.run(command, cwd=str(tmp_path / "no_such_folder"))
 
 
 def test_other_commands_are_started_by_subprocess():
     assert not forkserver.forkable(["bash", "-c", "true"], {})
-    assert not forkserver.forkable([sys.executable, "-m", "torch.distributed.run", "x.py"], {})
     assert not forkserver.forkable([sys.executable, "x.py"], dict(preexec_fn=print))
     assert not forkserver.forkable([sys.executable, "x.py"], dict(env=dict(PYTHONPATH="/elsewhere")))
     result = forkserver.run(["bash", "-c", "echo $$; exit 4"], capture_output=True, text=True)
