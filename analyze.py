@@ -1592,7 +1592,9 @@ def svd_change(entry):
 
 
 def flatter(metrics, finetunes, t):
-    """|λ1| and |trace| of the Hessian: ft_md_t against ft_t"""
+    """|λ1| and |trace| of the Hessian: ft_md_t against ft_t. The traces are estimates: a difference
+    of their magnitudes within 2 combined standard errors, 2 sqrt(se_md^2 + se_direct^2), decides
+    nothing, so the claim is then untested unless λ1 alone already refutes it"""
     entries = metrics.get("hessian", {})
     if "ft_" + t not in entries or "ft_md_" + t not in entries:
         return f"no hessian results for ft_{t} and ft_md_{t} under the run"
@@ -1600,9 +1602,13 @@ def flatter(metrics, finetunes, t):
     numbers = "; ".join(f"{label}: λ1 {top_eigenvalue(e):.4g}, trace {e['trace']:.4g} ± "
                         f"{e.get('trace_stderr', float('nan')):.2g}"
                         for label, e in (("ft_" + t, direct), ("ft_md_" + t, md)))
-    holds = (abs(top_eigenvalue(md)) < abs(top_eigenvalue(direct))
-             and abs(md["trace"]) < abs(direct["trace"]))
-    return numbers, holds
+    lower_eigenvalue = abs(top_eigenvalue(md)) < abs(top_eigenvalue(direct))
+    trace_gap = abs(direct["trace"]) - abs(md["trace"])
+    trace_error = 2 * math.hypot(*[float(e.get("trace_stderr") or 0.0) for e in (direct, md)])
+    if lower_eigenvalue and abs(trace_gap) <= trace_error:
+        return (f"{numbers}: the traces differ by {abs(trace_gap):.2g}, within 2 standard errors "
+                f"({trace_error:.2g}); more trace products (analyze.py --trace_products) would decide")
+    return numbers, lower_eigenvalue and trace_gap > 0
 
 
 def less_texture(metrics, finetunes, t):
@@ -1663,7 +1669,7 @@ CLAIMS = [
     ("flatness", "fine-tuning from the MD student lands at a flatter point (Fig. 7)",
      "top Hessian eigenvalue λ1 (largest magnitude) and Hutchinson trace of the val loss after "
      "fine-tuning; holds if both are smaller in magnitude for the fine-tuned MD student than for "
-     "the teacher fine-tuned directly", flatter),
+     "the teacher fine-tuned directly (the traces by more than 2 combined standard errors)", flatter),
     ("shape bias", "MD mitigates the texture bias that fine-tuning brings (Figs. 8a, 11)",
      "shape bias on the cue-conflict images after fine-tuning; holds if the fine-tuned MD "
      "student's is higher than the directly fine-tuned teacher's", less_texture),

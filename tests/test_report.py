@@ -392,3 +392,25 @@ def test_third_is_the_rounded_third_of_the_blocks(values, last, expected):
     """the 'high' ('low') layers of every rule: the last (first) round(depth / 3) blocks, at
     least one, as the docstring says; means worked out by hand"""
     assert analyze.third(values, last) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("md_trace, md_eigenvalue, verdict", [
+    (91.0, 60.0, "not tested"),       # |100| - |91| = 9 <= 2 sqrt(3^2 + 4^2) = 10: the traces decide nothing
+    (89.0, 60.0, "holds"),            # 11 > 10, and 60 < 100
+    (-89.0, 60.0, "holds"),           # magnitudes compared
+    (109.0, 60.0, "not tested"),      # the other way, still within 10
+    (111.0, 60.0, "does not hold"),   # the md fine-tune's trace larger by more than 10
+    (91.0, -120.0, "does not hold"),  # |λ1| larger: refuted whatever the traces
+])
+def test_flatness_needs_the_traces_apart_by_more_than_their_errors(tmp_path, md_trace, md_eigenvalue, verdict):
+    """before: 84 +- 140 against 42 +- 70 was judged; now a trace gap within 2 combined standard errors
+    leaves the claim not tested, with the reason, unless the top eigenvalue alone refutes it"""
+    root = str(tmp_path / "run")
+    write_metric(root, "finetuned", "hessian", dict(
+        ft_clip=dict(eigenvalues=[100.0], trace=100.0, trace_stderr=3.0),
+        ft_md_clip=dict(eigenvalues=[md_eigenvalue], trace=md_trace, trace_stderr=4.0)))
+    analyze.main(["--metric", "report", root])
+    numbers, result = claim_lines(open(os.path.join(root, "report.md")).read())[("flatness", "clip")]
+    assert result == verdict
+    if verdict == "not tested":
+        assert f"the traces differ by {abs(100 - abs(md_trace)):.2g}, within 2 standard errors (10)" in numbers
