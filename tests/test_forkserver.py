@@ -9,6 +9,9 @@ import pytest
 
 from tests import forkserver
 
+pytestmark = pytest.mark.skipif(os.environ.get("MDLAB_TEST_FORK") == "0",
+                                reason="MDLAB_TEST_FORK=0: every script runs in a new interpreter, no server to compare")
+
 PROBE = r'''
 import os, signal, sys
 import torch
