@@ -17,6 +17,7 @@ import math
 import os
 import re
 import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -29,8 +30,6 @@ from common import peak_flops
 from data import EvalTransform, ImageFolder
 from data.masks import BEIT_RATIO, MaskGenerator
 from model import DecoderHead, MDStudent, ViT, ViTConfig
-
-from tests import forkserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = "cuda"         # where the tests run
@@ -81,7 +80,7 @@ def free_port():
 
 def run(cmd):
     """-> (return code, stdout + stderr)"""
-    result = forkserver.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     return result.returncode, result.stdout + result.stderr
 
 

@@ -498,7 +498,7 @@ def mount_tmpfs(path, options):
     if shutil.which("mount") is None:
         pytest.skip("no mount command here")
     mount = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]
-    result = forkserver.run(mount, capture_output=True, text=True)
+    result = subprocess.run(mount, capture_output=True, text=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
 
@@ -519,7 +519,7 @@ def test_real_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
         ckpt = torch.load(path, weights_only=True)
         assert ckpt["iter_num"] == 7 and torch.equal(ckpt["model"]["w"], torch.arange(5.0))
     finally:
-        forkserver.run(["umount", str(disk)])
+        subprocess.run(["umount", str(disk)])
 
 
 def test_bench_help_and_an_unknown_option_start_no_benchmark():
@@ -559,7 +559,7 @@ def test_analyze_out_on_a_read_only_filesystem_says_so(tmp_path, tiny_teacher):
                                  f"--out={disk / 'an'}"], capture_output=True, text=True, cwd=ROOT,
                                 timeout=300)
     finally:
-        forkserver.run(["umount", str(disk)])
+        subprocess.run(["umount", str(disk)])
     assert result.returncode != 0
     assert result.stderr.strip() == (f"error: --out={disk / 'an'} cannot be a directory (Read-only "
                                       "file system): give a directory for NAME.json and NAME.png")
@@ -603,7 +603,7 @@ def test_log_and_lock_write_failures_are_one_line(tiny_data, tiny_teacher, tmp_p
         assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
         assert "No space left on device" in r.stderr and r.stderr.startswith("error: could not write")
     finally:
-        forkserver.run(["umount", str(disk)])
+        subprocess.run(["umount", str(disk)])
 
 
 def test_a_figure_that_cannot_be_written_is_one_line_and_keeps_the_older_one(tmp_path):
@@ -666,7 +666,7 @@ def test_out_dir_that_is_a_file_or_read_only_stops_before_any_work(tmp_path):
         assert str(e.value) == (f"error: cannot write to out_dir '{read_only}' "
                                 "(Read-only file system): choose a writable out_dir")
     finally:
-        forkserver.run(["umount", str(read_only)])
+        subprocess.run(["umount", str(read_only)])
 
 
 HOLD_LOCK = """

@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from tests import forkserver
 from tests.test_faults import default_sigint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +40,7 @@ def run_paper(tmp_path, teachers, **environment):
     """experiments/paper.sh smoke with TEACHERS (and other environment variables); -> the commands
     it ran (script and arguments), stdout"""
     env = paper_environment(tmp_path, teachers, **environment)
-    result = forkserver.run(["bash", "experiments/paper.sh", "smoke"], capture_output=True, text=True,
+    result = subprocess.run(["bash", "experiments/paper.sh", "smoke"], capture_output=True, text=True,
                             cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return recorded(tmp_path), result.stdout
@@ -106,7 +105,7 @@ def test_a_missing_teacher_of_shape_bias_is_said_before_any_work(tmp_path):
     env = dict(os.environ, ROOT=str(tmp_path / "run"), MDLAB_CACHE=str(tmp_path / "cache"),
                PYTHONPATH=ROOT,
                SHAPE_TEACHERS="deit")
-    result = forkserver.run(["bash", "experiments/paper.sh", "smoke"], capture_output=True,
+    result = subprocess.run(["bash", "experiments/paper.sh", "smoke"], capture_output=True,
                             text=True, cwd=ROOT,
                             env=env, timeout=300)
     assert result.returncode != 0 and not (tmp_path / "run").exists()
@@ -155,7 +154,7 @@ def test_a_stop_signal_reaches_the_step_and_ends_the_script(tmp_path, stop):
                             SIGNALS=str(signals))
     # its own process group with Ctrl-C's default action, as a terminal's job (a shell cannot trap
     # a signal that was ignored when it started)
-    process = forkserver.Popen(["bash", "experiments/paper.sh", "smoke"], cwd=ROOT, env=env,
+    process = subprocess.Popen(["bash", "experiments/paper.sh", "smoke"], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True, preexec_fn=default_sigint)
     try:
@@ -202,7 +201,7 @@ def test_an_unknown_scale_is_named_beside_the_usage_line():
     """the scales are the files of experiments/scales/ (listed here by the test itself): a name
     that is none of them is said to be unknown (before: the usage line alone)"""
     scales = sorted(name[:-3] for name in os.listdir(os.path.join(ROOT, "experiments", "scales")))
-    r = forkserver.run(["bash", "experiments/paper.sh", "bogus"], capture_output=True, text=True,
+    r = subprocess.run(["bash", "experiments/paper.sh", "bogus"], capture_output=True, text=True,
                        cwd=ROOT, timeout=60)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.splitlines() == [f"error: unknown scale 'bogus'; usage: experiments/paper.sh "
