@@ -1008,13 +1008,28 @@ class Meter:
         self.t0 += seconds
 
 
+def handing_over_a_batch(error):
+    """True for a broken connection of Python's multiprocessing: a loader worker hands each batch's
+    shared memory to this process over one (multiprocessing/resource_sharer.py, connection.py), and
+    one killed mid-handover raises this before torch's own check sees the worker gone. A dataset's
+    own ConnectionError reaches this process re-raised by torch, without these frames."""
+    files = [frame.filename for frame in traceback.extract_tb(error.__traceback__)]
+    handover = [f for f in files if os.path.basename(os.path.dirname(f)) == "multiprocessing"
+                and os.path.basename(f) in ("connection.py", "resource_sharer.py")]
+    return isinstance(error, (ConnectionError, EOFError)) and bool(handover)
+
+
 def lost_worker_line(error):
     """The one line for torch's DataLoader error when a loader worker died (the kernel's OOM killer,
     a signal), or for a collective whose peer process is gone (under torchrun: another rank stopped
     on an error it printed), or None for any other error"""
     text = f"{error}"
+    if handing_over_a_batch(error):  # the worker died as this process fetched its batch's shared memory
+        return (f"error: DataLoader worker lost while handing over a batch ({type(error).__name__}: {text}) "
+                f"(out of memory? lower --num_workers or --micro_batch_size); continue from the last checkpoint "
+                f"with --resume=True")
     peer_gone = "Connection closed by peer" in text or "Connection reset by peer" in text  # gloo's words
-    if isinstance(error, dist.DistBackendError) or peer_gone:
+    if isinstance(error, dist.DistBackendError) or (isinstance(error, RuntimeError) and peer_gone):
         return "error: another process of this torchrun job stopped (its error is above); this one stops too"
     if not (isinstance(error, RuntimeError) and text.startswith("DataLoader worker")):
         return None

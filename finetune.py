@@ -604,7 +604,7 @@ if __name__ == "__main__":
             print(f"stopped by Ctrl-C: the last checkpoint in {out_dir} (if any) is kept; "
                   f"continue with --resume=True", file=sys.stderr)
         raise SystemExit(130)  # 128 + SIGINT
-    except RuntimeError as e:  # a loader worker killed, or a DDP peer gone: one line, not a traceback
+    except (RuntimeError, ConnectionError, EOFError) as e:  # a lost loader worker or DDP peer: one line
         line = lost_worker_line(e)
         if line is None:
             raise

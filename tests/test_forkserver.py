@@ -10,7 +10,7 @@ import pytest
 from tests import forkserver
 
 pytestmark = pytest.mark.skipif(os.environ.get("MDLAB_TEST_FORK") == "0",
-                                reason="MDLAB_TEST_FORK=0: every script runs in a new interpreter, no server to compare")
+                                reason="MDLAB_TEST_FORK=0: scripts run in new interpreters, no server to compare")
 
 PROBE = r'''
 import os, signal, sys
