@@ -8,10 +8,11 @@ runs the script as `__main__`, then exits with the status `python script.py` wou
 SystemExit, 1 and a traceback on an exception, death by SIGINT on an uncaught KeyboardInterrupt.
 Signals sent to `proc.pid` reach the script itself.
 
-`Popen` and `run` take subprocess's arguments. A command that is not `[sys.executable, FILE.py |
--c CODE | -m MODULE, ...]`, or that uses preexec_fn, pass_fds, another executable, a shell or a PYTHONPATH that
-could hide a preloaded module, is started by subprocess as usual; so is every command when
-MDLAB_TEST_FORK=0 (to check that the suite does not depend on the server).
+`Popen` and `run` take subprocess's arguments. These are started by subprocess as usual: a command
+that is not `[sys.executable, FILE.py | -c CODE | -m MODULE, ...]`; torchrun (`-m
+torch.distributed.run`); one with preexec_fn, pass_fds, another executable, a shell or a
+PYTHONPATH that could hide a preloaded module; and every command when MDLAB_TEST_FORK=0 (to check
+that the suite does not depend on the server).
 """
 import io
 import json
@@ -41,6 +42,8 @@ def forkable(args, kwargs):
         return False
     args = [os.fspath(a) for a in args]
     if len(args) < 2 or args[0] != sys.executable or not (args[1].endswith(".py") or args[1] in ("-c", "-m")):
+        return False
+    if args[1:3] == ["-m", "torch.distributed.run"]:  # torchrun starts its workers itself: left as it was
         return False
     plain = ("preexec_fn", "pass_fds", "executable", "shell", "user", "group", "extra_groups", "umask")
     if any(kwargs.get(name) for name in plain):

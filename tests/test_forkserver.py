@@ -100,6 +100,7 @@ def test_a_missing_script_or_module_is_the_interpreters_message_and_status(tmp_p
 
 def test_other_commands_are_started_by_subprocess():
     assert not forkserver.forkable(["bash", "-c", "true"], {})
+    assert not forkserver.forkable([sys.executable, "-m", "torch.distributed.run", "x.py"], {})
     assert not forkserver.forkable([sys.executable, "x.py"], dict(preexec_fn=print))
     assert not forkserver.forkable([sys.executable, "x.py"], dict(env=dict(PYTHONPATH="/elsewhere")))
     result = forkserver.run(["bash", "-c", "echo $$; exit 4"], capture_output=True, text=True)
