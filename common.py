@@ -1021,8 +1021,9 @@ def handing_over_a_batch(error):
 
 def lost_worker_line(error):
     """The one line for torch's DataLoader error when a loader worker died (the kernel's OOM killer,
-    a signal), or for a collective whose peer process is gone (under torchrun: another rank stopped
-    on an error it printed), or None for any other error"""
+    a signal) or for the broken connection of one that died handing over a batch, or for a collective
+    whose peer process is gone (under torchrun: another rank stopped on an error it printed), or None
+    for any other error"""
     text = f"{error}"
     if handing_over_a_batch(error):  # the worker died as this process fetched its batch's shared memory
         return (f"error: DataLoader worker lost while handing over a batch ({type(error).__name__}: {text}) "
