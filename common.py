@@ -1014,9 +1014,13 @@ def handing_over_a_batch(error):
     one killed mid-handover raises this before torch's own check sees the worker gone. A dataset's
     own ConnectionError reaches this process re-raised by torch, without these frames."""
     files = [frame.filename for frame in traceback.extract_tb(error.__traceback__)]
-    handover = [f for f in files if os.path.basename(os.path.dirname(f)) == "multiprocessing"
-                and os.path.basename(f) in ("connection.py", "resource_sharer.py")]
-    return isinstance(error, (ConnectionError, EOFError)) and bool(handover)
+    return isinstance(error, (ConnectionError, EOFError)) and any(
+        os.path.basename(os.path.dirname(f)) == "multiprocessing"
+        and os.path.basename(f) in ("connection.py", "resource_sharer.py") for f in files)
+
+
+# the errors lost_worker_line may name: the scripts catch these around main()
+LOST_PROCESS_ERRORS = (RuntimeError, ConnectionError, EOFError)
 
 
 def lost_worker_line(error):
@@ -1025,16 +1029,16 @@ def lost_worker_line(error):
     whose peer process is gone (under torchrun: another rank stopped on an error it printed), or None
     for any other error"""
     text = f"{error}"
-    if handing_over_a_batch(error):  # the worker died as this process fetched its batch's shared memory
-        return (f"error: DataLoader worker lost while handing over a batch ({type(error).__name__}: {text}) "
-                f"(out of memory? lower --num_workers or --micro_batch_size); continue from the last checkpoint "
-                f"with --resume=True")
     peer_gone = "Connection closed by peer" in text or "Connection reset by peer" in text  # gloo's words
-    if isinstance(error, dist.DistBackendError) or (isinstance(error, RuntimeError) and peer_gone):
+    if handing_over_a_batch(error):  # the worker died as this process fetched its batch's shared memory
+        lost = f"DataLoader worker lost while handing over a batch ({type(error).__name__}: {text})"
+    elif isinstance(error, dist.DistBackendError) or (isinstance(error, RuntimeError) and peer_gone):
         return "error: another process of this torchrun job stopped (its error is above); this one stops too"
-    if not (isinstance(error, RuntimeError) and text.startswith("DataLoader worker")):
+    elif isinstance(error, RuntimeError) and text.startswith("DataLoader worker"):
+        lost = text.splitlines()[0]
+    else:
         return None
-    return (f"error: {text.splitlines()[0]} (out of memory? lower --num_workers or --micro_batch_size); "
+    return (f"error: {lost} (out of memory? lower --num_workers or --micro_batch_size); "
             f"continue from the last checkpoint with --resume=True")
 
 

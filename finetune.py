@@ -33,7 +33,7 @@ from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumul
                     refuse_changed_split, refuse_overwrite, resume_checkpoint, resume_from,
                     save_checkpoint, save_figure, save_on_ctrl_c, schedule_lengths,
                     stop_if_nonfinite, stop_signals, stopped_by, stopped_early, train_split_summary,
-                    trim_log, wandb_init, warmup_warning, wrap_for_training, write_atomic)
+                    trim_log, wandb_init, warmup_warning, wrap_for_training, write_atomic, LOST_PROCESS_ERRORS)
 from data import (DataError, EvalTransform, ImageFolder, TrainTransform, check_same_classes, make_loader,
                   resolve_data_dir)
 from data.augment import RandAugment, RandomErasing, mixup_cutmix, smooth_one_hot
@@ -604,7 +604,7 @@ if __name__ == "__main__":
             print(f"stopped by Ctrl-C: the last checkpoint in {out_dir} (if any) is kept; "
                   f"continue with --resume=True", file=sys.stderr)
         raise SystemExit(130)  # 128 + SIGINT
-    except (RuntimeError, ConnectionError, EOFError) as e:  # a lost loader worker or DDP peer: one line
+    except LOST_PROCESS_ERRORS as e:  # a lost loader worker or DDP peer: one line, not a traceback
         line = lost_worker_line(e)
         if line is None:
             raise

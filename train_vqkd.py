@@ -31,7 +31,7 @@ from common import (CheckpointError, Context, Meter, StdoutThatMayClose, accumul
                     refuse_changed_split, resume_checkpoint, resume_from, save_checkpoint,
                     save_on_ctrl_c, schedule_lengths, stop_if_nonfinite, stop_signals, stopped_by,
                     train_split_summary, trim_log, wandb_init, warmup_warning, weights_fingerprint,
-                    wrap_for_training)
+                    wrap_for_training, LOST_PROCESS_ERRORS)
 from data import DataError, ImageFolder, TrainTransform, make_loader, resolve_data_dir
 from model import PRESETS, ViTConfig
 from teacher import load_teacher
@@ -309,7 +309,7 @@ if __name__ == "__main__":
             print(f"stopped by Ctrl-C: the last checkpoint in {out_dir} (if any) is kept; "
                   f"continue with --resume=True", file=sys.stderr)
         raise SystemExit(130)  # 128 + SIGINT
-    except (RuntimeError, ConnectionError, EOFError) as e:  # a lost loader worker or DDP peer: one line
+    except LOST_PROCESS_ERRORS as e:  # a lost loader worker or DDP peer: one line, not a traceback
         line = lost_worker_line(e)
         if line is None:
             raise
